@@ -1,0 +1,672 @@
+"""Tests for cares: run with `python -m unittest test_cares`.
+
+Everything network-facing uses real gRPC servers and clients on 127.0.0.1 with
+ports the OS picks, real psutil and real threads or processes. Every wait is
+bounded and every process is killed on cleanup.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+import cares  # first: it quiets gRPC's C-core logging before grpc is imported
+import grpc
+import cluster_pb2 as pb
+import cluster_pb2_grpc as pb_grpc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CARES_PY = os.path.join(HERE, "cares.py")
+# Under CI, anything a test needs must be there: a missing tool fails instead of skipping.
+IN_CI = os.environ.get("CARES_CI") == "1"
+
+
+def wait_until(predicate, timeout, interval=0.02):
+    """Poll predicate until true; return seconds waited, or None on timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(interval)
+    return None
+
+
+def status_of(registry, node_id):
+    node = registry.get(node_id)
+    return node.status if node is not None else None
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class FixedSampler(cares.LocalSampler):
+    """A worker's sampler that reports chosen values, so a test can follow them end to end."""
+
+    def __init__(self, cpu, memory):
+        super().__init__()
+        self.cpu, self.memory = cpu, memory
+
+    def sample(self):
+        return cares.LocalSample(self.cpu, self.memory, int(self.memory * 1e7), 10**9)
+
+
+class ClusterTestCase(unittest.TestCase):
+    """Helpers to start in-process orchestrators and workers that clean up after themselves."""
+
+    def start_orchestrator(self, listen="127.0.0.1:0", **options):
+        orchestrator = cares.Orchestrator(listen, **options)
+        orchestrator.start()
+        self.addCleanup(orchestrator.stop, 0.2)
+        return orchestrator
+
+    def start_worker(self, orchestrator, node_id, sampler=None, port=None):
+        client = cares.WorkerClient(f"127.0.0.1:{port or orchestrator.port}", node_id,
+                                    sampler or cares.LocalSampler())
+        client.start()
+        self.addCleanup(client.stop, False, 0.5)
+        return client
+
+    def assert_streaming(self, registry, node_id, timeout=10):
+        """Wait until the node has joined and its heartbeat stream is open."""
+        self.assertIsNotNone(wait_until(lambda: (registry.get(node_id) or cares.Node("", "")).streaming,
+                                        timeout), f"{node_id} never opened its heartbeat stream")
+
+    def assert_becomes(self, registry, node_id, status, timeout):
+        waited = wait_until(lambda: status_of(registry, node_id) == status, timeout)
+        self.assertIsNotNone(waited, f"{node_id} not {status} within {timeout} s "
+                                     f"(is {status_of(registry, node_id)})")
+        return waited
+
+    def spawn(self, *args, **kwargs):
+        process = subprocess.Popen([sys.executable, CARES_PY, *args], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+        def reap():
+            if process.poll() is None:
+                process.kill()
+            process.communicate(timeout=10)
+        self.addCleanup(reap)
+        return process
+
+
+# ---------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------
+
+class PureFunctionTest(unittest.TestCase):
+    def test_bar_text_in_unicode_and_ascii(self):
+        self.assertEqual(cares.bar_text(0, 10), " " * 10)
+        self.assertEqual(cares.bar_text(100, 10), "█" * 10)
+        self.assertEqual(cares.bar_text(37.5, 10), "███▊      ")
+        self.assertEqual(cares.bar_text(37.5, 8, unicode=False), "|||     ")
+        self.assertEqual(cares.bar_text(0, 4, unicode=False), "    ")
+        self.assertEqual(cares.bar_text(100, 4, unicode=False), "||||")
+        for percent in (-5, 0, 12.3, 37.5, 99.99, 100, 250, float("nan"), float("inf")):
+            self.assertEqual(len(cares.bar_text(percent, 17)), 17, percent)
+        self.assertEqual(cares.bar_text(50, 0), "")
+
+    def test_bar_level_thresholds(self):
+        self.assertEqual(cares.bar_level(0), "low")
+        self.assertEqual(cares.bar_level(59.9), "low")
+        self.assertEqual(cares.bar_level(60), "medium")
+        self.assertEqual(cares.bar_level(84.9), "medium")
+        self.assertEqual(cares.bar_level(85), "high")
+        self.assertEqual(cares.bar_level(float("nan")), "low")
+
+    def test_clamp_and_validate_percent(self):
+        self.assertEqual(cares.clamp_percent(-3), 0.0)
+        self.assertEqual(cares.clamp_percent(101), 100.0)
+        self.assertEqual(cares.clamp_percent(float("nan")), 0.0)
+        self.assertEqual(cares.clamp_percent(float("-inf")), 0.0)
+        self.assertEqual(cares.clamp_percent(42.5), 42.5)
+        for good in (0, 0.1, 50, 100):
+            self.assertTrue(cares.is_valid_percent(good), good)
+        for bad in (-0.1, 100.1, float("nan"), float("inf"), float("-inf")):
+            self.assertFalse(cares.is_valid_percent(bad), bad)
+
+    def test_parse_address_accepts(self):
+        cases = {
+            "127.0.0.1:50051": ("127.0.0.1", 50051),
+            " example.com:1 ": ("example.com", 1),
+            "[::1]:50051": ("::1", 50051),
+            "[fd00::5]:65535": ("fd00::5", 65535),
+            "my-host.local.:8080": ("my-host.local.", 8080),
+            "localhost:50051": ("localhost", 50051),
+        }
+        for text, expected in cases.items():
+            self.assertEqual(cares.parse_address(text), expected, text)
+        self.assertEqual(cares.parse_address("[::]:0", allow_port_zero=True), ("::", 0))
+
+    def test_parse_address_rejects_with_a_reason(self):
+        bad = ["", "   ", "127.0.0.1", "127.0.0.1:", ":50051", "::1:50051", "[::1]50051", "[::1:5",
+               "[nothex]:1", "host:0", "host:65536", "host:-1", "host:5e3", "host:١٢", "bad_host:1",
+               "-lead.example:1", "256.1.1.1:1", "1.2.3:1", "exa mple:1", "ünïcode.host:1",
+               "a" * 400 + ":1", "host:port", "\x1b[31m:1"]
+        for text in bad:
+            with self.assertRaises(ValueError, msg=repr(text)) as caught:
+                cares.parse_address(text)
+            message = str(caught.exception)
+            self.assertTrue(message and "\n" not in message and "\x1b" not in message, repr(message))
+
+    def test_parse_address_fuzz_never_raises_anything_but_value_error(self):
+        rng = random.Random(1234)
+        alphabet = "0123456789abcdef:[].-_ \t\x00\x1b\u202eé٣"
+        for _ in range(3000):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+            try:
+                host, port = cares.parse_address(text)
+            except ValueError:
+                continue
+            self.assertTrue(1 <= port <= 65535)
+            self.assertEqual(cares.parse_address(cares.format_address(host, port)), (host, port))
+
+    def test_node_id_rules(self):
+        for good in ("a", "web-01", "node_1.prod", "x" * 63):
+            self.assertTrue(cares.is_valid_node_id(good), good)
+        for bad in ("", "x" * 64, "has space", "tab\t", "ünï", "a/b", "\x1b[2J", "a\nb"):
+            self.assertFalse(cares.is_valid_node_id(bad), bad)
+
+    def test_default_node_id_is_valid_and_unique(self):
+        ids = {cares.default_node_id("web01.example.com") for _ in range(20)}
+        self.assertEqual(len(ids), 20)
+        for node_id in ids:
+            self.assertTrue(node_id.startswith("web01-"), node_id)
+            self.assertTrue(cares.is_valid_node_id(node_id))
+        for odd in ("", "....", "ünïcode host!", "x" * 300):
+            self.assertTrue(cares.is_valid_node_id(cares.default_node_id(odd)), odd)
+
+    def test_sanitize_text_strips_terminal_controls(self):
+        hostile = "ok\x1b[2J\x1b]0;pwned\x07\r\n\t\u202eevil\u200b\x00end"
+        clean = cares.sanitize_text(hostile)
+        for char in clean:
+            self.assertNotIn(cares.unicodedata.category(char), {"Cc", "Cf"}, repr(clean))
+        self.assertTrue(clean.startswith("ok?[2J?]0;pwned?"), clean)
+        self.assertEqual(len(cares.sanitize_text("x" * 10_000, 64)), 64)
+        self.assertTrue(cares.sanitize_text("x" * 100, 10).endswith("…"))
+        self.assertEqual(cares.sanitize_text("plain-host_1.lan"), "plain-host_1.lan")
+
+    def test_peer_to_address(self):
+        self.assertEqual(cares.peer_to_address("ipv4:10.0.0.5:4242"), "10.0.0.5:4242")
+        self.assertEqual(cares.peer_to_address("ipv6:[::1]:4242"), "[::1]:4242")
+        self.assertEqual(cares.peer_to_address("unix:/tmp/x\x1b"), "unix:/tmp/x?")
+
+    def test_formatting_helpers(self):
+        self.assertEqual(cares.format_age(0.2), "now")
+        self.assertEqual(cares.format_age(2.7), "2s ago")
+        self.assertEqual(cares.format_age(125), "2m ago")
+        self.assertEqual(cares.format_age(7300), "2h ago")
+        self.assertEqual(cares.format_age(-5), "now")
+        self.assertEqual(cares.format_bytes(512), "512 B")
+        self.assertEqual(cares.format_bytes(3 * 1024**3), "3.0 GiB")
+        self.assertEqual(cares.fit("abcdef", 4), "abc…")
+        self.assertEqual(cares.fit("ab", 4), "ab  ")
+        self.assertEqual(cares.sparkline([0, 50, 100], 5), "  ▁▄█")
+        self.assertEqual(cares.sparkline(range(100), 3, unicode=False), "###")
+
+    def test_backoff_grows_and_is_capped(self):
+        rng = random.Random(7)
+        delays = [cares.backoff_delay(failures, rng) for failures in range(12)]
+        self.assertTrue(0.25 <= delays[0] <= 0.5, delays)
+        self.assertTrue(all(delay <= cares.MAX_BACKOFF_S for delay in delays), delays)
+        self.assertGreaterEqual(delays[-1], cares.MAX_BACKOFF_S / 2)
+
+    def test_join_addresses_lists_interfaces_for_wildcards(self):
+        entry = cares.collections.namedtuple("snicaddr", "family address")
+        interfaces = {"lo": [entry(socket.AF_INET, "127.0.0.1")],
+                      "eth0": [entry(socket.AF_INET, "10.0.0.5"), entry(socket.AF_INET6, "fe80::1")]}
+        self.assertEqual(cares.join_addresses("::", 50051, interfaces), ["10.0.0.5:50051", "127.0.0.1:50051"])
+        self.assertEqual(cares.join_addresses("10.1.1.1", 7, interfaces), ["10.1.1.1:7"])
+
+    def test_status_table(self):
+        rows = [{"node_id": "w\x1b1", "address": "1.2.3.4:5", "status": "Active", "cpu_percent": 12.5,
+                 "memory_percent": 40.0, "last_seen": 1000.0}]
+        table = cares.format_status_table(rows, now=1003.0)
+        self.assertIn("w?1", table)
+        self.assertIn("12.5%", table)
+        self.assertIn("3s ago", table)
+        self.assertIn("no workers", cares.format_status_table([]))
+
+
+class LocalSamplerTest(unittest.TestCase):
+    def test_samples_are_real_and_shared(self):
+        sampler = cares.LocalSampler(max_age=0.3)
+        first = sampler.sample()
+        self.assertTrue(0.0 <= first.cpu_percent <= 100.0)
+        self.assertTrue(0.0 < first.memory_percent < 100.0)
+        self.assertEqual(first.memory_total_bytes, cares.psutil.virtual_memory().total)
+        self.assertAlmostEqual(first.memory_used_bytes / first.memory_total_bytes * 100,
+                               first.memory_percent, delta=2.0)
+        self.assertIs(sampler.sample(), first)
+        time.sleep(0.35)
+        self.assertIsNot(sampler.sample(), first)
+
+
+# ---------------------------------------------------------------------------
+# NodeRegistry
+# ---------------------------------------------------------------------------
+
+class NodeRegistryTest(unittest.TestCase):
+    def test_join_update_disconnect_and_events(self):
+        registry = cares.NodeRegistry()
+        session = registry.join("xyz-123", "10.0.0.9:4000", hostname="web")
+        self.assertIsNone(registry.attach_stream("xyz-123", session))
+        self.assertTrue(registry.update("xyz-123", session, cpu_percent=12.5, memory_percent=40.0,
+                                        memory_used_bytes=4, memory_total_bytes=10, sequence=1))
+        node = registry.get("xyz-123")
+        self.assertEqual((node.status, node.cpu_usage, node.memory_usage, node.address),
+                         (cares.ACTIVE, 12.5, 40.0, "10.0.0.9:4000"))
+        self.assertEqual(list(node.history), [(12.5, 40.0)])
+        self.assertAlmostEqual(node.last_seen, time.time(), delta=2)
+        self.assertTrue(registry.disconnect("xyz-123", session, "gone"))
+        self.assertEqual(status_of(registry, "xyz-123"), cares.DISCONNECTED)
+        self.assertFalse(registry.update("xyz-123", session, cpu_percent=1, memory_percent=1, sequence=2))
+        second = registry.join("xyz-123", "10.0.0.9:4001")
+        self.assertNotEqual(second, session)
+        self.assertFalse(registry.disconnect("xyz-123", session, "stale stream ending"))
+        texts = [event.text for event in registry.events.tail(10)]
+        self.assertEqual(texts, ["Node 'xyz-123' has joined the cluster.",
+                                 "Node 'xyz-123' lost: gone.",
+                                 "Node 'xyz-123' has rejoined the cluster."])
+
+    def test_live_stream_blocks_duplicate_join_and_second_stream(self):
+        registry = cares.NodeRegistry()
+        session = registry.join("a", "x")
+        self.assertIsNone(registry.attach_stream("a", session))
+        self.assertEqual(registry.attach_stream("a", session), grpc.StatusCode.FAILED_PRECONDITION)
+        self.assertEqual(registry.attach_stream("a", "forged"), grpc.StatusCode.PERMISSION_DENIED)
+        with self.assertRaises(cares.JoinRefused) as caught:
+            registry.join("a", "y")
+        self.assertEqual(caught.exception.code, grpc.StatusCode.ALREADY_EXISTS)
+        self.assertIn("already connected", caught.exception.message)
+        self.assertIn("rejected", registry.events.tail(1)[0].text)
+
+    def test_bad_samples_are_dropped_and_logged_sparingly(self):
+        registry = cares.NodeRegistry()
+        session = registry.join("a", "x")
+        registry.update("a", session, cpu_percent=10, memory_percent=20, sequence=5)
+        bad = [dict(cpu_percent=float("nan"), memory_percent=1, sequence=6),
+               dict(cpu_percent=1, memory_percent=float("inf"), sequence=7),
+               dict(cpu_percent=-1, memory_percent=1, sequence=8),
+               dict(cpu_percent=101, memory_percent=1, sequence=9),
+               dict(cpu_percent=1, memory_percent=1, sequence=5)]
+        for _ in range(4):
+            for sample in bad:
+                self.assertTrue(registry.update("a", session, **sample))
+        node = registry.get("a")
+        self.assertEqual((node.cpu_usage, node.memory_usage, node.dropped_samples), (10, 20, 20))
+        warnings = [e.text for e in registry.events.tail(100) if e.level == "WARN"]
+        self.assertEqual(len(warnings), 2, warnings)  # the 1st and the 10th drop
+        self.assertIn("10 dropped", warnings[1])
+
+    def test_flood_keeps_latest_without_growing_history(self):
+        registry = cares.NodeRegistry(heartbeat_interval=1.0)
+        session = registry.join("a", "x")
+        for sequence in range(1, 5001):
+            registry.update("a", session, cpu_percent=sequence % 100, memory_percent=1, sequence=sequence)
+        node = registry.get("a")
+        self.assertEqual(node.cpu_usage, 5000 % 100)
+        self.assertEqual(len(node.history), 1)
+        self.assertEqual(node.history[-1][0], 5000 % 100)
+
+    def test_history_is_bounded(self):
+        registry = cares.NodeRegistry(heartbeat_interval=0.0)
+        session = registry.join("a", "x")
+        for sequence in range(1, 200):
+            registry.update("a", session, cpu_percent=1, memory_percent=1, sequence=sequence)
+        self.assertEqual(len(registry.get("a").history), cares.HISTORY_SAMPLES)
+
+    def test_expire_marks_silent_nodes(self):
+        registry = cares.NodeRegistry(heartbeat_interval=0.1)
+        quiet = registry.join("quiet", "x")
+        chatty = registry.join("chatty", "y")
+        time.sleep(0.4)
+        registry.update("chatty", chatty, cpu_percent=1, memory_percent=1, sequence=1)
+        self.assertEqual(registry.expire(), [("quiet", quiet)])
+        self.assertEqual(status_of(registry, "chatty"), cares.ACTIVE)
+        self.assertIn("no heartbeat for 0.3 s", registry.events.tail(1)[0].text)
+
+    def test_full_registry_evicts_disconnected_then_refuses(self):
+        registry = cares.NodeRegistry(max_nodes=2)
+        first = registry.join("a", "x")
+        registry.join("b", "x")
+        registry.disconnect("a", first, "gone")
+        registry.join("c", "x")
+        self.assertIsNone(registry.get("a"))
+        with self.assertRaises(cares.JoinRefused) as caught:
+            registry.join("d", "x")
+        self.assertEqual(caught.exception.code, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertEqual(len(registry), 2)
+
+    def test_event_log_is_bounded(self):
+        log = cares.EventLog(size=5)
+        for number in range(50):
+            log.add("INFO", str(number))
+        self.assertEqual([event.text for event in log.tail(100)], ["45", "46", "47", "48", "49"])
+        self.assertEqual(log.tail(0), [])
+
+    def test_hammered_from_many_threads(self):
+        registry = cares.NodeRegistry(max_nodes=40, heartbeat_interval=0.001)
+        errors = []
+
+        def worker(number):
+            rng = random.Random(number)
+            try:
+                for step in range(1500):
+                    node_id = f"n{rng.randrange(60)}"
+                    action = rng.random()
+                    if action < 0.2:
+                        try:
+                            session = registry.join(node_id, "x")
+                            registry.attach_stream(node_id, session)
+                        except cares.JoinRefused:
+                            pass
+                    elif action < 0.6:
+                        node = registry.get(node_id)
+                        if node is not None:
+                            registry.update(node_id, node.session_id, cpu_percent=rng.random() * 100,
+                                            memory_percent=50, sequence=step + 1)
+                    elif action < 0.75:
+                        node = registry.get(node_id)
+                        if node is not None:
+                            registry.disconnect(node_id, node.session_id, "test")
+                    elif action < 0.85:
+                        registry.expire()
+                    else:
+                        for node in registry.snapshot():
+                            self.assertTrue(0 <= node.cpu_usage <= 100)
+            except Exception as error:  # collected and reported by the main thread
+                errors.append(error)
+
+        threads = [threading.Thread(target=worker, args=(number,)) for number in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(errors, [])
+        nodes = registry.snapshot()
+        self.assertLessEqual(len(nodes), 40)
+        self.assertEqual(len({node.node_id for node in nodes}), len(nodes))
+        for node in nodes:
+            self.assertIn(node.status, (cares.ACTIVE, cares.DISCONNECTED))
+            self.assertLessEqual(len(node.history), cares.HISTORY_SAMPLES)
+        self.assertLessEqual(len(registry.events.tail(10_000)), cares.EVENT_LOG_SIZE)
+
+
+# ---------------------------------------------------------------------------
+# Orchestrator and worker over real gRPC on loopback
+# ---------------------------------------------------------------------------
+
+class ClusterTest(ClusterTestCase):
+    def test_join_and_heartbeat_update_the_registry(self):
+        orchestrator = self.start_orchestrator()
+        registry = orchestrator.registry
+        client = self.start_worker(orchestrator, "w1", FixedSampler(12.5, 40.0))
+        self.assert_becomes(registry, "w1", cares.ACTIVE, 5)
+        self.assertIsNotNone(wait_until(lambda: registry.get("w1").cpu_usage == 12.5, 5))
+        node = registry.get("w1")
+        self.assertEqual(node.memory_usage, 40.0)
+        self.assertTrue(node.address.startswith("127.0.0.1:"), node.address)
+        self.assertEqual(node.hostname, socket.gethostname()[:64])
+        self.assertEqual(client.state.phase, "connected")
+        seen = node.last_seen
+        self.assertIsNotNone(wait_until(lambda: registry.get("w1").last_seen > seen, 3))
+        self.assertIn("Node 'w1' has joined the cluster.", [e.text for e in registry.events.tail(5)])
+
+    def test_four_workers_update_independently(self):
+        orchestrator = self.start_orchestrator()
+        registry = orchestrator.registry
+        samplers = {f"w{n}": FixedSampler(10.0 * n, 5.0 * n) for n in range(1, 5)}
+        for node_id, sampler in samplers.items():
+            self.start_worker(orchestrator, node_id, sampler)
+        for node_id in samplers:
+            self.assert_becomes(registry, node_id, cares.ACTIVE, 5)
+        samplers["w3"].cpu = 99.0
+
+        def values():
+            return {node.node_id: (node.cpu_usage, node.memory_usage) for node in registry.snapshot()}
+        expected = {"w1": (10.0, 5.0), "w2": (20.0, 10.0), "w3": (99.0, 15.0), "w4": (40.0, 20.0)}
+        self.assertIsNotNone(wait_until(lambda: values() == expected, 5), values())
+
+    def test_real_worker_reports_this_machines_metrics(self):
+        orchestrator = self.start_orchestrator()
+        self.start_worker(orchestrator, "real")
+        self.assertIsNotNone(wait_until(lambda: (orchestrator.registry.get("real") or
+                                                 cares.Node("", "")).memory_usage > 0, 5))
+        node = orchestrator.registry.get("real")
+        self.assertAlmostEqual(node.memory_usage, cares.psutil.virtual_memory().percent, delta=5)
+        self.assertEqual(node.memory_total_bytes, cares.psutil.virtual_memory().total)
+
+    def test_killed_worker_is_disconnected_within_a_second(self):
+        orchestrator = self.start_orchestrator()
+        worker = self.spawn("worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "victim", "--headless")
+        self.assert_streaming(orchestrator.registry, "victim")
+        worker.kill()
+        waited = self.assert_becomes(orchestrator.registry, "victim", cares.DISCONNECTED, 1.0)
+        print(f"\n  killed worker -> Disconnected in {waited:.3f} s", file=sys.stderr)
+        self.assertIn("lost", orchestrator.registry.events.tail(1)[0].text)
+
+    def test_silent_worker_is_disconnected_after_three_intervals(self):
+        orchestrator = self.start_orchestrator()
+        registry = orchestrator.registry
+        channel = grpc.insecure_channel(f"127.0.0.1:{orchestrator.port}")
+        self.addCleanup(channel.close)
+        stub = pb_grpc.ClusterServiceStub(channel)
+        ack = stub.JoinCluster(pb.NodeInfo(node_id="mute"), timeout=5)
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def one_sample_then_silence():
+            yield pb.NodeMetrics(node_id="mute", session_id=ack.session_id, cpu_percent=1,
+                                 memory_percent=1, sequence=1)
+            release.wait(15)
+
+        replies = stub.Heartbeat(one_sample_then_silence(), timeout=15)
+        self.assert_becomes(registry, "mute", cares.ACTIVE, 2)
+        self.assertIsNotNone(wait_until(lambda: registry.get("mute").last_sequence == 1, 2))
+        started = time.monotonic()
+        bound = cares.MISSED_HEARTBEATS * registry.heartbeat_interval + 1.0
+        self.assert_becomes(registry, "mute", cares.DISCONNECTED, bound)
+        print(f"\n  silent worker -> Disconnected after {time.monotonic() - started:.2f} s "
+              f"(bound {bound:.1f} s)", file=sys.stderr)
+        with self.assertRaises(grpc.RpcError) as caught:
+            list(replies)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    def test_worker_rejoins_after_orchestrator_restart_on_same_port(self):
+        first = cares.Orchestrator("127.0.0.1:0")
+        first.start()
+        port = first.port
+        client = self.start_worker(first, "phoenix", port=port)
+        self.assert_streaming(first.registry, "phoenix")
+        first.stop(0.2)
+        self.assertIsNotNone(wait_until(lambda: client.state.phase == "retrying", 3))
+        self.assertIn("Disconnected: the orchestrator shut down (the orchestrator is shutting down); retrying.",
+                      [event.text for event in client.events.tail(5)])
+        second = self.start_orchestrator(f"127.0.0.1:{port}")
+        waited = self.assert_becomes(second.registry, "phoenix", cares.ACTIVE, 6)
+        print(f"\n  orchestrator restart -> worker Active again in {waited:.2f} s", file=sys.stderr)
+
+    def test_duplicate_live_node_id_is_refused(self):
+        orchestrator = self.start_orchestrator()
+        self.start_worker(orchestrator, "twin")
+        self.assert_streaming(orchestrator.registry, "twin")
+        with grpc.insecure_channel(f"127.0.0.1:{orchestrator.port}") as channel:
+            with self.assertRaises(grpc.RpcError) as caught:
+                pb_grpc.ClusterServiceStub(channel).JoinCluster(pb.NodeInfo(node_id="twin"), timeout=5)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.ALREADY_EXISTS)
+        self.assertIn("already connected", caught.exception.details())
+
+    def test_second_worker_with_same_id_keeps_retrying_and_takes_over_when_free(self):
+        orchestrator = self.start_orchestrator()
+        first = self.start_worker(orchestrator, "same")
+        self.assert_streaming(orchestrator.registry, "same")
+        second = self.start_worker(orchestrator, "same")
+        self.assertIsNotNone(wait_until(lambda: second.state.phase == "retrying", 5))
+        self.assertIn("ALREADY_EXISTS", second.state.detail)
+        first.stop()
+        self.assertIsNotNone(wait_until(lambda: second.state.phase == "connected", 8))
+
+    def test_goodbye_is_logged_as_left(self):
+        orchestrator = self.start_orchestrator()
+        client = self.start_worker(orchestrator, "polite")
+        self.assert_streaming(orchestrator.registry, "polite")
+        client.stop()
+        self.assert_becomes(orchestrator.registry, "polite", cares.DISCONNECTED, 2)
+        texts = [event.text for event in orchestrator.registry.events.tail(5)]
+        self.assertIn("Node 'polite' has left the cluster.", texts)
+        self.assertFalse(any("lost" in text for text in texts), texts)
+        self.assertEqual(client.state.phase, "stopped")
+
+    def test_worker_obeys_a_new_heartbeat_interval(self):
+        orchestrator = self.start_orchestrator()
+        client = self.start_worker(orchestrator, "tempo")
+        self.assert_streaming(orchestrator.registry, "tempo")
+        orchestrator.set_heartbeat_interval(200)
+        self.assertIsNotNone(wait_until(lambda: client.state.heartbeat_interval == 0.2, 3))
+        start_sequence = orchestrator.registry.get("tempo").last_sequence
+        time.sleep(1.0)
+        sent = orchestrator.registry.get("tempo").last_sequence - start_sequence
+        self.assertTrue(3 <= sent <= 7, f"{sent} samples in 1 s at a 0.2 s interval")
+
+    def test_unreachable_orchestrator_reports_retrying_with_reason(self):
+        client = cares.WorkerClient(f"127.0.0.1:{free_port()}", "lonely", cares.LocalSampler())
+        client.start()
+        self.addCleanup(client.stop, False, 0.5)
+        self.assertIsNotNone(wait_until(lambda: client.state.phase == "retrying", 5))
+        state = client.state
+        self.assertIn("unreachable", state.detail)
+        self.assertTrue(state.describe().startswith("retrying in "), state.describe())
+        self.assertLessEqual(state.retry_at - time.monotonic(), cares.MAX_BACKOFF_S)
+
+    def test_heartbeat_without_join_is_refused(self):
+        orchestrator = self.start_orchestrator()
+        with grpc.insecure_channel(f"127.0.0.1:{orchestrator.port}") as channel:
+            stub = pb_grpc.ClusterServiceStub(channel)
+            replies = stub.Heartbeat(iter([pb.NodeMetrics(node_id="ghost", session_id="made-up")]), timeout=5)
+            with self.assertRaises(grpc.RpcError) as caught:
+                list(replies)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.PERMISSION_DENIED)
+        self.assertIsNone(orchestrator.registry.get("ghost"))
+
+    def test_port_in_use_is_a_clear_start_error(self):
+        orchestrator = self.start_orchestrator()
+        with self.assertRaises(cares.StartError) as caught:
+            cares.Orchestrator(f"127.0.0.1:{orchestrator.port}").start()
+        self.assertIn(f"port {orchestrator.port} is already in use", str(caught.exception))
+
+
+# ---------------------------------------------------------------------------
+# The command line, as separate processes
+# ---------------------------------------------------------------------------
+
+class CommandLineTest(ClusterTestCase):
+    def run_cares(self, *args, timeout=20):
+        return subprocess.run([sys.executable, CARES_PY, *args], capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def assert_one_line_error(self, result, code):
+        self.assertEqual(result.returncode, code, result)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertNotIn("Traceback", result.stdout)
+
+    def test_version_and_help(self):
+        result = self.run_cares("--version")
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, f"cares {cares.VERSION}"))
+        result = self.run_cares("--help")
+        self.assertEqual(result.returncode, 0)
+        for command in ("orchestrator", "worker", "status"):
+            self.assertIn(command, result.stdout)
+
+    def test_no_arguments_without_a_terminal_is_a_usage_error(self):
+        result = self.run_cares()
+        self.assert_one_line_error(result, 2)
+        self.assertIn("usage:", result.stderr)
+
+    def test_usage_errors_exit_2_without_traceback(self):
+        for args in (["worker", "nohost"], ["worker", "[::1]:99999"], ["worker", "h:1", "--node-id", "bad id"],
+                     ["orchestrator", "--listen", "1.2.3.4"], ["status"], ["bogus"],
+                     ["orchestrator", "--max-nodes", "0"]):
+            result = self.run_cares(*args)
+            self.assert_one_line_error(result, 2)
+            self.assertIn("error:", result.stderr, args)
+
+    def test_port_in_use_exits_1_naming_the_port(self):
+        orchestrator = self.start_orchestrator()
+        result = self.run_cares("orchestrator", "--listen", f"127.0.0.1:{orchestrator.port}", "--headless")
+        self.assert_one_line_error(result, 1)
+        self.assertEqual(result.stderr.strip(),
+                         f"cares: cannot listen on 127.0.0.1:{orchestrator.port}: "
+                         f"port {orchestrator.port} is already in use")
+
+    def test_status_of_unreachable_orchestrator_exits_1(self):
+        result = self.run_cares("status", f"127.0.0.1:{free_port()}", "--timeout", "3")
+        self.assert_one_line_error(result, 1)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("unreachable", result.stderr)
+
+    def test_status_json_shows_what_each_worker_sent(self):
+        orchestrator = self.start_orchestrator()
+        sent = {f"exact-{n}": (11.0 * n, 7.5 * n) for n in range(1, 5)}
+        for node_id, (cpu, memory) in sent.items():
+            self.start_worker(orchestrator, node_id, FixedSampler(cpu, memory))
+        self.assertIsNotNone(wait_until(
+            lambda: all((orchestrator.registry.get(n) or cares.Node("", "")).cpu_usage == v[0]
+                        for n, v in sent.items()), 5))
+        result = self.run_cares("status", f"127.0.0.1:{orchestrator.port}", "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        nodes = {node["node_id"]: node for node in json.loads(result.stdout)["nodes"]}
+        self.assertEqual(set(nodes), set(sent))
+        for node_id, (cpu, memory) in sent.items():
+            node = nodes[node_id]
+            self.assertEqual((node["status"], node["cpu_percent"], node["memory_percent"]),
+                             ("Active", cpu, memory))
+            self.assertAlmostEqual(node["last_seen"], time.time(), delta=5)
+            self.assertEqual(set(node), {"node_id", "address", "status", "cpu_percent", "memory_percent",
+                                         "last_seen"})
+
+    def test_headless_orchestrator_and_four_headless_workers(self):
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        orchestrator = self.spawn("orchestrator", "--listen", address, "--headless")
+        workers = [self.spawn("worker", address, "--node-id", f"proc-{n}", "--headless") for n in range(4)]
+
+        def nodes():
+            result = self.run_cares("status", address, "--json", "--timeout", "2")
+            return json.loads(result.stdout)["nodes"] if result.returncode == 0 else []
+        self.assertIsNotNone(wait_until(
+            lambda: len([n for n in nodes() if n["status"] == "Active" and n["memory_percent"] > 0]) == 4,
+            20, interval=0.3))
+        rows = nodes()
+        self.assertEqual(sorted(row["node_id"] for row in rows), [f"proc-{n}" for n in range(4)])
+        here = cares.psutil.virtual_memory().percent
+        for row in rows:
+            self.assertAlmostEqual(row["memory_percent"], here, delta=5)
+            self.assertTrue(0 <= row["cpu_percent"] <= 100)
+        workers[0].send_signal(signal.SIGTERM)
+        self.assertEqual(workers[0].wait(10), 0)
+        self.assertIsNotNone(wait_until(
+            lambda: {n["node_id"]: n["status"] for n in nodes()}.get("proc-0") == "Disconnected", 5))
+        orchestrator.send_signal(signal.SIGINT)
+        self.assertEqual(orchestrator.wait(10), 0)
+        log = orchestrator.stderr.read()
+        self.assertIn("[INFO] Node 'proc-1' has joined the cluster.", log)
+        self.assertIn("[INFO] Node 'proc-0' has left the cluster.", log)
+        self.assertNotIn("Traceback", log)
+        for worker in workers[1:]:
+            self.assertIsNone(worker.poll(), "workers keep running when the orchestrator goes")
+            worker.send_signal(signal.SIGTERM)
+            self.assertEqual(worker.wait(10), 0)
+            self.assertIn("shut down", worker.stderr.read())
+
+
+if __name__ == "__main__":
+    unittest.main()
