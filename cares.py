@@ -8,11 +8,13 @@ One module, read top to bottom as the data flows:
 3. Node and NodeRegistry (the orchestrator's state),
 4. the orchestrator: gRPC servicers on a grpc.aio server,
 5. the worker client and the status client,
-6. the command line and main().
+6. the TUI: asciimatics scenes for the menu, join form and dashboards,
+7. the command line and main().
 """
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import collections
@@ -40,6 +42,12 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
+from asciimatics.effects import Effect  # noqa: E402
+from asciimatics.event import KeyboardEvent  # noqa: E402
+from asciimatics.exceptions import NextScene, ResizeScreenError, StopApplication  # noqa: E402
+from asciimatics.scene import Scene  # noqa: E402
+from asciimatics.screen import Screen  # noqa: E402
+from asciimatics.widgets import Frame, Label, Layout, Text, Widget  # noqa: E402
 
 import cluster_pb2 as pb  # noqa: E402
 import cluster_pb2_grpc as pb_grpc  # noqa: E402
@@ -260,13 +268,27 @@ def format_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
+def char_width(char: str) -> int:
+    """Terminal cells a character takes: 2 for East Asian wide, 0 for combining marks."""
+    if unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
 def fit(text: str, width: int) -> str:
-    """Pad or cut text to exactly width characters, marking a cut with '…'."""
+    """Pad or cut text to exactly width terminal cells, marking a cut with '…'."""
     if width <= 0:
         return ""
-    if len(text) > width:
-        return text[: width - 1] + "…"
-    return text.ljust(width)
+    cells = sum(char_width(char) for char in text)
+    if cells <= width:
+        return text + " " * (width - cells)
+    kept, used = [], 0
+    for char in text:
+        if used + char_width(char) > width - 1:
+            break
+        kept.append(char)
+        used += char_width(char)
+    return "".join(kept) + "…" + " " * (width - 1 - used)
 
 
 def describe_rpc_error(error: grpc.RpcError) -> str:
@@ -295,6 +317,103 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
     first_line = details.splitlines()[0] if details else ""
     name = code.name if code is not None else "error"
     return sanitize_text(f"{name}: {first_line}" if first_line else name, ERROR_TEXT_LIMIT)
+
+
+@dataclasses.dataclass(frozen=True)
+class TableLayout:
+    """Column widths of the dashboard's node table; 0 hides a column."""
+
+    node_id: int
+    address: int
+    status: int
+    bar: int  # each of the CPU and memory bars, without the percentage after it
+    spark: int
+    seen: int
+
+    PERCENT = 7  # " 100.0%"
+
+    @property
+    def width(self) -> int:
+        columns = [self.node_id, self.address, self.status, self.bar + self.PERCENT,
+                   self.bar + self.PERCENT, self.spark, self.seen]
+        shown = [column for column in columns if column]
+        return sum(shown) + len(shown) - 1
+
+
+def table_layout(width: int) -> TableLayout:
+    """Fit the node table into width cells: drop the sparkline, then the address, before bars get thin."""
+    node_id, status, seen = max(12, min(24, width // 6)), 12, 9
+    address = 21 if width >= 90 else 0
+    spare = width - node_id - status - seen - 4 - (address + 1 if address else 0) - 2 * TableLayout.PERCENT
+    spark = min(HISTORY_SAMPLES, spare // 4) if width >= 130 else 0
+    if spark:
+        spare -= spark + 1
+    return TableLayout(node_id, address, status, max(spare // 2, 4), spark, seen)
+
+
+def node_row(node: "Node", layout: TableLayout, now: float, unicode: bool = True) -> list[tuple[str, str]]:
+    """One table row as (text, style) segments; styles: text, dim, active, disconnected, low, medium, high."""
+    live = node.status == ACTIVE
+    plain = "text" if live else "dim"
+    segments = [(fit(node.node_id, layout.node_id) + " ", plain)]
+    if layout.address:
+        segments.append((fit(node.address, layout.address) + " ", plain))
+    segments.append((fit(node.status, layout.status) + " ", "active" if live else "disconnected"))
+    for value in (node.cpu_usage, node.memory_usage):
+        segments.append((bar_text(value, layout.bar, unicode), bar_level(value) if live else "dim"))
+        segments.append((f"{clamp_percent(value):6.1f}% ", plain))
+    if layout.spark:
+        history = [cpu for cpu, _ in node.history]
+        segments.append((sparkline(history, layout.spark, unicode) + " ", "low" if live else "dim"))
+    segments.append((fit(format_age(now - node.last_seen), layout.seen), plain))
+    return segments
+
+
+def table_header(layout: TableLayout, sort_key: str, reverse: bool) -> str:
+    arrow = "▼" if reverse else "▲"
+    titles = [("n", "NODE ID", layout.node_id), ("", "ADDRESS", layout.address), ("s", "STATUS", layout.status),
+              ("c", "CPU", layout.bar + TableLayout.PERCENT), ("m", "MEMORY", layout.bar + TableLayout.PERCENT),
+              ("", "CPU LAST 60s", layout.spark), ("", "LAST SEEN", layout.seen)]
+    return " ".join(fit(title + (arrow if key == sort_key else ""), width)
+                    for key, title, width in titles if width)
+
+
+SORT_KEYS = {"n": "node ID", "c": "CPU", "m": "memory", "s": "status"}
+HEARTBEAT_STEPS_MS = (250, 500, 1000, 2000, 5000)
+
+
+def next_heartbeat_ms(current_ms: int, longer: bool) -> int | None:
+    """The next heartbeat interval step up or down from current_ms, None at either end."""
+    if longer:
+        return min((ms for ms in HEARTBEAT_STEPS_MS if ms > current_ms), default=None)
+    return max((ms for ms in HEARTBEAT_STEPS_MS if ms < current_ms), default=None)
+
+
+def sort_nodes(nodes: list["Node"], key: str, reverse: bool = False) -> list["Node"]:
+    """Sort for the table; CPU and memory put the busiest first unless reversed."""
+    if key == "c":
+        return sorted(nodes, key=lambda node: (-node.cpu_usage, node.node_id), reverse=reverse)
+    if key == "m":
+        return sorted(nodes, key=lambda node: (-node.memory_usage, node.node_id), reverse=reverse)
+    if key == "s":
+        return sorted(nodes, key=lambda node: (node.status != ACTIVE, node.node_id), reverse=reverse)
+    return sorted(nodes, key=lambda node: node.node_id, reverse=reverse)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSummary:
+    active: int
+    disconnected: int
+    cpu_percent: float  # mean over active nodes
+    memory_percent: float
+
+
+def summarize(nodes: list["Node"]) -> ClusterSummary:
+    live = [node for node in nodes if node.status == ACTIVE]
+    count = len(live) or 1
+    return ClusterSummary(len(live), len(nodes) - len(live),
+                          sum(node.cpu_usage for node in live) / count,
+                          sum(node.memory_usage for node in live) / count)
 
 
 def format_event(event: "Event") -> str:
@@ -1023,13 +1142,13 @@ class WorkerClient:
         failures = 0
         while True:
             self._set_state("connecting")
-            delay = None
+            delay, level = None, "WARN"
             try:
                 await self._connect_and_stream()
                 detail = "the orchestrator closed the stream"
             except OrchestratorShutdown as shutdown:
-                detail = f"the orchestrator shut down ({shutdown})"
-                failures, delay = 0, backoff_delay(0)
+                detail = str(shutdown) or "the orchestrator is shutting down"
+                failures, delay, level = 0, backoff_delay(0), "INFO"
             except grpc.RpcError as error:
                 detail = describe_rpc_error(error)
                 if error.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -1045,7 +1164,7 @@ class WorkerClient:
                 delay = backoff_delay(failures)
                 failures += 1
             if detail != self._last_error:
-                self.events.add("WARN", f"Disconnected: {detail}; retrying.")
+                self.events.add(level, f"Disconnected: {detail}; retrying.")
                 self._last_error = detail
             self._set_state("retrying", detail, time.monotonic() + delay)
             await asyncio.sleep(delay)
@@ -1152,7 +1271,504 @@ def join_addresses(listen_host: str, port: int, interfaces: dict | None = None) 
 
 
 # ---------------------------------------------------------------------------
-# 6. The command line and main().
+# 6. The TUI: asciimatics scenes for the mode menu, the join form, the worker
+#    view and the orchestrator dashboard. What can be pure lives in section 1;
+#    widgets here only place text and pick colours.
+# ---------------------------------------------------------------------------
+
+MIN_WIDTH, MIN_HEIGHT = 70, 18
+# asciimatics ticks at 20 frames a second; redraw live data once a second.
+REDRAW_FRAMES = 20
+KEY_CTRL_C = 3
+QUIT_KEYS = (ord("q"), ord("Q"), KEY_CTRL_C)
+
+PALETTE = collections.defaultdict(
+    lambda: (Screen.COLOUR_WHITE, Screen.A_NORMAL, Screen.COLOUR_BLACK),
+    {
+        "label": (Screen.COLOUR_WHITE, Screen.A_BOLD, Screen.COLOUR_BLACK),
+        "edit_text": (Screen.COLOUR_WHITE, Screen.A_NORMAL, Screen.COLOUR_BLACK),
+        "focus_edit_text": (Screen.COLOUR_BLACK, Screen.A_NORMAL, Screen.COLOUR_WHITE),
+        "invalid": (Screen.COLOUR_RED, Screen.A_BOLD, Screen.COLOUR_BLACK),
+        "disabled": (Screen.COLOUR_BLACK, Screen.A_BOLD, Screen.COLOUR_BLACK),
+    })
+
+# Styles used by the pure row and line builders, as (foreground, attribute, background).
+STYLES = {
+    "text": (Screen.COLOUR_WHITE, Screen.A_NORMAL, Screen.COLOUR_BLACK),
+    "bold": (Screen.COLOUR_WHITE, Screen.A_BOLD, Screen.COLOUR_BLACK),
+    "dim": (Screen.COLOUR_BLACK, Screen.A_BOLD, Screen.COLOUR_BLACK),
+    "header": (Screen.COLOUR_BLACK, Screen.A_NORMAL, Screen.COLOUR_CYAN),
+    "selected": (Screen.COLOUR_BLACK, Screen.A_NORMAL, Screen.COLOUR_WHITE),
+    "active": (Screen.COLOUR_GREEN, Screen.A_BOLD, Screen.COLOUR_BLACK),
+    "disconnected": (Screen.COLOUR_RED, Screen.A_NORMAL, Screen.COLOUR_BLACK),
+    "low": (Screen.COLOUR_GREEN, Screen.A_NORMAL, Screen.COLOUR_BLACK),
+    "medium": (Screen.COLOUR_YELLOW, Screen.A_NORMAL, Screen.COLOUR_BLACK),
+    "high": (Screen.COLOUR_RED, Screen.A_BOLD, Screen.COLOUR_BLACK),
+    "INFO": (Screen.COLOUR_WHITE, Screen.A_NORMAL, Screen.COLOUR_BLACK),
+    "WARN": (Screen.COLOUR_YELLOW, Screen.A_NORMAL, Screen.COLOUR_BLACK),
+    "ERROR": (Screen.COLOUR_RED, Screen.A_BOLD, Screen.COLOUR_BLACK),
+}
+
+
+class TerminationRequested(Exception):
+    """SIGTERM while the screen is up: leave it the same way q does."""
+
+
+@dataclasses.dataclass
+class FormState:
+    """What the create or join form holds, kept across screen rebuilds."""
+
+    address: str
+    token: str = ""
+    error: str = ""
+
+
+# kind: (title, address label, what Enter does)
+FORM_TEXTS = {
+    "create": ("Create a new cluster", "Listen address: ", "start the orchestrator"),
+    "join": ("Join an existing cluster", "Orchestrator address: ", "join"),
+}
+
+
+class TuiApp:
+    """The TUI's model: which view shows (selection, create, join, worker, orchestrator) and what it shows."""
+
+    def __init__(self, *, listen: str = DEFAULT_LISTEN, heartbeat_ms: int = DEFAULT_HEARTBEAT_MS,
+                 max_nodes: int = DEFAULT_MAX_NODES, node_id: str | None = None):
+        self.view = "selection"
+        self.heartbeat_ms = heartbeat_ms
+        self.max_nodes = max_nodes
+        self.node_id = node_id
+        self.orchestrator: Orchestrator | None = None
+        self.worker: WorkerClient | None = None
+        self.sampler: LocalSampler | None = None
+        self.menu_choice = 0
+        self.forms = {"create": FormState(listen), "join": FormState(f"127.0.0.1:{DEFAULT_PORT}")}
+        self.sort_key = "n"
+        self.sort_reverse = False
+        self.scroll = 0
+        self.local_history: collections.deque = collections.deque(maxlen=HISTORY_SAMPLES)
+
+    def submit(self, kind: str, address: str, token: str = "") -> bool:
+        """Check a create or join form and act on it; on failure its error says why."""
+        form = self.forms[kind]
+        form.address, form.token = address, token
+        try:
+            host, port = parse_address(address, allow_port_zero=kind == "create")
+        except ValueError as error:
+            form.error = str(error)
+            return False
+        try:
+            if kind == "create":
+                self.start_orchestrator(format_address(host, port), token or None)
+            else:
+                self.start_worker(format_address(host, port), token or None)
+        except StartError as error:
+            form.error = str(error)
+            return False
+        form.error = ""
+        return True
+
+    def start_orchestrator(self, listen: str, token: str | None = None) -> None:
+        """Start serving (StartError if the address cannot be used) and switch to the dashboard."""
+        orchestrator = Orchestrator(listen, token=token, heartbeat_ms=self.heartbeat_ms,
+                                    max_nodes=self.max_nodes)
+        orchestrator.start()
+        self.orchestrator = orchestrator
+        self.view = "orchestrator"
+
+    def start_worker(self, target: str, token: str | None = None) -> None:
+        self.sampler = LocalSampler()
+        self.worker = WorkerClient(target, self.node_id or default_node_id(), self.sampler, token=token)
+        self.worker.start()
+        self.view = "worker"
+
+    def sample_locally(self) -> LocalSample:
+        sample = self.sampler.sample()
+        self.local_history.append(sample.cpu_percent)
+        return sample
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        if self.orchestrator is not None:
+            self.orchestrator.stop()
+
+    def play(self, screen) -> None:
+        """Show the scenes for the current view on this screen, until quit or resize."""
+        if screen.width < MIN_WIDTH or screen.height < MIN_HEIGHT:
+            scenes = [Scene([TooSmallNotice(screen)], -1, name="too-small")]
+        else:
+            scenes = [Scene([MenuFrame(screen, self)], -1, name="selection"),
+                      Scene([AddressFrame(screen, self, "create")], -1, name="create"),
+                      Scene([AddressFrame(screen, self, "join")], -1, name="join"),
+                      Scene([WorkerFrame(screen, self)], -1, name="worker"),
+                      Scene([DashboardFrame(screen, self)], -1, name="orchestrator")]
+        start = next((scene for scene in scenes if scene.name == self.view), scenes[0])
+        screen.play(scenes, stop_on_resize=True, start_scene=start, unhandled_input=_quit_on_q,
+                    allow_int=True)
+
+    def run(self) -> int:
+        """Own the terminal until the user quits; rebuild the scenes on every resize."""
+        previous = signal.signal(signal.SIGTERM, _raise_termination)
+        try:
+            while True:
+                try:
+                    Screen.wrapper(self.play, catch_interrupt=True)
+                    return 0
+                except ResizeScreenError:
+                    continue
+        except TerminationRequested:
+            return 0
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.shutdown()
+
+
+def _raise_termination(signum, frame):
+    raise TerminationRequested()
+
+
+def _quit_on_q(event) -> None:
+    if isinstance(event, KeyboardEvent) and event.key_code in QUIT_KEYS:
+        raise StopApplication("quit")
+
+
+class TooSmallNotice(Effect):
+    """Shown instead of a layout that does not fit; resizing brings the real view back."""
+
+    def __init__(self, screen):
+        super().__init__(screen)
+
+    def reset(self):
+        pass
+
+    def _update(self, frame_no):
+        message = f"terminal too small (need {MIN_WIDTH}x{MIN_HEIGHT}); enlarge it or press q"
+        self._screen.print_at(fit(message, self._screen.width), 0, 0)
+
+    @property
+    def stop_frame(self):
+        return 0
+
+
+class Pane(Widget):
+    """A read-only widget that redraws itself from the model every frame it is asked to."""
+
+    def __init__(self, height: int, app: TuiApp, live: bool = True):
+        super().__init__(None, tab_stop=False)
+        self._height = height
+        self.app = app
+        self._live = live
+
+    @property
+    def frame_update_count(self):
+        return REDRAW_FRAMES if self._live else 0
+
+    @property
+    def unicode(self) -> bool:
+        return self._frame.canvas.unicode_aware
+
+    def put(self, text: str, x: int, y: int, style: str = "text") -> int:
+        """Draw text at (x, y) inside this pane, clipped to it; return the x after it."""
+        if y >= self._h or x >= self._w:
+            return x
+        text = fit(text, min(self._w - x, sum(char_width(char) for char in text)))
+        colour, attr, background = STYLES[style]
+        self._frame.canvas.print_at(text, self._x + x, self._y + y, colour, attr, background)
+        return x + sum(char_width(char) for char in text)
+
+    def put_segments(self, segments, y: int, x: int = 0) -> int:
+        for text, style in segments:
+            x = self.put(text, x, y, style)
+        return x
+
+    def update(self, frame_no):
+        self.draw()
+
+    @abc.abstractmethod
+    def draw(self) -> None:
+        """Draw the pane's content with put()."""
+
+    def reset(self):
+        pass
+
+    def process_event(self, event):
+        return event
+
+    def required_height(self, offset, width):
+        return self._height
+
+    @property
+    def value(self):
+        return None
+
+
+class AppFrame(Frame):
+    """A full-screen, borderless, one-column Frame bound to the app model."""
+
+    def __init__(self, screen, app: TuiApp, name: str, data: dict | None = None):
+        super().__init__(screen, screen.height, screen.width, data=data, has_border=False, can_scroll=False,
+                         name=name)
+        self.palette = PALETTE
+        self.app = app
+        self.column = Layout([1], fill_frame=True)
+        self.add_layout(self.column)
+
+
+class MenuPane(Pane):
+    OPTIONS = ("[1] Create a new cluster (Orchestrator)", "[2] Join an existing cluster (Worker)")
+
+    def draw(self):
+        self.put(f"cares {VERSION} - pick a role", 2, 0, "bold")
+        for index, option in enumerate(self.OPTIONS):
+            chosen = index == self.app.menu_choice
+            self.put((" > " if chosen else "   ") + option + " ", 2, 2 + index, "selected" if chosen else "text")
+        self.put("Up/Down and Enter to choose, 1 or 2 as shortcuts, q to quit", 2, 5, "dim")
+
+
+class MenuFrame(AppFrame):
+    """The first screen: create a cluster or join one."""
+
+    def __init__(self, screen, app: TuiApp):
+        super().__init__(screen, app, "menu")
+        self.column.add_widget(MenuPane(7, app, live=False))
+        self.fix()
+
+    def process_event(self, event):
+        if isinstance(event, KeyboardEvent):
+            key = event.key_code
+            if key in (Screen.KEY_UP, Screen.KEY_DOWN):
+                self.app.menu_choice = 1 - self.app.menu_choice
+            elif key in (ord("1"), ord("2")):
+                self.app.menu_choice = key - ord("1")
+                self._choose()
+            elif key in (10, 13):
+                self._choose()
+            elif key in QUIT_KEYS:
+                raise StopApplication("quit")
+            return None
+        return super().process_event(event)
+
+    def _choose(self):
+        self.app.view = ("create", "join")[self.app.menu_choice]
+        raise NextScene(self.app.view)
+
+
+class SafeText(Text):
+    """A Text field that refuses characters which could rewrite the terminal (bidi overrides and the like)."""
+
+    def process_event(self, event):
+        if (isinstance(event, KeyboardEvent) and event.key_code >= 32
+                and (event.key_code > sys.maxunicode or sanitize_text(chr(event.key_code)) == "?")):
+            return None
+        return super().process_event(event)
+
+
+class AddressFrame(AppFrame):
+    """The create and join forms: an address and an optional join token, checked before use."""
+
+    def __init__(self, screen, app: TuiApp, kind: str):
+        form = app.forms[kind]
+        super().__init__(screen, app, kind, data={"address": form.address, "token": form.token})
+        self.kind = kind
+        title, address_label, action = FORM_TEXTS[kind]
+        layout = self.column
+        layout.add_widget(Label(title))
+        layout.add_widget(Label(""))
+        layout.add_widget(SafeText(address_label, name="address", max_length=300))
+        layout.add_widget(SafeText("Join token (optional): ", name="token", hide_char="*", max_length=256))
+        layout.add_widget(Label(""))
+        self._error = Label(sanitize_text(form.error, 200))
+        self._error.custom_colour = "invalid"
+        layout.add_widget(self._error)
+        layout.add_widget(Label(f"Enter to {action}, Tab to move between fields, Esc for the menu, "
+                                "Ctrl-C to quit"))
+        self.fix()
+
+    def process_event(self, event):
+        if isinstance(event, KeyboardEvent):
+            if event.key_code in (10, 13):
+                self.save()
+                if self.app.submit(self.kind, self.data["address"], self.data["token"]):
+                    raise NextScene(self.app.view)
+                self._error.text = sanitize_text(self.app.forms[self.kind].error, 200)
+                return None
+            if event.key_code == Screen.KEY_ESCAPE:
+                self.save()
+                self.app.forms[self.kind].address = self.data["address"]
+                self.app.view = "selection"
+                raise NextScene("selection")
+            if event.key_code == KEY_CTRL_C:
+                raise StopApplication("quit")
+        return super().process_event(event)
+
+
+class WorkerPane(Pane):
+    """Phase 01's view: this machine's CPU and memory, plus the connection to the orchestrator."""
+
+    def draw(self):
+        app, worker = self.app, self.app.worker
+        if worker is None:
+            return
+        sample = app.sample_locally()
+        self.put(f"cares worker - node {worker.node_id} - orchestrator {worker.target}", 0, 0, "bold")
+        state = worker.state
+        style = {"connected": "active", "retrying": "WARN"}.get(state.phase, "text")
+        summary = state.describe()
+        if state.phase == "connected":
+            summary = f"connected, heartbeat every {state.heartbeat_interval:.1f} s"
+        self.put(fit(summary, self._w), 0, 1, style)
+        bar_width = max(self._w - 40, 10)
+        for row, (name, value, extra) in enumerate((
+                ("CPU", sample.cpu_percent, f"{psutil.cpu_count() or 0} CPUs"),
+                ("Memory", sample.memory_percent,
+                 f"{format_bytes(sample.memory_used_bytes)} / {format_bytes(sample.memory_total_bytes)}"))):
+            x = self.put(f"{name:<8}", 0, 3 + row, "bold")
+            x = self.put(bar_text(value, bar_width, self.unicode), x, 3 + row, bar_level(value))
+            self.put(f"{value:6.1f}%  {extra}", x, 3 + row)
+        x = self.put(f"{'CPU 60s':<8}", 0, 6, "bold")
+        self.put(sparkline(app.local_history, min(HISTORY_SAMPLES, bar_width), self.unicode), x, 6, "low")
+
+
+class EventPane(Pane):
+    """The newest events that fit, oldest at the top."""
+
+    def __init__(self, height: int, app: TuiApp, events_of):
+        super().__init__(height, app)
+        self._events_of = events_of
+
+    def draw(self):
+        events = self._events_of()
+        self.put(fit("Events", self._w), 0, 0, "header")
+        for row, event in enumerate(events.tail(self._h - 1) if events else ()):
+            self.put(fit(format_event(event), self._w), 0, 1 + row, event.level)
+
+
+class HelpPane(Pane):
+    def __init__(self, app: TuiApp, text: str):
+        super().__init__(1, app, live=False)
+        self._text = text
+
+    def draw(self):
+        self.put(fit(self._text, self._w), 0, 0, "header")
+
+
+class WorkerFrame(AppFrame):
+    def __init__(self, screen, app: TuiApp):
+        super().__init__(screen, app, "worker")
+        layout = self.column
+        layout.add_widget(WorkerPane(8, app))
+        layout.add_widget(EventPane(screen.height - 9, app, lambda: app.worker and app.worker.events))
+        layout.add_widget(HelpPane(app, "q quit (says goodbye to the orchestrator)"))
+        self.fix()
+
+    def process_event(self, event):
+        if isinstance(event, KeyboardEvent):
+            if event.key_code in QUIT_KEYS:
+                raise StopApplication("quit")
+            return None
+        return super().process_event(event)
+
+
+class DashboardHeader(Pane):
+    def draw(self):
+        orchestrator = self.app.orchestrator
+        if orchestrator is None:
+            return
+        nodes = self._frame.nodes
+        summary = summarize(nodes)
+        access = "open cluster (no join token)" if not orchestrator.token else "join token required"
+        self.put(f"cares orchestrator - listening on {orchestrator.address} - heartbeat "
+                 f"{orchestrator.registry.heartbeat_interval:.2f} s - {access}", 0, 0, "bold")
+        hosts = join_addresses(orchestrator.listen_host, orchestrator.port)
+        self.put("Join with: cares worker " + "  or  ".join(hosts), 0, 1)
+        x = self.put(f"Nodes: {summary.active} active, {summary.disconnected} disconnected", 0, 2)
+        bar_width = max(min((self._w - x - 30) // 2, 20), 5)
+        for name, value in (("CPU", summary.cpu_percent), ("Memory", summary.memory_percent)):
+            x = self.put(f"   Cluster {name} " if name == "CPU" else f"   {name} ", x, 2)
+            x = self.put(bar_text(value, bar_width, self.unicode), x, 2, bar_level(value))
+            x = self.put(f"{value:6.1f}%", x, 2)
+
+
+class NodeTable(Pane):
+    """One row per node from the frame's registry snapshot, sorted and scrolled."""
+
+    def draw(self):
+        app, orchestrator = self.app, self.app.orchestrator
+        if orchestrator is None:
+            return
+        layout = table_layout(self._w)
+        nodes = sort_nodes(self._frame.nodes, app.sort_key, app.sort_reverse)
+        rows = self._h - 1
+        app.scroll = max(0, min(app.scroll, len(nodes) - rows))
+        header = table_header(layout, app.sort_key, app.sort_reverse)
+        if len(nodes) > rows:
+            header = header[: self._w - 16].ljust(self._w - 16) + f"{app.scroll + 1}-" \
+                     f"{min(app.scroll + rows, len(nodes))} of {len(nodes)}".rjust(16)
+        self.put(fit(header, self._w), 0, 0, "header")
+        if not nodes:
+            hosts = join_addresses(orchestrator.listen_host, orchestrator.port)
+            self.put(f"Waiting for workers - join with: cares worker {hosts[0] if hosts else orchestrator.address}",
+                     2, 2, "dim")
+            return
+        now = time.time()
+        for row, node in enumerate(nodes[app.scroll: app.scroll + rows]):
+            self.put_segments(node_row(node, layout, now, self.unicode), 1 + row)
+
+
+class DashboardFrame(AppFrame):
+    """The orchestrator's live view: header, node table, event log, key help."""
+
+    HELP = ("q quit  Up/Down/PgUp/PgDn scroll  sort by n id, c cpu, m mem, s status  r reverse  "
+            "x forget gone  +/- heartbeat")
+
+    def __init__(self, screen, app: TuiApp):
+        super().__init__(screen, app, "orchestrator")
+        self.nodes: list[Node] = []
+        log_height = max(5, screen.height // 4)
+        table_height = screen.height - 3 - log_height - 1
+        self._table_rows = table_height - 1
+        layout = self.column
+        layout.add_widget(DashboardHeader(3, app))
+        layout.add_widget(NodeTable(table_height, app))
+        layout.add_widget(EventPane(log_height, app, lambda: app.orchestrator and app.orchestrator.registry.events))
+        layout.add_widget(HelpPane(app, self.HELP))
+        self.fix()
+
+    def _update(self, frame_no):
+        # One snapshot per redraw, shared by the header and the table.
+        if self.app.orchestrator is not None:
+            self.nodes = self.app.orchestrator.registry.snapshot()
+        super()._update(frame_no)
+
+    def process_event(self, event):
+        if not isinstance(event, KeyboardEvent):
+            return super().process_event(event)
+        app, key = self.app, event.key_code
+        page = max(self._table_rows - 1, 1)
+        moves = {Screen.KEY_UP: -1, Screen.KEY_DOWN: 1, Screen.KEY_PAGE_UP: -page, Screen.KEY_PAGE_DOWN: page,
+                 Screen.KEY_HOME: -10**9, Screen.KEY_END: 10**9}
+        if key in QUIT_KEYS:
+            raise StopApplication("quit")
+        if key in moves:
+            app.scroll = max(0, app.scroll + moves[key])
+        elif 0 <= key < 256 and chr(key) in SORT_KEYS:
+            app.sort_key = chr(key)
+        elif key == ord("r"):
+            app.sort_reverse = not app.sort_reverse
+        elif key == ord("x") and app.orchestrator is not None:
+            app.orchestrator.registry.remove_disconnected()
+        elif key in (ord("+"), ord("-")) and app.orchestrator is not None:
+            current = round(app.orchestrator.registry.heartbeat_interval * 1000)
+            step = next_heartbeat_ms(current, longer=key == ord("+"))
+            if step is not None:
+                app.orchestrator.set_heartbeat_interval(step)
+        return None
+
+
+# ---------------------------------------------------------------------------
+# 7. The command line and main().
 # ---------------------------------------------------------------------------
 
 class UsageError(Exception):
@@ -1241,6 +1857,29 @@ def wait_for_termination() -> None:
     stop.wait()
 
 
+def is_interactive(args) -> bool:
+    return not getattr(args, "headless", False) and sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def run_orchestrator(args) -> int:
+    if not is_interactive(args):
+        return run_orchestrator_headless(args)
+    app = TuiApp(listen=args.listen, heartbeat_ms=args.heartbeat_ms, max_nodes=args.max_nodes)
+    try:
+        app.start_orchestrator(args.listen)
+    except StartError as error:
+        raise RuntimeFailure(str(error)) from None
+    return app.run()
+
+
+def run_worker(args) -> int:
+    if not is_interactive(args):
+        return run_worker_headless(args)
+    app = TuiApp(node_id=args.node_id)
+    app.start_worker(args.orchestrator_address)
+    return app.run()
+
+
 def run_orchestrator_headless(args) -> int:
     orchestrator = Orchestrator(args.listen, heartbeat_ms=args.heartbeat_ms, max_nodes=args.max_nodes)
     orchestrator.registry.events.subscribe(print_event)
@@ -1283,13 +1922,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            parser.print_usage(sys.stderr)
-            raise UsageError("choose a command: orchestrator, worker or status")
+            if not is_interactive(args):
+                parser.print_usage(sys.stderr)
+                raise UsageError("choose a command (orchestrator, worker or status), or run me in a terminal")
+            return TuiApp().run()
         if args.command == "status":
             return run_status(args)
         if args.command == "orchestrator":
-            return run_orchestrator_headless(args)
-        return run_worker_headless(args)
+            return run_orchestrator(args)
+        return run_worker(args)
     except SystemExit as exit_request:  # argparse's own usage errors, --help and --version
         return exit_request.code if isinstance(exit_request.code, int) else 2
     except UsageError as error:
@@ -1300,6 +1941,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # last resort: a bug must still not greet the user with a traceback
+        if os.environ.get("CARES_DEBUG"):
+            raise
+        print(f"cares: unexpected error: {sanitize_text(f'{type(error).__name__}: {error}', 300)} "
+              "(set CARES_DEBUG=1 for details)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,18 +8,27 @@ bounded and every process is killed on cleanup.
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import unicodedata
 import unittest
+from unittest import mock
 
 import cares  # first: it quiets gRPC's C-core logging before grpc is imported
 import grpc
 import cluster_pb2 as pb
 import cluster_pb2_grpc as pb_grpc
+from asciimatics.event import KeyboardEvent
+from asciimatics.exceptions import NextScene, StopApplication
+from asciimatics.scene import Scene
+from asciimatics.screen import Canvas, Screen
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CARES_PY = os.path.join(HERE, "cares.py")
@@ -489,7 +498,7 @@ class ClusterTest(ClusterTestCase):
         self.assert_streaming(first.registry, "phoenix")
         first.stop(0.2)
         self.assertIsNotNone(wait_until(lambda: client.state.phase == "retrying", 3))
-        self.assertIn("Disconnected: the orchestrator shut down (the orchestrator is shutting down); retrying.",
+        self.assertIn("Disconnected: the orchestrator is shutting down; retrying.",
                       [event.text for event in client.events.tail(5)])
         second = self.start_orchestrator(f"127.0.0.1:{port}")
         waited = self.assert_becomes(second.registry, "phoenix", cares.ACTIVE, 6)
@@ -665,7 +674,446 @@ class CommandLineTest(ClusterTestCase):
             self.assertIsNone(worker.poll(), "workers keep running when the orchestrator goes")
             worker.send_signal(signal.SIGTERM)
             self.assertEqual(worker.wait(10), 0)
-            self.assertIn("shut down", worker.stderr.read())
+            self.assertIn("[INFO] Disconnected: the orchestrator is shutting down; retrying.", worker.stderr.read())
+
+
+# ---------------------------------------------------------------------------
+# The TUI: pure layout helpers, then scenes on a mock Screen with a real Canvas
+# (asciimatics' own widget-test pattern), then the real thing in tmux.
+# ---------------------------------------------------------------------------
+
+def make_node(node_id, cpu=10.0, memory=20.0, status=cares.ACTIVE, last_seen=None):
+    node = cares.Node(node_id=node_id, address="10.0.0.1:4000", status=status, cpu_usage=cpu,
+                      memory_usage=memory, last_seen=time.time() if last_seen is None else last_seen)
+    node.history.extend((cpu, memory) for _ in range(5))
+    return node
+
+
+class TableLayoutTest(unittest.TestCase):
+    def test_layout_fits_every_width(self):
+        for width in range(cares.MIN_WIDTH, 320):
+            layout = cares.table_layout(width)
+            self.assertLessEqual(layout.width, width, (width, layout))
+            self.assertGreaterEqual(layout.bar, 4)
+            self.assertEqual(len(cares.table_header(layout, "n", False)), layout.width)
+        self.assertEqual(cares.table_layout(80).address, 0)
+        self.assertEqual(cares.table_layout(120).spark, 0)
+        self.assertGreater(cares.table_layout(200).spark, 0)
+
+    def test_row_has_the_layout_width_and_truncates_long_ids(self):
+        layout = cares.table_layout(160)
+        node = make_node("n" * 63, cpu=37.5, memory=90.0)
+        segments = cares.node_row(node, layout, time.time())
+        text = "".join(part for part, _ in segments)
+        self.assertEqual(len(text), layout.width)
+        self.assertTrue(text.startswith("n" * (layout.node_id - 1) + "…"), text)
+        self.assertIn("37.5%", text)
+        styles = [style for _, style in segments]
+        self.assertEqual(styles[2:5], ["active", "low", "text"])
+        self.assertIn("high", styles)  # memory at 90 %
+
+    def test_disconnected_rows_are_dimmed_but_keep_last_values(self):
+        layout = cares.table_layout(120)
+        segments = cares.node_row(make_node("gone", cpu=70.0, status=cares.DISCONNECTED,
+                                            last_seen=time.time() - 42), layout, time.time())
+        text = "".join(part for part, _ in segments)
+        self.assertIn("Disconnected", text)
+        self.assertIn("70.0%", text)
+        self.assertIn("42s ago", text)
+        self.assertEqual({style for _, style in segments}, {"dim", "disconnected"})
+
+    def test_fit_counts_wide_characters(self):
+        self.assertEqual(cares.fit("節點節點", 5), "節點…")
+        self.assertEqual(sum(cares.char_width(c) for c in cares.fit("節點節點", 5)), 5)
+        self.assertEqual(cares.fit("節", 3), "節 ")
+
+    def test_sorting_and_summary(self):
+        nodes = [make_node("b", cpu=50, memory=10), make_node("a", cpu=90, memory=5),
+                 make_node("c", cpu=10, memory=80, status=cares.DISCONNECTED)]
+        ids = lambda key, reverse=False: [n.node_id for n in cares.sort_nodes(nodes, key, reverse)]
+        self.assertEqual(ids("n"), ["a", "b", "c"])
+        self.assertEqual(ids("c"), ["a", "b", "c"])
+        self.assertEqual(ids("m"), ["c", "b", "a"])
+        self.assertEqual(ids("s"), ["a", "b", "c"])
+        self.assertEqual(ids("n", True), ["c", "b", "a"])
+        summary = cares.summarize(nodes)
+        self.assertEqual((summary.active, summary.disconnected), (2, 1))
+        self.assertEqual((summary.cpu_percent, summary.memory_percent), (70.0, 7.5))
+        self.assertEqual(cares.summarize([]).cpu_percent, 0.0)
+
+    def test_heartbeat_steps(self):
+        self.assertEqual(cares.next_heartbeat_ms(1000, longer=True), 2000)
+        self.assertEqual(cares.next_heartbeat_ms(1000, longer=False), 500)
+        self.assertEqual(cares.next_heartbeat_ms(700, longer=False), 500)
+        self.assertIsNone(cares.next_heartbeat_ms(5000, longer=True))
+        self.assertIsNone(cares.next_heartbeat_ms(250, longer=False))
+
+
+def make_canvas(width=120, height=40, unicode=True):
+    screen = mock.MagicMock(spec=Screen, colours=8, unicode_aware=unicode)
+    return Canvas(screen, height, width, 0, 0)
+
+
+def render(frame):
+    if frame.scene is None:
+        Scene([frame], -1).reset()
+    frame.update(0)
+    canvas = frame.canvas
+    return ["".join(chr(canvas.get_from(x, y)[0]) for x in range(canvas.width)) for y in range(canvas.height)]
+
+
+def press(frame, *keys):
+    for key in keys:
+        frame.process_event(KeyboardEvent(ord(key) if isinstance(key, str) else key))
+
+
+def type_text(frame, text):
+    press(frame, *text)
+
+
+def clear_field(frame):
+    press(frame, Screen.KEY_END, *([Screen.KEY_BACK] * 40))
+
+
+def line_with(lines, needle):
+    return next((line for line in lines if needle in line), None)
+
+
+class TuiSceneTest(ClusterTestCase):
+    def make_app(self, **options):
+        app = cares.TuiApp(**options)
+        self.addCleanup(app.shutdown)
+        return app
+
+    def test_menu_navigation(self):
+        app = self.make_app()
+        frame = cares.MenuFrame(make_canvas(), app)
+        lines = render(frame)
+        self.assertIn("> [1] Create a new cluster (Orchestrator)", line_with(lines, "[1]"))
+        self.assertNotIn(">", line_with(lines, "[2] Join an existing cluster (Worker)"))
+        press(frame, Screen.KEY_DOWN)
+        lines = render(frame)
+        self.assertIn("> [2] Join an existing cluster (Worker)", line_with(lines, "[2]"))
+        with self.assertRaises(NextScene) as caught:
+            press(frame, 13)
+        self.assertEqual((caught.exception.name, app.view), ("join", "join"))
+        with self.assertRaises(NextScene) as caught:
+            press(frame, "1")
+        self.assertEqual((caught.exception.name, app.view), ("create", "create"))
+        press(frame, Screen.KEY_UP, "z")
+        self.assertEqual(app.menu_choice, 1)
+        with self.assertRaises(StopApplication):
+            press(frame, "q")
+
+    def test_join_form_validates_inline_and_stays_editable(self):
+        app = self.make_app()
+        frame = cares.AddressFrame(make_canvas(), app, "join")
+        lines = render(frame)
+        self.assertTrue(line_with(lines, "Orchestrator address:").strip().endswith(" 127.0.0.1:50051"))
+        for bad, reason in (("nohost", "missing :PORT"), ("1.2.3.4:70000", "port must be 1-65535"),
+                            ("::1:5", "brackets")):
+            clear_field(frame)
+            type_text(frame, bad)
+            press(frame, 13)
+            lines = render(frame)
+            self.assertIn(reason, "\n".join(lines), bad)
+            self.assertIn(bad, line_with(lines, "Orchestrator address"))
+            self.assertEqual(app.view, "selection")
+            self.assertIsNone(app.worker)
+        with self.assertRaises(NextScene) as caught:
+            press(frame, Screen.KEY_ESCAPE)
+        self.assertEqual((caught.exception.name, app.forms["join"].address), ("selection", "::1:5"))
+
+    def test_join_form_fuzz_never_raises(self):
+        app = self.make_app()
+        frame = cares.AddressFrame(make_canvas(), app, "join")
+        render(frame)
+        rng = random.Random(99)
+        keys = [ord(c) for c in "0123456789.:[]abc-_ "] + [0x202E, 0x1B, 0x200B, 0x7F, 0x10FFFF + 5,
+                                                           Screen.KEY_LEFT, Screen.KEY_BACK, 9]
+        for _ in range(300):
+            clear_field(frame)
+            press(frame, *(rng.choice(keys) for _ in range(rng.randint(0, 25))))
+            try:
+                press(frame, 13)
+            except NextScene:
+                app.shutdown()
+                app.worker = None
+                app.view = "join"
+            for line in render(frame):
+                for char in line:
+                    self.assertNotIn(unicodedata.category(char), ("Cc", "Cf"), repr(line))
+
+    def test_join_form_starts_a_worker_that_joins(self):
+        orchestrator = self.start_orchestrator()
+        app = self.make_app(node_id="from-form")
+        frame = cares.AddressFrame(make_canvas(), app, "join")
+        render(frame)
+        clear_field(frame)
+        type_text(frame, f"127.0.0.1:{orchestrator.port}")
+        with self.assertRaises(NextScene) as caught:
+            press(frame, 13)
+        self.assertEqual((caught.exception.name, app.view), ("worker", "worker"))
+        self.assert_becomes(orchestrator.registry, "from-form", cares.ACTIVE, 5)
+
+    def test_create_form_starts_the_orchestrator_or_says_why_not(self):
+        busy = self.start_orchestrator()
+        app = self.make_app()
+        frame = cares.AddressFrame(make_canvas(), app, "create")
+        self.assertTrue(line_with(render(frame), "Listen address:").strip().endswith(" [::]:50051"))
+        clear_field(frame)
+        type_text(frame, f"127.0.0.1:{busy.port}")
+        press(frame, 13)
+        self.assertIn(f"port {busy.port} is already in use", "\n".join(render(frame)))
+        self.assertIsNone(app.orchestrator)
+        clear_field(frame)
+        type_text(frame, "127.0.0.1:0")
+        with self.assertRaises(NextScene) as caught:
+            press(frame, 13)
+        self.assertEqual(caught.exception.name, "orchestrator")
+        self.assertGreater(app.orchestrator.port, 0)
+
+    def dashboard(self, width=120, height=40):
+        app = self.make_app()
+        app.start_orchestrator("127.0.0.1:0")
+        return app, cares.DashboardFrame(make_canvas(width, height), app)
+
+    def test_dashboard_starts_empty_with_a_hint(self):
+        app, frame = self.dashboard()
+        lines = render(frame)
+        self.assertIn(f"listening on 127.0.0.1:{app.orchestrator.port}", lines[0])
+        self.assertIn("open cluster", lines[0])
+        self.assertIn("Nodes: 0 active, 0 disconnected", lines[2])
+        self.assertIsNotNone(line_with(lines, "Waiting for workers - join with: cares worker 127.0.0.1:"))
+        self.assertIsNotNone(line_with(lines, "Orchestrator listening on 127.0.0.1:"))
+
+    def test_dashboard_shows_the_registry_rows(self):
+        app, frame = self.dashboard()
+        registry = app.orchestrator.registry
+        for number, cpu in ((1, 12.5), (2, 64.0), (3, 97.0)):
+            session = registry.join(f"node-{number}", f"10.0.0.{number}:5000")
+            registry.update(f"node-{number}", session, cpu_percent=cpu, memory_percent=50, sequence=1)
+        registry.disconnect("node-2", registry.get("node-2").session_id, "test")
+        lines = render(frame)
+        row = line_with(lines, "node-1 ")
+        self.assertIn("10.0.0.1:5000", row)
+        self.assertIn("Active", row)
+        self.assertIn("12.5%", row)
+        self.assertIn("█", row)
+        self.assertIn("Disconnected", line_with(lines, "node-2 "))
+        self.assertIn("Nodes: 2 active, 1 disconnected", lines[2])
+        self.assertIsNotNone(line_with(lines, "[INFO] Node 'node-3' has joined the cluster."))
+        self.assertIsNotNone(line_with(lines, "[WARN] Node 'node-2' lost: test."))
+        canvas = frame.canvas
+        y = lines.index(line_with(lines, "node-3 "))
+        x = lines[y].index("█")
+        self.assertEqual(canvas.get_from(x, y)[1], Screen.COLOUR_RED)  # 97 % is red
+        y = lines.index(line_with(lines, "node-1 "))
+        self.assertEqual(canvas.get_from(lines[y].index("█"), y)[1], Screen.COLOUR_GREEN)
+
+    def test_dashboard_sorts_and_scrolls_a_thousand_nodes(self):
+        app, frame = self.dashboard()
+        registry = app.orchestrator.registry
+        for number in range(1000):
+            session = registry.join(f"n{number:04d}", "x")
+            registry.update(f"n{number:04d}", session, cpu_percent=number / 10, memory_percent=1, sequence=1)
+        lines = render(frame)
+        header = line_with(lines, "NODE ID")
+        rows = int(header.split(" of ")[0].split("-")[-1])
+        self.assertTrue(header.rstrip().endswith(f"1-{rows} of 1000"), header)
+        self.assertIsNotNone(line_with(lines, "n0000 "))
+        press(frame, Screen.KEY_PAGE_DOWN)
+        lines = render(frame)
+        self.assertIsNone(line_with(lines, "n0000 "))
+        self.assertIn(f"{rows}-", line_with(lines, "NODE ID"))
+        press(frame, Screen.KEY_END)
+        lines = render(frame)
+        self.assertIsNotNone(line_with(lines, "n0999 "))
+        press(frame, "c", Screen.KEY_HOME)
+        lines = render(frame)
+        first_row = lines[lines.index(line_with(lines, "NODE ID")) + 1]
+        self.assertTrue(first_row.startswith("n0999 "), first_row)
+        press(frame, "r")
+        lines = render(frame)
+        first_row = lines[lines.index(line_with(lines, "NODE ID")) + 1]
+        self.assertTrue(first_row.startswith("n0000 "), first_row)
+
+    def test_dashboard_keys_change_heartbeat_and_forget_disconnected(self):
+        app, frame = self.dashboard()
+        registry = app.orchestrator.registry
+        registry.disconnect("gone", registry.join("gone", "x"), "test")
+        press(frame, "x")
+        self.assertIsNone(registry.get("gone"))
+        press(frame, "+")
+        self.assertEqual(registry.heartbeat_interval, 2.0)
+        press(frame, "-", "-")
+        self.assertEqual(registry.heartbeat_interval, 0.5)
+        with self.assertRaises(StopApplication):
+            press(frame, 3)
+
+    def test_hostile_join_never_reaches_the_screen_raw(self):
+        app, frame = self.dashboard()
+        with grpc.insecure_channel(f"127.0.0.1:{app.orchestrator.port}") as channel:
+            stub = pb_grpc.ClusterServiceStub(channel)
+            with self.assertRaises(grpc.RpcError) as caught:
+                stub.JoinCluster(pb.NodeInfo(node_id="\x1b[2J\x1b]0;owned\x07"), timeout=5)
+            self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            stub.JoinCluster(pb.NodeInfo(node_id="ok", hostname="\x1b[31m\u202eevil" * 50), timeout=5)
+        lines = render(frame)
+        self.assertIsNotNone(line_with(lines, "rejected: invalid node ID '?[2J?]0;owned?'"))
+        for line in lines:
+            for char in line:
+                self.assertNotIn(unicodedata.category(char), ("Cc", "Cf"), repr(line))
+        self.assertNotIn("\x1b", app.orchestrator.registry.get("ok").hostname)
+
+    def test_worker_view_shows_local_stats_while_unreachable(self):
+        app = self.make_app(node_id="solo")
+        app.start_worker(f"127.0.0.1:{free_port()}")
+        frame = cares.WorkerFrame(make_canvas(), app)
+        self.assertIsNotNone(wait_until(lambda: app.worker.state.phase == "retrying", 5))
+        lines = render(frame)
+        self.assertIn("node solo", lines[0])
+        self.assertIn("retrying in", lines[1])
+        self.assertIn("unreachable", lines[1])
+        memory = line_with(lines, "Memory")
+        self.assertIn(cares.format_bytes(cares.psutil.virtual_memory().total), memory)
+        self.assertIsNotNone(line_with(lines, "CPU 60s"))
+        self.assertIsNotNone(line_with(lines, "[WARN] Disconnected: orchestrator unreachable"))
+        with self.assertRaises(StopApplication):
+            press(frame, "q")
+
+    def test_tiny_terminal_gets_a_notice_instead_of_a_crash(self):
+        app = self.make_app()
+        for width, height in ((40, 30), (120, 10), (1, 1)):
+            screen = mock.MagicMock(spec=Screen, width=width, height=height, colours=8, unicode_aware=False)
+            app.play(screen)
+            scenes = screen.play.call_args[0][0]
+            self.assertEqual([scene.name for scene in scenes], ["too-small"])
+            notice = scenes[0].effects[0]
+            notice.update(0)
+            text = screen.print_at.call_args[0][0]
+            self.assertEqual(len(text), width)
+            if width >= 40:
+                self.assertTrue(text.startswith(f"terminal too small (need {cares.MIN_WIDTH}x{cares.MIN_HEIGHT})"))
+        screen = mock.MagicMock(spec=Screen, width=120, height=40, colours=8, unicode_aware=False)
+        app.view = "join"
+        app.play(screen)
+        self.assertEqual(screen.play.call_args[1]["start_scene"].name, "join")
+
+
+class TmuxEndToEndTest(unittest.TestCase):
+    """The spec's verification list, driven like a user would: keys into real terminals."""
+
+    def setUp(self):
+        if shutil.which("tmux") is None:
+            if IN_CI:
+                self.fail("tmux is not installed; .ci/run should have installed it")
+            self.skipTest("tmux is not installed")
+        self.socket = f"cares-test-{os.getpid()}"
+        self.workdir = tempfile.mkdtemp(prefix="cares-tmux-")
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+        self.addCleanup(subprocess.run, ["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+
+    def tmux(self, *args):
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True,
+                              timeout=10).stdout
+
+    def open_pane(self, name, first=False):
+        err, rc = (os.path.join(self.workdir, f"{name}.{ext}") for ext in ("err", "rc"))
+        command = f"LC_ALL=C.UTF-8 {sys.executable} {CARES_PY} 2>{err}; echo $? >{rc}; sleep 60"
+        if first:
+            self.tmux("new-session", "-d", "-s", "cares", "-x", "120", "-y", "40", "-n", name, command)
+        else:
+            self.tmux("new-window", "-t", "cares", "-n", name, command)
+
+    def screen(self, name):
+        return self.tmux("capture-pane", "-p", "-t", f"cares:{name}")
+
+    def wait_for(self, name, predicate, timeout, what):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.screen(name)
+            if predicate(text):
+                return text
+            time.sleep(0.2)
+        self.fail(f"pane {name}: {what} not seen within {timeout} s; screen was:\n{self.screen(name)}")
+
+    def keys(self, name, *keys, literal=False):
+        self.tmux("send-keys", "-t", f"cares:{name}", *(["-l"] if literal else []), *keys)
+
+    def fill_address(self, name, label, address):
+        self.wait_for(name, lambda text: label in text, 10, label)
+        self.keys(name, "End", *(["BSpace"] * 30))
+        self.keys(name, address, literal=True)
+        self.keys(name, "Enter")
+
+    def exit_code(self, name, timeout=10):
+        """The pane's cares exit code and stderr, once it has exited."""
+        def read(ext):
+            path = os.path.join(self.workdir, f"{name}.{ext}")
+            if not os.path.exists(path):
+                return ""
+            with open(path) as file:
+                return file.read()
+        self.assertIsNotNone(wait_until(lambda: read("rc").strip(), timeout), f"{name} did not exit")
+        return int(read("rc")), read("err")
+
+    @staticmethod
+    def node_rows(text):
+        return {match.group(1): match.group(0) for match in
+                re.finditer(r"^(\S+)\s+127\.0\.0\.1:\d+\s+(Active|Disconnected)\b.*$", text, re.MULTILINE)}
+
+    def test_orchestrator_and_four_workers_through_the_menus(self):
+        address = f"127.0.0.1:{free_port()}"
+        self.open_pane("orch", first=True)
+        self.wait_for("orch", lambda text: "pick a role" in text, 15, "the mode menu")
+        self.keys("orch", "Enter")
+        self.fill_address("orch", "Listen address", address)
+        self.wait_for("orch", lambda text: f"listening on {address}" in text and "Waiting for workers" in text,
+                      10, "an empty dashboard")
+        node_ids = []
+        for number in range(4):
+            name = f"w{number}"
+            self.open_pane(name)
+            self.wait_for(name, lambda text: "pick a role" in text, 15, "the mode menu")
+            self.keys(name, "Down", "Enter")
+            self.fill_address(name, "Orchestrator address", address)
+            text = self.wait_for(name, lambda text: "connected, heartbeat every" in text and "Memory" in text,
+                                 15, "a connected worker view")
+            node_ids.append(re.search(r"node (\S+)", text).group(1))
+        dashboard = self.wait_for(
+            "orch", lambda text: sum(row.split()[2] == "Active" for row in self.node_rows(text).values()) == 4,
+            10, "four Active rows")
+        rows = self.node_rows(dashboard)
+        self.assertEqual(sorted(rows), sorted(node_ids))
+        for row in rows.values():
+            self.assertRegex(row, "[▏▎▍▌▋▊▉█]")  # memory is never 0 %, so every row has a bar
+            self.assertEqual(len(re.findall(r"\d+\.\d%", row)), 2, row)
+        print("\n" + dashboard, file=sys.stderr)
+
+        def percentages(text):
+            return {node: re.findall(r"\d+\.\d%", row) for node, row in self.node_rows(text).items()}
+        before = percentages(dashboard)
+        self.wait_for("orch", lambda text: percentages(text) != before, 10, "values changing")
+
+        victim = node_ids[1]
+        shell = int(self.tmux("display-message", "-p", "-t", "cares:w1", "#{pane_pid}").strip())
+        for child in cares.psutil.Process(shell).children():
+            child.kill()
+        text = self.wait_for("orch", lambda text: "Disconnected" in self.node_rows(text).get(victim, ""), 3,
+                             f"{victim} Disconnected")
+        self.assertIn(f"Node '{victim}' lost", text)
+        self.assertEqual(sum("Active" in row for row in self.node_rows(text).values()), 3)
+
+        self.keys("orch", "q")
+        code, err = self.exit_code("orch")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("Traceback", err)
+        self.wait_for("w0", lambda text: "the orchestrator is shutting down" in text, 5, "the shutdown notice")
+        for name in ("w0", "w2", "w3"):
+            self.keys(name, "q")
+            code, err = self.exit_code(name)
+            self.assertEqual((code, err), (0, ""))
 
 
 if __name__ == "__main__":
