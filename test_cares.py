@@ -7,11 +7,13 @@ bounded and every process is killed on cleanup.
 
 import json
 import os
+import glob
 import random
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1114,6 +1116,263 @@ class TmuxEndToEndTest(unittest.TestCase):
             self.keys(name, "q")
             code, err = self.exit_code(name)
             self.assertEqual((code, err), (0, ""))
+
+
+# ---------------------------------------------------------------------------
+# cares.pyz, the one file ops people copy (built by build_zipapp.sh)
+# ---------------------------------------------------------------------------
+
+class ZipappTest(unittest.TestCase):
+    COLD_TIMEOUT = 180  # first run unpacks ~25 MB and compiles bytecode
+
+    pyz = os.path.abspath(os.environ.get("CARES_PYZ") or os.path.join(HERE, "cares.pyz"))
+    source = CARES_PY
+
+    def setUp(self):
+        if not os.path.isfile(self.pyz):
+            msg = "%s not found; build it with: sh build_zipapp.sh" % self.pyz
+            if IN_CI:
+                self.fail(msg)
+            self.skipTest(msg)
+        self.tmp = tempfile.mkdtemp(prefix="cares-pyz-test-")
+        self.addCleanup(self._rmtree, self.tmp)
+
+    # -- helpers ---------------------------------------------------------
+
+    @staticmethod
+    def _rmtree(path):
+        # Read-only dirs made by a test must become writable again to go away.
+        for folder, dirs, _ in os.walk(path):
+            for d in dirs:
+                try:
+                    os.chmod(os.path.join(folder, d), 0o700)
+                except OSError:
+                    pass
+        shutil.rmtree(path, ignore_errors=True)
+
+    def _dir(self, name):
+        path = os.path.join(self.tmp, name)
+        os.makedirs(path)
+        return path
+
+    def _env(self, **changes):
+        env = dict(os.environ)
+        for key in ("CARES_CACHE_DIR", "XDG_CACHE_HOME", "CARES_PYZ_DEBUG"):
+            env.pop(key, None)
+        self._n = getattr(self, "_n", 0) + 1
+        env["HOME"] = self._dir("home-%d" % self._n)  # never the real HOME or /tmp
+        env["TMPDIR"] = self._dir("tmpdir-%d" % self._n)
+        for key, value in changes.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        return env
+
+    def _run(self, argv, env, timeout=None):
+        return subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, timeout=timeout or self.COLD_TIMEOUT,
+                              universal_newlines=True)
+
+    @staticmethod
+    def _interpreters():
+        """{path: (major, minor, full version)} of the CPythons we can find."""
+        paths = [sys.executable]
+        root = os.environ.get("PYENV_ROOT")
+        if shutil.which("pyenv"):
+            try:
+                root = subprocess.run(["pyenv", "root"], stdout=subprocess.PIPE, universal_newlines=True,
+                                      stderr=subprocess.DEVNULL, timeout=30).stdout.strip() or root
+            except (OSError, subprocess.SubprocessError):
+                pass
+        root = root or os.path.expanduser("~/.pyenv")
+        paths += sorted(glob.glob(os.path.join(root, "versions", "*", "bin", "python3")))
+        found, seen = {}, set()
+        probe = "import sys, platform; print(sys.implementation.name, platform.python_version())"
+        for path in paths:
+            real = os.path.realpath(path)
+            if real in seen:
+                continue
+            seen.add(real)
+            try:
+                out = subprocess.run([path, "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     universal_newlines=True, timeout=30).stdout.split()
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if len(out) == 2 and out[0] == "cpython":
+                major, minor = (int(x) for x in out[1].split(".")[:2])
+                found[path] = (major, minor, out[1])
+        return found
+
+    def _expected_version_line(self):
+        # The pyz must carry the current source: compare with cares.py itself.
+        if not os.path.isfile(self.source):
+            return None
+        r = self._run([sys.executable, self.source, "--version"], dict(os.environ), timeout=60)
+        return r.stdout if r.returncode == 0 else None  # its deps are not installed here
+
+    def _entries(self, root):
+        return sorted(n for n in os.listdir(root) if not n.startswith("."))
+
+    def _can_mount(self):
+        """True when we may make private mounts (root, with unshare) to fake ro/noexec filesystems."""
+        if os.geteuid() != 0 or not shutil.which("unshare"):
+            return False
+        r = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs "$1"', "sh", self._dir("probe")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+        return r.returncode == 0
+
+    def _with_mount(self, options, where, argv):
+        # A private mount namespace: the mount exists for this one command only.
+        return ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o "$1" tmpfs "$2" && shift 2 && exec "$@"',
+                "sh", options, where] + argv
+
+    # -- tests -----------------------------------------------------------
+
+    def test_version_under_every_python(self):
+        expected = self._expected_version_line()
+        pythons = {p: v for p, v in self._interpreters().items() if v[:2] >= (3, 10)}
+        self.assertIn(sys.executable, pythons)
+        for python, (major, minor, full) in sorted(pythons.items()):
+            with self.subTest(python=python, version=full):
+                cache = self._dir("cache-%s" % full)
+                r = self._run([python, self.pyz, "--version"], self._env(CARES_CACHE_DIR=cache))
+                self.assertEqual(r.returncode, 0, r.stderr)
+                self.assertRegex(r.stdout, r"^cares \d+\.\d+\.\d+\S*\n$")
+                if expected is not None:
+                    self.assertEqual(r.stdout, expected, "cares.pyz is stale: rebuild it")
+                self.assertEqual(r.stderr, "")
+                # Exactly one entry, for this Python, holding only its own cygrpc.
+                entries = self._entries(cache)
+                self.assertEqual(len(entries), 1, entries)
+                self.assertTrue(entries[0].endswith("-cp%d%d" % (major, minor)), entries)
+                cygrpc = glob.glob(os.path.join(cache, entries[0], "grpc", "_cython", "cygrpc*.so"))
+                self.assertEqual(len(cygrpc), 1, cygrpc)
+                self.assertTrue(os.path.basename(cygrpc[0]).startswith("cygrpc.cpython-%d%d-" % (major, minor)),
+                                cygrpc)
+                # Second run: served from the cache, same answer.
+                r2 = self._run([python, self.pyz, "--version"], self._env(CARES_CACHE_DIR=cache))
+                self.assertEqual((r2.returncode, r2.stdout), (0, r.stdout), r2.stderr)
+                self.assertEqual(self._entries(cache), entries)
+
+    def test_cluster_runs_from_the_pyz_under_every_python(self):
+        pythons = sorted(p for p, v in self._interpreters().items() if v[:2] >= (3, 10))
+        for python in pythons:
+            with self.subTest(python=python):
+                env = self._env(CARES_CACHE_DIR=self._dir(f"cache-run-{len(os.listdir(self.tmp))}"))
+                address = f"127.0.0.1:{free_port()}"
+                spawned = []
+                for argv in (["orchestrator", "--listen", address, "--headless"],
+                             ["worker", address, "--node-id", "from-pyz", "--headless"]):
+                    process = subprocess.Popen([python, self.pyz, *argv], env=env, stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                    self.addCleanup(process.communicate)  # cleanups run last-in first-out: kill, then reap
+                    self.addCleanup(process.kill)
+                    spawned.append(process)
+
+                def nodes():
+                    result = self._run([python, self.pyz, "status", address, "--json", "--timeout", "2"], env)
+                    return json.loads(result.stdout)["nodes"] if result.returncode == 0 else []
+                self.assertIsNotNone(wait_until(
+                    lambda: [(n["node_id"], n["status"]) for n in nodes()] == [("from-pyz", "Active")],
+                    30, interval=0.3), f"no Active node from the pyz under {python}")
+                for process in reversed(spawned):
+                    process.send_signal(signal.SIGTERM)
+                    self.assertEqual(process.wait(10), 0)
+                    self.assertNotIn("Traceback", process.stderr.read())
+
+    def test_simultaneous_first_runs(self):
+        cache = self._dir("cache")
+        env = self._env(CARES_CACHE_DIR=cache)
+        procs = [subprocess.Popen([sys.executable, self.pyz, "--version"], env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+                 for _ in range(4)]
+        results = []
+        for p in procs:
+            try:
+                out, err = p.communicate(timeout=self.COLD_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise
+            results.append((p.returncode, out, err))
+        for code, out, err in results:
+            self.assertEqual(code, 0, err)
+            self.assertTrue(out.startswith("cares "), out)
+        self.assertEqual(len({out for _, out, _ in results}), 1, results)
+        # One finished entry, shared by all (losers of the race use the
+        # winner's entry, not another cache dir); their temp dirs are gone.
+        self.assertEqual(len(os.listdir(cache)), 1, os.listdir(cache))
+        self.assertFalse(os.path.exists(os.path.join(env["HOME"], ".cache")))
+
+    def test_read_only_home_falls_back_to_temp_dir(self):
+        env = self._env(CARES_CACHE_DIR=None, XDG_CACHE_HOME=None)
+        home, tmpdir = env["HOME"], env["TMPDIR"]
+        argv = [sys.executable, self.pyz, "--version"]
+        if os.geteuid() == 0:
+            # chmod does not stop root: mount a read-only filesystem on HOME instead.
+            if not self._can_mount():
+                self.skipTest("running as root without private mounts: cannot make HOME read-only")
+            argv = self._with_mount("ro", home, argv)
+        else:
+            os.chmod(home, 0o555)
+            self.assertFalse(os.access(home, os.W_OK))
+        r = self._run(argv, env)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertTrue(r.stdout.startswith("cares "), r.stdout)
+        fallback = os.path.join(tmpdir, "cares-%d" % os.getuid())
+        st = os.lstat(fallback)
+        self.assertTrue(stat.S_ISDIR(st.st_mode))
+        self.assertEqual(stat.S_IMODE(st.st_mode), 0o700)
+        self.assertEqual(st.st_uid, os.getuid())
+        self.assertEqual(len(self._entries(fallback)), 1)
+        self.assertEqual(os.listdir(home), [])
+
+    def test_noexec_cache_dir_is_skipped(self):
+        if not self._can_mount():
+            self.skipTest("needs root and private mounts to make a noexec filesystem")
+        noexec = self._dir("noexec")
+        env = self._env(CARES_CACHE_DIR=noexec, XDG_CACHE_HOME=None)
+        r = self._run(self._with_mount("noexec", noexec, [sys.executable, self.pyz, "--version"]), env)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(len(self._entries(os.path.join(env["HOME"], ".cache", "cares"))), 1)
+
+    def test_old_entries_of_other_builds_are_pruned(self):
+        cache = self._dir("cache")
+        env = self._env(CARES_CACHE_DIR=cache)
+        tag = "cp%d%d" % sys.version_info[:2]
+        old = os.path.join(cache, "0" * 16 + "-linux-x86_64-" + tag)
+        recent = os.path.join(cache, "1" * 16 + "-linux-x86_64-" + tag)
+        foreign = os.path.join(cache, "keep-me")
+        for d in (old, recent, foreign):
+            os.makedirs(os.path.join(d, "pkg"))
+            with open(os.path.join(d, ".cares-entry"), "w") as f:
+                f.write("x\n")
+        two_hours_ago = time.time() - 7200
+        for d in (old, foreign):
+            os.utime(d, (two_hours_ago, two_hours_ago))
+        r = self._run([sys.executable, self.pyz, "--version"], env)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertFalse(os.path.exists(old), "unused entry of another build was kept")
+        self.assertTrue(os.path.isdir(recent), "recently used entry of another build was removed")
+        self.assertTrue(os.path.isdir(foreign), "a folder that is not a cache entry was removed")
+        self.assertEqual(len(self._entries(cache)), 3)  # ours + recent + keep-me
+
+    def test_too_old_python_gets_one_line_error(self):
+        old = {p: v for p, v in self._interpreters().items() if (3, 6) <= v[:2] < (3, 10)}
+        if not old:
+            self.skipTest("no CPython 3.6-3.9 found (looked at sys.executable and pyenv)")
+        for python, (_, _, full) in sorted(old.items()):
+            with self.subTest(python=python, version=full):
+                cache = self._dir("cache-%s" % full)
+                r = self._run([python, self.pyz, "--version"], self._env(CARES_CACHE_DIR=cache), timeout=60)
+                self.assertNotEqual(r.returncode, 0)
+                self.assertEqual(r.stdout, "")
+                self.assertNotIn("Traceback", r.stderr)
+                self.assertEqual(len(r.stderr.splitlines()), 1, r.stderr)
+                self.assertIn("3.10", r.stderr)
+                self.assertIn(full, r.stderr)
+                self.assertEqual(os.listdir(cache), [], "an unsupported Python unpacked files")
 
 
 if __name__ == "__main__":
