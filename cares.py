@@ -31,6 +31,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -302,9 +303,11 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
             ("ping timeout", "no answer to keepalive pings"),
             ("dns resolution failed", "host name not found"),
             ("errors resolving", "host name not found"),
-            ("deadline", "timed out"),
-            ("ssl", "TLS handshake failed"),
+            ("socket closed", "it closed the connection; if it uses TLS, pass --tls-ca"),
+            ("certificate_verify_failed", "its TLS certificate is not signed by --tls-ca"),
+            ("wrong_version_number", "TLS handshake failed; is the orchestrator using TLS?"),
             ("handshake", "TLS handshake failed"),
+            ("deadline", "timed out"),
             ("timeout", "timed out"),
         ):
             if needle in lowered:
@@ -831,7 +834,10 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             heartbeat_interval_ms=round(self.registry.heartbeat_interval * 1000))
 
     async def Heartbeat(self, request_iterator, context):
-        first = await context.read()
+        try:
+            first = await asyncio.wait_for(context.read(), self.registry.deadline)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no metrics on the heartbeat stream")
         if first is grpc.aio.EOF:
             return
         node_id, session_id = first.node_id, first.session_id
@@ -1157,14 +1163,16 @@ class WorkerClient:
                 detail = sanitize_text(f"unexpected {type(error).__name__}: {error}", ERROR_TEXT_LIMIT)
             if self._stopping:
                 return
-            if self._session_id and self.state.phase == "connected":
+            was_connected = bool(self._session_id) and self.state.phase == "connected"
+            if was_connected:
                 failures = 0
             self._session_id = ""
             if delay is None:
                 delay = backoff_delay(failures)
                 failures += 1
             if detail != self._last_error:
-                self.events.add(level, f"Disconnected: {detail}; retrying.")
+                self.events.add(level, f"{'Disconnected' if was_connected else 'Cannot join'}: {detail}; "
+                                       f"retrying.")
                 self._last_error = detail
             self._set_state("retrying", detail, time.monotonic() + delay)
             await asyncio.sleep(delay)
@@ -1334,11 +1342,13 @@ class TuiApp:
     """The TUI's model: which view shows (selection, create, join, worker, orchestrator) and what it shows."""
 
     def __init__(self, *, listen: str = DEFAULT_LISTEN, heartbeat_ms: int = DEFAULT_HEARTBEAT_MS,
-                 max_nodes: int = DEFAULT_MAX_NODES, node_id: str | None = None):
+                 max_nodes: int = DEFAULT_MAX_NODES, node_id: str | None = None, tls_cert: bytes | None = None,
+                 tls_key: bytes | None = None, tls_ca: bytes | None = None):
         self.view = "selection"
         self.heartbeat_ms = heartbeat_ms
         self.max_nodes = max_nodes
         self.node_id = node_id
+        self.tls_cert, self.tls_key, self.tls_ca = tls_cert, tls_key, tls_ca
         self.orchestrator: Orchestrator | None = None
         self.worker: WorkerClient | None = None
         self.sampler: LocalSampler | None = None
@@ -1371,15 +1381,16 @@ class TuiApp:
 
     def start_orchestrator(self, listen: str, token: str | None = None) -> None:
         """Start serving (StartError if the address cannot be used) and switch to the dashboard."""
-        orchestrator = Orchestrator(listen, token=token, heartbeat_ms=self.heartbeat_ms,
-                                    max_nodes=self.max_nodes)
+        orchestrator = Orchestrator(listen, token=token, heartbeat_ms=self.heartbeat_ms, max_nodes=self.max_nodes,
+                                    tls_cert=self.tls_cert, tls_key=self.tls_key)
         orchestrator.start()
         self.orchestrator = orchestrator
         self.view = "orchestrator"
 
     def start_worker(self, target: str, token: str | None = None) -> None:
         self.sampler = LocalSampler()
-        self.worker = WorkerClient(target, self.node_id or default_node_id(), self.sampler, token=token)
+        self.worker = WorkerClient(target, self.node_id or default_node_id(), self.sampler, token=token,
+                                   tls_ca=self.tls_ca)
         self.worker.start()
         self.view = "worker"
 
@@ -1799,6 +1810,23 @@ def _node_id_argument(text: str) -> str:
     return text
 
 
+def _heartbeat_ms_argument(text: str) -> int:
+    value = _positive_int(text)
+    if not MIN_HEARTBEAT_MS <= value <= MAX_HEARTBEAT_MS:
+        raise argparse.ArgumentTypeError(f"must be {MIN_HEARTBEAT_MS}-{MAX_HEARTBEAT_MS} ms")
+    return value
+
+
+def _seconds_argument(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{sanitize_text(text, 20)}' is not a number") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -1820,10 +1848,13 @@ def build_parser() -> argparse.ArgumentParser:
     orchestrator = commands.add_parser("orchestrator", help="create a cluster: serve workers, show the dashboard")
     orchestrator.add_argument("--listen", type=_listen_argument, default=DEFAULT_LISTEN, metavar="HOST:PORT",
                               help=f"address to listen on (default {DEFAULT_LISTEN}, all interfaces)")
-    orchestrator.add_argument("--heartbeat-ms", type=_positive_int, default=DEFAULT_HEARTBEAT_MS, metavar="MS",
-                              help=f"heartbeat interval asked of workers (default {DEFAULT_HEARTBEAT_MS})")
+    orchestrator.add_argument("--heartbeat-ms", type=_heartbeat_ms_argument, default=DEFAULT_HEARTBEAT_MS,
+                              metavar="MS", help=f"heartbeat interval asked of workers "
+                                                 f"(default {DEFAULT_HEARTBEAT_MS})")
     orchestrator.add_argument("--max-nodes", type=_positive_int, default=DEFAULT_MAX_NODES, metavar="N",
                               help=f"refuse joins beyond N nodes (default {DEFAULT_MAX_NODES})")
+    orchestrator.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate (chain)")
+    orchestrator.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
 
     worker = commands.add_parser("worker", help="join a cluster and stream this machine's CPU and memory")
     worker.add_argument("orchestrator_address", type=_address_argument, metavar="HOST:PORT",
@@ -1834,14 +1865,43 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print an orchestrator's node table")
     status.add_argument("orchestrator_address", type=_address_argument, metavar="HOST:PORT")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+    status.add_argument("--timeout", type=_seconds_argument, default=5.0, metavar="SECONDS",
                         help="give up after this long (default 5)")
 
     for command in (orchestrator, worker):
         command.add_argument("--headless", action="store_true",
                              help="no screen: one log line per event on stderr "
                                   "(automatic when stdout is not a terminal)")
+    for command in (orchestrator, worker, status):
+        command.add_argument("--token", default=os.environ.get("CARES_TOKEN") or None, metavar="SECRET",
+                             help="shared join token (default: $CARES_TOKEN); without one the cluster is open")
+    for command in (worker, status):
+        command.add_argument("--tls-ca", metavar="FILE",
+                             help="connect with TLS, trusting the orchestrator certificate signed by this PEM CA")
     return parser
+
+
+def load_tls(args) -> dict:
+    """Read the TLS files named on the command line, checking them early so mistakes get a clear line."""
+    paths = {name: getattr(args, name, None) for name in ("tls_cert", "tls_key", "tls_ca")}
+    if bool(paths["tls_cert"]) != bool(paths["tls_key"]):
+        raise UsageError("--tls-cert and --tls-key go together")
+    loaded = {}
+    for name, path in paths.items():
+        if path:
+            try:
+                with open(path, "rb") as file:
+                    loaded[name] = file.read()
+            except OSError as error:
+                raise RuntimeFailure(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        if paths["tls_cert"]:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(paths["tls_cert"], paths["tls_key"])
+        if paths["tls_ca"]:
+            ssl.create_default_context(cafile=paths["tls_ca"])
+    except (ssl.SSLError, ValueError) as error:
+        raise RuntimeFailure(f"unusable TLS files: {sanitize_text(str(error), 200)}") from None
+    return loaded
 
 
 def print_event(event: Event) -> None:
@@ -1862,26 +1922,30 @@ def is_interactive(args) -> bool:
 
 
 def run_orchestrator(args) -> int:
+    tls = load_tls(args)
     if not is_interactive(args):
-        return run_orchestrator_headless(args)
-    app = TuiApp(listen=args.listen, heartbeat_ms=args.heartbeat_ms, max_nodes=args.max_nodes)
+        return run_orchestrator_headless(args, tls)
+    app = TuiApp(listen=args.listen, heartbeat_ms=args.heartbeat_ms, max_nodes=args.max_nodes,
+                 tls_cert=tls.get("tls_cert"), tls_key=tls.get("tls_key"))
     try:
-        app.start_orchestrator(args.listen)
+        app.start_orchestrator(args.listen, args.token)
     except StartError as error:
         raise RuntimeFailure(str(error)) from None
     return app.run()
 
 
 def run_worker(args) -> int:
+    tls = load_tls(args)
     if not is_interactive(args):
-        return run_worker_headless(args)
-    app = TuiApp(node_id=args.node_id)
-    app.start_worker(args.orchestrator_address)
+        return run_worker_headless(args, tls)
+    app = TuiApp(node_id=args.node_id, tls_ca=tls.get("tls_ca"))
+    app.start_worker(args.orchestrator_address, args.token)
     return app.run()
 
 
-def run_orchestrator_headless(args) -> int:
-    orchestrator = Orchestrator(args.listen, heartbeat_ms=args.heartbeat_ms, max_nodes=args.max_nodes)
+def run_orchestrator_headless(args, tls: dict) -> int:
+    orchestrator = Orchestrator(args.listen, heartbeat_ms=args.heartbeat_ms, max_nodes=args.max_nodes,
+                                token=args.token, tls_cert=tls.get("tls_cert"), tls_key=tls.get("tls_key"))
     orchestrator.registry.events.subscribe(print_event)
     try:
         orchestrator.start()
@@ -1889,13 +1953,17 @@ def run_orchestrator_headless(args) -> int:
         raise RuntimeFailure(str(error)) from None
     hosts = join_addresses(orchestrator.listen_host, orchestrator.port)
     orchestrator.registry.events.add("INFO", "Workers can join with: cares worker " + " | ".join(hosts))
+    if not orchestrator.token:
+        orchestrator.registry.events.add("WARN", "Open cluster: anyone who can reach this port can join "
+                                                 "(set --token or CARES_TOKEN).")
     wait_for_termination()
     orchestrator.stop()
     return 0
 
 
-def run_worker_headless(args) -> int:
-    client = WorkerClient(args.orchestrator_address, args.node_id or default_node_id(), LocalSampler())
+def run_worker_headless(args, tls: dict) -> int:
+    client = WorkerClient(args.orchestrator_address, args.node_id or default_node_id(), LocalSampler(),
+                          token=args.token, tls_ca=tls.get("tls_ca"))
     client.events.subscribe(print_event)
     client.events.add("INFO", f"Worker '{client.node_id}' joining {client.target}.")
     client.start()
@@ -1906,7 +1974,8 @@ def run_worker_headless(args) -> int:
 
 def run_status(args) -> int:
     try:
-        rows = fetch_status(args.orchestrator_address, timeout=args.timeout)
+        rows = fetch_status(args.orchestrator_address, token=args.token, tls_ca=load_tls(args).get("tls_ca"),
+                            timeout=args.timeout)
     except grpc.RpcError as error:
         raise RuntimeFailure(f"cannot get status from {args.orchestrator_address}: "
                              f"{describe_rpc_error(error)}") from None

@@ -980,7 +980,7 @@ class TuiSceneTest(ClusterTestCase):
         memory = line_with(lines, "Memory")
         self.assertIn(cares.format_bytes(cares.psutil.virtual_memory().total), memory)
         self.assertIsNotNone(line_with(lines, "CPU 60s"))
-        self.assertIsNotNone(line_with(lines, "[WARN] Disconnected: orchestrator unreachable"))
+        self.assertIsNotNone(line_with(lines, "[WARN] Cannot join: orchestrator unreachable (connection refused)"))
         with self.assertRaises(StopApplication):
             press(frame, "q")
 
@@ -1116,6 +1116,400 @@ class TmuxEndToEndTest(unittest.TestCase):
             self.keys(name, "q")
             code, err = self.exit_code(name)
             self.assertEqual((code, err), (0, ""))
+
+
+# ---------------------------------------------------------------------------
+# Access: join tokens, TLS, streams bound to their session
+# ---------------------------------------------------------------------------
+
+def raw_stub(test, port):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    test.addCleanup(channel.close)
+    return pb_grpc.ClusterServiceStub(channel)
+
+
+def metrics(node_id, session_id, sequence, cpu=10.0, memory=20.0, **fields):
+    fields.setdefault("sent_at_ms", int(time.time() * 1000))
+    return pb.NodeMetrics(node_id=node_id, session_id=session_id, cpu_percent=cpu, memory_percent=memory,
+                          sequence=sequence, **fields)
+
+
+class OpenStream:
+    """A raw Heartbeat stream whose messages the test sends one by one."""
+
+    def __init__(self, test, stub):
+        self._queue = []
+        self._ready = threading.Condition()
+        self._closed = False
+        self.replies = stub.Heartbeat(self._messages(), timeout=30)
+        test.addCleanup(self.close)
+
+    def _messages(self):
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: self._queue or self._closed, timeout=30)
+                if not self._queue:
+                    return
+                message = self._queue.pop(0)
+            yield message
+
+    def send(self, *messages):
+        with self._ready:
+            self._queue.extend(messages)
+            self._ready.notify()
+
+    def close(self):
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
+    def outcome(self):
+        """The status code the orchestrator ended the stream with."""
+        try:
+            list(self.replies)
+        except grpc.RpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+
+class AccessTest(ClusterTestCase):
+    def make_tls_files(self):
+        if shutil.which("openssl") is None:
+            if IN_CI:
+                self.fail("the openssl command is missing")
+            self.skipTest("the openssl command is missing")
+        folder = tempfile.mkdtemp(prefix="cares-tls-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "1", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                       check=True, capture_output=True, timeout=60)
+        return cert, key
+
+    def test_wrong_or_missing_token_is_refused_and_backs_off(self):
+        orchestrator = self.start_orchestrator(token="s3cret")
+        for token in (None, "guess"):
+            client = cares.WorkerClient(f"127.0.0.1:{orchestrator.port}", f"intruder-{token}",
+                                        cares.LocalSampler(), token=token)
+            client.start()
+            self.addCleanup(client.stop, False, 0.5)
+            self.assertIsNotNone(wait_until(lambda: client.state.phase == "retrying", 5))
+            state = client.state
+            self.assertEqual(state.detail, "the orchestrator rejected the join token")
+            self.assertGreaterEqual(state.retry_at - time.monotonic(), cares.REJECTED_TOKEN_BACKOFF_S - 2)
+            self.assertIsNone(orchestrator.registry.get(f"intruder-{token}"))
+        texts = [event.text for event in orchestrator.registry.events.tail(10)]
+        self.assertEqual(sum("rejected: missing or wrong token" in text for text in texts), 2, texts)
+        self.start_worker_with_token(orchestrator, "s3cret")
+
+    def start_worker_with_token(self, orchestrator, token):
+        client = cares.WorkerClient(f"127.0.0.1:{orchestrator.port}", "member", cares.LocalSampler(), token=token)
+        client.start()
+        self.addCleanup(client.stop, False, 0.5)
+        self.assert_becomes(orchestrator.registry, "member", cares.ACTIVE, 5)
+
+    def test_token_from_the_environment_and_the_status_command(self):
+        orchestrator = self.start_orchestrator(token="from-env")
+        worker = self.spawn("worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "env-worker", "--headless",
+                            env={**os.environ, "CARES_TOKEN": "from-env"})
+        self.assert_becomes(orchestrator.registry, "env-worker", cares.ACTIVE, 10)
+        run = lambda *extra: subprocess.run(
+            [sys.executable, CARES_PY, "status", f"127.0.0.1:{orchestrator.port}", "--json", *extra],
+            capture_output=True, text=True, timeout=20, env={k: v for k, v in os.environ.items()
+                                                             if k != "CARES_TOKEN"})
+        refused = run()
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("rejected", refused.stderr)
+        allowed = run("--token", "from-env")
+        self.assertEqual(allowed.returncode, 0, allowed.stderr)
+        self.assertEqual([node["node_id"] for node in json.loads(allowed.stdout)["nodes"]], ["env-worker"])
+        worker.terminate()
+
+    def test_tls_worker_joins_and_plaintext_worker_gets_a_clear_error(self):
+        cert, key = self.make_tls_files()
+        with open(cert, "rb") as cert_file, open(key, "rb") as key_file:
+            cert_pem, key_pem = cert_file.read(), key_file.read()
+        orchestrator = self.start_orchestrator(tls_cert=cert_pem, tls_key=key_pem)
+        secure = cares.WorkerClient(f"127.0.0.1:{orchestrator.port}", "secure", cares.LocalSampler(),
+                                    tls_ca=cert_pem)
+        secure.start()
+        self.addCleanup(secure.stop, False, 0.5)
+        self.assert_becomes(orchestrator.registry, "secure", cares.ACTIVE, 5)
+        plain = cares.WorkerClient(f"127.0.0.1:{orchestrator.port}", "plain", cares.LocalSampler())
+        plain.start()
+        self.addCleanup(plain.stop, False, 0.5)
+        self.assertIsNotNone(wait_until(lambda: plain.state.phase == "retrying", 3), "a plaintext worker hung")
+        self.assertIn("if it uses TLS, pass --tls-ca", plain.state.detail)
+        result = subprocess.run([sys.executable, CARES_PY, "status", f"127.0.0.1:{orchestrator.port}",
+                                 "--tls-ca", cert, "--json"], capture_output=True, text=True, timeout=20)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("secure", result.stdout)
+
+    def test_tls_file_mistakes_are_one_line_errors(self):
+        cert, key = self.make_tls_files()
+        run = lambda *args: subprocess.run([sys.executable, CARES_PY, *args], capture_output=True, text=True,
+                                           timeout=20, stdin=subprocess.DEVNULL)
+        listen = ["orchestrator", "--listen", "127.0.0.1:0", "--headless"]
+        for args, code, needle in (
+                ([*listen, "--tls-cert", "/nonexistent.pem", "--tls-key", key], 1, "No such file"),
+                ([*listen, "--tls-cert", key, "--tls-key", cert], 1, "unusable TLS files"),
+                ([*listen, "--tls-cert", cert], 2, "--tls-cert and --tls-key go together"),
+                (["status", "127.0.0.1:1", "--tls-ca", key], 1, "unusable TLS files")):
+            result = run(*args)
+            self.assertEqual(result.returncode, code, (args, result.stderr))
+            self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+            self.assertIn(needle, result.stderr)
+            self.assertNotIn("Traceback", result.stderr)
+
+    def test_streams_are_bound_to_their_session(self):
+        orchestrator = self.start_orchestrator()
+        stub = raw_stub(self, orchestrator.port)
+        alice = stub.JoinCluster(pb.NodeInfo(node_id="alice"), timeout=5).session_id
+        bob = stub.JoinCluster(pb.NodeInfo(node_id="bob"), timeout=5).session_id
+        impostor = OpenStream(self, stub)
+        impostor.send(metrics("bob", alice, 1))
+        self.assertEqual(impostor.outcome(), grpc.StatusCode.PERMISSION_DENIED)
+        stream = OpenStream(self, stub)
+        stream.send(metrics("alice", alice, 1, cpu=11))
+        self.assertIsNotNone(wait_until(lambda: orchestrator.registry.get("alice").cpu_usage == 11, 5))
+        second = OpenStream(self, stub)
+        second.send(metrics("alice", alice, 2))
+        self.assertEqual(second.outcome(), grpc.StatusCode.FAILED_PRECONDITION)
+        stream.send(metrics("bob", bob, 2, cpu=99))
+        self.assertEqual(stream.outcome(), grpc.StatusCode.PERMISSION_DENIED)
+        self.assertEqual(orchestrator.registry.get("bob").cpu_usage, 0.0)
+        self.assertEqual(orchestrator.registry.get("alice").status, cares.DISCONNECTED)
+
+
+# ---------------------------------------------------------------------------
+# Hostile input: each gets a clear status or a dropped sample, a log line, and
+# leaves the registry and dashboard intact.
+# ---------------------------------------------------------------------------
+
+class HostileInputTest(ClusterTestCase):
+    def joined(self, orchestrator, node_id="target"):
+        stub = raw_stub(self, orchestrator.port)
+        session = stub.JoinCluster(pb.NodeInfo(node_id=node_id), timeout=5).session_id
+        stream = OpenStream(self, stub)
+        stream.send(metrics(node_id, session, 1, cpu=42.0, memory=24.0))
+        self.assertIsNotNone(wait_until(lambda: orchestrator.registry.get(node_id).cpu_usage == 42.0, 5))
+        return stub, session, stream
+
+    def test_hostile_strings_in_node_info_are_neutralised(self):
+        orchestrator = self.start_orchestrator()
+        stub = raw_stub(self, orchestrator.port)
+        hostile = "\x1b[2J\x1b]0;owned\x07\u202eevil\r\n\x00" * 600  # ~10 kB
+        stub.JoinCluster(pb.NodeInfo(node_id="odd", hostname=hostile, platform=hostile), timeout=5)
+        node = orchestrator.registry.get("odd")
+        for text in (node.hostname, node.platform):
+            self.assertLessEqual(len(text), cares.HOSTNAME_LIMIT + cares.PLATFORM_LIMIT)
+            self.assertFalse([c for c in text if unicodedata.category(c) in ("Cc", "Cf")], repr(text))
+        for node_id in ("\x1b[31mred", "x" * 10_000, "", "a b", "\u202eabc"):
+            with self.assertRaises(grpc.RpcError) as caught:
+                stub.JoinCluster(pb.NodeInfo(node_id=node_id), timeout=5)
+            self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        texts = [event.text for event in orchestrator.registry.events.tail(20)]
+        self.assertEqual(sum("invalid node ID" in text for text in texts), 5)
+        for text in texts:
+            self.assertFalse([c for c in text if unicodedata.category(c) in ("Cc", "Cf")], repr(text))
+            self.assertLess(len(text), 200)
+
+    def test_impossible_metrics_are_dropped_and_logged(self):
+        orchestrator = self.start_orchestrator()
+        _, session, stream = self.joined(orchestrator)
+        bad = [metrics("target", session, 2, cpu=float("nan")), metrics("target", session, 3, cpu=float("inf")),
+               metrics("target", session, 4, cpu=-5), metrics("target", session, 5, memory=250),
+               metrics("target", session, 1, cpu=77)]  # sequence went back
+        stream.send(*bad)
+        stream.send(metrics("target", session, 6, cpu=33.0, sent_at_ms=2**62))  # far-future clock: fine
+        self.assertIsNotNone(wait_until(lambda: orchestrator.registry.get("target").cpu_usage == 33.0, 5))
+        node = orchestrator.registry.get("target")
+        self.assertEqual((node.status, node.memory_usage, node.dropped_samples), (cares.ACTIVE, 20.0, 5))
+        self.assertAlmostEqual(node.last_seen, time.time(), delta=3)
+        self.assertIn("Node 'target' sent a bad sample", orchestrator.registry.events.tail(3)[-1].text)
+
+    def test_oversized_messages_are_refused(self):
+        orchestrator = self.start_orchestrator()
+        stub, session, stream = self.joined(orchestrator)
+        with self.assertRaises(grpc.RpcError) as caught:
+            stub.JoinCluster(pb.NodeInfo(node_id="big", hostname="x" * 100_000), timeout=5)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        stream.send(pb.NodeMetrics(node_id="target", session_id=session + "x" * 100_000, sequence=2))
+        self.assertEqual(stream.outcome(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assert_becomes(orchestrator.registry, "target", cares.DISCONNECTED, 2)
+        self.assertIn("Node 'target' lost", orchestrator.registry.events.tail(1)[0].text)
+
+    def test_a_flood_of_heartbeats_keeps_the_latest_in_bounded_memory(self):
+        orchestrator = self.start_orchestrator()
+        _, session, stream = self.joined(orchestrator)
+        for sequence in range(2, 3002):
+            stream.send(metrics("target", session, sequence, cpu=sequence % 100))
+            if sequence % 100 == 0:
+                time.sleep(0.1)  # 1,000 messages a second
+        self.assertIsNotNone(wait_until(lambda: orchestrator.registry.get("target").last_sequence == 3001, 10))
+        node = orchestrator.registry.get("target")
+        self.assertEqual((node.status, node.cpu_usage), (cares.ACTIVE, 3001 % 100))
+        self.assertLessEqual(len(node.history), 6)  # one point per heartbeat interval, not per message
+        self.assertLess(len(orchestrator.registry.events.tail(10_000)), 10)
+
+    def test_more_nodes_than_max_nodes_are_refused(self):
+        orchestrator = self.start_orchestrator(max_nodes=3)
+        stub = raw_stub(self, orchestrator.port)
+        for number in range(3):
+            stub.JoinCluster(pb.NodeInfo(node_id=f"n{number}"), timeout=5)
+        with self.assertRaises(grpc.RpcError) as caught:
+            stub.JoinCluster(pb.NodeInfo(node_id="one-too-many"), timeout=5)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertIn("the cluster is full (3 nodes)", caught.exception.details())
+        self.assertIn("rejected: the cluster is full", orchestrator.registry.events.tail(1)[0].text)
+        self.assertEqual(len(orchestrator.registry), 3)
+
+    def test_a_stream_that_never_speaks_is_closed(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        stream = OpenStream(self, raw_stub(self, orchestrator.port))
+        started = time.monotonic()
+        self.assertEqual(stream.outcome(), grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertLess(time.monotonic() - started, 3)
+
+    def test_cli_address_argument_fuzz_never_crashes(self):
+        parser = cares.build_parser()
+        rng = random.Random(4321)
+        alphabet = "0123456789abcdefxyz:[].-_ %\\\"'\t\x00\x1b\u202e\u00e9\u0663/"
+        accepted = 0
+        with open(os.devnull, "w") as sink, mock.patch("sys.stderr", sink):
+            for _ in range(3000):
+                text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+                if text.startswith("-"):
+                    continue  # an option, not an address
+                try:
+                    args = parser.parse_args(["worker", text])
+                except SystemExit as exit_request:
+                    self.assertEqual(exit_request.code, 2)
+                    continue
+                accepted += 1
+                cares.parse_address(args.orchestrator_address)
+        self.assertGreater(accepted, 0)
+
+
+# ---------------------------------------------------------------------------
+# Faults, with real processes
+# ---------------------------------------------------------------------------
+
+class LineCollector:
+    """Reads a process's stderr on a thread, keeping (monotonic time, line)."""
+
+    def __init__(self, stream):
+        self.lines = []
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            self.lines.append((time.monotonic(), line))
+
+    def first_after(self, start, needle):
+        return next((at for at, line in list(self.lines) if at >= start and needle in line), None)
+
+
+class FaultTest(ClusterTestCase):
+    def test_stopped_worker_is_lost_then_back_after_sigcont(self):
+        orchestrator = self.start_orchestrator()
+        worker = self.spawn("worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "sleepy", "--headless")
+        self.addCleanup(lambda: worker.poll() is None and worker.send_signal(signal.SIGCONT))
+        self.assert_streaming(orchestrator.registry, "sleepy")
+        worker.send_signal(signal.SIGSTOP)
+        bound = cares.MISSED_HEARTBEATS * orchestrator.registry.heartbeat_interval + 1.0
+        lost = self.assert_becomes(orchestrator.registry, "sleepy", cares.DISCONNECTED, bound)
+        worker.send_signal(signal.SIGCONT)
+        back = self.assert_becomes(orchestrator.registry, "sleepy", cares.ACTIVE, 10)
+        print(f"\n  SIGSTOP -> Disconnected in {lost:.2f} s (bound {bound:.1f} s); "
+              f"SIGCONT -> Active in {back:.2f} s", file=sys.stderr)
+
+    def test_orchestrator_killed_and_restarted_every_worker_back(self):
+        address = f"127.0.0.1:{free_port()}"
+        orchestrator = self.spawn("orchestrator", "--listen", address, "--headless")
+        names = [f"survivor-{n}" for n in range(3)]
+        for name in names:
+            self.spawn("worker", address, "--node-id", name, "--headless")
+
+        def statuses():
+            try:
+                return {row["node_id"]: row["status"] for row in cares.fetch_status(address, timeout=1)}
+            except grpc.RpcError:
+                return {}
+        self.assertIsNotNone(wait_until(lambda: statuses() == dict.fromkeys(names, "Active"), 20, 0.2))
+        orchestrator.kill()
+        orchestrator.wait(5)
+        time.sleep(1.0)
+        self.spawn("orchestrator", "--listen", address, "--headless")
+        restarted = time.monotonic()
+        waited = wait_until(lambda: statuses() == dict.fromkeys(names, "Active"), 6, 0.1)
+        self.assertIsNotNone(waited, f"not all Active within 6 s of the restart: {statuses()}")
+        print(f"\n  orchestrator SIGKILL + restart -> all workers Active in "
+              f"{time.monotonic() - restarted:.2f} s", file=sys.stderr)
+
+    def test_two_hundred_workers_join_at_once(self):
+        orchestrator = self.start_orchestrator()
+        clients = [cares.WorkerClient(f"127.0.0.1:{orchestrator.port}", f"crowd-{n:03d}", cares.LocalSampler())
+                   for n in range(200)]
+        started = time.monotonic()
+        for client in clients:
+            client.start()
+            self.addCleanup(client.stop, False, 0.5)
+        registry = orchestrator.registry
+        waited = wait_until(lambda: sum(node.streaming for node in registry.snapshot()) == 200, 30, 0.1)
+        self.assertIsNotNone(waited, f"{sum(node.streaming for node in registry.snapshot())} of 200 streaming")
+        self.assertTrue(all(node.status == cares.ACTIVE for node in registry.snapshot()))
+        self.assertFalse([e.text for e in registry.events.tail(1000) if e.level != "INFO"])
+        print(f"\n  200 workers joining at once -> all Active in {time.monotonic() - started:.2f} s",
+              file=sys.stderr)
+
+    def test_black_holed_link_is_noticed_on_both_sides_and_recovers(self):
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            if IN_CI:
+                self.fail("network namespaces need root and iproute2")
+            self.skipTest("network namespaces need root and iproute2 (CI runs this as root)")
+        tag = os.getpid() % 100_000
+        namespace, outer, inner = f"cares-t{tag}", f"cv{tag}a", f"cv{tag}b"
+        subnet = f"10.213.{tag % 250}"
+
+        def ip(*args, namespace_of=None):
+            prefix = ["ip", "netns", "exec", namespace_of] if namespace_of else []
+            subprocess.run([*prefix, "ip", *args], check=True, capture_output=True, timeout=10)
+        ip("netns", "add", namespace)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", namespace], capture_output=True)
+        ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        self.addCleanup(subprocess.run, ["ip", "link", "del", outer], capture_output=True)
+        ip("link", "set", inner, "netns", namespace)
+        ip("addr", "add", f"{subnet}.1/30", "dev", outer)
+        ip("link", "set", outer, "up")
+        ip("addr", "add", f"{subnet}.2/30", "dev", inner, namespace_of=namespace)
+        ip("link", "set", inner, "up", namespace_of=namespace)
+
+        orchestrator = self.start_orchestrator(f"{subnet}.1:0")
+        worker = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, CARES_PY, "worker",
+                                   f"{subnet}.1:{orchestrator.port}", "--node-id", "far", "--headless"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True)
+        self.addCleanup(worker.communicate, timeout=10)
+        self.addCleanup(worker.kill)
+        log = LineCollector(worker.stderr)
+        self.assert_streaming(orchestrator.registry, "far")
+        self.assertEqual(orchestrator.registry.get("far").address.split(":")[0], f"{subnet}.2")
+
+        ip("link", "set", outer, "down")
+        cut = time.monotonic()
+        orchestrator_noticed = self.assert_becomes(orchestrator.registry, "far", cares.DISCONNECTED, 5)
+        self.assertIsNotNone(wait_until(lambda: log.first_after(cut, "Disconnected:"), 5 - (time.monotonic() - cut)),
+                             "the worker did not notice the dead link within 5 s")
+        worker_noticed = log.first_after(cut, "Disconnected:") - cut
+        ip("link", "set", outer, "up")
+        restored = time.monotonic()
+        back = self.assert_becomes(orchestrator.registry, "far", cares.ACTIVE, 15)
+        print(f"\n  black hole -> orchestrator noticed in {orchestrator_noticed:.2f} s, worker in "
+              f"{worker_noticed:.2f} s; link back -> Active in {time.monotonic() - restored:.2f} s",
+              file=sys.stderr)
+        self.assertLessEqual(back, 15)
 
 
 # ---------------------------------------------------------------------------
