@@ -105,6 +105,7 @@ WORKER_OPTIONS = [
 # ---------------------------------------------------------------------------
 
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,63}")
+NODE_ID_RULE = "node ID must be 1-63 characters of A-Z a-z 0-9 . _ -"
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 # Control, format (bidi overrides, zero-width), surrogate, private-use and
 # unassigned characters can move the cursor, reorder a line or change colours.
@@ -742,8 +743,8 @@ def _is_power_of_ten(count: int) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# 4. The orchestrator: gRPC servicers on a grpc.aio server that runs on its own
-#    thread and event loop, so a UI can own the main thread.
+# 4. The orchestrator: gRPC servicers on a grpc.aio server that runs on a
+#    background thread's event loop, so a UI can own the main thread.
 # ---------------------------------------------------------------------------
 
 _grpc_loop: asyncio.AbstractEventLoop | None = None
@@ -816,8 +817,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             self.registry.events.add(
                 "WARN", f"Join from {address} rejected: invalid node ID "
                         f"'{sanitize_text(request.node_id, 40)}'.")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "node ID must be 1-63 characters of A-Z a-z 0-9 . _ -")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NODE_ID_RULE)
         try:
             session_id = self.registry.join(
                 request.node_id, address,
@@ -1806,7 +1806,7 @@ def _listen_argument(text: str) -> str:
 
 def _node_id_argument(text: str) -> str:
     if not is_valid_node_id(text):
-        raise argparse.ArgumentTypeError("node ID must be 1-63 characters of A-Z a-z 0-9 . _ -")
+        raise argparse.ArgumentTypeError(NODE_ID_RULE)
     return text
 
 
