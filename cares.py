@@ -367,8 +367,7 @@ def node_row(node: "Node", layout: TableLayout, now: float, unicode: bool = True
         segments.append((bar_text(value, layout.bar, unicode), bar_level(value) if live else "dim"))
         segments.append((f"{clamp_percent(value):6.1f}% ", plain))
     if layout.spark:
-        history = [cpu for cpu, _ in node.history]
-        segments.append((sparkline(history, layout.spark, unicode) + " ", "low" if live else "dim"))
+        segments.append((sparkline(node.cpu_history, layout.spark, unicode) + " ", "low" if live else "dim"))
     segments.append((fit(format_age(now - node.last_seen), layout.seen), plain))
     return segments
 
@@ -542,8 +541,9 @@ class Node:
     platform: str = ""
     cpu_count: int = 0
     joined_at: float = 0.0
-    # (cpu_percent, memory_percent), one point per heartbeat interval.
-    history: collections.deque = dataclasses.field(
+    # CPU percent, one point per heartbeat interval, for the sparkline. Plain floats:
+    # a tuple per sample made the garbage collector stall the loop at 10,000 nodes.
+    cpu_history: collections.deque = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=HISTORY_SAMPLES))
     # Liveness and session bookkeeping; never shown.
     session_id: str = dataclasses.field(default="", repr=False)
@@ -555,7 +555,7 @@ class Node:
 
     def copy(self) -> "Node":
         clone = dataclasses.replace(self)
-        clone.history = collections.deque(self.history, maxlen=HISTORY_SAMPLES)
+        clone.cpu_history = collections.deque(self.cpu_history, maxlen=HISTORY_SAMPLES)
         return clone
 
 
@@ -671,13 +671,12 @@ class NodeRegistry:
                 node.memory_used_bytes = memory_used_bytes
                 if memory_total_bytes:
                     node.memory_total_bytes = memory_total_bytes
-                point = (cpu_percent, memory_percent)
                 # A worker sending faster than asked replaces the latest point instead
                 # of flooding the history.
-                if node.history and now - node.history_at < 0.9 * self.heartbeat_interval:
-                    node.history[-1] = point
+                if node.cpu_history and now - node.history_at < 0.9 * self.heartbeat_interval:
+                    node.cpu_history[-1] = cpu_percent
                 else:
-                    node.history.append(point)
+                    node.cpu_history.append(cpu_percent)
                     node.history_at = now
         if problem is not None and _is_power_of_ten(dropped):
             self.events.add("WARN", f"Node '{node_id}' sent a bad sample ({problem}); "

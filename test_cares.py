@@ -275,7 +275,7 @@ class NodeRegistryTest(unittest.TestCase):
         node = registry.get("xyz-123")
         self.assertEqual((node.status, node.cpu_usage, node.memory_usage, node.address),
                          (cares.ACTIVE, 12.5, 40.0, "10.0.0.9:4000"))
-        self.assertEqual(list(node.history), [(12.5, 40.0)])
+        self.assertEqual(list(node.cpu_history), [12.5])
         self.assertAlmostEqual(node.last_seen, time.time(), delta=2)
         self.assertTrue(registry.disconnect("xyz-123", session, "gone"))
         self.assertEqual(status_of(registry, "xyz-123"), cares.DISCONNECTED)
@@ -325,15 +325,14 @@ class NodeRegistryTest(unittest.TestCase):
             registry.update("a", session, cpu_percent=sequence % 100, memory_percent=1, sequence=sequence)
         node = registry.get("a")
         self.assertEqual(node.cpu_usage, 5000 % 100)
-        self.assertEqual(len(node.history), 1)
-        self.assertEqual(node.history[-1][0], 5000 % 100)
+        self.assertEqual(list(node.cpu_history), [5000 % 100])
 
     def test_history_is_bounded(self):
         registry = cares.NodeRegistry(heartbeat_interval=0.0)
         session = registry.join("a", "x")
         for sequence in range(1, 200):
             registry.update("a", session, cpu_percent=1, memory_percent=1, sequence=sequence)
-        self.assertEqual(len(registry.get("a").history), cares.HISTORY_SAMPLES)
+        self.assertEqual(len(registry.get("a").cpu_history), cares.HISTORY_SAMPLES)
 
     def test_expire_marks_silent_nodes(self):
         registry = cares.NodeRegistry(heartbeat_interval=0.1)
@@ -408,7 +407,7 @@ class NodeRegistryTest(unittest.TestCase):
         self.assertEqual(len({node.node_id for node in nodes}), len(nodes))
         for node in nodes:
             self.assertIn(node.status, (cares.ACTIVE, cares.DISCONNECTED))
-            self.assertLessEqual(len(node.history), cares.HISTORY_SAMPLES)
+            self.assertLessEqual(len(node.cpu_history), cares.HISTORY_SAMPLES)
         self.assertLessEqual(len(registry.events.tail(10_000)), cares.EVENT_LOG_SIZE)
 
 
@@ -687,7 +686,7 @@ class CommandLineTest(ClusterTestCase):
 def make_node(node_id, cpu=10.0, memory=20.0, status=cares.ACTIVE, last_seen=None):
     node = cares.Node(node_id=node_id, address="10.0.0.1:4000", status=status, cpu_usage=cpu,
                       memory_usage=memory, last_seen=time.time() if last_seen is None else last_seen)
-    node.history.extend((cpu, memory) for _ in range(5))
+    node.cpu_history.extend([cpu] * 5)
     return node
 
 
@@ -1350,7 +1349,7 @@ class HostileInputTest(ClusterTestCase):
         self.assertIsNotNone(wait_until(lambda: orchestrator.registry.get("target").last_sequence == 3001, 10))
         node = orchestrator.registry.get("target")
         self.assertEqual((node.status, node.cpu_usage), (cares.ACTIVE, 3001 % 100))
-        self.assertLessEqual(len(node.history), 6)  # one point per heartbeat interval, not per message
+        self.assertLessEqual(len(node.cpu_history), 6)  # one point per heartbeat interval, not per message
         self.assertLess(len(orchestrator.registry.events.tail(10_000)), 10)
 
     def test_more_nodes_than_max_nodes_are_refused(self):
