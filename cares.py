@@ -68,6 +68,10 @@ EVENT_LOG_SIZE = 1000
 MAX_BACKOFF_S = 5.0
 REJECTED_TOKEN_BACKOFF_S = 30.0
 TOKEN_METADATA_KEY = "cares-token"
+# A Heartbeat stream names its node and session in metadata, so the orchestrator
+# binds it when it opens, before the first sample (which may take a moment).
+NODE_METADATA_KEY = "cares-node-id"
+SESSION_METADATA_KEY = "cares-session-id"
 MAX_MESSAGE_BYTES = 64 * 1024
 HOSTNAME_LIMIT = 64
 PLATFORM_LIMIT = 80
@@ -775,13 +779,16 @@ def run_on_grpc_loop(coroutine, timeout: float | None = None):
         raise
 
 
-def _token_matches(context, expected: str | None) -> bool:
-    if not expected:
-        return True
+def _metadata_value(context, wanted: str) -> str:
     for key, value in context.invocation_metadata() or ():
-        if key == TOKEN_METADATA_KEY:
-            return hmac.compare_digest(str(value).encode(), expected.encode())
-    return False
+        if key == wanted:
+            return str(value)
+    return ""
+
+
+def _token_matches(context, expected: str | None) -> bool:
+    return not expected or hmac.compare_digest(_metadata_value(context, TOKEN_METADATA_KEY).encode(),
+                                               expected.encode())
 
 
 SHUTDOWN_NOTICE = pb.OrchestratorCommand(
@@ -833,23 +840,20 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             heartbeat_interval_ms=round(self.registry.heartbeat_interval * 1000))
 
     async def Heartbeat(self, request_iterator, context):
-        try:
-            first = await asyncio.wait_for(context.read(), self.registry.deadline)
-        except asyncio.TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no metrics on the heartbeat stream")
-        if first is grpc.aio.EOF:
-            return
-        node_id, session_id = first.node_id, first.session_id
+        node_id = _metadata_value(context, NODE_METADATA_KEY)
+        session_id = _metadata_value(context, SESSION_METADATA_KEY)
         refusal = self.registry.attach_stream(node_id, session_id)
         if refusal == grpc.StatusCode.PERMISSION_DENIED:
-            await context.abort(refusal, "no joined session for this node; call JoinCluster first")
+            await context.abort(refusal, f"no joined session for this node; call JoinCluster first and open "
+                                         f"the stream with {NODE_METADATA_KEY} and {SESSION_METADATA_KEY} metadata")
         elif refusal is not None:
             await context.abort(refusal, "this node already has a heartbeat stream")
+        # From here a silent stream is the liveness sweep's to end, like any silent node.
         stream = _Stream(session_id, asyncio.current_task(), context)
         self._streams[node_id] = stream
         ending = "its heartbeat stream ended"
         try:
-            message = first
+            message = await context.read()
             while message is not grpc.aio.EOF:
                 if message.node_id != node_id or message.session_id != session_id:
                     ending = "it sent metrics for another node"
@@ -1184,7 +1188,8 @@ class WorkerClient:
             self._sequence = 0
             self._interval = (ack.heartbeat_interval_ms or DEFAULT_HEARTBEAT_MS) / 1000.0
             self._interval_changed = asyncio.Event()
-            call = stub.Heartbeat()
+            call = stub.Heartbeat(metadata=((NODE_METADATA_KEY, self.node_id),
+                                            (SESSION_METADATA_KEY, self._session_id)))
             self._call = call
             self._sender = asyncio.ensure_future(self._send_metrics(call))
             self._set_state("connected", ack.message)

@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class ClusterServiceStub:
     """A worker joins with JoinCluster, then keeps one Heartbeat stream open for as
-    long as it is part of the cluster.
+    long as it is part of the cluster. It opens that stream with the metadata
+    cares-node-id and cares-session-id (from the Acknowledgement), so the
+    orchestrator binds the stream before the first sample arrives.
     """
 
     def __init__(self, channel):
@@ -50,7 +52,9 @@ class ClusterServiceStub:
 
 class ClusterServiceServicer:
     """A worker joins with JoinCluster, then keeps one Heartbeat stream open for as
-    long as it is part of the cluster.
+    long as it is part of the cluster. It opens that stream with the metadata
+    cares-node-id and cares-session-id (from the Acknowledgement), so the
+    orchestrator binds the stream before the first sample arrives.
     """
 
     def JoinCluster(self, request, context):
@@ -88,7 +92,9 @@ def add_ClusterServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ClusterService:
     """A worker joins with JoinCluster, then keeps one Heartbeat stream open for as
-    long as it is part of the cluster.
+    long as it is part of the cluster. It opens that stream with the metadata
+    cares-node-id and cares-session-id (from the Acknowledgement), so the
+    orchestrator binds the stream before the first sample arrives.
     """
 
     @staticmethod

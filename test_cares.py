@@ -464,6 +464,24 @@ class ClusterTest(ClusterTestCase):
         print(f"\n  killed worker -> Disconnected in {waited:.3f} s", file=sys.stderr)
         self.assertIn("lost", orchestrator.registry.events.tail(1)[0].text)
 
+    def test_worker_killed_before_its_first_sample_is_disconnected_at_once(self):
+        orchestrator = self.start_orchestrator()
+        script = (
+            "import sys, time, grpc, cares, cluster_pb2 as pb, cluster_pb2_grpc as pb_grpc\n"
+            "stub = pb_grpc.ClusterServiceStub(grpc.insecure_channel(sys.argv[1]))\n"
+            "ack = stub.JoinCluster(pb.NodeInfo(node_id='early'), timeout=5)\n"
+            "metadata = ((cares.NODE_METADATA_KEY, 'early'), (cares.SESSION_METADATA_KEY, ack.session_id))\n"
+            "replies = stub.Heartbeat(iter(lambda: time.sleep(60), 0), metadata=metadata)\n"
+            "next(replies)\n")
+        process = subprocess.Popen([sys.executable, "-c", script, f"127.0.0.1:{orchestrator.port}"], cwd=HERE,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(process.wait, 10)
+        self.addCleanup(process.kill)
+        self.assert_streaming(orchestrator.registry, "early")
+        self.assertEqual(orchestrator.registry.get("early").last_sequence, 0)
+        process.kill()
+        self.assert_becomes(orchestrator.registry, "early", cares.DISCONNECTED, 1.0)
+
     def test_silent_worker_is_disconnected_after_three_intervals(self):
         orchestrator = self.start_orchestrator()
         registry = orchestrator.registry
@@ -479,7 +497,8 @@ class ClusterTest(ClusterTestCase):
                                  memory_percent=1, sequence=1)
             release.wait(15)
 
-        replies = stub.Heartbeat(one_sample_then_silence(), timeout=15)
+        replies = stub.Heartbeat(one_sample_then_silence(), timeout=15, metadata=(
+            (cares.NODE_METADATA_KEY, "mute"), (cares.SESSION_METADATA_KEY, ack.session_id)))
         self.assert_becomes(registry, "mute", cares.ACTIVE, 2)
         self.assertIsNotNone(wait_until(lambda: registry.get("mute").last_sequence == 1, 2))
         started = time.monotonic()
@@ -1136,11 +1155,13 @@ def metrics(node_id, session_id, sequence, cpu=10.0, memory=20.0, **fields):
 class OpenStream:
     """A raw Heartbeat stream whose messages the test sends one by one."""
 
-    def __init__(self, test, stub):
+    def __init__(self, test, stub, node_id=None, session_id=None):
         self._queue = []
         self._ready = threading.Condition()
         self._closed = False
-        self.replies = stub.Heartbeat(self._messages(), timeout=30)
+        identity = ((cares.NODE_METADATA_KEY, node_id), (cares.SESSION_METADATA_KEY, session_id))
+        self.replies = stub.Heartbeat(self._messages(), timeout=30,
+                                      metadata=identity if node_id is not None else None)
         test.addCleanup(self.close)
 
     def _messages(self):
@@ -1266,15 +1287,20 @@ class AccessTest(ClusterTestCase):
         stub = raw_stub(self, orchestrator.port)
         alice = stub.JoinCluster(pb.NodeInfo(node_id="alice"), timeout=5).session_id
         bob = stub.JoinCluster(pb.NodeInfo(node_id="bob"), timeout=5).session_id
-        impostor = OpenStream(self, stub)
-        impostor.send(metrics("bob", alice, 1))
-        self.assertEqual(impostor.outcome(), grpc.StatusCode.PERMISSION_DENIED)
-        stream = OpenStream(self, stub)
+        for node_id, session in (("bob", alice), ("alice", "forged"), ("alice", ""), (None, None)):
+            impostor = OpenStream(self, stub, node_id, session)
+            impostor.send(metrics("bob", alice, 1))
+            self.assertEqual(impostor.outcome(), grpc.StatusCode.PERMISSION_DENIED, (node_id, session))
+        stream = OpenStream(self, stub, "alice", alice)
         stream.send(metrics("alice", alice, 1, cpu=11))
         self.assertIsNotNone(wait_until(lambda: orchestrator.registry.get("alice").cpu_usage == 11, 5))
-        second = OpenStream(self, stub)
+        second = OpenStream(self, stub, "alice", alice)
         second.send(metrics("alice", alice, 2))
         self.assertEqual(second.outcome(), grpc.StatusCode.FAILED_PRECONDITION)
+        stream.send(metrics("alice", bob, 2, cpu=99))
+        self.assertEqual(stream.outcome(), grpc.StatusCode.PERMISSION_DENIED)
+        rejoined = stub.JoinCluster(pb.NodeInfo(node_id="alice"), timeout=5).session_id
+        stream = OpenStream(self, stub, "alice", rejoined)
         stream.send(metrics("bob", bob, 2, cpu=99))
         self.assertEqual(stream.outcome(), grpc.StatusCode.PERMISSION_DENIED)
         self.assertEqual(orchestrator.registry.get("bob").cpu_usage, 0.0)
@@ -1290,7 +1316,7 @@ class HostileInputTest(ClusterTestCase):
     def joined(self, orchestrator, node_id="target"):
         stub = raw_stub(self, orchestrator.port)
         session = stub.JoinCluster(pb.NodeInfo(node_id=node_id), timeout=5).session_id
-        stream = OpenStream(self, stub)
+        stream = OpenStream(self, stub, node_id, session)
         stream.send(metrics(node_id, session, 1, cpu=42.0, memory=24.0))
         self.assertIsNotNone(wait_until(lambda: orchestrator.registry.get(node_id).cpu_usage == 42.0, 5))
         return stub, session, stream
@@ -1366,10 +1392,13 @@ class HostileInputTest(ClusterTestCase):
 
     def test_a_stream_that_never_speaks_is_closed(self):
         orchestrator = self.start_orchestrator(heartbeat_ms=200)
-        stream = OpenStream(self, raw_stub(self, orchestrator.port))
+        stub = raw_stub(self, orchestrator.port)
+        session = stub.JoinCluster(pb.NodeInfo(node_id="mute"), timeout=5).session_id
+        stream = OpenStream(self, stub, "mute", session)
         started = time.monotonic()
         self.assertEqual(stream.outcome(), grpc.StatusCode.DEADLINE_EXCEEDED)
         self.assertLess(time.monotonic() - started, 3)
+        self.assertIn("Node 'mute' lost: no heartbeat for 0.6 s.", orchestrator.registry.events.tail(1)[0].text)
 
     def test_cli_address_argument_fuzz_never_crashes(self):
         parser = cares.build_parser()
