@@ -1,0 +1,1559 @@
+#!/usr/bin/env python3
+"""bench_cares.py: how cares compares with the floor of its own stack and with the agent people already run.
+
+Five scenarios, each printed as a markdown table (figure, target, measured, met?):
+
+  capacity   the orchestrator under N simulated workers (real JoinCluster + Heartbeat
+             streams from separate load-generator processes) against a bare grpc.aio
+             server that only counts messages, same load, same run: CPU, RSS,
+             messages/s, sent-at -> registry latency, failed streams, ratio cares/bare.
+  footprint  one headless worker at 1 Hz, beside Prometheus node_exporter scraped 1/s.
+  dashboard  orchestrator CPU with the TUI in a tmux pane versus --headless, 10 and 1,000 nodes.
+  startup    python cares.pyz --version, cold (empty unpack cache) and warm, with
+             PYTHONDONTWRITEBYTECODE unset and set, beside the interpreter's own floor.
+  detection  SIGKILL / SIGSTOP of a worker to its row turning Disconnected, and an
+             orchestrator restart to every worker Active again.
+
+The machines are shared and noisy (2 cores): every figure is a median over windows or
+runs, and comparisons are ratios measured in the same run. Nothing here is a unit test;
+`--quick` runs everything small (under a minute) so that CI keeps the bench working.
+
+Usage: python bench_cares.py [--quick] [--json FILE] [--max-workers N] [--scenario NAME ...] [--pyz PATH]
+
+Hidden subcommands, run by the bench itself in child processes:
+  _server   cares (or the bare server) with the latency probe, driven over stdin/stdout
+  _loadgen  one asyncio loop of simulated workers, driven over stdin/stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextvars
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import queue
+import re
+import resource
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+# gRPC's C core logs to stderr; cares silences it the same way.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CARES_PY = os.path.join(HERE, "cares.py")
+PYTHON = sys.executable
+SCENARIOS = ("capacity", "footprint", "dashboard", "startup", "detection")
+
+# Connection storms faster than this produced CANCELLED / INTERNAL errors on these machines.
+RAMP_PER_S = 250.0
+# One load-generator process per this many simulated workers (each is one asyncio loop).
+WORKERS_PER_LOADGEN = 2500
+CAPACITY_SIZES = (100, 1000, 3000, 10000)
+# A size whose projected load (generators + a bare server) passes this share of the machine
+# runs at a slower heartbeat instead, so the figures still describe the server. Few, far
+# apart steps: a projection near a boundary must not pick a different one every run.
+CORE_BUDGET_SHARE = 0.7
+SLOWER_HEARTBEATS_MS = (5000, 10000)
+# The steady-state phase waits for every node's history to fill, at most this long.
+MAX_FILL_WAIT_S = 90.0
+# A worker's first heartbeat follows its join by ~0.1 s (its first CPU sample); wait past it.
+STEADY_AFTER_JOIN_S = 1.5
+DASHBOARD_SIZES = (10, 1000)
+MB = 1e6
+
+
+# ---------------------------------------------------------------------------
+# Small helpers: ports, fd limits, percentiles, formatting.
+# ---------------------------------------------------------------------------
+
+class BenchError(Exception):
+    """The bench could not measure something; the message says what and why."""
+
+
+def log(text: str) -> None:
+    """Progress goes to stderr so stdout holds only the tables."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def cares_module():
+    """cares itself, for its constants (imported lazily: the bench's own start stays light)."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import cares
+    return cares
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one; returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def median(values):
+    values = [value for value in values if value is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value, spec: str = ".1f", unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:{spec}}{unit}"
+
+
+def met(ok) -> str:
+    return "—" if ok is None else ("yes" if ok else "no")
+
+
+# ---------------------------------------------------------------------------
+# Latency probe, used inside the server process (cares and bare alike).
+#
+# NodeRegistry.update never sees sent_at_ms, so the probe wraps the servicer's
+# context: each message read leaves its sent_at_ms in a context variable (one per
+# stream: every RPC handler is its own asyncio task), and the wrapped "apply"
+# function (NodeRegistry.update for cares, the counter for bare) records
+# now - sent_at once it has applied the message. Same code, same cost, both servers.
+# ---------------------------------------------------------------------------
+
+SENT_AT_MS = contextvars.ContextVar("sent_at_ms", default=None)
+
+# Histogram buckets: 10 us wide up to 100 ms, then 1 ms wide up to ~10 s. Bounded
+# memory (160 KB) whatever the message count, so it does not skew RSS.
+FINE_BUCKETS = 10_000
+COARSE_BUCKETS = 10_000
+
+
+def latency_bucket(ms: float) -> int:
+    if ms < 100.0:
+        return max(int(ms * 100.0), 0)
+    return min(FINE_BUCKETS + int(ms - 100.0), FINE_BUCKETS + COARSE_BUCKETS - 1)
+
+
+def bucket_middle_ms(bucket: int) -> float:
+    if bucket < FINE_BUCKETS:
+        return (bucket + 0.5) / 100.0
+    return 100.0 + (bucket - FINE_BUCKETS) + 0.5
+
+
+class _Histogram:
+    __slots__ = ("counts", "total", "started", "gc_pauses")
+
+    def __init__(self):
+        self.counts = [0] * (FINE_BUCKETS + COARSE_BUCKETS)
+        self.total = 0
+        self.started = time.monotonic()
+        self.gc_pauses = {0: [], 1: [], 2: []}  # seconds per collection, by generation
+
+
+class LatencyRecorder:
+    """Counts applied messages and their sent-at -> applied latency.
+
+    record() runs on the gRPC loop, reset()/summary() on the control thread: reset
+    swaps in a fresh histogram object (one atomic reference store), so the hot path
+    needs no lock.
+    """
+
+    def __init__(self):
+        self.current = _Histogram()
+        # Garbage-collector pauses stall the event loop, so they show up in the latency
+        # tail; timing them (a callback per collection, not per message) says how much.
+        import gc
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.current.gc_pauses[info["generation"]].append(time.perf_counter() - self._gc_started)
+
+    def record(self, sent_at_ms) -> None:
+        histogram = self.current
+        histogram.total += 1
+        if sent_at_ms:
+            histogram.counts[latency_bucket(time.time() * 1000.0 - sent_at_ms)] += 1
+
+    def reset(self) -> None:
+        self.current = _Histogram()
+
+    def summary(self) -> dict:
+        histogram = self.current
+        seconds = time.monotonic() - histogram.started
+        counts = list(histogram.counts)
+        timed = sum(counts)
+
+        def percentile(fraction):
+            if not timed:
+                return None
+            rank, seen = fraction * timed, 0
+            for bucket, count in enumerate(counts):
+                seen += count
+                if seen >= rank:
+                    return round(bucket_middle_ms(bucket), 3)
+            return None
+
+        highest = max((bucket for bucket, count in enumerate(counts) if count), default=None)
+        return {"applied": histogram.total, "seconds": round(seconds, 3),
+                "applied_per_s": round(histogram.total / seconds, 1) if seconds > 0 else None,
+                "latency_samples": timed, "p50_ms": percentile(0.50), "p99_ms": percentile(0.99),
+                "p999_ms": percentile(0.999),
+                "max_ms": round(bucket_middle_ms(highest), 3) if highest is not None else None,
+                "gc": {f"gen{generation}": {"count": len(pauses), "max_ms": round(max(pauses, default=0) * 1e3, 2),
+                                            "total_ms": round(sum(pauses) * 1e3, 1)}
+                       for generation, pauses in histogram.gc_pauses.items()}}
+
+
+class ReadStampingContext:
+    """A grpc.aio servicer context whose read() notes each message's sent_at_ms for the probe."""
+
+    __slots__ = ("_context", "_eof")
+
+    def __init__(self, context, eof):
+        self._context = context
+        self._eof = eof
+
+    async def read(self):
+        message = await self._context.read()
+        if message is not self._eof:
+            SENT_AT_MS.set(message.sent_at_ms)
+        return message
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
+def install_latency_probe(servicer_class, apply_owner, apply_name: str, recorder: LatencyRecorder, eof) -> None:
+    """Wrap servicer_class.Heartbeat's context and apply_owner.apply_name (called once per applied message)."""
+    heartbeat = servicer_class.Heartbeat
+
+    @functools.wraps(heartbeat)
+    async def probed_heartbeat(self, request_iterator, context):
+        return await heartbeat(self, request_iterator, ReadStampingContext(context, eof))
+
+    servicer_class.Heartbeat = probed_heartbeat
+    apply = getattr(apply_owner, apply_name)
+
+    @functools.wraps(apply)
+    def probed_apply(*args, **kwargs):
+        applied = apply(*args, **kwargs)
+        if applied:
+            recorder.record(SENT_AT_MS.get())
+        return applied
+
+    setattr(apply_owner, apply_name, probed_apply)
+
+
+# ---------------------------------------------------------------------------
+# Child role "_server": cares' own headless orchestrator (cares.main) or the bare
+# server, each with the latency probe and a control thread on stdin/stdout:
+#   -> {"event": "ready", "port": P}   once listening
+#   <- reset                         start a new measurement (zero the probe)
+#   <- report                        -> {"event": "report", ...probe summary, "streams": n}
+#   stdin EOF or SIGTERM             stop and exit
+# ---------------------------------------------------------------------------
+
+def _reply(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+
+def _serve_control(recorder: LatencyRecorder, streams_now) -> None:
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "reset":
+            recorder.reset()
+            _reply({"event": "reset"})
+        elif command == "report":
+            _reply({"event": "report", **recorder.summary(), "streams": streams_now()})
+    os.kill(os.getpid(), signal.SIGTERM)  # the bench closed our stdin (done, or gone)
+
+
+def server_main(args) -> int:
+    raise_fd_limit()
+    sys.path.insert(0, HERE)
+    import grpc
+    import cares
+    import cluster_pb2 as pb
+    import cluster_pb2_grpc as pb_grpc
+
+    recorder = LatencyRecorder()
+    max_nodes = max(args.max_nodes, cares.DEFAULT_MAX_NODES)
+
+    if args.kind == "cares":
+        install_latency_probe(cares.ClusterServicer, cares.NodeRegistry, "update", recorder, grpc.aio.EOF)
+        started = {}
+        start = cares.Orchestrator.start
+
+        def announcing_start(self):
+            start(self)
+            started["orchestrator"] = self
+            _reply({"event": "ready", "port": self.port})
+
+        cares.Orchestrator.start = announcing_start
+
+        def streams_now():
+            orchestrator = started.get("orchestrator")
+            if orchestrator is None:
+                return 0
+            return sum(node.status == cares.ACTIVE for node in orchestrator.registry.snapshot())
+
+        threading.Thread(target=_serve_control, args=(recorder, streams_now), daemon=True).start()
+        # Exactly what `cares.py orchestrator --headless` runs, events on stderr included.
+        return cares.main(["orchestrator", "--listen", args.listen, "--headless",
+                           "--max-nodes", str(max_nodes), "--heartbeat-ms", str(args.heartbeat_ms)])
+
+    # The floor: a grpc.aio server with the same options and RPC shapes that only counts.
+    class BareServicer(pb_grpc.ClusterServiceServicer):
+        def __init__(self):
+            self.streams = 0
+
+        async def JoinCluster(self, request, context):
+            return pb.Acknowledgement(accepted=True, session_id=secrets.token_hex(16),
+                                      heartbeat_interval_ms=args.heartbeat_ms)
+
+        async def Heartbeat(self, request_iterator, context):
+            self.streams += 1
+            try:
+                message = await context.read()
+                while message is not grpc.aio.EOF:
+                    self.count(message)
+                    message = await context.read()
+            finally:
+                self.streams -= 1
+
+        def count(self, message) -> bool:
+            return True
+
+    install_latency_probe(BareServicer, BareServicer, "count", recorder, grpc.aio.EOF)
+    servicer = BareServicer()
+    # Same threading shape as cares: gRPC on a loop thread, the main thread waiting for a signal.
+    import asyncio
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def start_server():
+        server = grpc.aio.server(options=cares.SERVER_OPTIONS)
+        pb_grpc.add_ClusterServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port(args.listen)
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start_server(), loop).result(10)
+    threading.Thread(target=_serve_control, args=(recorder, lambda: servicer.streams), daemon=True).start()
+    _reply({"event": "ready", "port": port})
+    cares.wait_for_termination()
+    asyncio.run_coroutine_threadsafe(server.stop(0.5), loop).result(5)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Child role "_loadgen": one asyncio loop (grpc.aio binds to the first loop that
+# uses it) driving many simulated workers, each on its own channel and TCP
+# connection, joining at --rate per second and sending one NodeMetrics per
+# heartbeat interval. Control on stdin/stdout:
+#   -> {"event": "ramped", ...}      every worker has joined and sent once, or failed
+#   <- stats                          -> {"event": "stats", ...}
+#   <- stop (or stdin EOF)            -> {"event": "stopped", ...}, then exit
+# A failed stream is a join that failed or a stream that ended before "stop".
+# ---------------------------------------------------------------------------
+
+def loadgen_main(args) -> int:
+    raise_fd_limit()
+    sys.path.insert(0, HERE)
+    import asyncio
+    return asyncio.run(_loadgen(args))
+
+
+async def _loadgen(args) -> int:
+    import asyncio
+    import random
+    import grpc
+    import cluster_pb2 as pb
+    import cluster_pb2_grpc as pb_grpc
+    # No `import cares` here: with one worker this process is the footprint floor, a bare
+    # grpc.aio client. The bench passes cares.WORKER_OPTIONS in --channel-options and the
+    # stream identity metadata keys in --identity-keys.
+    node_key, session_key = args.identity_keys.split(",")
+
+    loop = asyncio.get_running_loop()
+    # Real workers' channel options, plus a private subchannel pool: without it every
+    # channel to the same target would share one TCP connection.
+    options = [tuple(option) for option in json.loads(args.channel_options)]
+    options.append(("grpc.use_local_subchannel_pool", 1))
+    stats = {"joined": 0, "failed": 0, "sent": 0, "open": 0, "settled": 0}
+    errors = collections.Counter()
+    stopping = False
+    streams, channels = [], []  # streams: [call, failed] per joined worker
+
+    def fail(kind: str, error) -> None:
+        stats["failed"] += 1
+        if isinstance(error, grpc.RpcError):
+            errors[f"{kind} {error.code().name}"] += 1
+        else:
+            errors[f"{kind} {error if isinstance(error, str) else type(error).__name__}"] += 1
+
+    async def simulated_worker(index: int) -> None:
+        rng = random.Random(index)
+        node_id = f"{args.prefix}-{index:05d}"
+        channel = grpc.aio.insecure_channel(args.target, options=options)
+        channels.append(channel)
+        stub = pb_grpc.ClusterServiceStub(channel)
+        settled, stream = False, None
+        try:
+            ack = await stub.JoinCluster(pb.NodeInfo(
+                node_id=node_id, hostname=node_id, cpu_count=4, memory_total_bytes=8 << 30,
+                platform="Linux-bench-x86_64", cares_version="bench"), timeout=15.0)
+            stats["joined"] += 1
+            stream = [stub.Heartbeat(metadata=((node_key, node_id), (session_key, ack.session_id))), False]
+            streams.append(stream)
+            call = stream[0]
+            interval = (ack.heartbeat_interval_ms or 1000) / 1000.0
+            memory_total = 8 << 30
+            sequence, next_at = 0, loop.time()
+            stats["open"] += 1
+            try:
+                while True:
+                    sequence += 1
+                    memory_percent = rng.uniform(20.0, 80.0)
+                    # Whole milliseconds as the field demands; rounded, not truncated, so
+                    # the latency probe is off by at most +-0.5 ms and not biased.
+                    await call.write(pb.NodeMetrics(
+                        node_id=node_id, session_id=ack.session_id,
+                        cpu_percent=rng.uniform(0.0, 100.0), memory_percent=memory_percent,
+                        memory_used_bytes=int(memory_total * memory_percent / 100.0),
+                        memory_total_bytes=memory_total,
+                        sent_at_ms=round(time.time() * 1000.0), sequence=sequence))
+                    stats["sent"] += 1
+                    if not settled:
+                        settled = True
+                        stats["settled"] += 1
+                    next_at += interval
+                    await asyncio.sleep(max(next_at - loop.time(), 0.0))
+            finally:
+                stats["open"] -= 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a failed join or stream; anything unexpected counts too
+            if not stopping:
+                if stream is not None:
+                    stream[1] = True
+                fail("stream" if stream is not None else "join", error)
+        finally:
+            if not settled:
+                stats["settled"] += 1
+
+    commands: asyncio.Queue = asyncio.Queue()
+
+    def read_stdin():
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(commands.put_nowait, line.strip())
+        loop.call_soon_threadsafe(commands.put_nowait, None)
+
+    threading.Thread(target=read_stdin, daemon=True).start()
+
+    def snapshot(event: str) -> dict:
+        return {"event": event, **stats, "errors": dict(errors), "cpu_s": round(sum(os.times()[:2]), 3)}
+
+    async def ramp() -> None:
+        started = loop.time()
+        for index in range(args.workers):
+            tasks.append(asyncio.ensure_future(simulated_worker(index)))
+            delay = started + (index + 1) / args.rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        deadline = loop.time() + 30.0
+        while stats["settled"] < args.workers and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        _reply({**snapshot("ramped"), "ramp_s": round(loop.time() - started, 2)})
+
+    tasks: list = []
+    ramper = asyncio.ensure_future(ramp())
+    while True:
+        command = await commands.get()
+        if command == "stats":
+            _reply(snapshot("stats"))
+        elif command in ("stop", None):
+            break
+
+    # Streams the server ended on its own before "stop" are failures, even if no write noticed yet.
+    for call, failed in streams:
+        if call.done() and not failed:
+            fail("stream ended", (await call.code()).name)
+    stopping = True
+    ramper.cancel()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(ramper, *tasks, return_exceptions=True)
+    for call, _ in streams:
+        call.cancel()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(channel.close() for channel in channels),
+                                              return_exceptions=True), 30.0)
+    except asyncio.TimeoutError:
+        pass
+    _reply(snapshot("stopped"))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Child processes, seen from the bench: spawned in their own session (Ctrl-C is
+# the bench's to handle), killed by Linux if the bench dies, and all reaped on exit.
+# ---------------------------------------------------------------------------
+
+_PRCTL = []  # libc's prctl, looked up in the bench before its first fork (never in a child)
+
+
+def _find_prctl() -> None:
+    if not _PRCTL:
+        try:
+            import ctypes
+            _PRCTL.append(ctypes.CDLL(None, use_errno=True).prctl)
+        except (OSError, AttributeError):
+            _PRCTL.append(None)
+
+
+def _die_with_bench() -> None:
+    if _PRCTL and _PRCTL[0] is not None:
+        _PRCTL[0](1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Child:
+    """One process the bench started, with its stdout lines (JSON replies) on a queue."""
+
+    def __init__(self, name: str, argv: list[str], workdir: str, *, talk: bool = False, env=None):
+        self.name = name
+        self.stderr_path = os.path.join(workdir, f"{name}.stderr")
+        _find_prctl()
+        with open(self.stderr_path, "wb") as stderr:
+            self.proc = subprocess.Popen(
+                argv, cwd=HERE, env=env, stderr=stderr, start_new_session=True, preexec_fn=_die_with_bench,
+                stdin=subprocess.PIPE if talk else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if talk else subprocess.DEVNULL, text=True, bufsize=1)
+        self.replies: queue.Queue = queue.Queue()
+        if talk:
+            threading.Thread(target=self._read_replies, daemon=True).start()
+        ALL_CHILDREN.append(self)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read_replies(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.replies.put(json.loads(line))
+            except ValueError:
+                pass
+        self.replies.put(None)
+
+    def send(self, command: str) -> None:
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
+    def expect(self, event: str, timeout: float) -> dict:
+        """The next reply with this event, or BenchError with the tail of the child's stderr."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reply = self.replies.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise BenchError(f"{self.name}: no '{event}' within {timeout:.0f} s{self.stderr_tail()}") from None
+            if reply is None:
+                raise BenchError(f"{self.name} exited (code {self.proc.wait()}) before '{event}'"
+                                 f"{self.stderr_tail()}")
+            if reply.get("event") == event:
+                return reply
+
+    def stderr_tail(self, lines: int = 5) -> str:
+        try:
+            with open(self.stderr_path, errors="replace") as file:
+                tail = file.read().splitlines()[-lines:]
+        except OSError:
+            return ""
+        return ("; stderr: " + " | ".join(tail)) if tail else ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0, sig=signal.SIGTERM) -> None:
+        """Signal, wait, then SIGKILL; always reaps. A stopped (SIGSTOP) process is resumed first."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        if self in ALL_CHILDREN:
+            ALL_CHILDREN.remove(self)
+
+
+ALL_CHILDREN: list[Child] = []
+TMUX_SOCKETS: list[str] = []
+
+
+def cleanup_everything() -> None:
+    """Kill every child and tmux server the bench started; safe to call twice."""
+    for child in list(ALL_CHILDREN):
+        if child.alive():
+            try:
+                os.kill(child.pid, signal.SIGCONT)
+                os.kill(child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 5.0
+    for child in list(ALL_CHILDREN):
+        child.stop(timeout=max(deadline - time.monotonic(), 0.1))
+    for socket_name in list(TMUX_SOCKETS):
+        subprocess.run(["tmux", "-L", socket_name, "kill-server"], capture_output=True, timeout=10)
+        TMUX_SOCKETS.remove(socket_name)
+
+
+@dataclasses.dataclass
+class Bench:
+    """What every scenario needs: the options and a scratch folder."""
+
+    quick: bool
+    max_workers: int
+    pyz: str | None
+    workdir: str
+
+    def spawn_role(self, role: str, name: str, extra: list[str]) -> Child:
+        return Child(name, [PYTHON, os.path.abspath(__file__), role, *extra], self.workdir, talk=True)
+
+    def spawn_cares(self, name: str, args: list[str]) -> Child:
+        return Child(name, [PYTHON, CARES_PY, *args], self.workdir)
+
+
+# ---------------------------------------------------------------------------
+# Measuring from outside: CPU from psutil cpu_times deltas, RSS at the end.
+# ---------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    import psutil
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def rss_bytes(pid: int) -> int:
+    import psutil
+    return psutil.Process(pid).memory_info().rss
+
+
+def cpu_windows(groups: dict[str, list[int]], window_s: float, count: int) -> dict[str, list[float]]:
+    """Percent of one core used by each group of pids, per window of window_s seconds."""
+    results = {name: [] for name in groups}
+    for _ in range(count):
+        before = {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
+        started = time.monotonic()
+        time.sleep(window_s)
+        elapsed = time.monotonic() - started
+        for name, pids in groups.items():
+            used = sum(cpu_seconds(pid) for pid in pids) - before[name]
+            results[name].append(round(100.0 * used / elapsed, 2))
+    return results
+
+
+class StatusPoller:
+    """cares' StatusService from the bench process (sync gRPC: no event loop to share)."""
+
+    def __init__(self, address: str):
+        import grpc
+        import cluster_pb2 as pb
+        import cluster_pb2_grpc as pb_grpc
+        self._grpc, self._request = grpc, pb.ListNodesRequest()
+        # Reconnect within tens of ms after an orchestrator restart, not after gRPC's 1 s backoff.
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20),
+            ("grpc.max_reconnect_backoff_ms", 100), ("grpc.use_local_subchannel_pool", 1)])
+        self._stub = pb_grpc.StatusServiceStub(self._channel)
+
+    def statuses(self) -> dict[str, str] | None:
+        """node_id -> status, or None while the orchestrator does not answer."""
+        try:
+            reply = self._stub.ListNodes(self._request, timeout=1.0)
+        except self._grpc.RpcError:
+            return None
+        return {node.node_id: node.status for node in reply.nodes}
+
+    def wait(self, predicate, timeout: float, interval: float = 0.02, started: float | None = None):
+        """Poll until predicate(statuses) holds: seconds since started, or None on timeout."""
+        started = time.monotonic() if started is None else started
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            statuses = self.statuses()
+            if statuses is not None and predicate(statuses):
+                return time.monotonic() - started
+            time.sleep(interval)
+        return None
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def start_headless_orchestrator(bench: Bench, name: str, port: int) -> Child:
+    orchestrator = bench.spawn_cares(name, ["orchestrator", "--listen", f"127.0.0.1:{port}", "--headless"])
+    poller = StatusPoller(f"127.0.0.1:{port}")
+    try:
+        if poller.wait(lambda statuses: True, 20.0) is None:
+            raise BenchError(f"{name} did not answer on port {port}{orchestrator.stderr_tail()}")
+    finally:
+        poller.close()
+    return orchestrator
+
+
+# ---------------------------------------------------------------------------
+# Load generators seen from the bench: K processes sharing N workers and the ramp.
+# ---------------------------------------------------------------------------
+
+def loadgen_process_count(workers: int) -> int:
+    count = max(1, math.ceil(workers / WORKERS_PER_LOADGEN))
+    return max(count, 2) if workers >= 1000 else count
+
+
+class LoadGenerators:
+    def __init__(self, bench: Bench, target: str, workers: int, prefix: str):
+        self.workers = workers
+        count = loadgen_process_count(workers)
+        shares = [workers // count + (1 if index < workers % count else 0) for index in range(count)]
+        cares = cares_module()
+        options = json.dumps(cares.WORKER_OPTIONS)
+        identity_keys = f"{cares.NODE_METADATA_KEY},{cares.SESSION_METADATA_KEY}"
+        self.children = [
+            bench.spawn_role("_loadgen", f"loadgen-{prefix}-{index}",
+                             ["--target", target, "--workers", str(share), "--rate", str(RAMP_PER_S / count),
+                              "--prefix", f"{prefix}-{index}", "--channel-options", options,
+                              "--identity-keys", identity_keys])
+            for index, share in enumerate(shares)]
+
+    @property
+    def pids(self) -> list[int]:
+        return [child.pid for child in self.children]
+
+    @staticmethod
+    def _total(replies: list[dict]) -> dict:
+        total = {key: sum(reply.get(key, 0) for reply in replies)
+                 for key in ("joined", "failed", "sent", "open", "settled", "cpu_s")}
+        errors = collections.Counter()
+        for reply in replies:
+            errors.update(reply.get("errors", {}))
+        total["errors"] = dict(errors)
+        return total
+
+    def wait_ramped(self) -> dict:
+        timeout = self.workers / RAMP_PER_S + 60.0
+        deadline = time.monotonic() + timeout
+        replies = [child.expect("ramped", max(deadline - time.monotonic(), 1.0)) for child in self.children]
+        total = self._total(replies)
+        total["ramp_s"] = max(reply.get("ramp_s", 0.0) for reply in replies)
+        return total
+
+    def stats(self) -> dict:
+        for child in self.children:
+            child.send("stats")
+        return self._total([child.expect("stats", 30.0) for child in self.children])
+
+    def stop(self) -> dict:
+        for child in self.children:
+            child.send("stop")
+        replies = []
+        for child in self.children:
+            try:
+                replies.append(child.expect("stopped", 60.0))
+            except BenchError as error:
+                log(str(error))
+        for child in self.children:
+            child.stop(timeout=15.0)
+        return self._total(replies)
+
+
+# ---------------------------------------------------------------------------
+# Scenario 1: orchestrator capacity, cares against a bare grpc.aio server.
+# ---------------------------------------------------------------------------
+
+def history_fill_s(heartbeat_ms: int) -> float:
+    """Seconds after its join until a node's history deque is full (no more growth per message)."""
+    return cares_module().HISTORY_SAMPLES * heartbeat_ms / 1000.0
+
+
+def measure_phase(server: Child, load: LoadGenerators, window_s: float, windows: int,
+                  probe_until: float = 0.0) -> dict:
+    """CPU windows of the server (and the load), with the server's probe and the load's counters around them.
+
+    The probe (latency, messages/s, GC pauses) keeps counting after the CPU windows until
+    probe_until (time.monotonic()), so that rare events such as full collections are caught.
+    """
+    before = load.stats()
+    server.send("reset")
+    server.expect("reset", 10.0)
+    cpu = cpu_windows({"server": [server.pid], "loadgen": load.pids}, window_s, windows)
+    time.sleep(max(probe_until - time.monotonic(), 0.0))
+    server.send("report")
+    report = server.expect("report", 30.0)
+    after = load.stats()
+    seconds = report["seconds"]
+    return {"cpu_percent_windows": cpu["server"], "cpu_percent": median(cpu["server"]),
+            "loadgen_cpu_percent": median(cpu["loadgen"]),
+            "applied_per_s": report["applied_per_s"],
+            "offered_per_s": round((after["sent"] - before["sent"]) / seconds, 1) if seconds else None,
+            "p50_ms": report["p50_ms"], "p99_ms": report["p99_ms"], "p999_ms": report["p999_ms"],
+            "max_ms": report["max_ms"], "latency_samples": report["latency_samples"], "gc": report["gc"],
+            "probe_s": seconds, "streams": report["streams"], "failed_so_far": after["failed"]}
+
+
+def capacity_run(bench: Bench, kind: str, workers: int, heartbeat_ms: int = 1000) -> dict:
+    """One server (cares or bare) under `workers` simulated workers, measured in two phases.
+
+    "filling": a few seconds after the last join. cares keeps HISTORY_SAMPLES points per
+    node; until they are full every sample grows the heap (when those points were tuples,
+    this ran the garbage collector, whose full collections stalled the loop for up to 1 s).
+    "steady": once every node's history is full (not in --quick: it needs a minute).
+    The bare server goes through the same phases at the same times.
+    """
+    settle_s, window_s, windows = (1.0, 3.0, 1) if bench.quick else (5.0, 8.0, 3)
+    fill_s = history_fill_s(heartbeat_ms)
+    steady_skipped = ("--quick: needs a minute" if bench.quick else
+                      f"the history takes {fill_s:.0f} s to fill at this heartbeat" if fill_s > MAX_FILL_WAIT_S else None)
+    server = bench.spawn_role("_server", f"server-{kind}-{workers}",
+                              ["--kind", kind, "--listen", "127.0.0.1:0", "--max-nodes", str(workers),
+                               "--heartbeat-ms", str(heartbeat_ms)])
+    load = None
+    try:
+        port = server.expect("ready", 30.0)["port"]
+        load = LoadGenerators(bench, f"127.0.0.1:{port}", workers, f"{kind}{workers}")
+        ramped = load.wait_ramped()
+        last_join = time.monotonic()
+        log(f"capacity {kind} N={workers} heartbeat {heartbeat_ms} ms: {ramped['joined']} joined in "
+            f"{ramped['ramp_s']} s, {ramped['failed']} failed; measuring {windows} x {window_s:.0f} s"
+            + ("" if steady_skipped else " now and again once the history is full"))
+        time.sleep(settle_s)
+        # While the history fills, the probe runs until it is full (at most MAX_FILL_WAIT_S):
+        # full collections come every few tens of seconds, one CPU window set may miss them.
+        probe_until = 0.0 if bench.quick else last_join + min(fill_s, MAX_FILL_WAIT_S)
+        phases = {"filling": measure_phase(server, load, window_s, windows, probe_until)}
+        if not steady_skipped:
+            time.sleep(max(last_join + fill_s + 2.0 - time.monotonic(), 0.0))
+            phases["steady"] = measure_phase(server, load, window_s, windows)
+        rss = rss_bytes(server.pid)
+        final = load.stop()
+        load = None
+        return {"kind": kind, "workers": workers, "heartbeat_ms": heartbeat_ms,
+                "loadgen_processes": loadgen_process_count(workers),
+                "ramp_s": ramped["ramp_s"], "joined": ramped["joined"], "failed_joins": ramped["failed"],
+                "rss_bytes": rss, "failed_streams": final.get("failed"), "errors": final.get("errors", {}),
+                "window_s": window_s, "windows": windows, "steady_skipped": steady_skipped, **phases}
+    finally:
+        if load is not None:
+            load.stop()
+        server.stop(timeout=15.0)
+
+
+def choose_heartbeat(workers: int, reference: dict | None) -> tuple[int | None, str]:
+    """The heartbeat to run `workers` at, and why.
+
+    The load generators and the server share this machine's cores. From the largest size
+    measured so far (generators + bare server CPU per message/s, the floor of any server),
+    project what 1 Hz would need; past CORE_BUDGET_SHARE of the machine the figures would
+    describe the machine rather than cares, so run the size at the shortest slower
+    heartbeat that fits: it still holds every stream and every keepalive ping.
+    """
+    if reference is None:
+        return 1000, ""
+    budget = CORE_BUDGET_SHARE * (os.cpu_count() or 1) * 100.0
+    per_message = reference["percent"] / reference["per_s"]
+    need_1hz = per_message * workers
+    for heartbeat_ms in (1000,) + SLOWER_HEARTBEATS_MS:
+        need = need_1hz * 1000.0 / heartbeat_ms
+        if need <= budget:
+            if heartbeat_ms == 1000:
+                return 1000, ""
+            return heartbeat_ms, (
+                f"1 Hz not run: projected {need_1hz:.0f} % of a core for generators + bare server (from "
+                f"{reference['workers']:,} workers: {reference['percent']:.0f} % at {reference['per_s']:.0f} msg/s), "
+                f"more than {CORE_BUDGET_SHARE:.0%} of this machine's {os.cpu_count()} cores")
+    return None, f"not run: even a {SLOWER_HEARTBEATS_MS[-1] / 1000:g} s heartbeat projects past this machine"
+
+
+def capacity_scenario(bench: Bench) -> tuple[list, list, dict]:
+    sizes = [100] if bench.quick else list(CAPACITY_SIZES)
+    fd_limit = raise_fd_limit()
+    raw, rows, notes = {"runs": [], "not_run": {}}, [], []
+    reference = None  # generator + bare server CPU at the largest 1 Hz size measured so far
+    for workers in sizes:
+        if workers > bench.max_workers:
+            raw["not_run"][workers] = f"above --max-workers {bench.max_workers}"
+            rows.append((f"{workers:,} workers", "", f"not run: above --max-workers {bench.max_workers}", "—"))
+            continue
+        per_loadgen = math.ceil(workers / loadgen_process_count(workers))
+        if fd_limit < workers + 512 or fd_limit < per_loadgen * 2 + 512:
+            reason = f"open-files hard limit {fd_limit} is too low for {workers:,} connections"
+            raw["not_run"][workers] = reason
+            rows.append((f"{workers:,} workers", "", f"not run: {reason}", "—"))
+            continue
+        heartbeat_ms, why = choose_heartbeat(workers, reference)
+        if heartbeat_ms is None:
+            raw["not_run"][workers] = why
+            rows.append((f"{workers:,} workers", "", why, "—"))
+            continue
+        if why:
+            raw["not_run"][f"{workers} at 1 Hz"] = why
+            rows.append((f"{workers:,} workers at 1 Hz", "", why, "—"))
+        pair = {}
+        for kind in ("cares", "bare"):
+            try:
+                pair[kind] = capacity_run(bench, kind, workers, heartbeat_ms)
+            except BenchError as error:
+                log(f"capacity {kind} N={workers} failed: {error}")
+                pair[kind] = {"kind": kind, "workers": workers, "error": str(error)}
+            raw["runs"].append(pair[kind])
+        rows.extend(capacity_rows(workers, pair["cares"], pair["bare"]))
+        bare = pair["bare"].get("filling")
+        if heartbeat_ms == 1000 and bare and bare["applied_per_s"]:
+            reference = {"workers": workers, "per_s": bare["applied_per_s"],
+                         "percent": bare["cpu_percent"] + bare["loadgen_cpu_percent"]}
+    notes.append("Load: each simulated worker is its own channel and TCP connection (cares.WORKER_OPTIONS + "
+                 "grpc.use_local_subchannel_pool=1, so keepalive pings every 2 s too), joining at 250/s in "
+                 "total, then one NodeMetrics per heartbeat. 'bare' is a grpc.aio server with "
+                 "cares.SERVER_OPTIONS whose Heartbeat only counts messages.")
+    notes.append("CPU: % of one core from psutil cpu_times of the server pid, median of the windows; RSS at the "
+                 "end. Latency: measured inside the server, from the message's sent_at_ms (whole ms, rounded: "
+                 "+-0.5 ms) to the return of NodeRegistry.update (bare: of its counter); the same probe wraps "
+                 "both servers, and times the garbage collector's pauses (gc.callbacks).")
+    notes.append("Phases: 'while history fills' starts a few seconds after the last join (CPU: the first "
+                 + ("window" if bench.quick else "3 windows; latency, messages/s and GC: until the history is full "
+                    f"or {MAX_FILL_WAIT_S:.0f} s after the last join") +
+                 f"); 'steady state' once every node's history ({cares_module().HISTORY_SAMPLES} points, one per "
+                 "heartbeat) is full. Until then every sample grows the heap; 'full GCs' counts the collector's "
+                 "full collections, which stall the event loop.")
+    notes.append("Load generators: " + ", ".join(f"{n:,} workers -> {loadgen_process_count(n)} processes"
+                                                 for n in sizes if n <= bench.max_workers)
+                 + "; they share the machine's cores with the server (their CPU is in --json).")
+    return rows, notes, raw
+
+
+def capacity_rows(workers: int, cares_run: dict, bare_run: dict) -> list:
+    heartbeat_ms = cares_run.get("heartbeat_ms", 1000)
+    label = f"{workers:,} workers" + (f" at a {heartbeat_ms / 1000:g} s heartbeat" if heartbeat_ms != 1000 else "")
+    if "error" in cares_run or "error" in bare_run:
+        broken = cares_run.get("error") or bare_run.get("error")
+        return [(label, "", f"error: {broken}", "—")]
+    rows = []
+    ratio_target = workers in (1000, 3000) and heartbeat_ms == 1000
+    p99_target = workers == 3000 and heartbeat_ms == 1000
+    for phase, title in (("filling", "while history fills"), ("steady", "steady state")):
+        if phase not in cares_run or phase not in bare_run:
+            rows.append((f"{label}: {title}", "", f"not measured ({cares_run.get('steady_skipped')})", "—"))
+            continue
+        ours, floor = cares_run[phase], bare_run[phase]
+        ratio = ours["cpu_percent"] / floor["cpu_percent"] if ours["cpu_percent"] and floor["cpu_percent"] else None
+        rows.append((f"{label}, {title}: orchestrator CPU, cares / bare", "ratio <= 1.2" if ratio_target else "—",
+                     f"{fmt(ours['cpu_percent'])} % / {fmt(floor['cpu_percent'])} % (x{fmt(ratio, '.2f')})",
+                     met(ratio is not None and ratio <= 1.2) if ratio_target else "—"))
+        gen2 = ours["gc"]["gen2"]
+        rows.append((f"{label}, {title}: latency p50 / p99, cares (bare)", "p99 <= 10 ms" if p99_target else "—",
+                     f"{fmt(ours['p50_ms'], '.2f')} / {fmt(ours['p99_ms'], '.2f')} ms "
+                     f"({fmt(floor['p50_ms'], '.2f')} / {fmt(floor['p99_ms'], '.2f')} ms); cares max "
+                     f"{fmt(ours['max_ms'], '.0f')} ms, full GCs {gen2['count']} (longest {gen2['max_ms']:.0f} ms)",
+                     met(ours["p99_ms"] is not None and ours["p99_ms"] <= 10.0) if p99_target else "—"))
+        rows.append((f"{label}, {title}: messages/s applied, cares / bare (sent)", "—",
+                     f"{fmt(ours['applied_per_s'], '.0f')} / {fmt(floor['applied_per_s'], '.0f')} "
+                     f"({fmt(ours['offered_per_s'], '.0f')} / {fmt(floor['offered_per_s'], '.0f')})", "—"))
+    rows.append((f"{label}: RSS at the end, cares / bare", "—",
+                 f"{cares_run['rss_bytes'] / MB:.0f} MB / {bare_run['rss_bytes'] / MB:.0f} MB "
+                 f"(x{ratio_text(cares_run['rss_bytes'], bare_run['rss_bytes'])})", "—"))
+    failed_target = workers == 10000
+    failed = cares_run["failed_streams"]
+    detail = ", ".join(f"{name}: {count}" for name, count in sorted(cares_run["errors"].items()))
+    last_phase = cares_run.get("steady") or cares_run["filling"]
+    rows.append((f"{label}: failed streams, cares / bare", "0 (cares)" if failed_target else "—",
+                 f"{failed} / {bare_run['failed_streams']}" + (f" ({detail})" if detail else "")
+                 + f"; {last_phase['streams']:,} nodes Active in cares at the end",
+                 met(failed == 0) if failed_target else "—"))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Scenario 2: worker footprint, beside Prometheus node_exporter.
+# ---------------------------------------------------------------------------
+
+def find_node_exporter() -> str | None:
+    for name in ("prometheus-node-exporter", "node_exporter"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def footprint_scenario(bench: Bench) -> tuple[list, list, dict]:
+    import urllib.request
+    warmup_s, window_s, windows = (1.0, 4.0, 1) if bench.quick else (5.0, 10.0, 3)
+    port = free_port()
+    orchestrator = start_headless_orchestrator(bench, "footprint-orchestrator", port)
+    worker = bench.spawn_cares("footprint-worker", ["worker", f"127.0.0.1:{port}", "--headless",
+                                                    "--node-id", "bench-footprint"])
+    exporter_path, exporter, scraper_stop, scrapes = find_node_exporter(), None, threading.Event(), []
+    poller = StatusPoller(f"127.0.0.1:{port}")
+    floor = None
+    try:
+        if poller.wait(lambda statuses: statuses.get("bench-footprint") == "Active", 20.0) is None:
+            raise BenchError(f"the worker never turned Active{worker.stderr_tail()}")
+        # The floor of the worker's stack: a bare grpc.aio client (one simulated worker: same
+        # channel options, one NodeMetrics a second, no cares, no psutil sampling).
+        floor = LoadGenerators(bench, f"127.0.0.1:{port}", 1, "floor")
+        floor.wait_ramped()
+        groups = {"worker": [worker.pid], "floor": floor.pids}
+        if exporter_path:
+            exporter_port = free_port()
+            exporter = Child("node-exporter", [exporter_path, f"--web.listen-address=127.0.0.1:{exporter_port}"],
+                             bench.workdir)
+            url = f"http://127.0.0.1:{exporter_port}/metrics"
+            deadline = time.monotonic() + 10.0
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=2).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or not exporter.alive():
+                        raise BenchError(f"node_exporter did not serve {url}{exporter.stderr_tail()}") from None
+                    time.sleep(0.1)
+
+            def scrape_every_second():
+                next_at = time.monotonic()
+                while not scraper_stop.is_set():
+                    try:
+                        scrapes.append(len(urllib.request.urlopen(url, timeout=2).read()))
+                    except OSError:
+                        scrapes.append(0)
+                    next_at += 1.0
+                    scraper_stop.wait(max(next_at - time.monotonic(), 0.0))
+
+            threading.Thread(target=scrape_every_second, daemon=True).start()
+            groups["node_exporter"] = [exporter.pid]
+        log(f"footprint: measuring {windows} x {window_s:.0f} s after {warmup_s:.0f} s of warm-up")
+        time.sleep(warmup_s)
+        cpu = cpu_windows(groups, window_s, windows)
+        # psutil's CPU times count 10 ms ticks: 0.1 % of a core is one tick per 10 s window. For
+        # figures this small the mean over the whole span is the precise one (windows in --json).
+        cpu = {name: dict(windows=values, span=round(statistics.mean(values), 3)) for name, values in cpu.items()}
+        raw = {"worker_cpu_percent_windows": cpu["worker"]["windows"], "worker_cpu_percent": cpu["worker"]["span"],
+               "worker_rss_bytes": rss_bytes(worker.pid), "window_s": window_s, "windows": windows,
+               "floor_cpu_percent_windows": cpu["floor"]["windows"], "floor_cpu_percent": cpu["floor"]["span"],
+               "floor_rss_bytes": rss_bytes(floor.pids[0]),
+               "worker_still_active": poller.statuses().get("bench-footprint") == "Active"}
+        if exporter is not None:
+            raw.update({"node_exporter": exporter_path,
+                        "node_exporter_cpu_percent_windows": cpu["node_exporter"]["windows"],
+                        "node_exporter_cpu_percent": cpu["node_exporter"]["span"],
+                        "node_exporter_rss_bytes": rss_bytes(exporter.pid),
+                        "scrapes": len(scrapes), "failed_scrapes": scrapes.count(0),
+                        "scrape_bytes": median([size for size in scrapes if size])})
+    finally:
+        scraper_stop.set()
+        poller.close()
+        if floor is not None:
+            floor.stop()
+        for child in (worker, exporter, orchestrator):
+            if child is not None:
+                child.stop()
+    rows = [("worker CPU (1 Hz heartbeat)", "<= 0.3 % of a core", f"{raw['worker_cpu_percent']:.2f} %",
+             met(raw["worker_cpu_percent"] <= 0.3)),
+            ("worker RSS", "<= 40 MB", f"{raw['worker_rss_bytes'] / MB:.1f} MB",
+             met(raw["worker_rss_bytes"] <= 40 * MB)),
+            ("floor: bare grpc.aio client at 1 Hz, CPU / RSS", "—",
+             f"{raw['floor_cpu_percent']:.2f} % / {raw['floor_rss_bytes'] / MB:.1f} MB "
+             f"(worker x{ratio_text(raw['worker_cpu_percent'], raw['floor_cpu_percent'])} CPU, "
+             f"x{ratio_text(raw['worker_rss_bytes'], raw['floor_rss_bytes'])} RSS)", "—")]
+    if exporter is not None:
+        rows += [("node_exporter CPU (scraped 1/s)", "—", f"{raw['node_exporter_cpu_percent']:.2f} %", "—"),
+                 ("node_exporter RSS", "—", f"{raw['node_exporter_rss_bytes'] / MB:.1f} MB", "—"),
+                 ("worker / node_exporter, CPU and RSS", "—",
+                  f"x{ratio_text(raw['worker_cpu_percent'], raw['node_exporter_cpu_percent'])} CPU, "
+                  f"x{ratio_text(raw['worker_rss_bytes'], raw['node_exporter_rss_bytes'])} RSS", "—")]
+    else:
+        rows.append(("node_exporter", "—", "not installed (Debian: prometheus-node-exporter)", "—"))
+    notes = [f"Headless `cares.py worker` against a headless orchestrator; CPU as % of one core over "
+             f"{windows * window_s:.0f} s ({windows} windows; mean, as 10 ms CPU ticks make one window's figure "
+             "coarse) after warm-up, RSS at the end. The floor is this "
+             "bench's load generator with one simulated worker (grpc + protobuf only, cares.WORKER_OPTIONS), "
+             "streaming to the same orchestrator in the same windows."]
+    if exporter is not None:
+        notes.append(f"node_exporter ({exporter_path}, default collectors) ran in the same windows and was "
+                     f"scraped once a second from loopback ({raw['scrapes']} scrapes of ~"
+                     f"{(raw['scrape_bytes'] or 0) / 1000:.0f} kB, {raw['failed_scrapes']} failed).")
+    return rows, notes, raw
+
+
+def ratio_text(numerator, denominator) -> str:
+    if not numerator or not denominator:
+        return "n/a"
+    return f"{numerator / denominator:.2f}"
+
+
+# ---------------------------------------------------------------------------
+# Scenario 3: dashboard cost, the TUI in a tmux pane against --headless.
+# ---------------------------------------------------------------------------
+
+class TmuxOrchestrator:
+    """`cares.py orchestrator` with its dashboard in a private tmux server (exec'd, so pane pid = cares)."""
+
+    def __init__(self, bench: Bench, port: int):
+        self.socket = f"cares-bench-{os.getpid()}-{secrets.token_hex(3)}"
+        TMUX_SOCKETS.append(self.socket)
+        self.stderr_path = os.path.join(bench.workdir, "tui-orchestrator.stderr")
+        command = (f"exec env LC_ALL=C.UTF-8 {shlex.quote(PYTHON)} {shlex.quote(CARES_PY)} orchestrator "
+                   f"--listen 127.0.0.1:{port} 2>{shlex.quote(self.stderr_path)}")
+        self.tmux("new-session", "-d", "-s", "bench", "-x", "120", "-y", "40", command)
+        self.pid = int(self.tmux("display-message", "-p", "-t", "bench", "#{pane_pid}").strip() or 0)
+        if not self.pid:
+            raise BenchError("tmux did not start the dashboard pane")
+
+    def tmux(self, *args) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", *args], capture_output=True,
+                              text=True, timeout=10).stdout
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", "bench")
+
+    def stop(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGTERM)  # cares leaves its screen on SIGTERM like on q
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and pid_running(self.pid):
+            time.sleep(0.05)
+        if pid_running(self.pid):
+            os.kill(self.pid, signal.SIGKILL)
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)
+        if self.socket in TMUX_SOCKETS:
+            TMUX_SOCKETS.remove(self.socket)
+
+
+def pid_running(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def dashboard_scenario(bench: Bench) -> tuple[list, list, dict]:
+    if shutil.which("tmux") is None:
+        return [("TUI cost", "<= 3 % of a core", "not run: tmux is not installed", "—")], [], {"skipped": "no tmux"}
+    sizes = [size for size in ((10, 100) if bench.quick else DASHBOARD_SIZES) if size <= bench.max_workers]
+    if not sizes:
+        return [("TUI cost", "<= 3 % of a core", f"not run: --max-workers {bench.max_workers}", "—")], [], \
+            {"skipped": "--max-workers"}
+    settle_s, window_s, windows = (1.0, 2.0, 1) if bench.quick else (4.0, 8.0, 3)
+    raw = {"sizes": sizes, "window_s": window_s, "windows": windows}
+    for mode in ("headless", "tui"):
+        port = free_port()
+        tui = orchestrator = None
+        loads = []
+        try:
+            if mode == "tui":
+                tui = TmuxOrchestrator(bench, port)
+                pid = tui.pid
+                poller = StatusPoller(f"127.0.0.1:{port}")
+                ready = poller.wait(lambda statuses: True, 20.0)
+                poller.close()
+                if ready is None:
+                    raise BenchError(f"the TUI orchestrator did not answer; screen:\n{tui.screen()}")
+            else:
+                orchestrator = start_headless_orchestrator(bench, "dashboard-orchestrator", port)
+                pid = orchestrator.pid
+            fed = 0
+            for size in sizes:
+                # Grow the same orchestrator from 10 to 1,000 nodes: ramp only what is new.
+                loads.append(LoadGenerators(bench, f"127.0.0.1:{port}", size - fed, f"{mode}{size}"))
+                ramped = loads[-1].wait_ramped()
+                fed = size
+                time.sleep(settle_s)
+                log(f"dashboard {mode} {size} nodes ({ramped['failed']} failed joins): "
+                    f"measuring {windows} x {window_s:.0f} s")
+                cpu = cpu_windows({"orchestrator": [pid]}, window_s, windows)["orchestrator"]
+                entry = {"cpu_percent_windows": cpu, "cpu_percent": median(cpu), "failed": ramped["failed"]}
+                if tui is not None:
+                    shown = re.search(r"Nodes: (\d+) active", tui.screen())
+                    entry["screen_active_nodes"] = int(shown.group(1)) if shown else None
+                raw[f"{mode}_{size}"] = entry
+        finally:
+            for load in loads:
+                load.stop()
+            if tui is not None:
+                tui.stop()
+            if orchestrator is not None:
+                orchestrator.stop()
+    rows = []
+    for size in sizes:
+        headless, tui_run = raw[f"headless_{size}"], raw[f"tui_{size}"]
+        added = tui_run["cpu_percent"] - headless["cpu_percent"]
+        rows.append((f"{size:,} nodes: orchestrator CPU, TUI / headless", "—",
+                     f"{tui_run['cpu_percent']:.1f} % / {headless['cpu_percent']:.1f} %", "—"))
+        rows.append((f"{size:,} nodes: CPU the TUI adds", "<= 3 % of a core", f"{added:+.1f} %", met(added <= 3.0)))
+        if tui_run.get("screen_active_nodes") != size:
+            rows.append((f"{size:,} nodes: dashboard header", "—",
+                         f"showed {tui_run.get('screen_active_nodes')} active (expected {size})", "—"))
+    notes = [f"The dashboard runs in a 120x40 tmux pane; the same simulated workers feed a headless orchestrator "
+             f"for the comparison. CPU of the orchestrator pid, median of {windows} x {window_s:.0f} s windows."]
+    return rows, notes, raw
+
+
+# ---------------------------------------------------------------------------
+# Scenario 4: start-up of the zipapp, cold and warm.
+# ---------------------------------------------------------------------------
+
+def locate_pyz(bench: Bench) -> tuple[str | None, str]:
+    """The zipapp to time and where it came from; None and the reason when there is none.
+
+    Without --pyz, build one from the current sources into the scratch folder (from
+    cached wheels first: seconds; then, except in --quick, fetching them), so the figures
+    never describe a stale ./cares.pyz; fall back to ./cares.pyz if building fails.
+    """
+    if bench.pyz:
+        if os.path.isfile(bench.pyz):
+            return os.path.abspath(bench.pyz), f"--pyz {bench.pyz}"
+        return None, f"skipped: cares.pyz not built ({bench.pyz} does not exist)"
+    script, output = os.path.join(HERE, "build_zipapp.sh"), os.path.join(bench.workdir, "cares.pyz")
+    failure = "no build_zipapp.sh"
+    if os.path.isfile(script):
+        for extra, timeout in ((["--offline"], 120), ([], 900)):
+            if bench.quick and not extra:
+                break  # --quick stays under a minute: no downloads
+            log(f"startup: building cares.pyz with build_zipapp.sh {' '.join(extra)}")
+            try:
+                result = subprocess.run(["sh", script, "-o", output, *extra], cwd=HERE, capture_output=True,
+                                        text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                failure = "build_zipapp.sh timed out"
+                continue
+            if result.returncode == 0 and os.path.isfile(output):
+                return output, "built from the current sources by this run (build_zipapp.sh)"
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            failure = "build_zipapp.sh: " + last.removeprefix("build_zipapp.sh: ")[:160]
+    prebuilt = os.path.join(HERE, "cares.pyz")
+    if os.path.isfile(prebuilt):
+        stale = os.path.getmtime(prebuilt) < os.path.getmtime(CARES_PY)
+        return prebuilt, f"{prebuilt}, prebuilt ({failure})" + (", older than cares.py" if stale else "")
+    return None, f"skipped: cares.pyz not built ({failure})"
+
+
+def timed_run(argv: list[str], env: dict, expect: str) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                            cwd=tempfile.gettempdir())
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0 or expect not in result.stdout:
+        raise BenchError(f"{' '.join(argv)} failed (code {result.returncode}): "
+                         f"{(result.stderr.strip().splitlines() or [''])[-1][:200]}")
+    return elapsed
+
+
+def startup_scenario(bench: Bench) -> tuple[list, list, dict]:
+    pyz, origin = locate_pyz(bench)
+    if pyz is None:
+        return [("python3 cares.pyz --version", "warm <= 0.35 s, cold <= 1.0 s", origin, "—")], [], \
+            {"skipped": origin}
+    runs = 3 if bench.quick else 5
+    base_env = {key: value for key, value in os.environ.items()
+                if key not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX", "CARES_CACHE_DIR")}
+    raw = {"pyz": pyz, "origin": origin, "python": PYTHON, "runs": runs}
+    rows = []
+    for bytecode in ("unset", "set"):
+        env = dict(base_env)
+        if bytecode == "set":
+            env["PYTHONDONTWRITEBYTECODE"] = "1"
+        cold = []
+        for index in range(runs):
+            env["CARES_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"cold-{bytecode}-{index}-", dir=bench.workdir)
+            cold.append(timed_run([PYTHON, pyz, "--version"], env, "cares"))
+        env["CARES_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"warm-{bytecode}-", dir=bench.workdir)
+        timed_run([PYTHON, pyz, "--version"], env, "cares")  # fills the cache
+        warm = [timed_run([PYTHON, pyz, "--version"], env, "cares") for _ in range(runs)]
+        raw[f"cold_{bytecode}_s"], raw[f"warm_{bytecode}_s"] = cold, warm
+        label = f"PYTHONDONTWRITEBYTECODE {bytecode}"
+        rows.append((f"cares.pyz --version, warm, {label}", "<= 0.35 s", f"{median(warm):.3f} s",
+                     met(median(warm) <= 0.35)))
+        rows.append((f"cares.pyz --version, cold (empty cache), {label}", "<= 1.0 s", f"{median(cold):.3f} s",
+                     met(median(cold) <= 1.0)))
+    # Floors measured the same way: the bare interpreter, and cares run from an installed venv.
+    floor_env = dict(base_env, PYTHONPYCACHEPREFIX=os.path.join(bench.workdir, "pycache"))
+    timed_run([PYTHON, CARES_PY, "--version"], floor_env, "cares")  # compile once into the prefix
+    raw["python_floor_s"] = [timed_run([PYTHON, "-c", "print('cares')"], base_env, "cares") for _ in range(runs)]
+    raw["installed_s"] = [timed_run([PYTHON, CARES_PY, "--version"], floor_env, "cares") for _ in range(runs)]
+    rows.append(("floor: python -c pass", "—", f"{median(raw['python_floor_s']):.3f} s", "—"))
+    rows.append(("floor: python cares.py --version (venv install, warm bytecode)", "—",
+                 f"{median(raw['installed_s']):.3f} s "
+                 f"(pyz warm x{median(raw['warm_unset_s']) / median(raw['installed_s']):.2f})", "—"))
+    notes = [f"{PYTHON} ({platform.python_version()}), {origin}; medians of {runs} runs; cold = a fresh empty "
+             f"CARES_CACHE_DIR each run, warm = the same one after a first run. Wall time of the whole process."]
+    return rows, notes, raw
+
+
+# ---------------------------------------------------------------------------
+# Scenario 5: failure detection and recovery, with real worker processes.
+# ---------------------------------------------------------------------------
+
+def detection_scenario(bench: Bench) -> tuple[list, list, dict]:
+    cares = cares_module()
+    runs, worker_count = (1, 2) if bench.quick else (3, 3)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    node_ids = [f"bench-detect-{index}" for index in range(worker_count)]
+    orchestrator = start_headless_orchestrator(bench, "detect-orchestrator", port)
+    workers = {}
+    poller = StatusPoller(address)
+    raw = {"sigkill_s": [], "sigstop_s": [], "restart_serving_s": [], "restart_all_active_s": [],
+           "workers": worker_count}
+
+    def spawn_worker(node_id):
+        workers[node_id] = bench.spawn_cares(node_id, ["worker", address, "--headless", "--node-id", node_id])
+
+    def all_active(statuses):
+        return all(statuses.get(node_id) == cares.ACTIVE for node_id in node_ids)
+
+    def ensure_all_active(what):
+        if poller.wait(all_active, 30.0) is None:
+            raise BenchError(f"workers not all Active {what}: {poller.statuses()}")
+
+    try:
+        for node_id in node_ids:
+            spawn_worker(node_id)
+        ensure_all_active("after start")
+        for run in range(runs):
+            victim = node_ids[run % worker_count]
+            # Steady state: the victim has streamed at least one heartbeat (see the early-kill figure below).
+            time.sleep(STEADY_AFTER_JOIN_S)
+            # SIGKILL: the kernel closes the socket, the stream ends at once.
+            started = time.monotonic()
+            os.kill(workers[victim].pid, signal.SIGKILL)
+            raw["sigkill_s"].append(poller.wait(lambda statuses: statuses.get(victim) == cares.DISCONNECTED,
+                                                15.0, started=started))
+            workers[victim].stop()
+            spawn_worker(victim)
+            ensure_all_active("after a SIGKILL")
+            # SIGSTOP: the socket stays open; only the missed heartbeats tell.
+            started = time.monotonic()
+            os.kill(workers[victim].pid, signal.SIGSTOP)
+            try:
+                raw["sigstop_s"].append(poller.wait(lambda statuses: statuses.get(victim) == cares.DISCONNECTED,
+                                                    20.0, started=started))
+            finally:
+                os.kill(workers[victim].pid, signal.SIGCONT)
+            if poller.wait(all_active, 20.0) is None:  # it rejoins by itself after SIGCONT
+                workers[victim].stop()
+                spawn_worker(victim)
+                ensure_all_active("after a SIGSTOP")
+            # Orchestrator restart on the same port: every worker reconnects on its own.
+            started = time.monotonic()
+            orchestrator.stop(sig=signal.SIGKILL)
+            orchestrator = bench.spawn_cares("detect-orchestrator", ["orchestrator", "--listen", address, "--headless"])
+            raw["restart_serving_s"].append(poller.wait(lambda statuses: True, 30.0, started=started))
+            raw["restart_all_active_s"].append(poller.wait(all_active, 60.0, started=started))
+            ensure_all_active("after the restart")
+            log(f"detection run {run + 1}: SIGKILL {raw['sigkill_s'][-1]}, SIGSTOP {raw['sigstop_s'][-1]}, "
+                f"restart {raw['restart_all_active_s'][-1]}")
+        if not bench.quick:
+            # A worker that dies between JoinCluster and its first heartbeat message: the
+            # orchestrator cannot tell which node a stream belongs to before that message.
+            victim = node_ids[0]
+            workers[victim].stop(sig=signal.SIGKILL)
+            poller.wait(lambda statuses: statuses.get(victim) == cares.DISCONNECTED, 15.0)
+            spawn_worker(victim)
+            poller.wait(lambda statuses: statuses.get(victim) == cares.ACTIVE, 30.0, interval=0.005)
+            started = time.monotonic()
+            os.kill(workers[victim].pid, signal.SIGKILL)
+            raw["sigkill_right_after_join_s"] = [
+                poller.wait(lambda statuses: statuses.get(victim) == cares.DISCONNECTED, 15.0, started=started)]
+    finally:
+        poller.close()
+        for child in list(workers.values()) + [orchestrator]:
+            child.stop()
+    deadline = cares.MISSED_HEARTBEATS * cares.DEFAULT_HEARTBEAT_MS / 1000.0
+    sweep = cares.DEFAULT_HEARTBEAT_MS / 2000.0
+
+    def seconds(values):
+        if any(value is None for value in values):
+            return f"timed out in {sum(value is None for value in values)} of {len(values)} runs"
+        return f"{median(values):.2f} s (runs: {', '.join(f'{value:.2f}' for value in values)})"
+
+    stop_ok = raw["sigstop_s"] and all(value is not None and value <= deadline + sweep for value in raw["sigstop_s"])
+    rows = [("SIGKILL of a worker -> Disconnected", "—", seconds(raw["sigkill_s"]), "—"),
+            ("SIGSTOP of a worker -> Disconnected", f"<= {deadline + sweep:.1f} s (cares' own deadline)",
+             seconds(raw["sigstop_s"]), met(stop_ok)),
+            *([("SIGKILL of a worker within ms of its join -> Disconnected", "—",
+                seconds(raw["sigkill_right_after_join_s"]), "—")] if "sigkill_right_after_join_s" in raw else []),
+            ("orchestrator SIGKILL + restart -> serving", "—", seconds(raw["restart_serving_s"]), "—"),
+            ("orchestrator SIGKILL + restart -> all workers Active", "—", seconds(raw["restart_all_active_s"]), "—")]
+    notes = [f"{worker_count} real `cares.py worker --headless` processes; status polled every 20 ms through "
+             f"StatusService.ListNodes. cares' deadline: {cares.MISSED_HEARTBEATS} missed heartbeats of "
+             f"{cares.DEFAULT_HEARTBEAT_MS} ms, swept every {sweep:.1f} s. {runs} run(s) each."]
+    return rows, notes, raw
+
+
+# ---------------------------------------------------------------------------
+# Report: one markdown table per scenario on stdout, raw numbers in --json.
+# ---------------------------------------------------------------------------
+
+TITLES = {"capacity": "Orchestrator capacity (cares vs a bare grpc.aio server)",
+          "footprint": "Worker footprint (vs Prometheus node_exporter)",
+          "dashboard": "Dashboard cost (TUI in tmux vs --headless)",
+          "startup": "Start-up (python cares.pyz --version)",
+          "detection": "Detection and recovery"}
+
+
+def print_table(name: str, rows: list, notes: list) -> None:
+    lines = [f"### {TITLES[name]}", "", "| figure | target | measured | met? |", "| --- | --- | --- | --- |"]
+    lines += [f"| {figure} | {target or '—'} | {measured} | {ok} |" for figure, target, measured, ok in rows]
+    if notes:
+        lines.append("")
+        lines += [f"- {note}" for note in notes]
+    print("\n".join(lines) + "\n", flush=True)
+
+
+def machine_description() -> dict:
+    import psutil
+    return {"python": platform.python_version(), "executable": PYTHON, "platform": platform.platform(),
+            "cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
+            "load_average_at_start": os.getloadavg(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def run_bench(args) -> int:
+    workdir = tempfile.mkdtemp(prefix="cares-bench-")
+    bench = Bench(quick=args.quick, max_workers=args.max_workers, pyz=args.pyz, workdir=workdir)
+    scenarios = args.scenario or list(SCENARIOS)
+    results = {"machine": machine_description(), "quick": args.quick, "max_workers": args.max_workers,
+               "scenarios": {}}
+    broken = False
+    started = time.monotonic()
+    runners = {"capacity": capacity_scenario, "footprint": footprint_scenario, "dashboard": dashboard_scenario,
+               "startup": startup_scenario, "detection": detection_scenario}
+    try:
+        print(f"## cares benchmark{' (--quick)' if args.quick else ''}: {platform.node()}, "
+              f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
+              f"load average {' '.join(f'{value:.2f}' for value in os.getloadavg())}\n", flush=True)
+        for name in SCENARIOS:
+            if name not in scenarios:
+                continue
+            log(f"scenario {name}")
+            scenario_started = time.monotonic()
+            try:
+                rows, notes, raw = runners[name](bench)
+            except BenchError as error:
+                broken = True
+                rows, notes, raw = [("scenario", "—", f"error: {error}", "—")], [], {"error": str(error)}
+            except Exception as error:  # a bug in the bench: report it, finish the others, exit non-zero
+                broken = True
+                traceback.print_exc()
+                rows, notes, raw = [("scenario", "—", f"bench bug: {type(error).__name__}: {error}", "—")], [], \
+                    {"error": repr(error)}
+            finally:
+                cleanup_everything()
+            raw["elapsed_s"] = round(time.monotonic() - scenario_started, 1)
+            results["scenarios"][name] = {"rows": rows, "notes": notes, "raw": raw}
+            print_table(name, rows, notes)
+        results["elapsed_s"] = round(time.monotonic() - started, 1)
+        print(f"Total time {results['elapsed_s']:.0f} s.", flush=True)
+    finally:
+        cleanup_everything()
+        if args.json:
+            with open(args.json, "w") as file:
+                json.dump(results, file, indent=2, default=str)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if broken else 0
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Benchmark cares: orchestrator capacity (vs a bare grpc.aio server), worker footprint "
+                    "(vs node_exporter), dashboard cost, start-up and failure detection.")
+    parser.add_argument("--quick", action="store_true",
+                        help="every scenario small (N <= 100, short windows), under a minute; what CI runs")
+    parser.add_argument("--json", metavar="FILE", help="write the raw numbers here")
+    parser.add_argument("--max-workers", type=int, default=max(CAPACITY_SIZES), metavar="N",
+                        help="skip capacity and dashboard sizes above N simulated workers (default %(default)s)")
+    parser.add_argument("--scenario", nargs="+", choices=SCENARIOS, metavar="NAME",
+                        help=f"run only these, of: {', '.join(SCENARIOS)} (default: all)")
+    parser.add_argument("--pyz", metavar="PATH",
+                        help="cares.pyz to time (default: build one from the current sources with "
+                             "build_zipapp.sh, else use ./cares.pyz)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_server":
+        role = argparse.ArgumentParser(prog="bench_cares.py _server")
+        role.add_argument("--kind", choices=("cares", "bare"), required=True)
+        role.add_argument("--listen", required=True)
+        role.add_argument("--max-nodes", type=int, default=0)
+        role.add_argument("--heartbeat-ms", type=int, default=1000)
+        return server_main(role.parse_args(argv[1:]))
+    if argv and argv[0] == "_loadgen":
+        role = argparse.ArgumentParser(prog="bench_cares.py _loadgen")
+        role.add_argument("--target", required=True)
+        role.add_argument("--workers", type=int, required=True)
+        role.add_argument("--rate", type=float, required=True)
+        role.add_argument("--prefix", required=True)
+        role.add_argument("--channel-options", required=True, help="JSON list of [name, value]")
+        role.add_argument("--identity-keys", required=True,
+                          help="metadata keys NODE,SESSION that name a Heartbeat stream's node and session")
+        return loadgen_main(role.parse_args(argv[1:]))
+    args = build_parser().parse_args(argv)
+    # SIGTERM ends the bench like Ctrl-C does: through the finally blocks that kill every child.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return run_bench(args)
+    except KeyboardInterrupt:
+        print("bench_cares: interrupted; every child process was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
