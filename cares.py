@@ -281,11 +281,15 @@ def char_width(char: str) -> int:
     return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
 
 
+def display_width(text: str) -> int:
+    return sum(char_width(char) for char in text)
+
+
 def fit(text: str, width: int) -> str:
     """Pad or cut text to exactly width terminal cells, marking a cut with '…'."""
     if width <= 0:
         return ""
-    cells = sum(char_width(char) for char in text)
+    cells = display_width(text)
     if cells <= width:
         return text + " " * (width - cells)
     kept, used = [], 0
@@ -1452,9 +1456,6 @@ def _quit_on_q(event) -> None:
 class TooSmallNotice(Effect):
     """Shown instead of a layout that does not fit; resizing brings the real view back."""
 
-    def __init__(self, screen):
-        super().__init__(screen)
-
     def reset(self):
         pass
 
@@ -1488,10 +1489,10 @@ class Pane(Widget):
         """Draw text at (x, y) inside this pane, clipped to it; return the x after it."""
         if y >= self._h or x >= self._w:
             return x
-        text = fit(text, min(self._w - x, sum(char_width(char) for char in text)))
+        text = fit(text, min(self._w - x, display_width(text)))
         colour, attr, background = STYLES[style]
         self._frame.canvas.print_at(text, self._x + x, self._y + y, colour, attr, background)
-        return x + sum(char_width(char) for char in text)
+        return x + display_width(text)
 
     def put_segments(self, segments, y: int, x: int = 0) -> int:
         for text, style in segments:

@@ -744,7 +744,7 @@ class TableLayoutTest(unittest.TestCase):
 
     def test_fit_counts_wide_characters(self):
         self.assertEqual(cares.fit("節點節點", 5), "節點…")
-        self.assertEqual(sum(cares.char_width(c) for c in cares.fit("節點節點", 5)), 5)
+        self.assertEqual(cares.display_width(cares.fit("節點節點", 5)), 5)
         self.assertEqual(cares.fit("節", 3), "節 ")
 
     def test_sorting_and_summary(self):
@@ -1124,6 +1124,11 @@ class TmuxEndToEndTest(unittest.TestCase):
                              f"{victim} Disconnected")
         self.assertIn(f"Node '{victim}' lost", text)
         self.assertEqual(sum("Active" in row for row in self.node_rows(text).values()), 3)
+
+        self.tmux("resize-window", "-t", "cares:orch", "-x", "60", "-y", "15")
+        self.wait_for("orch", lambda text: "terminal too small (need 70x18)" in text, 5, "the too-small notice")
+        self.tmux("resize-window", "-t", "cares:orch", "-x", "120", "-y", "40")
+        self.wait_for("orch", lambda text: len(self.node_rows(text)) == 4, 5, "the dashboard back after a resize")
 
         self.keys("orch", "q")
         code, err = self.exit_code("orch")
