@@ -1304,12 +1304,14 @@ class AccessTest(ClusterTestCase):
         self.assertEqual(second.outcome(), grpc.StatusCode.FAILED_PRECONDITION)
         stream.send(metrics("alice", bob, 2, cpu=99))
         self.assertEqual(stream.outcome(), grpc.StatusCode.PERMISSION_DENIED)
+        # The client can see the status before the handler's clean-up has run.
+        self.assert_becomes(orchestrator.registry, "alice", cares.DISCONNECTED, 2)
         rejoined = stub.JoinCluster(pb.NodeInfo(node_id="alice"), timeout=5).session_id
         stream = OpenStream(self, stub, "alice", rejoined)
         stream.send(metrics("bob", bob, 2, cpu=99))
         self.assertEqual(stream.outcome(), grpc.StatusCode.PERMISSION_DENIED)
+        self.assert_becomes(orchestrator.registry, "alice", cares.DISCONNECTED, 2)
         self.assertEqual(orchestrator.registry.get("bob").cpu_usage, 0.0)
-        self.assertEqual(orchestrator.registry.get("alice").status, cares.DISCONNECTED)
 
 
 # ---------------------------------------------------------------------------
