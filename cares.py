@@ -198,6 +198,21 @@ def peer_to_address(peer: str) -> str:
     return sanitize_text(peer, 64)
 
 
+def join_addresses(listen_host: str, port: int, interfaces: dict) -> list[str]:
+    """The HOST:PORT strings a worker can use; for a wildcard listen, this machine's IPv4 addresses
+    (interfaces as psutil.net_if_addrs() gives them), loopback last. Never empty."""
+    if listen_host not in ("::", "0.0.0.0", ""):
+        return [format_address(listen_host, port)]
+    found, loopback = [], []
+    for addresses in interfaces.values():
+        for entry in addresses:
+            if entry.family != socket.AF_INET:
+                continue
+            (loopback if entry.address.startswith("127.") else found).append(entry.address)
+    hosts = sorted(set(found)) + sorted(set(loopback))
+    return [format_address(host, port) for host in hosts] or [format_address(listen_host, port)]
+
+
 def is_valid_percent(value: float) -> bool:
     return math.isfinite(value) and 0.0 <= value <= 100.0
 
@@ -975,6 +990,7 @@ class Orchestrator:
         self._status = StatusServicer(self.registry, token)
         self._server = None
         self._sweeper = None
+        self.join_hosts: list[str] = []
 
     @property
     def address(self) -> str:
@@ -983,6 +999,7 @@ class Orchestrator:
     def start(self) -> None:
         """Listen and serve on a background thread; StartError if the address cannot be used."""
         run_on_grpc_loop(self._start(), timeout=10)
+        self.join_hosts = join_addresses(self.listen_host, self.port, psutil.net_if_addrs())
         self.registry.events.add("INFO", f"Orchestrator listening on {self.address}.")
 
     async def _start(self) -> None:
@@ -1269,21 +1286,6 @@ def format_status_table(rows: list[dict], now: float | None = None) -> str:
     if not rows:
         lines.append("(no workers have joined)")
     return "\n".join(lines)
-
-
-def join_addresses(listen_host: str, port: int, interfaces: dict | None = None) -> list[str]:
-    """The HOST:PORT strings a worker can use, listing this machine's addresses for a wildcard listen."""
-    if listen_host not in ("::", "0.0.0.0", ""):
-        return [format_address(listen_host, port)]
-    if interfaces is None:
-        interfaces = psutil.net_if_addrs()
-    found, loopback = [], []
-    for addresses in interfaces.values():
-        for entry in addresses:
-            if entry.family != socket.AF_INET:
-                continue
-            (loopback if entry.address.startswith("127.") else found).append(entry.address)
-    return [format_address(host, port) for host in sorted(set(found)) + sorted(set(loopback))]
 
 
 # ---------------------------------------------------------------------------
@@ -1697,12 +1699,11 @@ class DashboardHeader(Pane):
         access = "open cluster (no join token)" if not orchestrator.token else "join token required"
         self.put(f"cares orchestrator - listening on {orchestrator.address} - heartbeat "
                  f"{orchestrator.registry.heartbeat_interval:.2f} s - {access}", 0, 0, "bold")
-        hosts = join_addresses(orchestrator.listen_host, orchestrator.port)
-        self.put("Join with: cares worker " + "  or  ".join(hosts), 0, 1)
+        self.put("Join with: cares worker " + "  or  ".join(orchestrator.join_hosts), 0, 1)
         x = self.put(f"Nodes: {summary.active} active, {summary.disconnected} disconnected", 0, 2)
         bar_width = max(min((self._w - x - 30) // 2, 20), 5)
-        for name, value in (("CPU", summary.cpu_percent), ("Memory", summary.memory_percent)):
-            x = self.put(f"   Cluster {name} " if name == "CPU" else f"   {name} ", x, 2)
+        for label, value in (("   Cluster CPU ", summary.cpu_percent), ("   Memory ", summary.memory_percent)):
+            x = self.put(label, x, 2)
             x = self.put(bar_text(value, bar_width, self.unicode), x, 2, bar_level(value))
             x = self.put(f"{value:6.1f}%", x, 2)
 
@@ -1724,9 +1725,7 @@ class NodeTable(Pane):
                      f"{min(app.scroll + rows, len(nodes))} of {len(nodes)}".rjust(16)
         self.put(fit(header, self._w), 0, 0, "header")
         if not nodes:
-            hosts = join_addresses(orchestrator.listen_host, orchestrator.port)
-            self.put(f"Waiting for workers - join with: cares worker {hosts[0] if hosts else orchestrator.address}",
-                     2, 2, "dim")
+            self.put(f"Waiting for workers - join with: cares worker {orchestrator.join_hosts[0]}", 2, 2, "dim")
             return
         now = time.time()
         for row, node in enumerate(nodes[app.scroll: app.scroll + rows]):
@@ -1815,31 +1814,17 @@ def _node_id_argument(text: str) -> str:
     return text
 
 
-def _heartbeat_ms_argument(text: str) -> int:
-    value = _positive_int(text)
-    if not MIN_HEARTBEAT_MS <= value <= MAX_HEARTBEAT_MS:
-        raise argparse.ArgumentTypeError(f"must be {MIN_HEARTBEAT_MS}-{MAX_HEARTBEAT_MS} ms")
-    return value
-
-
-def _seconds_argument(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{sanitize_text(text, 20)}' is not a number") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{sanitize_text(text, 20)}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+def _number_argument(convert, low, high):
+    """An argparse type: convert the text (int or float) and require low <= value <= high (NaN fails)."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{sanitize_text(text, 20)}' is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}-{high}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1853,11 +1838,11 @@ def build_parser() -> argparse.ArgumentParser:
     orchestrator = commands.add_parser("orchestrator", help="create a cluster: serve workers, show the dashboard")
     orchestrator.add_argument("--listen", type=_listen_argument, default=DEFAULT_LISTEN, metavar="HOST:PORT",
                               help=f"address to listen on (default {DEFAULT_LISTEN}, all interfaces)")
-    orchestrator.add_argument("--heartbeat-ms", type=_heartbeat_ms_argument, default=DEFAULT_HEARTBEAT_MS,
-                              metavar="MS", help=f"heartbeat interval asked of workers "
-                                                 f"(default {DEFAULT_HEARTBEAT_MS})")
-    orchestrator.add_argument("--max-nodes", type=_positive_int, default=DEFAULT_MAX_NODES, metavar="N",
-                              help=f"refuse joins beyond N nodes (default {DEFAULT_MAX_NODES})")
+    orchestrator.add_argument("--heartbeat-ms", type=_number_argument(int, MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS),
+                              default=DEFAULT_HEARTBEAT_MS, metavar="MS",
+                              help=f"heartbeat interval asked of workers (default {DEFAULT_HEARTBEAT_MS})")
+    orchestrator.add_argument("--max-nodes", type=_number_argument(int, 1, 1_000_000), default=DEFAULT_MAX_NODES,
+                              metavar="N", help=f"refuse joins beyond N nodes (default {DEFAULT_MAX_NODES})")
     orchestrator.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate (chain)")
     orchestrator.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
 
@@ -1870,7 +1855,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print an orchestrator's node table")
     status.add_argument("orchestrator_address", type=_address_argument, metavar="HOST:PORT")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    status.add_argument("--timeout", type=_seconds_argument, default=5.0, metavar="SECONDS",
+    status.add_argument("--timeout", type=_number_argument(float, 0.1, 3600.0), default=5.0, metavar="SECONDS",
                         help="give up after this long (default 5)")
 
     for command in (orchestrator, worker):
@@ -1956,8 +1941,8 @@ def run_orchestrator_headless(args, tls: dict) -> int:
         orchestrator.start()
     except StartError as error:
         raise RuntimeFailure(str(error)) from None
-    hosts = join_addresses(orchestrator.listen_host, orchestrator.port)
-    orchestrator.registry.events.add("INFO", "Workers can join with: cares worker " + " | ".join(hosts))
+    orchestrator.registry.events.add("INFO", "Workers can join with: cares worker "
+                                             + " | ".join(orchestrator.join_hosts))
     if not orchestrator.token:
         orchestrator.registry.events.add("WARN", "Open cluster: anyone who can reach this port can join "
                                                  "(set --token or CARES_TOKEN).")

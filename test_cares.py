@@ -236,6 +236,7 @@ class PureFunctionTest(unittest.TestCase):
                       "eth0": [entry(socket.AF_INET, "10.0.0.5"), entry(socket.AF_INET6, "fe80::1")]}
         self.assertEqual(cares.join_addresses("::", 50051, interfaces), ["10.0.0.5:50051", "127.0.0.1:50051"])
         self.assertEqual(cares.join_addresses("10.1.1.1", 7, interfaces), ["10.1.1.1:7"])
+        self.assertEqual(cares.join_addresses("::", 7, {"eth0": [entry(socket.AF_INET6, "fd00::1")]}), ["[::]:7"])
 
     def test_status_table(self):
         rows = [{"node_id": "w\x1b1", "address": "1.2.3.4:5", "status": "Active", "cpu_percent": 12.5,
