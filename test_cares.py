@@ -223,6 +223,13 @@ class PureFunctionTest(unittest.TestCase):
         self.assertEqual(cares.sparkline([0, 50, 100], 5), "  ▁▄█")
         self.assertEqual(cares.sparkline(range(100), 3, unicode=False), "###")
 
+    def test_history_keeps_one_point_per_period(self):
+        history, last_at = cares.collections.deque(maxlen=3), 0.0
+        for value, now in ((1, 10.0), (2, 10.5), (3, 11.0), (4, 12.0), (5, 13.0), (6, 13.1)):
+            last_at = cares.add_to_history(history, last_at, value, now, 1.0)
+        self.assertEqual(list(history), [3, 4, 6])
+        self.assertEqual(last_at, 13.0)
+
     def test_backoff_grows_and_is_capped(self):
         rng = random.Random(7)
         delays = [cares.backoff_delay(failures, rng) for failures in range(12)]
@@ -239,10 +246,13 @@ class PureFunctionTest(unittest.TestCase):
         self.assertEqual(cares.join_addresses("::", 7, {"eth0": [entry(socket.AF_INET6, "fd00::1")]}), ["[::]:7"])
 
     def test_status_table(self):
-        rows = [{"node_id": "w\x1b1", "address": "1.2.3.4:5", "status": "Active", "cpu_percent": 12.5,
-                 "memory_percent": 40.0, "last_seen": 1000.0}]
+        rows = [{"node_id": "w1", "address": "1.2.3.4:5", "status": "Active", "cpu_percent": 12.5,
+                 "memory_percent": 40.0, "last_seen": 1000.0},
+                {"node_id": "w2", "address": "1.2.3.4:6", "status": "Active", "cpu_percent": None,
+                 "memory_percent": None, "last_seen": None}]
         table = cares.format_status_table(rows, now=1003.0)
-        self.assertIn("w?1", table)
+        self.assertIn("w1", table)
+        self.assertRegex(table, r"w2 .* Active +\? +\?  \?")
         self.assertIn("12.5%", table)
         self.assertIn("3s ago", table)
         self.assertIn("no workers", cares.format_status_table([]))
@@ -560,7 +570,7 @@ class ClusterTest(ClusterTestCase):
         orchestrator = self.start_orchestrator()
         client = self.start_worker(orchestrator, "tempo")
         self.assert_streaming(orchestrator.registry, "tempo")
-        orchestrator.set_heartbeat_interval(200)
+        orchestrator.set_heartbeat_interval(200).result(5)
         self.assertIsNotNone(wait_until(lambda: client.state.heartbeat_interval == 0.2, 3))
         start_sequence = orchestrator.registry.get("tempo").last_sequence
         time.sleep(1.0)
@@ -966,9 +976,9 @@ class TuiSceneTest(ClusterTestCase):
         press(frame, "x")
         self.assertIsNone(registry.get("gone"))
         press(frame, "+")
-        self.assertEqual(registry.heartbeat_interval, 2.0)
+        self.assertIsNotNone(wait_until(lambda: registry.heartbeat_interval == 2.0, 3))
         press(frame, "-", "-")
-        self.assertEqual(registry.heartbeat_interval, 0.5)
+        self.assertIsNotNone(wait_until(lambda: registry.heartbeat_interval == 0.5, 3))
         with self.assertRaises(StopApplication):
             press(frame, 3)
 
@@ -1407,6 +1417,32 @@ class HostileInputTest(ClusterTestCase):
         self.assertEqual(stream.outcome(), grpc.StatusCode.DEADLINE_EXCEEDED)
         self.assertLess(time.monotonic() - started, 3)
         self.assertIn("Node 'mute' lost: no heartbeat for 0.6 s.", orchestrator.registry.events.tail(1)[0].text)
+
+    def test_status_from_a_hostile_orchestrator_stays_clean(self):
+        class HostileStatus(pb_grpc.StatusServiceServicer):
+            def ListNodes(self, request, context):
+                evil = "\x1b]0;owned\x07\x1b[2J\u202e"
+                return pb.NodeList(nodes=[pb.NodeStatus(
+                    node_id=evil, address=evil, status=evil + "Active", cpu_percent=float("nan"),
+                    memory_percent=float("inf"), last_seen_unix_s=float("nan"))])
+        from concurrent import futures
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        pb_grpc.add_StatusServiceServicer_to_server(HostileStatus(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self.addCleanup(server.stop, None)
+        for extra in ([], ["--json"]):
+            result = subprocess.run([sys.executable, CARES_PY, "status", f"127.0.0.1:{port}", *extra],
+                                    capture_output=True, text=True, timeout=20)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertFalse([c for c in result.stdout if unicodedata.category(c) in ("Cc", "Cf") and c != "\n"],
+                             repr(result.stdout))
+            if extra:
+                def refuse(constant):
+                    raise ValueError(f"{constant} is not JSON")
+                node = json.loads(result.stdout, parse_constant=refuse)["nodes"][0]
+                self.assertEqual((node["cpu_percent"], node["memory_percent"], node["last_seen"]),
+                                 (None, None, None))
 
     def test_cli_address_argument_fuzz_never_crashes(self):
         parser = cares.build_parser()
