@@ -579,12 +579,8 @@ class Node:
     last_seen: float = 0.0  # wall clock of the last heartbeat, Unix seconds
     cpu_usage: float = 0.0
     memory_usage: float = 0.0
-    memory_used_bytes: int = 0
-    memory_total_bytes: int = 0
     hostname: str = ""
-    platform: str = ""
-    cpu_count: int = 0
-    joined_at: float = 0.0
+    joined_at: float = 0.0  # wall clock of the first join, Unix seconds
     # CPU percent, one point per heartbeat interval, for the sparkline. Plain floats:
     # a tuple per sample made the garbage collector stall the loop at 10,000 nodes.
     cpu_history: collections.deque = dataclasses.field(
@@ -633,8 +629,7 @@ class NodeRegistry:
     def deadline(self) -> float:
         return MISSED_HEARTBEATS * self.heartbeat_interval
 
-    def join(self, node_id: str, address: str, *, hostname: str = "", platform_name: str = "",
-             cpu_count: int = 0, memory_total_bytes: int = 0) -> str:
+    def join(self, node_id: str, address: str, hostname: str = "") -> str:
         """Add or revive a node and return its new session ID; raise JoinRefused otherwise."""
         now, wall = time.monotonic(), time.time()
         session_id = secrets.token_hex(16)
@@ -656,9 +651,6 @@ class NodeRegistry:
                     self._nodes[node_id] = node
                 node.address = address
                 node.hostname = hostname
-                node.platform = platform_name
-                node.cpu_count = cpu_count
-                node.memory_total_bytes = memory_total_bytes or node.memory_total_bytes
                 node.status = ACTIVE
                 node.session_id = session_id
                 node.last_sequence = 0
@@ -696,7 +688,7 @@ class NodeRegistry:
             return None
 
     def update(self, node_id: str, session_id: str, *, cpu_percent: float, memory_percent: float,
-               memory_used_bytes: int = 0, memory_total_bytes: int = 0, sequence: int = 0) -> bool:
+               sequence: int) -> bool:
         """Apply one heartbeat sample. False when the session is no longer current (end the stream)."""
         now = time.monotonic()
         problem = None
@@ -717,9 +709,6 @@ class NodeRegistry:
                 node.last_sequence = sequence
                 node.cpu_usage = cpu_percent
                 node.memory_usage = memory_percent
-                node.memory_used_bytes = memory_used_bytes
-                if memory_total_bytes:
-                    node.memory_total_bytes = memory_total_bytes
                 node.history_at = add_to_history(node.cpu_history, node.history_at, cpu_percent, now,
                                                  self.heartbeat_interval)
         if problem is not None and _is_power_of_ten(dropped):
@@ -872,12 +861,8 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
                         f"'{sanitize_text(request.node_id, 40)}'.")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NODE_ID_RULE)
         try:
-            session_id = self.registry.join(
-                request.node_id, address,
-                hostname=sanitize_text(request.hostname, HOSTNAME_LIMIT),
-                platform_name=sanitize_text(request.platform, PLATFORM_LIMIT),
-                cpu_count=request.cpu_count,
-                memory_total_bytes=request.memory_total_bytes)
+            session_id = self.registry.join(request.node_id, address,
+                                            sanitize_text(request.hostname, HOSTNAME_LIMIT))
         except JoinRefused as refusal:
             await context.abort(refusal.code, refusal.message)
         return pb.Acknowledgement(
@@ -913,8 +898,6 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
                         node_id, session_id,
                         cpu_percent=message.cpu_percent,
                         memory_percent=message.memory_percent,
-                        memory_used_bytes=message.memory_used_bytes,
-                        memory_total_bytes=message.memory_total_bytes,
                         sequence=message.sequence):
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                         "this session has ended; join again")
@@ -975,7 +958,8 @@ class StatusServicer(pb_grpc.StatusServiceServicer):
         return pb.NodeList(nodes=[
             pb.NodeStatus(node_id=node.node_id, address=node.address, status=node.status,
                           cpu_percent=node.cpu_usage, memory_percent=node.memory_usage,
-                          last_seen_unix_s=node.last_seen, hostname=node.hostname)
+                          last_seen_unix_s=node.last_seen, hostname=node.hostname,
+                          joined_at_unix_s=node.joined_at)
             for node in sorted(self.registry.snapshot(with_history=False), key=lambda node: node.node_id)])
 
 
@@ -1311,7 +1295,9 @@ def fetch_status(target: str, *, token: str | None = None, tls_ca: bytes | None 
     return [{"node_id": sanitize_text(node.node_id, 63), "address": sanitize_text(node.address, 64),
              "status": sanitize_text(node.status, 12), "cpu_percent": _finite_or_none(node.cpu_percent, 1),
              "memory_percent": _finite_or_none(node.memory_percent, 1),
-             "last_seen": _finite_or_none(node.last_seen_unix_s, 3)} for node in reply.nodes]
+             "last_seen": _finite_or_none(node.last_seen_unix_s, 3),
+             "hostname": sanitize_text(node.hostname, HOSTNAME_LIMIT),
+             "joined_at": _finite_or_none(node.joined_at_unix_s, 3)} for node in reply.nodes]
 
 
 def _finite_or_none(value: float, digits: int) -> float | None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcluster.proto\x12\x08\x63\x61res.v1\"\x85\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\tcpu_count\x18\x03 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x10\n\x08platform\x18\x05 \x01(\t\x12\x15\n\rcares_version\x18\x06 \x01(\t\"g\n\x0f\x41\x63knowledgement\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\r\"\xcd\x01\n\x0bNodeMetrics\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x16\n\x0ememory_percent\x18\x04 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x12\n\nsent_at_ms\x18\x07 \x01(\x03\x12\x10\n\x08sequence\x18\x08 \x01(\x04\x12\x0f\n\x07leaving\x18\t \x01(\x08\"s\n\x13OrchestratorCommand\x12#\n\x19set_heartbeat_interval_ms\x18\x01 \x01(\rH\x00\x12,\n\x08shutdown\x18\x02 \x01(\x0b\x32\x18.cares.v1.ShutdownNoticeH\x00\x42\t\n\x07\x63ommand\" \n\x0eShutdownNotice\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x12\n\x10ListNodesRequest\"\x97\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x13\n\x0b\x63pu_percent\x18\x04 \x01(\x01\x12\x16\n\x0ememory_percent\x18\x05 \x01(\x01\x12\x18\n\x10last_seen_unix_s\x18\x06 \x01(\x01\x12\x10\n\x08hostname\x18\x07 \x01(\t\"/\n\x08NodeList\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.cares.v1.NodeStatus2\x95\x01\n\x0e\x43lusterService\x12<\n\x0bJoinCluster\x12\x12.cares.v1.NodeInfo\x1a\x19.cares.v1.Acknowledgement\x12\x45\n\tHeartbeat\x12\x15.cares.v1.NodeMetrics\x1a\x1d.cares.v1.OrchestratorCommand(\x01\x30\x01\x32L\n\rStatusService\x12;\n\tListNodes\x12\x1a.cares.v1.ListNodesRequest\x1a\x12.cares.v1.NodeListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcluster.proto\x12\x08\x63\x61res.v1\"\x85\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\tcpu_count\x18\x03 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x10\n\x08platform\x18\x05 \x01(\t\x12\x15\n\rcares_version\x18\x06 \x01(\t\"g\n\x0f\x41\x63knowledgement\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\r\"\xcd\x01\n\x0bNodeMetrics\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x16\n\x0ememory_percent\x18\x04 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x12\n\nsent_at_ms\x18\x07 \x01(\x03\x12\x10\n\x08sequence\x18\x08 \x01(\x04\x12\x0f\n\x07leaving\x18\t \x01(\x08\"s\n\x13OrchestratorCommand\x12#\n\x19set_heartbeat_interval_ms\x18\x01 \x01(\rH\x00\x12,\n\x08shutdown\x18\x02 \x01(\x0b\x32\x18.cares.v1.ShutdownNoticeH\x00\x42\t\n\x07\x63ommand\" \n\x0eShutdownNotice\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x12\n\x10ListNodesRequest\"\xb1\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x13\n\x0b\x63pu_percent\x18\x04 \x01(\x01\x12\x16\n\x0ememory_percent\x18\x05 \x01(\x01\x12\x18\n\x10last_seen_unix_s\x18\x06 \x01(\x01\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x18\n\x10joined_at_unix_s\x18\x08 \x01(\x01\"/\n\x08NodeList\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.cares.v1.NodeStatus2\x95\x01\n\x0e\x43lusterService\x12<\n\x0bJoinCluster\x12\x12.cares.v1.NodeInfo\x1a\x19.cares.v1.Acknowledgement\x12\x45\n\tHeartbeat\x12\x15.cares.v1.NodeMetrics\x1a\x1d.cares.v1.OrchestratorCommand(\x01\x30\x01\x32L\n\rStatusService\x12;\n\tListNodes\x12\x1a.cares.v1.ListNodesRequest\x1a\x12.cares.v1.NodeListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,11 +44,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTNODESREQUEST']._serialized_start=627
   _globals['_LISTNODESREQUEST']._serialized_end=645
   _globals['_NODESTATUS']._serialized_start=648
-  _globals['_NODESTATUS']._serialized_end=799
-  _globals['_NODELIST']._serialized_start=801
-  _globals['_NODELIST']._serialized_end=848
-  _globals['_CLUSTERSERVICE']._serialized_start=851
-  _globals['_CLUSTERSERVICE']._serialized_end=1000
-  _globals['_STATUSSERVICE']._serialized_start=1002
-  _globals['_STATUSSERVICE']._serialized_end=1078
+  _globals['_NODESTATUS']._serialized_end=825
+  _globals['_NODELIST']._serialized_start=827
+  _globals['_NODELIST']._serialized_end=874
+  _globals['_CLUSTERSERVICE']._serialized_start=877
+  _globals['_CLUSTERSERVICE']._serialized_end=1026
+  _globals['_STATUSSERVICE']._serialized_start=1028
+  _globals['_STATUSSERVICE']._serialized_end=1104
 # @@protoc_insertion_point(module_scope)
