@@ -84,23 +84,20 @@ DISCONNECTED = "Disconnected"
 # peer takes ~60 s to notice, with it ~4 s. The server must accept pings as often
 # as workers send them, or it answers GOAWAY too_many_pings.
 KEEPALIVE_MS = 2000
-SERVER_OPTIONS = [
-    ("grpc.so_reuseport", 0),  # a second orchestrator on a busy port must fail, not share it
+_BOTH_SIDES_OPTIONS = [
     ("grpc.keepalive_time_ms", KEEPALIVE_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
     ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
-    ("grpc.http2.max_ping_strikes", 2),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-WORKER_OPTIONS = [
-    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
-    ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+SERVER_OPTIONS = _BOTH_SIDES_OPTIONS + [
+    ("grpc.so_reuseport", 0),  # a second orchestrator on a busy port must fail, not share it
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+    ("grpc.http2.max_ping_strikes", 2),
+]
+WORKER_OPTIONS = _BOTH_SIDES_OPTIONS + [
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging while the stream idles between samples
 ]
 
 
@@ -458,9 +455,8 @@ def summarize(nodes: list["Node"]) -> ClusterSummary:
                           sum(node.memory_usage for node in live) / count)
 
 
-def format_event(event: "Event") -> str:
-    stamp = time.strftime("%H:%M:%S", time.localtime(event.at))
-    return f"{stamp} [{event.level}] {event.text}"
+def format_event(event: "Event", clock: str = "%H:%M:%S") -> str:
+    return f"{time.strftime(clock, time.localtime(event.at))} [{event.level}] {event.text}"
 
 
 # ---------------------------------------------------------------------------
@@ -883,7 +879,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         # From here a silent stream is the liveness sweep's to end, like any silent node.
         stream = _Stream(session_id, asyncio.current_task(), context)
         self._streams[node_id] = stream
-        ending = "its heartbeat stream ended"
+        ending, left = "its heartbeat stream ended", False
         try:
             message = await context.read()
             while message is not grpc.aio.EOF:
@@ -892,7 +888,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                         "metrics must be for the node that joined")
                 if message.leaving:
-                    self.registry.disconnect(node_id, session_id, "left", left=True)
+                    left = True
                     return
                 if not self.registry.update(
                         node_id, session_id,
@@ -914,7 +910,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             if self._streams.get(node_id) is stream:
                 del self._streams[node_id]
             if not self.closing:
-                self.registry.disconnect(node_id, session_id, ending)
+                self.registry.disconnect(node_id, session_id, ending, left=left)
 
     def end_expired_streams(self, expired: list[tuple[str, str]]) -> None:
         for node_id, session_id in expired:
@@ -1086,15 +1082,18 @@ class Orchestrator:
 @dataclasses.dataclass(frozen=True)
 class ConnectionState:
     phase: str  # "connecting", "connected", "retrying" or "stopped"
-    detail: str = ""  # the last error while retrying, the welcome while connected
+    detail: str = ""  # while retrying, the last error
     retry_at: float = 0.0  # monotonic time of the next attempt while retrying
     heartbeat_interval: float = DEFAULT_HEARTBEAT_MS / 1000.0
 
     def describe(self, now: float | None = None) -> str:
+        """One line for a status bar, e.g. 'retrying in 3 s: orchestrator unreachable (connection refused)'."""
         if self.phase == "retrying":
             wait = max(self.retry_at - (time.monotonic() if now is None else now), 0.0)
             text = f"retrying in {math.ceil(wait)} s"
             return f"{text}: {self.detail}" if self.detail else text
+        if self.phase == "connected":
+            return f"connected, heartbeat every {self.heartbeat_interval:.1f} s"
         return self.phase
 
 
@@ -1106,6 +1105,10 @@ def backoff_delay(failures: int, rng: random.Random | None = None) -> float:
     """Jittered exponential backoff: 0.5 s, 1 s, 2 s, 4 s, then 5 s, each scaled by 0.5-1.0."""
     ceiling = min(0.5 * (2 ** min(failures, 10)), MAX_BACKOFF_S)
     return ceiling * (rng or random).uniform(0.5, 1.0)
+
+
+def token_metadata(token: str | None) -> tuple:
+    return ((TOKEN_METADATA_KEY, token),) if token else ()
 
 
 def _channel_for(target: str, tls_ca: bytes | None, options):
@@ -1124,7 +1127,7 @@ class WorkerClient:
         self.node_id = node_id
         self.sampler = sampler
         self.events = events if events is not None else EventLog()
-        self._metadata = ((TOKEN_METADATA_KEY, token),) if token else ()
+        self._metadata = token_metadata(token)
         self._tls_ca = tls_ca
         self._state = ConnectionState("connecting")
         self._state_lock = threading.Lock()
@@ -1233,7 +1236,7 @@ class WorkerClient:
                                             (SESSION_METADATA_KEY, self._session_id)))
             self._call = call
             self._sender = asyncio.ensure_future(self._send_metrics(call))
-            self._set_state("connected", ack.message)
+            self._set_state("connected")
             self._last_error = ""
             self.events.add("INFO", f"Joined {self.target} as '{self.node_id}' "
                                     f"(heartbeat every {self._interval:.1f} s).")
@@ -1252,7 +1255,7 @@ class WorkerClient:
             kind = command.WhichOneof("command")
             if kind == "set_heartbeat_interval_ms":
                 self._interval = clamp_heartbeat_ms(command.set_heartbeat_interval_ms) / 1000.0
-                self._set_state("connected", self.state.detail)
+                self._set_state("connected")
                 self._interval_changed.set()
                 self.events.add("INFO", f"Heartbeat interval is now {self._interval:.1f} s.")
             elif kind == "shutdown":
@@ -1286,9 +1289,8 @@ def fetch_status(target: str, *, token: str | None = None, tls_ca: bytes | None 
 
     async def call():
         async with _channel_for(target, tls_ca, WORKER_OPTIONS) as channel:
-            metadata = ((TOKEN_METADATA_KEY, token),) if token else ()
             return await pb_grpc.StatusServiceStub(channel).ListNodes(
-                pb.ListNodesRequest(), metadata=metadata, timeout=timeout)
+                pb.ListNodesRequest(), metadata=token_metadata(token), timeout=timeout)
 
     reply = run_on_grpc_loop(call(), timeout=timeout + 5)
     # What an orchestrator sends is untrusted too: no terminal controls, no NaN (invalid JSON).
@@ -1327,8 +1329,8 @@ def format_status_table(rows: list[dict], now: float | None = None) -> str:
 MIN_WIDTH, MIN_HEIGHT = 70, 18
 # asciimatics ticks at 20 frames a second; redraw live data once a second.
 REDRAW_FRAMES = 20
-KEY_CTRL_C = 3
-QUIT_KEYS = (ord("q"), ord("Q"), KEY_CTRL_C)
+# Ctrl-C arrives as a key because the screen is opened with catch_interrupt.
+QUIT_KEYS = (ord("q"), ord("Q"), 3)
 
 PALETTE = collections.defaultdict(
     lambda: (Screen.COLOUR_WHITE, Screen.A_NORMAL, Screen.COLOUR_BLACK),
@@ -1460,7 +1462,7 @@ class TuiApp:
                       Scene([WorkerFrame(screen, self)], -1, name="worker"),
                       Scene([DashboardFrame(screen, self)], -1, name="orchestrator")]
         start = next((scene for scene in scenes if scene.name == self.view), scenes[0])
-        screen.play(scenes, stop_on_resize=True, start_scene=start, unhandled_input=_quit_on_q,
+        screen.play(scenes, stop_on_resize=True, start_scene=start, unhandled_input=quit_on_key,
                     allow_int=True)
 
     def run(self) -> int:
@@ -1484,7 +1486,8 @@ def _raise_termination(signum, frame):
     raise TerminationRequested()
 
 
-def _quit_on_q(event) -> None:
+def quit_on_key(event) -> None:
+    """Screen.play's handler for keys no view used."""
     if isinstance(event, KeyboardEvent) and event.key_code in QUIT_KEYS:
         raise StopApplication("quit")
 
@@ -1559,6 +1562,8 @@ class Pane(Widget):
 class AppFrame(Frame):
     """A full-screen, borderless, one-column Frame bound to the app model."""
 
+    takes_text = False  # True when the frame has text fields, which must see every key first
+
     def __init__(self, screen, app: TuiApp, name: str, data: dict | None = None):
         super().__init__(screen, screen.height, screen.width, data=data, has_border=False, can_scroll=False,
                          name=name)
@@ -1566,6 +1571,20 @@ class AppFrame(Frame):
         self.app = app
         self.column = Layout([1], fill_frame=True)
         self.add_layout(self.column)
+
+    def on_key(self, key: int) -> bool:
+        """Act on a key this view uses and return True; False passes it on."""
+        return False
+
+    def process_event(self, event):
+        # Keys nobody uses go back to Screen.play, whose unhandled-input handler quits on q and
+        # Ctrl-C; a Frame without text fields would otherwise swallow them.
+        if isinstance(event, KeyboardEvent):
+            if self.on_key(event.key_code):
+                return None
+            if not self.takes_text:
+                return event
+        return super().process_event(event)
 
 
 class MenuPane(Pane):
@@ -1587,22 +1606,14 @@ class MenuFrame(AppFrame):
         self.column.add_widget(MenuPane(7, app, live=False))
         self.fix()
 
-    def process_event(self, event):
-        if isinstance(event, KeyboardEvent):
-            key = event.key_code
-            if key in (Screen.KEY_UP, Screen.KEY_DOWN):
-                self.app.menu_choice = 1 - self.app.menu_choice
-            elif key in (ord("1"), ord("2")):
-                self.app.menu_choice = key - ord("1")
-                self._choose()
-            elif key in (10, 13):
-                self._choose()
-            elif key in QUIT_KEYS:
-                raise StopApplication("quit")
-            return None
-        return super().process_event(event)
-
-    def _choose(self):
+    def on_key(self, key: int) -> bool:
+        if key in (Screen.KEY_UP, Screen.KEY_DOWN):
+            self.app.menu_choice = 1 - self.app.menu_choice
+            return True
+        if key in (ord("1"), ord("2")):
+            self.app.menu_choice = key - ord("1")
+        elif key not in (10, 13):
+            return False
         self.app.view = ("create", "join")[self.app.menu_choice]
         raise NextScene(self.app.view)
 
@@ -1619,6 +1630,8 @@ class SafeText(Text):
 
 class AddressFrame(AppFrame):
     """The create and join forms: an address and an optional join token, checked before use."""
+
+    takes_text = True
 
     def __init__(self, screen, app: TuiApp, kind: str):
         form = app.forms[kind]
@@ -1638,22 +1651,19 @@ class AddressFrame(AppFrame):
                                 "Ctrl-C to quit"))
         self.fix()
 
-    def process_event(self, event):
-        if isinstance(event, KeyboardEvent):
-            if event.key_code in (10, 13):
-                self.save()
-                if self.app.submit(self.kind, self.data["address"], self.data["token"]):
-                    raise NextScene(self.app.view)
-                self._error.text = sanitize_text(self.app.forms[self.kind].error, 200)
-                return None
-            if event.key_code == Screen.KEY_ESCAPE:
-                self.save()
-                self.app.forms[self.kind].address = self.data["address"]
-                self.app.view = "selection"
-                raise NextScene("selection")
-            if event.key_code == KEY_CTRL_C:
-                raise StopApplication("quit")
-        return super().process_event(event)
+    def on_key(self, key: int) -> bool:
+        if key in (10, 13):
+            self.save()
+            if self.app.submit(self.kind, self.data["address"], self.data["token"]):
+                raise NextScene(self.app.view)
+            self._error.text = sanitize_text(self.app.forms[self.kind].error, 200)
+            return True
+        if key == Screen.KEY_ESCAPE:
+            self.save()
+            self.app.forms[self.kind].address = self.data["address"]
+            self.app.view = "selection"
+            raise NextScene("selection")
+        return False
 
 
 class WorkerPane(Pane):
@@ -1667,10 +1677,7 @@ class WorkerPane(Pane):
         self.put(f"cares worker - node {worker.node_id} - orchestrator {worker.target}", 0, 0, "bold")
         state = worker.state
         style = {"connected": "active", "retrying": "WARN"}.get(state.phase, "text")
-        summary = state.describe()
-        if state.phase == "connected":
-            summary = f"connected, heartbeat every {state.heartbeat_interval:.1f} s"
-        self.put(fit(summary, self._w), 0, 1, style)
+        self.put(fit(state.describe(), self._w), 0, 1, style)
         bar_width = max(self._w - 40, 10)
         for row, (name, value, extra) in enumerate((
                 ("CPU", sample.cpu_percent, f"{psutil.cpu_count() or 0} CPUs"),
@@ -1715,13 +1722,6 @@ class WorkerFrame(AppFrame):
         layout.add_widget(HelpPane(app, "q quit (says goodbye to the orchestrator)"))
         self.fix()
 
-    def process_event(self, event):
-        if isinstance(event, KeyboardEvent):
-            if event.key_code in QUIT_KEYS:
-                raise StopApplication("quit")
-            return None
-        return super().process_event(event)
-
 
 class DashboardHeader(Pane):
     def draw(self):
@@ -1745,13 +1745,18 @@ class DashboardHeader(Pane):
 class NodeTable(Pane):
     """One row per node from the frame's registry snapshot, sorted and scrolled."""
 
+    @property
+    def rows(self) -> int:
+        """Node rows that fit under the column titles."""
+        return self._height - 1
+
     def draw(self):
         app, orchestrator = self.app, self.app.orchestrator
         if orchestrator is None:
             return
         layout = table_layout(self._w)
         nodes = sort_nodes(self._frame.nodes, app.sort_key, app.sort_reverse)
-        rows = self._h - 1
+        rows = self.rows
         app.scroll = max(0, min(app.scroll, len(nodes) - rows))
         header = table_header(layout, app.sort_key, app.sort_reverse)
         if len(nodes) > rows:
@@ -1781,11 +1786,10 @@ class DashboardFrame(AppFrame):
         super().__init__(screen, app, "orchestrator")
         self.nodes: list[Node] = []
         log_height = max(5, screen.height // 4)
-        table_height = screen.height - 3 - log_height - 1
-        self._table_rows = table_height - 1
+        self._table = NodeTable(screen.height - 3 - log_height - 1, app)
         layout = self.column
         layout.add_widget(DashboardHeader(3, app))
-        layout.add_widget(NodeTable(table_height, app))
+        layout.add_widget(self._table)
         layout.add_widget(EventPane(log_height, app, lambda: app.orchestrator and app.orchestrator.registry.events))
         layout.add_widget(HelpPane(app, self.HELP))
         self.fix()
@@ -1797,15 +1801,11 @@ class DashboardFrame(AppFrame):
             self.nodes = self.app.orchestrator.registry.snapshot(with_history=False)
         super()._update(frame_no)
 
-    def process_event(self, event):
-        if not isinstance(event, KeyboardEvent):
-            return super().process_event(event)
-        app, key = self.app, event.key_code
-        page = max(self._table_rows - 1, 1)
+    def on_key(self, key: int) -> bool:
+        app = self.app
+        page = max(self._table.rows - 1, 1)
         moves = {Screen.KEY_UP: -1, Screen.KEY_DOWN: 1, Screen.KEY_PAGE_UP: -page, Screen.KEY_PAGE_DOWN: page,
                  Screen.KEY_HOME: -10**9, Screen.KEY_END: 10**9}
-        if key in QUIT_KEYS:
-            raise StopApplication("quit")
         if key in moves:
             app.scroll = max(0, app.scroll + moves[key])
         elif 0 <= key < 256 and chr(key) in SORT_KEYS:
@@ -1818,7 +1818,9 @@ class DashboardFrame(AppFrame):
             step = next_heartbeat_ms(app.orchestrator.heartbeat_ms, longer=key == ord("+"))
             if step is not None:
                 app.orchestrator.set_heartbeat_interval(step)
-        return None
+        else:
+            return False
+        return True
 
 
 # ---------------------------------------------------------------------------
@@ -1833,18 +1835,14 @@ class RuntimeFailure(Exception):
     """The command could not do its job; exit code 1."""
 
 
-def _address_argument(text: str) -> str:
-    try:
-        return format_address(*parse_address(text))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"bad address '{sanitize_text(text, 60)}': {error}") from None
-
-
-def _listen_argument(text: str) -> str:
-    try:
-        return format_address(*parse_address(text, allow_port_zero=True))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"bad listen address '{sanitize_text(text, 60)}': {error}") from None
+def _address_argument(what: str, allow_port_zero: bool = False):
+    """An argparse type for HOST:PORT, normalised; what names it in errors."""
+    def parse(text: str) -> str:
+        try:
+            return format_address(*parse_address(text, allow_port_zero=allow_port_zero))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"bad {what} '{sanitize_text(text, 60)}': {error}") from None
+    return parse
 
 
 def _node_id_argument(text: str) -> str:
@@ -1875,7 +1873,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     orchestrator = commands.add_parser("orchestrator", help="create a cluster: serve workers, show the dashboard")
-    orchestrator.add_argument("--listen", type=_listen_argument, default=DEFAULT_LISTEN, metavar="HOST:PORT",
+    orchestrator.add_argument("--listen", type=_address_argument("listen address", allow_port_zero=True),
+                              default=DEFAULT_LISTEN, metavar="HOST:PORT",
                               help=f"address to listen on (default {DEFAULT_LISTEN}, all interfaces)")
     orchestrator.add_argument("--heartbeat-ms", type=_number_argument(int, MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS),
                               default=DEFAULT_HEARTBEAT_MS, metavar="MS",
@@ -1886,13 +1885,13 @@ def build_parser() -> argparse.ArgumentParser:
     orchestrator.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
 
     worker = commands.add_parser("worker", help="join a cluster and stream this machine's CPU and memory")
-    worker.add_argument("orchestrator_address", type=_address_argument, metavar="HOST:PORT",
+    worker.add_argument("orchestrator_address", type=_address_argument("address"), metavar="HOST:PORT",
                         help="the orchestrator, e.g. 10.0.0.5:50051 or [fd00::5]:50051")
     worker.add_argument("--node-id", type=_node_id_argument, metavar="ID",
                         help="this worker's ID (default: short host name plus a random suffix)")
 
     status = commands.add_parser("status", help="print an orchestrator's node table")
-    status.add_argument("orchestrator_address", type=_address_argument, metavar="HOST:PORT")
+    status.add_argument("orchestrator_address", type=_address_argument("address"), metavar="HOST:PORT")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--timeout", type=_number_argument(float, 0.1, 3600.0), default=5.0, metavar="SECONDS",
                         help="give up after this long (default 5)")
@@ -1934,8 +1933,7 @@ def load_tls(args) -> dict:
 
 
 def print_event(event: Event) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at))
-    print(f"{stamp} [{event.level}] {event.text}", file=sys.stderr, flush=True)
+    print(format_event(event, "%Y-%m-%d %H:%M:%S"), file=sys.stderr, flush=True)
 
 
 def termination_requested() -> threading.Event:
