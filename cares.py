@@ -329,136 +329,6 @@ def fit(text: str, width: int) -> str:
     return "".join(kept) + "…" + " " * (width - 1 - used)
 
 
-def describe_rpc_error(error: grpc.RpcError) -> str:
-    """One short line for a failed call, e.g. 'orchestrator unreachable (connection refused)'."""
-    code = error.code() if hasattr(error, "code") else None
-    details = (error.details() if hasattr(error, "details") else None) or ""
-    if code == grpc.StatusCode.UNAVAILABLE:
-        lowered = details.lower()
-        for needle, reason in (
-            ("connection refused", "connection refused"),
-            ("ping timeout", "no answer to keepalive pings"),
-            ("dns resolution failed", "host name not found"),
-            ("errors resolving", "host name not found"),
-            ("socket closed", "it closed the connection; if it uses TLS, pass --tls-ca"),
-            ("certificate_verify_failed", "its TLS certificate is not signed by --tls-ca"),
-            ("wrong_version_number", "TLS handshake failed; is the orchestrator using TLS?"),
-            ("handshake", "TLS handshake failed"),
-            ("deadline", "timed out"),
-            ("timeout", "timed out"),
-        ):
-            if needle in lowered:
-                return f"orchestrator unreachable ({reason})"
-        return "orchestrator unreachable"
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "the orchestrator did not answer in time"
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return "the orchestrator rejected the join token"
-    first_line = details.splitlines()[0] if details else ""
-    name = code.name if code is not None else "error"
-    return sanitize_text(f"{name}: {first_line}" if first_line else name, ERROR_TEXT_LIMIT)
-
-
-@dataclasses.dataclass(frozen=True)
-class TableLayout:
-    """Column widths of the dashboard's node table; 0 hides a column."""
-
-    node_id: int
-    address: int
-    status: int
-    bar: int  # each of the CPU and memory bars, without the percentage after it
-    spark: int
-    seen: int
-
-    PERCENT = 7  # " 100.0%"
-
-    @property
-    def width(self) -> int:
-        columns = [self.node_id, self.address, self.status, self.bar + self.PERCENT,
-                   self.bar + self.PERCENT, self.spark, self.seen]
-        shown = [column for column in columns if column]
-        return sum(shown) + len(shown) - 1
-
-
-def table_layout(width: int) -> TableLayout:
-    """Fit the node table into width cells: drop the sparkline, then the address, before bars get thin."""
-    node_id, status, seen = max(12, min(24, width // 6)), 12, 9
-    address = 21 if width >= 90 else 0
-    spare = width - node_id - status - seen - 4 - (address + 1 if address else 0) - 2 * TableLayout.PERCENT
-    spark = min(HISTORY_SAMPLES, spare // 4) if width >= 130 else 0
-    if spark:
-        spare -= spark + 1
-    return TableLayout(node_id, address, status, max(spare // 2, 4), spark, seen)
-
-
-def node_row(node: "Node", layout: TableLayout, now: float, unicode: bool = True) -> list[tuple[str, str]]:
-    """One table row as (text, style) segments; styles: text, dim, active, disconnected, low, medium, high."""
-    live = node.status == ACTIVE
-    plain = "text" if live else "dim"
-    segments = [(fit(node.node_id, layout.node_id) + " ", plain)]
-    if layout.address:
-        segments.append((fit(node.address, layout.address) + " ", plain))
-    segments.append((fit(node.status, layout.status) + " ", "active" if live else "disconnected"))
-    for value in (node.cpu_usage, node.memory_usage):
-        segments.append((bar_text(value, layout.bar, unicode), bar_level(value) if live else "dim"))
-        segments.append((f"{clamp_percent(value):6.1f}% ", plain))
-    if layout.spark:
-        segments.append((sparkline(node.cpu_history, layout.spark, unicode) + " ", "low" if live else "dim"))
-    segments.append((fit(format_age(now - node.last_seen), layout.seen), plain))
-    return segments
-
-
-def table_header(layout: TableLayout, sort_key: str, reverse: bool) -> str:
-    arrow = "▼" if reverse else "▲"
-    titles = [("n", "NODE ID", layout.node_id), ("", "ADDRESS", layout.address), ("s", "STATUS", layout.status),
-              ("c", "CPU", layout.bar + TableLayout.PERCENT), ("m", "MEMORY", layout.bar + TableLayout.PERCENT),
-              ("", "CPU LAST 60s", layout.spark), ("", "LAST SEEN", layout.seen)]
-    return " ".join(fit(title + (arrow if key == sort_key else ""), width)
-                    for key, title, width in titles if width)
-
-
-SORT_KEYS = {"n": "node ID", "c": "CPU", "m": "memory", "s": "status"}
-HEARTBEAT_STEPS_MS = (250, 500, 1000, 2000, 5000)
-
-
-def next_heartbeat_ms(current_ms: int, longer: bool) -> int | None:
-    """The next heartbeat interval step up or down from current_ms, None at either end."""
-    if longer:
-        return min((ms for ms in HEARTBEAT_STEPS_MS if ms > current_ms), default=None)
-    return max((ms for ms in HEARTBEAT_STEPS_MS if ms < current_ms), default=None)
-
-
-def sort_nodes(nodes: list["Node"], key: str, reverse: bool = False) -> list["Node"]:
-    """Sort for the table; CPU and memory put the busiest first unless reversed."""
-    if key == "c":
-        return sorted(nodes, key=lambda node: (-node.cpu_usage, node.node_id), reverse=reverse)
-    if key == "m":
-        return sorted(nodes, key=lambda node: (-node.memory_usage, node.node_id), reverse=reverse)
-    if key == "s":
-        return sorted(nodes, key=lambda node: (node.status != ACTIVE, node.node_id), reverse=reverse)
-    return sorted(nodes, key=lambda node: node.node_id, reverse=reverse)
-
-
-@dataclasses.dataclass(frozen=True)
-class ClusterSummary:
-    active: int
-    disconnected: int
-    cpu_percent: float  # mean over active nodes
-    memory_percent: float
-
-
-def summarize(nodes: list["Node"]) -> ClusterSummary:
-    live = [node for node in nodes if node.status == ACTIVE]
-    count = len(live) or 1
-    return ClusterSummary(len(live), len(nodes) - len(live),
-                          sum(node.cpu_usage for node in live) / count,
-                          sum(node.memory_usage for node in live) / count)
-
-
-def format_event(event: "Event", clock: str = "%H:%M:%S") -> str:
-    return f"{time.strftime(clock, time.localtime(event.at))} [{event.level}] {event.text}"
-
-
 # ---------------------------------------------------------------------------
 # 2. Local metrics sampling: the Phase 01 logic, shared by the worker's screen
 #    and its heartbeat stream.
@@ -489,6 +359,7 @@ class LocalSampler:
         self._lock = threading.Lock()
         self._last: LocalSample | None = None
         self._last_at = 0.0
+        self.cpu_count = psutil.cpu_count() or 0
         psutil.cpu_percent(interval=None)
         self._primed_at = time.monotonic()
 
@@ -526,8 +397,8 @@ def local_node_info(node_id: str) -> pb.NodeInfo:
 
 
 # ---------------------------------------------------------------------------
-# 3. Node and NodeRegistry: the orchestrator's state. Plain threads and one
-#    lock, so the gRPC loop writes while the UI thread reads.
+# 3. Node and NodeRegistry: the orchestrator's state, behind one lock: the gRPC
+#    loop applies heartbeats while the UI thread takes snapshots and edits.
 # ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -563,6 +434,10 @@ class EventLog:
             if count <= 0:
                 return []
             return list(self._events)[-count:]
+
+
+def format_event(event: Event, clock: str = "%H:%M:%S") -> str:
+    return f"{time.strftime(clock, time.localtime(event.at))} [{event.level}] {event.text}"
 
 
 @dataclasses.dataclass
@@ -622,7 +497,7 @@ class NodeRegistry:
         self.events = events if events is not None else EventLog()
 
     @property
-    def deadline(self) -> float:
+    def silence_limit(self) -> float:
         return MISSED_HEARTBEATS * self.heartbeat_interval
 
     def join(self, node_id: str, address: str, hostname: str = "") -> str:
@@ -729,8 +604,8 @@ class NodeRegistry:
         return True
 
     def expire(self) -> list[tuple[str, str]]:
-        """Mark nodes silent for longer than the deadline Disconnected; return their (node_id, session_id)."""
-        cutoff = time.monotonic() - self.deadline
+        """Mark nodes silent for longer than the silence limit Disconnected; return their (node_id, session_id)."""
+        cutoff = time.monotonic() - self.silence_limit
         with self._lock:
             silent = [node for node in self._nodes.values()
                       if node.status == ACTIVE and node.heard_at < cutoff]
@@ -738,7 +613,7 @@ class NodeRegistry:
                 node.status = DISCONNECTED
             expired = [(node.node_id, node.session_id) for node in silent]
         for node_id, _ in expired:
-            self.events.add("WARN", f"Node '{node_id}' lost: no heartbeat for {self.deadline:.1f} s.")
+            self.events.add("WARN", f"Node '{node_id}' lost: no heartbeat for {self.silence_limit:.1f} s.")
         return expired
 
     def remove_disconnected(self) -> int:
@@ -901,7 +776,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         except asyncio.CancelledError:
             if stream.ending == "expired":
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"no heartbeat for {self.registry.deadline:.1f} s")
+                                    f"no heartbeat for {self.registry.silence_limit:.1f} s")
             if stream.ending != "shutdown":
                 raise
             # Written by the handler itself, so the notice goes out before the end of the stream.
@@ -1010,11 +885,14 @@ class Orchestrator:
 
     def start(self) -> None:
         """Listen and serve on a background thread; StartError if the address cannot be used."""
-        run_on_grpc_loop(self._start(), timeout=10)
+        if not run_on_grpc_loop(self._start(), timeout=10):
+            # Asked here, not on the event loop: finding out why may mean a DNS lookup.
+            raise StartError(explain_bind_failure(self.listen_host, self.port))
         self.join_hosts = join_addresses(self.listen_host, self.port, psutil.net_if_addrs())
         self.registry.events.add("INFO", f"Orchestrator listening on {self.address}.")
 
-    async def _start(self) -> None:
+    async def _start(self) -> bool:
+        """Bind and serve; False when the address cannot be bound."""
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_ClusterServiceServicer_to_server(self.servicer, server)
         pb_grpc.add_StatusServiceServicer_to_server(self._status, server)
@@ -1029,12 +907,13 @@ class Orchestrator:
             port = 0
         if not port:
             await server.stop(None)
-            raise StartError(explain_bind_failure(self.listen_host, self.port))
+            return False
         self.port = port
         await server.start()
         self._server = server
         self._interval_lock = asyncio.Lock()
         self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        return True
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -1078,6 +957,36 @@ class Orchestrator:
 # 5. The worker client (join, then stream metrics; reconnect forever) and the
 #    status client.
 # ---------------------------------------------------------------------------
+
+def describe_rpc_error(error: grpc.RpcError) -> str:
+    """One short line for a failed call, e.g. 'orchestrator unreachable (connection refused)'."""
+    code = error.code() if hasattr(error, "code") else None
+    details = (error.details() if hasattr(error, "details") else None) or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        lowered = details.lower()
+        for needle, reason in (
+            ("connection refused", "connection refused"),
+            ("ping timeout", "no answer to keepalive pings"),
+            ("dns resolution failed", "host name not found"),
+            ("errors resolving", "host name not found"),
+            ("socket closed", "it closed the connection; if it uses TLS, pass --tls-ca"),
+            ("certificate_verify_failed", "its TLS certificate is not signed by --tls-ca"),
+            ("wrong_version_number", "TLS handshake failed; is the orchestrator using TLS?"),
+            ("handshake", "TLS handshake failed"),
+            ("deadline", "timed out"),
+            ("timeout", "timed out"),
+        ):
+            if needle in lowered:
+                return f"orchestrator unreachable ({reason})"
+        return "orchestrator unreachable"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "the orchestrator did not answer in time"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return "the orchestrator rejected the join token"
+    first_line = details.splitlines()[0] if details else ""
+    name = code.name if code is not None else "error"
+    return sanitize_text(f"{name}: {first_line}" if first_line else name, ERROR_TEXT_LIMIT)
+
 
 @dataclasses.dataclass(frozen=True)
 class ConnectionState:
@@ -1306,25 +1215,100 @@ def _finite_or_none(value: float, digits: int) -> float | None:
     return round(value, digits) if math.isfinite(value) else None
 
 
-def format_status_table(rows: list[dict], now: float | None = None) -> str:
-    now = time.time() if now is None else now
-    lines = [f"{'NODE ID':<24} {'ADDRESS':<24} {'STATUS':<13} {'CPU':>6} {'MEMORY':>7}  LAST SEEN"]
-    def percent(value):
-        return "?" if value is None else f"{value:.1f}%"
-    for row in rows:
-        seen = "?" if row["last_seen"] is None else format_age(now - row["last_seen"])
-        lines.append(f"{fit(row['node_id'], 24)} {fit(row['address'], 24)} {row['status']:<13} "
-                     f"{percent(row['cpu_percent']):>6} {percent(row['memory_percent']):>7}  {seen}")
-    if not rows:
-        lines.append("(no workers have joined)")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------
 # 6. The TUI: asciimatics scenes for the mode menu, the join form, the worker
-#    view and the orchestrator dashboard. What can be pure lives in section 1;
-#    widgets here only place text and pick colours.
+#    view and the orchestrator dashboard. First the dashboard's pure parts
+#    (layout, rows, sorting), tested without a terminal; the widgets after them
+#    only place text and pick colours.
 # ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TableLayout:
+    """Column widths of the dashboard's node table; 0 hides a column."""
+
+    node_id: int
+    address: int
+    status: int
+    bar: int  # each of the CPU and memory bars, without the percentage after it
+    spark: int
+    seen: int
+
+    PERCENT = 7  # " 100.0%"
+
+
+def table_layout(width: int) -> TableLayout:
+    """Fit the node table into width cells: drop the sparkline, then the address, before bars get thin."""
+    node_id, status, seen = max(12, min(24, width // 6)), 12, 9
+    address = 21 if width >= 90 else 0
+    spare = width - node_id - status - seen - 4 - (address + 1 if address else 0) - 2 * TableLayout.PERCENT
+    spark = min(HISTORY_SAMPLES, spare // 4) if width >= 130 else 0
+    if spark:
+        spare -= spark + 1
+    return TableLayout(node_id, address, status, max(spare // 2, 4), spark, seen)
+
+
+def node_row(node: Node, layout: TableLayout, now: float, unicode: bool = True) -> list[tuple[str, str]]:
+    """One table row as (text, style) segments; styles: text, dim, active, disconnected, low, medium, high."""
+    live = node.status == ACTIVE
+    plain = "text" if live else "dim"
+    segments = [(fit(node.node_id, layout.node_id) + " ", plain)]
+    if layout.address:
+        segments.append((fit(node.address, layout.address) + " ", plain))
+    segments.append((fit(node.status, layout.status) + " ", "active" if live else "disconnected"))
+    for value in (node.cpu_usage, node.memory_usage):
+        segments.append((bar_text(value, layout.bar, unicode), bar_level(value) if live else "dim"))
+        segments.append((f"{clamp_percent(value):6.1f}% ", plain))
+    if layout.spark:
+        segments.append((sparkline(node.cpu_history, layout.spark, unicode) + " ", "low" if live else "dim"))
+    segments.append((fit(format_age(now - node.last_seen), layout.seen), plain))
+    return segments
+
+
+def table_header(layout: TableLayout, sort_key: str, reverse: bool) -> str:
+    arrow = "▼" if reverse else "▲"
+    titles = [("n", "NODE ID", layout.node_id), ("", "ADDRESS", layout.address), ("s", "STATUS", layout.status),
+              ("c", "CPU", layout.bar + TableLayout.PERCENT), ("m", "MEMORY", layout.bar + TableLayout.PERCENT),
+              ("", "CPU LAST 60s", layout.spark), ("", "LAST SEEN", layout.seen)]
+    return " ".join(fit(title + (arrow if key == sort_key else ""), width)
+                    for key, title, width in titles if width)
+
+
+SORT_KEYS = {"n": "node ID", "c": "CPU", "m": "memory", "s": "status"}
+HEARTBEAT_STEPS_MS = (250, 500, 1000, 2000, 5000)
+
+
+def next_heartbeat_ms(current_ms: int, longer: bool) -> int | None:
+    """The next heartbeat interval step up or down from current_ms, None at either end."""
+    if longer:
+        return min((ms for ms in HEARTBEAT_STEPS_MS if ms > current_ms), default=None)
+    return max((ms for ms in HEARTBEAT_STEPS_MS if ms < current_ms), default=None)
+
+
+def sort_nodes(nodes: list[Node], key: str, reverse: bool = False) -> list[Node]:
+    """Sort for the table; CPU and memory put the busiest first unless reversed."""
+    if key in ("c", "m"):
+        usage = "cpu_usage" if key == "c" else "memory_usage"
+        return sorted(nodes, key=lambda node: (-getattr(node, usage), node.node_id), reverse=reverse)
+    if key == "s":
+        return sorted(nodes, key=lambda node: (node.status != ACTIVE, node.node_id), reverse=reverse)
+    return sorted(nodes, key=lambda node: node.node_id, reverse=reverse)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSummary:
+    active: int
+    disconnected: int
+    cpu_percent: float  # mean over active nodes
+    memory_percent: float
+
+
+def summarize(nodes: list[Node]) -> ClusterSummary:
+    live = [node for node in nodes if node.status == ACTIVE]
+    count = len(live) or 1
+    return ClusterSummary(len(live), len(nodes) - len(live),
+                          sum(node.cpu_usage for node in live) / count,
+                          sum(node.memory_usage for node in live) / count)
+
 
 MIN_WIDTH, MIN_HEIGHT = 70, 18
 # asciimatics ticks at 20 frames a second; redraw live data once a second.
@@ -1680,7 +1664,7 @@ class WorkerPane(Pane):
         self.put(fit(state.describe(), self._w), 0, 1, style)
         bar_width = max(self._w - 40, 10)
         for row, (name, value, extra) in enumerate((
-                ("CPU", sample.cpu_percent, f"{psutil.cpu_count() or 0} CPUs"),
+                ("CPU", sample.cpu_percent, f"{app.sampler.cpu_count} CPUs"),
                 ("Memory", sample.memory_percent,
                  f"{format_bytes(sample.memory_used_bytes)} / {format_bytes(sample.memory_total_bytes)}"))):
             x = self.put(f"{name:<8}", 0, 3 + row, "bold")
@@ -1999,6 +1983,20 @@ def run_worker_headless(args, tls: dict) -> int:
     stop.wait()
     client.stop()
     return 0
+
+
+def format_status_table(rows: list[dict], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [f"{'NODE ID':<24} {'ADDRESS':<24} {'STATUS':<13} {'CPU':>6} {'MEMORY':>7}  LAST SEEN"]
+    def percent(value):
+        return "?" if value is None else f"{value:.1f}%"
+    for row in rows:
+        seen = "?" if row["last_seen"] is None else format_age(now - row["last_seen"])
+        lines.append(f"{fit(row['node_id'], 24)} {fit(row['address'], 24)} {row['status']:<13} "
+                     f"{percent(row['cpu_percent']):>6} {percent(row['memory_percent']):>7}  {seen}")
+    if not rows:
+        lines.append("(no workers have joined)")
+    return "\n".join(lines)
 
 
 def run_status(args) -> int:
