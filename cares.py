@@ -20,6 +20,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import errno
 import hmac
 import ipaddress
 import json
@@ -295,11 +296,13 @@ def format_age(seconds: float) -> str:
 
 
 def format_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+    if abs(count) < 1024:
+        return f"{count:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         count /= 1024.0
-    raise AssertionError("unreachable")
+        if abs(count) < 1024:
+            return f"{count:.1f} {unit}"
+    return f"{count / 1024.0:.1f} TiB"
 
 
 def char_width(char: str) -> int:
@@ -359,7 +362,9 @@ class LocalSampler:
         self._lock = threading.Lock()
         self._last: LocalSample | None = None
         self._last_at = 0.0
+        # Fixed for the life of the process: read once, for the join and the worker view.
         self.cpu_count = psutil.cpu_count() or 0
+        self.memory_total_bytes = psutil.virtual_memory().total
         psutil.cpu_percent(interval=None)
         self._primed_at = time.monotonic()
 
@@ -385,12 +390,12 @@ class LocalSampler:
             return self._last
 
 
-def local_node_info(node_id: str) -> pb.NodeInfo:
+def local_node_info(node_id: str, sampler: LocalSampler) -> pb.NodeInfo:
     return pb.NodeInfo(
         node_id=node_id,
         hostname=socket.gethostname()[:HOSTNAME_LIMIT],
-        cpu_count=psutil.cpu_count() or 0,
-        memory_total_bytes=psutil.virtual_memory().total,
+        cpu_count=sampler.cpu_count,
+        memory_total_bytes=sampler.memory_total_bytes,
         platform=f"{platform.system()}-{platform.release()}-{platform.machine()}"[:PLATFORM_LIMIT],
         cares_version=VERSION,
     )
@@ -404,7 +409,7 @@ def local_node_info(node_id: str) -> pb.NodeInfo:
 @dataclasses.dataclass(frozen=True)
 class Event:
     at: float  # wall clock, Unix seconds
-    level: str  # INFO, WARN or ERROR
+    level: str  # INFO or WARN
     text: str
 
 
@@ -488,13 +493,12 @@ class NodeRegistry:
     """Every worker that joined, keyed by node ID, behind one lock."""
 
     def __init__(self, *, max_nodes: int = DEFAULT_MAX_NODES,
-                 heartbeat_interval: float = DEFAULT_HEARTBEAT_MS / 1000.0,
-                 events: EventLog | None = None):
+                 heartbeat_interval: float = DEFAULT_HEARTBEAT_MS / 1000.0):
         self._lock = threading.Lock()
         self._nodes: dict[str, Node] = {}
         self.max_nodes = max_nodes
         self.heartbeat_interval = heartbeat_interval
-        self.events = events if events is not None else EventLog()
+        self.events = EventLog()
 
     @property
     def silence_limit(self) -> float:
@@ -550,9 +554,7 @@ class NodeRegistry:
             node = self._nodes.get(node_id)
             if node is None or not session_id or not hmac.compare_digest(node.session_id, session_id):
                 return grpc.StatusCode.PERMISSION_DENIED
-            if node.streaming:
-                return grpc.StatusCode.FAILED_PRECONDITION
-            if node.status != ACTIVE:
+            if node.streaming or node.status != ACTIVE:
                 return grpc.StatusCode.FAILED_PRECONDITION
             node.streaming = True
             node.heard_at = time.monotonic()
@@ -853,7 +855,7 @@ def explain_bind_failure(host: str, port: int) -> str:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             probe.bind(sockaddr)
     except OSError as error:
-        if error.errno == 98:
+        if error.errno == errno.EADDRINUSE:
             return f"cannot listen on {address}: port {port} is already in use"
         return f"cannot listen on {address}: {error.strerror or error}"
     return f"cannot listen on {address}"
@@ -866,12 +868,12 @@ class Orchestrator:
                  tls_key: bytes | None = None, heartbeat_ms: int = DEFAULT_HEARTBEAT_MS,
                  max_nodes: int = DEFAULT_MAX_NODES):
         self.listen_host, port = parse_address(listen, allow_port_zero=True)
-        self.registry = NodeRegistry(max_nodes=max_nodes, heartbeat_interval=clamp_heartbeat_ms(heartbeat_ms) / 1000.0)
+        # The interval last asked of workers; the registry's follows once they were told.
+        self.heartbeat_ms = clamp_heartbeat_ms(heartbeat_ms)
+        self.registry = NodeRegistry(max_nodes=max_nodes, heartbeat_interval=self.heartbeat_ms / 1000.0)
         self.token = token
         self.tls = (tls_key, tls_cert) if tls_cert else None
         self.port = port
-        # The interval last asked of workers; the registry's follows once they were told.
-        self.heartbeat_ms = clamp_heartbeat_ms(heartbeat_ms)
         self.servicer = ClusterServicer(self.registry, token)
         self._status = StatusServicer(self.registry, token)
         self._server = None
@@ -947,8 +949,7 @@ class Orchestrator:
         self.registry.events.add("INFO", "Orchestrator stopped.")
 
     async def _stop(self, grace: float) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self._sweeper.cancel()
         await self.servicer.say_shutdown(timeout=grace / 2)
         await self._server.stop(grace / 2)
 
@@ -1031,11 +1032,11 @@ class WorkerClient:
     """Joins an orchestrator and streams this machine's metrics to it, reconnecting forever."""
 
     def __init__(self, target: str, node_id: str, sampler: LocalSampler, *, token: str | None = None,
-                 tls_ca: bytes | None = None, events: EventLog | None = None):
+                 tls_ca: bytes | None = None):
         self.target = target
         self.node_id = node_id
         self.sampler = sampler
-        self.events = events if events is not None else EventLog()
+        self.events = EventLog()
         self._metadata = token_metadata(token)
         self._tls_ca = tls_ca
         self._state = ConnectionState("connecting")
@@ -1092,11 +1093,14 @@ class WorkerClient:
         self._main_task.cancel()
         await asyncio.gather(self._main_task, return_exceptions=True)
 
-    async def _say_goodbye(self, call) -> None:
+    def _next_metrics(self, **fields) -> pb.NodeMetrics:
+        """The next message of this session's stream: identity, sequence number and send time filled in."""
         self._sequence += 1
-        await call.write(pb.NodeMetrics(node_id=self.node_id, session_id=self._session_id,
-                                        sequence=self._sequence, leaving=True,
-                                        sent_at_ms=int(time.time() * 1000)))
+        return pb.NodeMetrics(node_id=self.node_id, session_id=self._session_id, sequence=self._sequence,
+                              sent_at_ms=int(time.time() * 1000), **fields)
+
+    async def _say_goodbye(self, call) -> None:
+        await call.write(self._next_metrics(leaving=True))
         await call.done_writing()
         await call.code()
 
@@ -1136,7 +1140,8 @@ class WorkerClient:
     async def _connect_and_stream(self) -> None:
         async with _channel_for(self.target, self._tls_ca, WORKER_OPTIONS) as channel:
             stub = pb_grpc.ClusterServiceStub(channel)
-            ack = await stub.JoinCluster(local_node_info(self.node_id), metadata=self._metadata, timeout=5.0)
+            ack = await stub.JoinCluster(local_node_info(self.node_id, self.sampler), metadata=self._metadata,
+                                         timeout=5.0)
             self._session_id = ack.session_id
             self._sequence = 0
             self._interval = clamp_heartbeat_ms(ack.heartbeat_interval_ms) / 1000.0
@@ -1176,12 +1181,9 @@ class WorkerClient:
         next_at = loop.time()
         while True:
             sample = self.sampler.sample()
-            self._sequence += 1
-            await call.write(pb.NodeMetrics(
-                node_id=self.node_id, session_id=self._session_id,
+            await call.write(self._next_metrics(
                 cpu_percent=sample.cpu_percent, memory_percent=sample.memory_percent,
-                memory_used_bytes=sample.memory_used_bytes, memory_total_bytes=sample.memory_total_bytes,
-                sent_at_ms=int(time.time() * 1000), sequence=self._sequence))
+                memory_used_bytes=sample.memory_used_bytes, memory_total_bytes=sample.memory_total_bytes))
             next_at = max(next_at + self._interval, loop.time())
             try:
                 # A new interval takes effect at once, with a fresh sample.
@@ -1273,7 +1275,7 @@ def table_header(layout: TableLayout, sort_key: str, reverse: bool) -> str:
                     for key, title, width in titles if width)
 
 
-SORT_KEYS = {"n": "node ID", "c": "CPU", "m": "memory", "s": "status"}
+SORT_KEYS = "ncms"  # by node ID, CPU, memory, status
 HEARTBEAT_STEPS_MS = (250, 500, 1000, 2000, 5000)
 
 
@@ -1340,7 +1342,6 @@ STYLES = {
     "high": (Screen.COLOUR_RED, Screen.A_BOLD, Screen.COLOUR_BLACK),
     "INFO": (Screen.COLOUR_WHITE, Screen.A_NORMAL, Screen.COLOUR_BLACK),
     "WARN": (Screen.COLOUR_YELLOW, Screen.A_NORMAL, Screen.COLOUR_BLACK),
-    "ERROR": (Screen.COLOUR_RED, Screen.A_BOLD, Screen.COLOUR_BLACK),
 }
 
 
@@ -1512,10 +1513,10 @@ class Pane(Widget):
         """Draw text at (x, y) inside this pane, clipped to it; return the x after it."""
         if y >= self._h or x >= self._w:
             return x
-        text = fit(text, min(self._w - x, display_width(text)))
+        width = min(self._w - x, display_width(text))
         colour, attr, background = STYLES[style]
-        self._frame.canvas.print_at(text, self._x + x, self._y + y, colour, attr, background)
-        return x + display_width(text)
+        self._frame.canvas.print_at(fit(text, width), self._x + x, self._y + y, colour, attr, background)
+        return x + width
 
     def put_segments(self, segments, y: int, x: int = 0) -> int:
         for text, style in segments:
@@ -1661,7 +1662,7 @@ class WorkerPane(Pane):
         self.put(f"cares worker - node {worker.node_id} - orchestrator {worker.target}", 0, 0, "bold")
         state = worker.state
         style = {"connected": "active", "retrying": "WARN"}.get(state.phase, "text")
-        self.put(fit(state.describe(), self._w), 0, 1, style)
+        self.put(state.describe(), 0, 1, style)
         bar_width = max(self._w - 40, 10)
         for row, (name, value, extra) in enumerate((
                 ("CPU", sample.cpu_percent, f"{app.sampler.cpu_count} CPUs"),
@@ -1685,7 +1686,7 @@ class EventPane(Pane):
         events = self._events_of()
         self.put(fit("Events", self._w), 0, 0, "header")
         for row, event in enumerate(events.tail(self._h - 1) if events else ()):
-            self.put(fit(format_event(event), self._w), 0, 1 + row, event.level)
+            self.put(format_event(event), 0, 1 + row, event.level)
 
 
 class HelpPane(Pane):
@@ -1938,10 +1939,7 @@ def run_orchestrator(args) -> int:
         return run_orchestrator_headless(args, tls)
     app = TuiApp(listen=args.listen, heartbeat_ms=args.heartbeat_ms, max_nodes=args.max_nodes,
                  tls_cert=tls.get("tls_cert"), tls_key=tls.get("tls_key"))
-    try:
-        app.start_orchestrator(args.listen, args.token)
-    except StartError as error:
-        raise RuntimeFailure(str(error)) from None
+    app.start_orchestrator(args.listen, args.token)
     return app.run()
 
 
@@ -1959,10 +1957,7 @@ def run_orchestrator_headless(args, tls: dict) -> int:
                                 token=args.token, tls_cert=tls.get("tls_cert"), tls_key=tls.get("tls_key"))
     orchestrator.registry.events.subscribe(print_event)
     stop = termination_requested()
-    try:
-        orchestrator.start()
-    except StartError as error:
-        raise RuntimeFailure(str(error)) from None
+    orchestrator.start()
     orchestrator.registry.events.add("INFO", "Workers can join with: cares worker "
                                              + " | ".join(orchestrator.join_hosts))
     if not orchestrator.token:
@@ -2032,7 +2027,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"cares: {error}", file=sys.stderr)
         return 2
-    except RuntimeFailure as error:
+    except (RuntimeFailure, StartError) as error:
         print(f"cares: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
