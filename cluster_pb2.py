@@ -24,31 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcluster.proto\x12\x08\x63\x61res.v1\"\x85\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\tcpu_count\x18\x03 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x10\n\x08platform\x18\x05 \x01(\t\x12\x15\n\rcares_version\x18\x06 \x01(\t\"g\n\x0f\x41\x63knowledgement\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\r\"\xcd\x01\n\x0bNodeMetrics\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x16\n\x0ememory_percent\x18\x04 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x12\n\nsent_at_ms\x18\x07 \x01(\x03\x12\x10\n\x08sequence\x18\x08 \x01(\x04\x12\x0f\n\x07leaving\x18\t \x01(\x08\"s\n\x13OrchestratorCommand\x12#\n\x19set_heartbeat_interval_ms\x18\x01 \x01(\rH\x00\x12,\n\x08shutdown\x18\x02 \x01(\x0b\x32\x18.cares.v1.ShutdownNoticeH\x00\x42\t\n\x07\x63ommand\" \n\x0eShutdownNotice\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x12\n\x10ListNodesRequest\"\xb1\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x13\n\x0b\x63pu_percent\x18\x04 \x01(\x01\x12\x16\n\x0ememory_percent\x18\x05 \x01(\x01\x12\x18\n\x10last_seen_unix_s\x18\x06 \x01(\x01\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x18\n\x10joined_at_unix_s\x18\x08 \x01(\x01\"/\n\x08NodeList\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.cares.v1.NodeStatus2\x95\x01\n\x0e\x43lusterService\x12<\n\x0bJoinCluster\x12\x12.cares.v1.NodeInfo\x1a\x19.cares.v1.Acknowledgement\x12\x45\n\tHeartbeat\x12\x15.cares.v1.NodeMetrics\x1a\x1d.cares.v1.OrchestratorCommand(\x01\x30\x01\x32L\n\rStatusService\x12;\n\tListNodes\x12\x1a.cares.v1.ListNodesRequest\x1a\x12.cares.v1.NodeListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcluster.proto\x12\x08\x63\x61res.v1\"\xf9\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\tcpu_count\x18\x03 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x10\n\x08platform\x18\x05 \x01(\t\x12\x15\n\rcares_version\x18\x06 \x01(\t\x12\x13\n\x0bnode_secret\x18\x07 \x01(\t\x12.\n\x06labels\x18\x08 \x03(\x0b\x32\x1e.cares.v1.NodeInfo.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\x0f\x41\x63knowledgement\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\r\"\xbd\x06\n\x0bNodeMetrics\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x16\n\x0ememory_percent\x18\x04 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x12\n\nsent_at_ms\x18\x07 \x01(\x03\x12\x10\n\x08sequence\x18\x08 \x01(\x04\x12\x0f\n\x07leaving\x18\t \x01(\x08\x12\x19\n\x0cswap_percent\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0fload_average_1m\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0fload_average_5m\x18\x0c \x01(\x01H\x02\x88\x01\x01\x12\x1d\n\x10load_average_15m\x18\r \x01(\x01H\x03\x88\x01\x01\x12\x1d\n\x10\x62oot_time_unix_s\x18\x0e \x01(\x01H\x04\x88\x01\x01\x12!\n\x14root_fs_used_percent\x18\x0f \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12root_fs_size_bytes\x18\x10 \x01(\x04H\x06\x88\x01\x01\x12\"\n\x15\x64isk_read_bytes_per_s\x18\x11 \x01(\x01H\x07\x88\x01\x01\x12#\n\x16\x64isk_write_bytes_per_s\x18\x12 \x01(\x01H\x08\x88\x01\x01\x12$\n\x17net_receive_bytes_per_s\x18\x13 \x01(\x01H\t\x88\x01\x01\x12%\n\x18net_transmit_bytes_per_s\x18\x14 \x01(\x01H\n\x88\x01\x01\x42\x0f\n\r_swap_percentB\x12\n\x10_load_average_1mB\x12\n\x10_load_average_5mB\x13\n\x11_load_average_15mB\x13\n\x11_boot_time_unix_sB\x17\n\x15_root_fs_used_percentB\x15\n\x13_root_fs_size_bytesB\x18\n\x16_disk_read_bytes_per_sB\x19\n\x17_disk_write_bytes_per_sB\x1a\n\x18_net_receive_bytes_per_sB\x1b\n\x19_net_transmit_bytes_per_s\"s\n\x13OrchestratorCommand\x12#\n\x19set_heartbeat_interval_ms\x18\x01 \x01(\rH\x00\x12,\n\x08shutdown\x18\x02 \x01(\x0b\x32\x18.cares.v1.ShutdownNoticeH\x00\x42\t\n\x07\x63ommand\" \n\x0eShutdownNotice\x12\x0e\n\x06reason\x18\x01 \x01(\t\"A\n\x10ListNodesRequest\x12\x1a\n\x12page_after_node_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\"\xbe\x03\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x18\n\x0b\x63pu_percent\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0ememory_percent\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x10last_seen_unix_s\x18\x06 \x01(\x01\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x18\n\x10joined_at_unix_s\x18\x08 \x01(\x01\x12\x30\n\x06labels\x18\t \x03(\x0b\x32 .cares.v1.NodeStatus.LabelsEntry\x12\x10\n\x08platform\x18\n \x01(\t\x12\x15\n\rcares_version\x18\x0b \x01(\t\x12\x11\n\tcpu_count\x18\x0c \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\r \x01(\x04\x12%\n\x06latest\x18\x0e \x01(\x0b\x32\x15.cares.v1.NodeMetrics\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_cpu_percentB\x11\n\x0f_memory_percent\"e\n\x08NodeList\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.cares.v1.NodeStatus\x12\x1f\n\x17next_page_after_node_id\x18\x02 \x01(\t\x12\x13\n\x0btotal_nodes\x18\x03 \x01(\r2\x95\x01\n\x0e\x43lusterService\x12<\n\x0bJoinCluster\x12\x12.cares.v1.NodeInfo\x1a\x19.cares.v1.Acknowledgement\x12\x45\n\tHeartbeat\x12\x15.cares.v1.NodeMetrics\x1a\x1d.cares.v1.OrchestratorCommand(\x01\x30\x01\x32L\n\rStatusService\x12;\n\tListNodes\x12\x1a.cares.v1.ListNodesRequest\x1a\x12.cares.v1.NodeListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cluster_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_NODEINFO_LABELSENTRY']._loaded_options = None
+  _globals['_NODEINFO_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_NODESTATUS_LABELSENTRY']._loaded_options = None
+  _globals['_NODESTATUS_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_NODEINFO']._serialized_start=28
-  _globals['_NODEINFO']._serialized_end=161
-  _globals['_ACKNOWLEDGEMENT']._serialized_start=163
-  _globals['_ACKNOWLEDGEMENT']._serialized_end=266
-  _globals['_NODEMETRICS']._serialized_start=269
-  _globals['_NODEMETRICS']._serialized_end=474
-  _globals['_ORCHESTRATORCOMMAND']._serialized_start=476
-  _globals['_ORCHESTRATORCOMMAND']._serialized_end=591
-  _globals['_SHUTDOWNNOTICE']._serialized_start=593
-  _globals['_SHUTDOWNNOTICE']._serialized_end=625
-  _globals['_LISTNODESREQUEST']._serialized_start=627
-  _globals['_LISTNODESREQUEST']._serialized_end=645
-  _globals['_NODESTATUS']._serialized_start=648
-  _globals['_NODESTATUS']._serialized_end=825
-  _globals['_NODELIST']._serialized_start=827
-  _globals['_NODELIST']._serialized_end=874
-  _globals['_CLUSTERSERVICE']._serialized_start=877
-  _globals['_CLUSTERSERVICE']._serialized_end=1026
-  _globals['_STATUSSERVICE']._serialized_start=1028
-  _globals['_STATUSSERVICE']._serialized_end=1104
+  _globals['_NODEINFO']._serialized_end=277
+  _globals['_NODEINFO_LABELSENTRY']._serialized_start=232
+  _globals['_NODEINFO_LABELSENTRY']._serialized_end=277
+  _globals['_ACKNOWLEDGEMENT']._serialized_start=279
+  _globals['_ACKNOWLEDGEMENT']._serialized_end=382
+  _globals['_NODEMETRICS']._serialized_start=385
+  _globals['_NODEMETRICS']._serialized_end=1214
+  _globals['_ORCHESTRATORCOMMAND']._serialized_start=1216
+  _globals['_ORCHESTRATORCOMMAND']._serialized_end=1331
+  _globals['_SHUTDOWNNOTICE']._serialized_start=1333
+  _globals['_SHUTDOWNNOTICE']._serialized_end=1365
+  _globals['_LISTNODESREQUEST']._serialized_start=1367
+  _globals['_LISTNODESREQUEST']._serialized_end=1432
+  _globals['_NODESTATUS']._serialized_start=1435
+  _globals['_NODESTATUS']._serialized_end=1881
+  _globals['_NODESTATUS_LABELSENTRY']._serialized_start=232
+  _globals['_NODESTATUS_LABELSENTRY']._serialized_end=277
+  _globals['_NODELIST']._serialized_start=1883
+  _globals['_NODELIST']._serialized_end=1984
+  _globals['_CLUSTERSERVICE']._serialized_start=1987
+  _globals['_CLUSTERSERVICE']._serialized_end=2136
+  _globals['_STATUSSERVICE']._serialized_start=2138
+  _globals['_STATUSSERVICE']._serialized_end=2214
 # @@protoc_insertion_point(module_scope)

@@ -27,9 +27,15 @@ if _version_not_supported:
 
 class ClusterServiceStub:
     """A worker joins with JoinCluster, then keeps one Heartbeat stream open for as
-    long as it is part of the cluster. It opens that stream with the metadata
-    cares-node-id and cares-session-id (from the Acknowledgement), so the
-    orchestrator binds the stream before the first sample arrives.
+    long as it is part of the cluster. The stream is bound to the join by the
+    node_id and session_id of its first NodeMetrics; cares' own workers also open
+    it with the metadata cares-node-id and cares-session-id (from the
+    Acknowledgement), so the orchestrator binds it before the first sample.
+    A node is Active only while its bound stream delivers accepted samples.
+
+    Compatibility: fields are only ever added. Every field added after the first
+    release is optional (explicit presence) where 0 is a real value, so an
+    orchestrator can tell "not sent by an older worker" from 0.
     """
 
     def __init__(self, channel):
@@ -52,9 +58,15 @@ class ClusterServiceStub:
 
 class ClusterServiceServicer:
     """A worker joins with JoinCluster, then keeps one Heartbeat stream open for as
-    long as it is part of the cluster. It opens that stream with the metadata
-    cares-node-id and cares-session-id (from the Acknowledgement), so the
-    orchestrator binds the stream before the first sample arrives.
+    long as it is part of the cluster. The stream is bound to the join by the
+    node_id and session_id of its first NodeMetrics; cares' own workers also open
+    it with the metadata cares-node-id and cares-session-id (from the
+    Acknowledgement), so the orchestrator binds it before the first sample.
+    A node is Active only while its bound stream delivers accepted samples.
+
+    Compatibility: fields are only ever added. Every field added after the first
+    release is optional (explicit presence) where 0 is a real value, so an
+    orchestrator can tell "not sent by an older worker" from 0.
     """
 
     def JoinCluster(self, request, context):
@@ -92,9 +104,15 @@ def add_ClusterServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ClusterService:
     """A worker joins with JoinCluster, then keeps one Heartbeat stream open for as
-    long as it is part of the cluster. It opens that stream with the metadata
-    cares-node-id and cares-session-id (from the Acknowledgement), so the
-    orchestrator binds the stream before the first sample arrives.
+    long as it is part of the cluster. The stream is bound to the join by the
+    node_id and session_id of its first NodeMetrics; cares' own workers also open
+    it with the metadata cares-node-id and cares-session-id (from the
+    Acknowledgement), so the orchestrator binds it before the first sample.
+    A node is Active only while its bound stream delivers accepted samples.
+
+    Compatibility: fields are only ever added. Every field added after the first
+    release is optional (explicit presence) where 0 is a real value, so an
+    orchestrator can tell "not sent by an older worker" from 0.
     """
 
     @staticmethod
