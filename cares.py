@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import abc
 import argparse
+import array
 import asyncio
+import bisect
 import collections
 import concurrent.futures
 import dataclasses
+import enum
 import errno
+import fcntl
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -37,6 +42,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.parse
 
 # gRPC's C core logs to stderr, which would both leak internals to users and
 # scribble over a full-screen UI. Users can still ask for it with GRPC_VERBOSITY.
@@ -54,17 +60,19 @@ from asciimatics.widgets import Frame, Label, Layout, Text, Widget  # noqa: E402
 import cluster_pb2 as pb  # noqa: E402
 import cluster_pb2_grpc as pb_grpc  # noqa: E402
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 
 DEFAULT_PORT = 50051
 DEFAULT_LISTEN = f"[::]:{DEFAULT_PORT}"
 DEFAULT_HEARTBEAT_MS = 1000
 MIN_HEARTBEAT_MS = 100
 MAX_HEARTBEAT_MS = 60_000
-# A node is lost after this many heartbeat intervals without a sample.
+# A node is lost after this many heartbeat intervals without an accepted sample.
 MISSED_HEARTBEATS = 3
 HISTORY_SAMPLES = 60
 DEFAULT_MAX_NODES = 10_000
+# Disconnected rows are forgotten after this long (--forget-after), so restarts leave no ghosts.
+DEFAULT_FORGET_AFTER_S = 24 * 3600.0
 EVENT_LOG_SIZE = 1000
 MAX_BACKOFF_S = 5.0
 REJECTED_TOKEN_BACKOFF_S = 30.0
@@ -77,9 +85,28 @@ MAX_MESSAGE_BYTES = 64 * 1024
 HOSTNAME_LIMIT = 64
 PLATFORM_LIMIT = 80
 ERROR_TEXT_LIMIT = 160
-
-ACTIVE = "Active"
-DISCONNECTED = "Disconnected"
+# Joins waiting for their heartbeat stream; beyond this the oldest is dropped (it joins again).
+PENDING_JOINS_LIMIT = 2000
+# A sweep later than this (or half its period) means the orchestrator itself stalled.
+STALL_TOLERANCE_S = 0.1
+STALL_REPORT_S = 0.5
+# Repeated refusals are logged once, then summed up once per window per source and reason.
+REFUSAL_SUMMARY_S = 10.0
+WORKER_REPEAT_SUMMARY_S = 60.0
+HOUSEKEEPING_S = 1.0
+# Token guessing: free tries (typos), then doubling delays, then a lockout, per source address.
+TOKEN_FREE_FAILURES = 3
+TOKEN_LOCKOUT_FAILURES = 10
+TOKEN_LOCKOUT_S = 60.0
+TOKEN_FAILURE_WINDOW_S = 60.0
+TOKEN_GUARD_SOURCES = 10_000
+# `status` pages: at most this many nodes and about this many bytes per reply.
+STATUS_PAGE_NODES = 1000
+STATUS_PAGE_BYTES = 1 << 20
+STATUS_MAX_NODES = 10_000_000
+# Headless log lines waiting to be written; beyond this they are counted as dropped.
+LOG_QUEUE_LINES = 10_000
+LOG_FLUSH_AT_EXIT_S = 1.0
 
 # Keepalive measured on this project's machines: without ping_timeout a frozen
 # peer takes ~60 s to notice, with it ~4 s. The server must accept pings as often
@@ -108,7 +135,6 @@ WORKER_OPTIONS = _BOTH_SIDES_OPTIONS + [
 
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,63}")
 NODE_ID_RULE = "node ID must be 1-63 characters of A-Z a-z 0-9 . _ -"
-_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 # Control, format (bidi overrides, zero-width), surrogate, private-use and
 # unassigned characters can move the cursor, reorder a line or change colours.
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
@@ -127,15 +153,10 @@ def is_valid_node_id(node_id: str) -> bool:
     return bool(NODE_ID_PATTERN.fullmatch(node_id))
 
 
-def default_node_id(hostname: str | None = None) -> str:
-    """Short host name plus a random suffix, so two workers on one host never clash."""
-    short = (hostname if hostname is not None else socket.gethostname()).split(".")[0]
-    short = re.sub(r"[^A-Za-z0-9._-]", "-", short)[:56].strip("-.") or "node"
-    return f"{short}-{secrets.token_hex(3)}"
-
-
 def parse_address(text: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
-    """Split HOST:PORT, [IPv6]:PORT or hostname:PORT into (host, port); ValueError says what is wrong."""
+    """Split HOST:PORT or [IPv6]:PORT into (host, port), the host in the ASCII form DNS uses.
+    Host names may hold underscores (Docker Compose service names do) and be internationalised
+    (returned as xn-- labels). ValueError says what is wrong, in one line."""
     text = text.strip()
     if not text:
         raise ValueError("enter an address such as 127.0.0.1:50051")
@@ -148,20 +169,17 @@ def parse_address(text: str, *, allow_port_zero: bool = False) -> tuple[str, int
         if not rest.startswith(":"):
             raise ValueError("missing :PORT after the IPv6 address, e.g. [::1]:50051")
         port_text = rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"'{sanitize_text(host, 60)}' is not an IPv6 address") from None
+        if not _is_ipv6(host):
+            raise ValueError(f"'{sanitize_text(host, 60)}' is not an IPv6 address")
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep:
             raise ValueError("missing :PORT, e.g. 127.0.0.1:50051")
         if ":" in host:
-            raise ValueError("put IPv6 addresses in brackets, e.g. [::1]:50051")
-        if not host:
-            raise ValueError("missing host before ':'")
-        if not _is_host_name_or_ipv4(host):
-            raise ValueError(f"'{sanitize_text(host, 60)}' is not a valid host name or IPv4 address")
+            if _is_ipv6(host) or _is_ipv6(text):
+                raise ValueError("put IPv6 addresses in brackets, e.g. [::1]:50051")
+            raise ValueError(f"'{sanitize_text(host, 60)}' is not a host name: ':' is not allowed in one")
+        host = ascii_host_name(host)
     if not port_text.isascii() or not port_text.isdigit():
         raise ValueError(f"port '{sanitize_text(port_text, 20)}' is not a number")
     port = int(port_text)
@@ -171,29 +189,155 @@ def parse_address(text: str, *, allow_port_zero: bool = False) -> tuple[str, int
     return host, port
 
 
-def _is_host_name_or_ipv4(host: str) -> bool:
-    if not host.isascii() or len(host) > 253:
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
         return False
+    return True
+
+
+_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def ascii_host_name(host: str) -> str:
+    """An IPv4 address or host name as the resolver takes it; ValueError names the problem."""
+    if not host:
+        raise ValueError("missing host before ':'")
+    shown = sanitize_text(host, 60)
+    if any(char.isspace() or unicodedata.category(char) in _UNSAFE_CATEGORIES for char in host):
+        raise ValueError(f"'{shown}' is not a host name: it has a space or control character")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"'{shown}' is not a valid internationalised host name") from None
+    if len(host) > 253:
+        raise ValueError("the host name is too long")
     labels = host.rstrip(".").split(".")
     if all(label.isdigit() for label in labels):
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
-            return False
-        return True
-    return all(_HOSTNAME_LABEL.fullmatch(label) for label in labels)
+            raise ValueError(f"'{shown}' is not a valid IPv4 address") from None
+        return host
+    bad = next((label for label in labels if not _HOSTNAME_LABEL.fullmatch(label)), None)
+    if bad is not None:
+        raise ValueError(f"'{shown}' is not a valid host name: its part '{sanitize_text(bad, 30)}' must be "
+                         f"1-63 letters, digits, '-' or '_', not starting or ending with '-'")
+    return host
+
+
+# gRPC target URI schemes a worker may name instead of HOST:PORT (gRPC's naming document).
+_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
+
+
+def parse_target(text: str) -> str:
+    """What a worker or `status` dials: HOST:PORT, [IPv6]:PORT or a gRPC target URI such as
+    dns:///orch:50051 or unix:/run/cares.sock. Returns the target for gRPC; ValueError says why not."""
+    text = text.strip()
+    scheme = next((scheme for scheme in _TARGET_SCHEMES if text.lower().startswith(scheme)), None)
+    if scheme is None:
+        return format_address(*parse_address(text))
+    rest = text[len(scheme):]
+    if not rest or sanitize_text(rest, 300) != rest or any(char.isspace() for char in rest):
+        raise ValueError(f"nothing usable after '{scheme}'")
+    if scheme != "dns:":
+        return text
+    authority = ""
+    if rest.startswith("//"):
+        authority, sep, rest = rest[2:].partition("/")
+        if not sep:
+            raise ValueError("a dns target is dns:///HOST:PORT (or dns://DNS-SERVER/HOST:PORT)")
+    return f"dns://{authority}/{format_address(*parse_address(rest))}"
 
 
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def peer_to_address(peer: str) -> str:
-    """gRPC peers look like 'ipv4:10.0.0.5:4242' or 'ipv6:[::1]:4242'; show them as HOST:PORT."""
+def _peer_parts(peer: str) -> tuple[str, str]:
+    """gRPC peers look like 'ipv4:10.0.0.5:4242' or 'ipv6:%5B::1%5D:4242': (host, HOST:PORT)."""
     for prefix in ("ipv4:", "ipv6:"):
         if peer.startswith(prefix):
-            return sanitize_text(peer[len(prefix):], 64)
-    return sanitize_text(peer, 64)
+            address = urllib.parse.unquote(peer[len(prefix):])
+            host = address.rpartition(":")[0].strip("[]") or address
+            return host, address
+    return peer, peer
+
+
+def peer_to_address(peer: str) -> str:
+    """A gRPC peer as HOST:PORT for display."""
+    return sanitize_text(_peer_parts(peer)[1], 64)
+
+
+def peer_host(peer: str) -> str:
+    """A gRPC peer's host without the (ephemeral) port: the source a refusal is counted against."""
+    return sanitize_text(_peer_parts(peer)[0], 64)
+
+
+def host_of(address: str) -> str:
+    """The host of HOST:PORT or [IPv6]:PORT."""
+    return address.rpartition(":")[0].strip("[]") or address
+
+
+TOKEN_RULE = "a token must be 1-256 printable ASCII characters, without spaces at either end"
+
+
+def is_valid_token(token: str) -> bool:
+    """gRPC metadata carries printable ASCII only: anything else could never be sent by a worker."""
+    return (0 < len(token) <= 256 and token == token.strip()
+            and all(32 <= ord(char) < 127 for char in token))
+
+
+LABEL_KEY_PATTERN = re.compile(r"[a-z0-9_.-]{1,63}")
+LABEL_RULE = ("a label is KEY=VALUE: KEY 1-63 of a-z 0-9 _ . -, VALUE at most 128 printable characters; "
+              "at most 16 labels")
+MAX_LABELS = 16
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    """KEY=VALUE from --label; ValueError with the rule otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep or labels_problem({key: value}) is not None:
+        raise ValueError(LABEL_RULE)
+    return key, value
+
+
+def labels_problem(labels: dict) -> str | None:
+    """Why these labels break the rule, or None."""
+    if len(labels) > MAX_LABELS:
+        return f"more than {MAX_LABELS} labels"
+    for key, value in labels.items():
+        if not LABEL_KEY_PATTERN.fullmatch(key):
+            return f"label key '{sanitize_text(key, 63)}': {LABEL_RULE}"
+        if len(value) > 128 or not value.isprintable():
+            return f"label '{key}': {LABEL_RULE}"
+    return None
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '24h', '7d' (or plain seconds) as seconds; ValueError otherwise."""
+    text = text.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:], None)
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"'{sanitize_text(text, 20)}' is not a duration such as 90s, 30m, 24h or 7d") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("a duration must be 0 or more")
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 def join_addresses(listen_host: str, port: int, interfaces: dict) -> list[str]:
@@ -209,17 +353,6 @@ def join_addresses(listen_host: str, port: int, interfaces: dict) -> list[str]:
             (loopback if entry.address.startswith("127.") else found).append(entry.address)
     hosts = sorted(set(found)) + sorted(set(loopback))
     return [format_address(host, port) for host in hosts] or [format_address(listen_host, port)]
-
-
-def add_to_history(history: collections.deque, last_at: float, value: float, now: float, period: float) -> float:
-    """Add value to a bounded history that keeps one point per period: a value arriving sooner
-    replaces the newest point, so a sender faster than asked cannot flood it. Returns the time
-    the newest point was started (pass it back next time)."""
-    if history and now - last_at < 0.9 * period:
-        history[-1] = value
-        return last_at
-    history.append(value)
-    return now
 
 
 def clamp_heartbeat_ms(milliseconds: int) -> int:
@@ -295,6 +428,13 @@ def format_age(seconds: float) -> str:
     return f"{int(seconds // 86400)}d ago"
 
 
+def format_percent(value: float | None, unicode: bool = True) -> str:
+    """A percentage for a table; a dash for a value never measured (not 0.0 %, which would be invented)."""
+    if value is None:
+        return "–" if unicode else "-"
+    return f"{clamp_percent(value):.1f}%"
+
+
 def format_bytes(count: float) -> str:
     if abs(count) < 1024:
         return f"{count:.0f} B"
@@ -333,20 +473,86 @@ def fit(text: str, width: int) -> str:
 
 
 # ---------------------------------------------------------------------------
-# 2. Local metrics sampling: the Phase 01 logic, shared by the worker's screen
-#    and its heartbeat stream.
+# 2. Local metrics sampling: what a worker measures of its machine, for its own
+#    screen and for its heartbeat stream.
 # ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class LocalSample:
-    cpu_percent: float
-    memory_percent: float
-    memory_used_bytes: int
-    memory_total_bytes: int
+class Metrics:
+    """One sample of a machine's load, as a worker measures it and the orchestrator keeps it.
+    Names and units are those of NodeMetrics' fields. None means not measured: an older worker
+    does not send it, and a rate needs two readings."""
+
+    cpu_percent: float | None = None
+    memory_percent: float | None = None
+    memory_used_bytes: float | None = None  # total minus available, so used/total agrees with the percent
+    memory_total_bytes: float | None = None
+    swap_percent: float | None = None
+    load_average_1m: float | None = None
+    load_average_5m: float | None = None
+    load_average_15m: float | None = None
+    boot_time_unix_s: float | None = None
+    root_fs_used_percent: float | None = None
+    root_fs_size_bytes: float | None = None
+    disk_read_bytes_per_s: float | None = None
+    disk_write_bytes_per_s: float | None = None
+    net_receive_bytes_per_s: float | None = None
+    net_transmit_bytes_per_s: float | None = None
+
+
+METRIC_NAMES = tuple(field.name for field in dataclasses.fields(Metrics))
+PERCENT_METRICS = frozenset(name for name in METRIC_NAMES if name.endswith("_percent"))
+# NodeMetrics fields of the first release: proto3 scalars without presence, always sent.
+FIRST_RELEASE_METRICS = ("cpu_percent", "memory_percent", "memory_used_bytes", "memory_total_bytes")
+
+
+class CounterRates:
+    """Per-second rates of cumulative counters (bytes read, received...) summed over devices.
+    A counter that went back (a device reset or replaced) contributes nothing for that interval
+    instead of a negative or absurd rate; the first reading gives None."""
+
+    def __init__(self):
+        self._previous: dict[str, tuple] = {}
+        self._previous_at = 0.0
+
+    def update(self, counters: dict[str, tuple], now: float) -> tuple | None:
+        """counters: device -> tuple of cumulative values; returns the summed rates, or None the first time."""
+        previous, elapsed = self._previous, now - self._previous_at
+        self._previous, self._previous_at = counters, now
+        if not previous or elapsed <= 0:
+            return None
+        width = len(next(iter(counters.values()), ()))
+        totals = [0.0] * width
+        for device, values in counters.items():
+            before = previous.get(device)
+            if before is None:
+                continue
+            for index, (old, new) in enumerate(zip(before, values)):
+                if new >= old:
+                    totals[index] += new - old
+        return tuple(total / elapsed for total in totals)
 
 
 # psutil counts CPU time in 10 ms ticks: a CPU reading needs a window several ticks long.
 MIN_CPU_WINDOW_S = 0.09
+# Which disks are physical and which interfaces loopback is re-read this often (hot-plug).
+DEVICE_REFRESH_S = 60.0
+
+
+def physical_disks() -> frozenset:
+    """Whole physical disks (sda, nvme0n1, vda), not partitions, loop, RAM or device-mapper
+    devices, whose traffic is already counted on the disks beneath them: Linux gives those
+    a /sys/block/NAME/device link. Elsewhere, every disk psutil lists."""
+    names = psutil.disk_io_counters(perdisk=True, nowrap=True) or {}
+    if not os.path.isdir("/sys/block"):
+        return frozenset(names)
+    return frozenset(name for name in names if os.path.exists(f"/sys/block/{name}/device"))
+
+
+def non_loopback_interfaces() -> frozenset:
+    stats = psutil.net_if_stats()
+    return frozenset(name for name, stat in stats.items()
+                     if "loopback" not in getattr(stat, "flags", "") and name != "lo")
 
 
 class LocalSampler:
@@ -360,89 +566,296 @@ class LocalSampler:
     def __init__(self, max_age: float = MIN_CPU_WINDOW_S):
         self._max_age = max_age
         self._lock = threading.Lock()
-        self._last: LocalSample | None = None
+        self._last: Metrics | None = None
         self._last_at = 0.0
         # Fixed for the life of the process: read once, for the join and the worker view.
         self.cpu_count = psutil.cpu_count() or 0
         self.memory_total_bytes = psutil.virtual_memory().total
+        self.boot_time = psutil.boot_time()
+        self._disk_rates, self._net_rates = CounterRates(), CounterRates()
+        self._devices_at = -DEVICE_REFRESH_S
+        self._disks = self._interfaces = frozenset()
         psutil.cpu_percent(interval=None)
         self._primed_at = time.monotonic()
+        self._read_rates(self._primed_at)
 
     def warmup_left(self) -> float:
         """Seconds until the first CPU reading covers a meaningful window; wait this before sending one."""
         return max(self._primed_at + MIN_CPU_WINDOW_S - time.monotonic(), 0.0)
 
-    def sample(self) -> LocalSample:
+    def sample(self) -> Metrics:
         with self._lock:
             now = time.monotonic()
             if self._last is not None and now - self._last_at < self._max_age:
                 return self._last
             memory = psutil.virtual_memory()
-            # "Used" as total minus available, so used/total agrees with the percent.
-            used = memory.total - memory.available
-            self._last = LocalSample(
+            disk, net = self._read_rates(now)
+            root = _root_fs_usage()
+            load = os.getloadavg() if hasattr(os, "getloadavg") else (None, None, None)
+            self._last = Metrics(
                 cpu_percent=clamp_percent(psutil.cpu_percent(interval=None)),
                 memory_percent=clamp_percent(memory.percent),
-                memory_used_bytes=max(used, 0),
+                memory_used_bytes=max(memory.total - memory.available, 0),
                 memory_total_bytes=memory.total,
+                swap_percent=clamp_percent(psutil.swap_memory().percent),
+                load_average_1m=load[0], load_average_5m=load[1], load_average_15m=load[2],
+                boot_time_unix_s=self.boot_time,
+                root_fs_used_percent=root[0] if root else None,
+                root_fs_size_bytes=root[1] if root else None,
+                disk_read_bytes_per_s=disk[0] if disk else None,
+                disk_write_bytes_per_s=disk[1] if disk else None,
+                net_receive_bytes_per_s=net[0] if net else None,
+                net_transmit_bytes_per_s=net[1] if net else None,
             )
             self._last_at = time.monotonic()
             return self._last
 
+    def _read_rates(self, now: float) -> tuple:
+        if now - self._devices_at >= DEVICE_REFRESH_S:
+            self._disks, self._interfaces, self._devices_at = physical_disks(), non_loopback_interfaces(), now
+        disks = psutil.disk_io_counters(perdisk=True, nowrap=True) or {}
+        nics = psutil.net_io_counters(pernic=True, nowrap=True) or {}
+        disk = self._disk_rates.update({name: (io.read_bytes, io.write_bytes)
+                                        for name, io in disks.items() if name in self._disks}, now)
+        net = self._net_rates.update({name: (io.bytes_recv, io.bytes_sent)
+                                      for name, io in nics.items() if name in self._interfaces}, now)
+        return disk, net
 
-def local_node_info(node_id: str, sampler: LocalSampler) -> pb.NodeInfo:
-    return pb.NodeInfo(
-        node_id=node_id,
-        hostname=socket.gethostname()[:HOSTNAME_LIMIT],
-        cpu_count=sampler.cpu_count,
-        memory_total_bytes=sampler.memory_total_bytes,
-        platform=f"{platform.system()}-{platform.release()}-{platform.machine()}"[:PLATFORM_LIMIT],
-        cares_version=VERSION,
-    )
+
+def _root_fs_usage() -> tuple[float, int] | None:
+    """(percent used, size in bytes) of the file system holding /, as df counts it; None if unreadable."""
+    try:
+        usage = psutil.disk_usage("/")
+    except OSError:
+        return None
+    return clamp_percent(usage.percent), usage.total
 
 
 # ---------------------------------------------------------------------------
 # 3. Node and NodeRegistry: the orchestrator's state, behind one lock: the gRPC
-#    loop applies heartbeats while the UI thread takes snapshots and edits.
+#    loop applies joins and heartbeats while the UI thread takes snapshots and edits.
 # ---------------------------------------------------------------------------
+
+class NodeStatus(enum.Enum):
+    """Where a node stands, as the dashboard, `status` and /metrics show it."""
+
+    JOINING = "Joining"            # its heartbeat stream is bound; no sample accepted yet
+    ACTIVE = "Active"              # its stream delivers accepted samples
+    DISCONNECTED = "Disconnected"  # it left, or was lost: its stream ended, or it went silent
+    MISSING = "Missing"            # known before the orchestrator restarted, not seen since
+
+    @property
+    def live(self) -> bool:
+        """True while the node has a bound stream the liveness sweep watches."""
+        return self in (NodeStatus.JOINING, NodeStatus.ACTIVE)
+
+
+class Level(enum.IntEnum):
+    """How much an event matters. The values are syslog priorities: journald reads them from a
+    line's "<N>" prefix."""
+
+    ERROR = 3
+    WARN = 4
+    INFO = 6
+
+
+class EventKind(enum.Enum):
+    """What an event is about. The node events (joined ... missing) are what --on-event hooks
+    receive as CARES_EVENT."""
+
+    JOINED = "joined"
+    REJOINED = "rejoined"
+    LEFT = "left"
+    LOST = "lost"
+    THRESHOLD = "threshold"
+    RECOVERED = "recovered"
+    MISSING = "missing"
+    REFUSED = "refused"  # a join, stream or status request turned away
+    NOTICE = "notice"    # anything else the orchestrator or a worker has to say
+
 
 @dataclasses.dataclass(frozen=True)
 class Event:
     at: float  # wall clock, Unix seconds
-    level: str  # INFO or WARN
+    level: Level
     text: str
+    kind: EventKind = EventKind.NOTICE
+    node_id: str = ""
+    # For machine-readable logs and hooks: the node's host name, address and latest values.
+    values: dict = dataclasses.field(default_factory=dict)
 
 
 class EventLog:
-    """A bounded, thread-safe list of events; listeners (headless output) run outside the lock."""
+    """A bounded, thread-safe list of events. Listeners run on the thread that adds the event (often
+    the gRPC loop), so they must only hand the event on (to a queue), never write or wait."""
 
     def __init__(self, size: int = EVENT_LOG_SIZE):
         self._lock = threading.Lock()
         self._events: collections.deque[Event] = collections.deque(maxlen=size)
         self._listeners: list = []
 
-    def add(self, level: str, text: str) -> Event:
-        event = Event(time.time(), level, text)
+    def add(self, level: Level, text: str, kind: EventKind = EventKind.NOTICE, node_id: str = "",
+            values: dict | None = None) -> Event:
+        event = Event(time.time(), level, text, kind, node_id, values or {})
         with self._lock:
             self._events.append(event)
             listeners = list(self._listeners)
         for listener in listeners:
-            listener(event)
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not break the join or heartbeat that logged
+                pass
         return event
 
     def subscribe(self, listener) -> None:
         with self._lock:
             self._listeners.append(listener)
 
-    def tail(self, count: int) -> list[Event]:
+    def tail(self, count: int, node_id: str | None = None) -> list[Event]:
+        """The newest count events, oldest first; only one node's with node_id."""
         with self._lock:
             if count <= 0:
                 return []
-            return list(self._events)[-count:]
+            if node_id is None:
+                return list(self._events)[-count:]
+            return [event for event in self._events if event.node_id == node_id][-count:]
 
 
 def format_event(event: Event, clock: str = "%H:%M:%S") -> str:
-    return f"{time.strftime(clock, time.localtime(event.at))} [{event.level}] {event.text}"
+    return f"{time.strftime(clock, time.localtime(event.at))} [{event.level.name}] {event.text}"
+
+
+class RefusalReason(enum.Enum):
+    """Why a peer was turned away; the value is the reason label of /metrics' refusal counter."""
+
+    WRONG_TOKEN = "wrong_token"
+    THROTTLED = "throttled"          # too many wrong tokens from that address lately
+    INVALID_JOIN = "invalid_join"    # a bad node ID, labels or secret
+    ID_IN_USE = "id_in_use"          # another stream already serves that node ID
+    ID_OWNED = "id_owned"            # the node ID belongs to another worker's secret
+    CLUSTER_FULL = "cluster_full"
+    NO_SESSION = "no_session"        # a stream for a join that does not exist (or expired)
+    SESSION_ENDED = "session_ended"  # samples on a stream the orchestrator already ended
+    WRONG_NODE = "wrong_node"        # samples for another node than the stream's
+    JOIN_EXPIRED = "join_expired"    # joined but never opened its stream within the silence limit
+
+    @property
+    def words(self) -> str:
+        return _REFUSAL_WORDS[self]
+
+
+_REFUSAL_WORDS = {
+    RefusalReason.WRONG_TOKEN: "missing or wrong token",
+    RefusalReason.THROTTLED: "too many wrong tokens from this address",
+    RefusalReason.INVALID_JOIN: "invalid join",
+    RefusalReason.ID_IN_USE: "node ID already connected",
+    RefusalReason.ID_OWNED: "node ID belongs to another worker",
+    RefusalReason.CLUSTER_FULL: "cluster full",
+    RefusalReason.NO_SESSION: "no joined session",
+    RefusalReason.SESSION_ENDED: "session already ended",
+    RefusalReason.WRONG_NODE: "metrics for another node",
+    RefusalReason.JOIN_EXPIRED: "no heartbeat stream after the join",
+}
+
+
+# Refusals about the request itself (which ID, which rule) are logged with the message the peer gets.
+_REFUSALS_TOLD_IN_FULL = frozenset({RefusalReason.INVALID_JOIN, RefusalReason.ID_IN_USE, RefusalReason.ID_OWNED,
+                                    RefusalReason.CLUSTER_FULL})
+
+
+class Refusal(Exception):
+    """The one way cares turns a peer away: the gRPC code to answer with, the reason it is counted
+    and summarised under, and one line for the peer."""
+
+    def __init__(self, code: grpc.StatusCode, reason: RefusalReason, message: str):
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+
+
+class RepeatSummary:
+    """Say a thing once, then count its repeats and say how many once per window: a flood of the
+    same refusal or error becomes a line per window instead of a line per event. Keys beyond
+    max_keys are counted together under None, so a flood from many sources stays bounded too."""
+
+    def __init__(self, window_s: float, max_keys: int = 1000):
+        self.window_s = window_s
+        self._max_keys = max_keys
+        self._open: dict = {}  # key -> [window start (monotonic), repeats since]
+
+    def note(self, key, now: float) -> bool:
+        """Count one occurrence; True when it is the first in a while (say it now)."""
+        entry = self._open.get(key)
+        if entry is None and len(self._open) >= self._max_keys:
+            key, entry = None, self._open.setdefault(None, [now, 0])
+        if entry is not None:
+            entry[1] += 1
+            return False
+        self._open[key] = [now, 0]
+        return True
+
+    def due(self, now: float) -> list[tuple]:
+        """(key, repeats, seconds) for every window that ended with repeats; quiet keys are forgotten."""
+        summaries = []
+        for key, (started, repeats) in list(self._open.items()):
+            if now - started < self.window_s:
+                continue
+            if repeats:
+                summaries.append((key, repeats, now - started))
+                self._open[key] = [now, 0]
+            else:
+                del self._open[key]
+        return summaries
+
+
+class NodeHistory:
+    """A node's last HISTORY_SAMPLES points of CPU, memory and network, one per heartbeat interval
+    (a sender faster than asked replaces the newest point instead of adding one). Kept in 4-byte
+    arrays: 10,000 nodes' graphs as float objects were 80 MB and slowed the garbage collector."""
+
+    __slots__ = ("cpu", "memory", "net_receive", "net_transmit", "started_at")
+    SERIES = ("cpu", "memory", "net_receive", "net_transmit")
+
+    def __init__(self):
+        for name in self.SERIES:
+            setattr(self, name, array.array("f"))
+        self.started_at = -math.inf
+
+    def add(self, metrics: Metrics, now: float, period: float) -> None:
+        values = (metrics.cpu_percent, metrics.memory_percent, metrics.net_receive_bytes_per_s,
+                  metrics.net_transmit_bytes_per_s)
+        replace = now - self.started_at < 0.9 * period
+        if not replace:
+            self.started_at = now
+        for name, value in zip(self.SERIES, values):
+            series = getattr(self, name)
+            value = math.nan if value is None else value
+            if replace and series:
+                series[-1] = value
+                continue
+            if len(series) >= HISTORY_SAMPLES:
+                del series[0]
+            series.append(value)
+
+    def copy(self) -> "NodeHistory":
+        clone = NodeHistory()
+        for name in self.SERIES:
+            setattr(clone, name, array.array("f", getattr(self, name)))
+        clone.started_at = self.started_at
+        return clone
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinInfo:
+    """What a worker says about itself when it joins, already made safe to show."""
+
+    hostname: str = ""
+    labels: dict = dataclasses.field(default_factory=dict)
+    platform: str = ""
+    version: str = ""
+    cpu_count: int = 0
+    memory_total_bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -450,144 +863,250 @@ class Node:
     """One worker as the orchestrator knows it."""
 
     node_id: str
-    address: str
-    status: str = ACTIVE
-    last_seen: float = 0.0  # wall clock of the last heartbeat, Unix seconds
-    cpu_usage: float = 0.0
-    memory_usage: float = 0.0
+    address: str = ""  # HOST:PORT of its latest stream, as the orchestrator sees the peer
     hostname: str = ""
+    labels: dict = dataclasses.field(default_factory=dict)
+    platform: str = ""
+    version: str = ""
+    cpu_count: int = 0
+    memory_total_bytes: int = 0
+    status: NodeStatus = NodeStatus.JOINING
     joined_at: float = 0.0  # wall clock of the first join, Unix seconds
-    # CPU percent, one point per heartbeat interval, for the sparkline. Plain floats:
-    # a tuple per sample made the garbage collector stall the loop at 10,000 nodes.
-    cpu_history: collections.deque = dataclasses.field(
-        default_factory=lambda: collections.deque(maxlen=HISTORY_SAMPLES))
-    # Liveness and session bookkeeping; never shown.
+    last_seen: float = 0.0  # wall clock of the last accepted sample; 0 before the first
+    gone_at: float = 0.0  # wall clock of its last disconnect (or of the restart that made it Missing)
+    metrics: Metrics | None = None  # the last accepted sample; None before the first
+    history: NodeHistory | None = dataclasses.field(default_factory=NodeHistory, repr=False)
+    # Liveness, session and ownership bookkeeping; never shown.
     session_id: str = dataclasses.field(default="", repr=False)
-    heard_at: float = dataclasses.field(default=0.0, repr=False)  # monotonic
-    history_at: float = dataclasses.field(default=0.0, repr=False)  # monotonic
+    heard_at: float = dataclasses.field(default=0.0, repr=False)  # LoopClock time of the last accepted sample
     last_sequence: int = dataclasses.field(default=0, repr=False)
     streaming: bool = dataclasses.field(default=False, repr=False)
-    dropped_samples: int = dataclasses.field(default=0, repr=False)
+    dropped_samples: int = dataclasses.field(default=0, repr=False)  # rejected since the last accepted one
+    drop_reason: str = dataclasses.field(default="", repr=False)
+    owner_digest: bytes = dataclasses.field(default=b"", repr=False)  # sha256 of the claiming worker's secret
 
     def copy(self, with_history: bool = True) -> "Node":
-        """A detached, read-only copy for another thread; its history is a tuple, or empty
-        without with_history. Copied attribute by attribute rather than with
-        dataclasses.replace: snapshots hold the registry lock that every heartbeat
-        needs, and 10,000 nodes took 43 ms that way (now 11 ms without history)."""
+        """A detached, read-only copy for another thread, with a copy of its graphs or none.
+        Copied attribute by attribute rather than with dataclasses.replace: snapshots hold the
+        registry lock that every heartbeat needs, and 10,000 nodes took 43 ms that way."""
         clone = object.__new__(Node)
         clone.__dict__.update(self.__dict__)
-        clone.cpu_history = tuple(self.cpu_history) if with_history else ()
+        clone.history = self.history.copy() if with_history and self.history is not None else None
         return clone
 
+    def event_values(self) -> dict:
+        """What an event about this node carries for JSON logs and hooks."""
+        metrics = self.metrics or Metrics()
+        return {"hostname": self.hostname, "address": self.address,
+                "cpu_percent": metrics.cpu_percent, "memory_percent": metrics.memory_percent}
 
-class JoinRefused(Exception):
-    """A join the registry will not take; code is the gRPC status to answer with."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+def metrics_problem(metrics: Metrics) -> str | None:
+    """Why a sample cannot be true (NaN, a percentage outside 0-100, a negative size or rate), or None."""
+    for name in METRIC_NAMES:
+        value = getattr(metrics, name)
+        if value is None:
+            continue
+        if name in PERCENT_METRICS:
+            if not is_valid_percent(value):
+                return f"{name} outside 0-100"
+        elif not (math.isfinite(value) and value >= 0):
+            return f"{name} is not a finite, non-negative number"
+    if metrics.cpu_percent is None or metrics.memory_percent is None:
+        return "no CPU or memory value"
+    return None
+
+
+class LoopClock:
+    """Monotonic time that does not count the orchestrator's own stalls.
+
+    Silence is judged on this clock. The liveness sweep ticks it every period; when a tick comes
+    late (the loop was stalled: a pause, a swap storm, a long snapshot), the lateness is credited,
+    so every node gets that much more grace instead of all of them being declared lost at once.
+    """
+
+    def __init__(self):
+        self._credit = 0.0
+        self._last_tick: float | None = None
+
+    def now(self) -> float:
+        return time.monotonic() - self._credit
+
+    def tick(self, period: float) -> float:
+        """Note one sweep; return how late it was (seconds credited as a stall), 0 if on time."""
+        now = time.monotonic()
+        late = 0.0 if self._last_tick is None else now - self._last_tick - period
+        self._last_tick = now
+        if late <= max(STALL_TOLERANCE_S, period / 2):
+            return 0.0
+        self._credit += late
+        return late
+
+
+@dataclasses.dataclass
+class PendingJoin:
+    """A join whose heartbeat stream has not been bound yet. It makes no row and holds no
+    --max-nodes slot; it expires after the silence limit."""
+
+    session_id: str
+    node_id: str
+    address: str
+    info: JoinInfo
+    digest: bytes
+    expires_at: float  # LoopClock time
 
 
 class NodeRegistry:
-    """Every worker that joined, keyed by node ID, behind one lock."""
+    """Every worker that joined, keyed by node ID, behind one lock.
+
+    A join only reserves a session; the node appears (Joining) when its heartbeat stream is
+    bound and turns Active at its first accepted sample. Only accepted samples count as being
+    heard from: a node whose samples are all rejected goes silent and is lost like any other.
+    """
 
     def __init__(self, *, max_nodes: int = DEFAULT_MAX_NODES,
                  heartbeat_interval: float = DEFAULT_HEARTBEAT_MS / 1000.0):
         self._lock = threading.Lock()
         self._nodes: dict[str, Node] = {}
+        self._pending: dict[str, PendingJoin] = {}  # by node ID: one pending join per node
+        self._sorted_ids: list[str] | None = None  # cache for paging, dropped when IDs change
         self.max_nodes = max_nodes
         self.heartbeat_interval = heartbeat_interval
+        self.clock = LoopClock()
         self.events = EventLog()
+        self.refusal_summary = RepeatSummary(REFUSAL_SUMMARY_S)
+        # Counters for /metrics, only ever increased.
+        self.heartbeats_received = 0
+        self.samples_dropped = 0
+        self.joins_accepted = 0
+        self.refusal_counts: collections.Counter = collections.Counter()  # (what, RefusalReason) -> n
+        # The hook for tools that watch cares from inside the process (the bench): called on the
+        # gRPC loop after each accepted sample, outside the lock, as on_sample(node_id, metrics, sent_at_ms).
+        self.on_sample = None
 
     @property
     def silence_limit(self) -> float:
         return MISSED_HEARTBEATS * self.heartbeat_interval
 
-    def join(self, node_id: str, address: str, hostname: str = "") -> str:
-        """Add or revive a node and return its new session ID; raise JoinRefused otherwise."""
-        now, wall = time.monotonic(), time.time()
-        session_id = secrets.token_hex(16)
+    # -- joining and streams ------------------------------------------------
+
+    def join(self, node_id: str, address: str, info: JoinInfo, secret: str = "") -> str:
+        """Reserve a session for a node and return its ID; Refusal when the ID is another's."""
+        if not is_valid_node_id(node_id):
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, RefusalReason.INVALID_JOIN,
+                          f"invalid node ID '{sanitize_text(node_id, 40)}': {NODE_ID_RULE}")
+        if len(secret) > 256:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, RefusalReason.INVALID_JOIN, "node secret too long")
+        digest = hashlib.sha256(secret.encode()).digest() if secret else b""
+        pending = PendingJoin(secrets.token_hex(16), node_id, address, info, digest,
+                              self.clock.now() + self.silence_limit)
         with self._lock:
             node = self._nodes.get(node_id)
-            if node is not None and node.streaming:
-                refusal = JoinRefused(
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    f"node ID '{node_id}' is already connected; pick another with --node-id")
-            elif node is None and len(self._nodes) >= self.max_nodes and not self._evict_one_locked():
-                refusal = JoinRefused(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the cluster is full ({self.max_nodes} nodes)")
-            else:
-                refusal = None
-                revived = node is not None
-                if node is None:
-                    node = Node(node_id=node_id, address=address, joined_at=wall)
-                    self._nodes[node_id] = node
-                node.address = address
-                node.hostname = hostname
-                node.status = ACTIVE
-                node.session_id = session_id
-                node.last_sequence = 0
-                node.heard_at = now
-                node.last_seen = wall
-                node.dropped_samples = 0
-        if refusal is not None:
-            self.events.add("WARN", f"Node '{node_id}' from {address} rejected: {refusal.message}.")
-            raise refusal
-        verb = "has rejoined the cluster" if revived else "has joined the cluster"
-        self.events.add("INFO", f"Node '{node_id}' {verb}.")
-        return session_id
+            if node is not None:
+                self._check_claim_locked(node, digest)
+            self._pending.pop(node_id, None)
+            if len(self._pending) >= PENDING_JOINS_LIMIT:
+                del self._pending[next(iter(self._pending))]  # the oldest: a genuine worker simply joins again
+            self._pending[node_id] = pending
+            self.joins_accepted += 1
+        return pending.session_id
+
+    @staticmethod
+    def _check_claim_locked(node: Node, digest: bytes) -> None:
+        """Refuse a join or stream for a node whose ID belongs to another secret, or that is
+        streaming and not provably the same worker (which may take its place)."""
+        if node.owner_digest and not hmac.compare_digest(node.owner_digest, digest):
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, RefusalReason.ID_OWNED,
+                          f"node ID '{node.node_id}' belongs to another worker (a different node secret); "
+                          f"pick another with --node-id")
+        if node.streaming and not node.owner_digest:
+            raise Refusal(grpc.StatusCode.ALREADY_EXISTS, RefusalReason.ID_IN_USE,
+                          f"node ID '{node.node_id}' is already connected; pick another with --node-id")
+
+    def attach_stream(self, node_id: str, session_id: str) -> str:
+        """Bind a heartbeat stream to its join: the node appears, Joining. Returns the session ID
+        of a stream this one replaces (the same worker reconnecting before its old stream was
+        noticed gone), or ""; Refusal otherwise."""
+        with self._lock:
+            pending = self._pending.get(node_id)
+            if pending is None or not session_id or not hmac.compare_digest(pending.session_id, session_id):
+                raise Refusal(grpc.StatusCode.PERMISSION_DENIED, RefusalReason.NO_SESSION,
+                              "no joined session for this node; call JoinCluster first, then open the stream "
+                              "with that node_id and session_id")
+            node = self._nodes.get(node_id)
+            if node is not None:
+                self._check_claim_locked(node, pending.digest)
+            elif len(self._nodes) >= self.max_nodes and not self._evict_one_locked():
+                raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, RefusalReason.CLUSTER_FULL,
+                              f"the cluster is full ({self.max_nodes} nodes)")
+            del self._pending[node_id]
+            if node is None:
+                node = self._nodes[node_id] = Node(node_id, joined_at=time.time())
+                self._sorted_ids = None
+            replaced = node.session_id if node.streaming else ""
+            info = pending.info
+            node.address, node.hostname, node.labels = pending.address, info.hostname, info.labels
+            node.platform, node.version, node.cpu_count = info.platform, info.version, info.cpu_count
+            node.memory_total_bytes = info.memory_total_bytes
+            node.owner_digest = node.owner_digest or pending.digest
+            node.status = NodeStatus.JOINING
+            node.session_id, node.streaming = session_id, True
+            node.heard_at, node.last_sequence = self.clock.now(), 0
+            node.dropped_samples, node.drop_reason = 0, ""
+            return replaced
 
     def _evict_one_locked(self) -> bool:
-        """Make room by forgetting the node that has been disconnected longest."""
-        gone = [node for node in self._nodes.values() if node.status == DISCONNECTED]
+        """Make room by forgetting the node that has been gone longest."""
+        gone = [node for node in self._nodes.values() if not node.status.live]
         if not gone:
             return False
-        oldest = min(gone, key=lambda node: node.heard_at)
-        del self._nodes[oldest.node_id]
+        del self._nodes[min(gone, key=lambda node: node.gone_at).node_id]
+        self._sorted_ids = None
         return True
 
-    def attach_stream(self, node_id: str, session_id: str) -> grpc.StatusCode | None:
-        """Bind a heartbeat stream to a joined session; None when accepted, else the refusal code."""
+    def update(self, node_id: str, session_id: str, metrics: Metrics, sequence: int, sent_at_ms: int = 0) -> None:
+        """Apply one heartbeat sample. An impossible one is dropped (counted, logged sparingly) and
+        does not count as being heard from; Refusal when the session has ended (end the stream)."""
         with self._lock:
+            self.heartbeats_received += 1
             node = self._nodes.get(node_id)
-            if node is None or not session_id or not hmac.compare_digest(node.session_id, session_id):
-                return grpc.StatusCode.PERMISSION_DENIED
-            if node.streaming or node.status != ACTIVE:
-                return grpc.StatusCode.FAILED_PRECONDITION
-            node.streaming = True
-            node.heard_at = time.monotonic()
-            return None
-
-    def update(self, node_id: str, session_id: str, *, cpu_percent: float, memory_percent: float,
-               sequence: int) -> bool:
-        """Apply one heartbeat sample. False when the session is no longer current (end the stream)."""
-        now = time.monotonic()
-        problem = None
-        with self._lock:
-            node = self._nodes.get(node_id)
-            if node is None or node.session_id != session_id or node.status != ACTIVE:
-                return False
-            node.heard_at = now
-            node.last_seen = time.time()
-            if not (is_valid_percent(cpu_percent) and is_valid_percent(memory_percent)):
-                problem = "CPU or memory outside 0-100 %"
-            elif sequence <= node.last_sequence:
+            if node is None or node.session_id != session_id or not node.status.live:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, RefusalReason.SESSION_ENDED,
+                              "this session has ended; join again")
+            problem = metrics_problem(metrics)
+            if problem is None and sequence <= node.last_sequence:
                 problem = "sequence number went back"
             if problem is not None:
+                self.samples_dropped += 1
                 node.dropped_samples += 1
-                dropped = node.dropped_samples
+                node.drop_reason = problem
+                dropped, first_sample = node.dropped_samples, False
             else:
-                node.last_sequence = sequence
-                node.cpu_usage = cpu_percent
-                node.memory_usage = memory_percent
-                node.history_at = add_to_history(node.cpu_history, node.history_at, cpu_percent, now,
-                                                 self.heartbeat_interval)
-        if problem is not None and _is_power_of_ten(dropped):
-            self.events.add("WARN", f"Node '{node_id}' sent a bad sample ({problem}); "
-                                    f"{dropped} dropped so far.")
-        return True
+                now = self.clock.now()
+                first_sample = node.status is NodeStatus.JOINING
+                rejoined = node.last_seen > 0  # it was Active before, in this or an earlier session
+                node.heard_at, node.last_seen, node.last_sequence = now, time.time(), sequence
+                node.metrics, node.dropped_samples = metrics, 0
+                if metrics.memory_total_bytes:
+                    node.memory_total_bytes = int(metrics.memory_total_bytes)
+                node.history.add(metrics, now, self.heartbeat_interval)
+                if first_sample:
+                    node.status = NodeStatus.ACTIVE
+                    values = node.event_values()
+        if problem is not None:
+            if _is_power_of_ten(dropped):
+                self.events.add(Level.WARN, f"Node '{node_id}' sent a bad sample ({problem}); "
+                                            f"{dropped} dropped since its last good one.", node_id=node_id)
+            return
+        if first_sample:
+            kind = EventKind.REJOINED if rejoined else EventKind.JOINED
+            verb = "has rejoined the cluster" if rejoined else "has joined the cluster"
+            self.events.add(Level.INFO, f"Node '{node_id}' {verb}.", kind, node_id, values)
+        if self.on_sample is not None:
+            try:
+                self.on_sample(node_id, metrics, sent_at_ms)
+            except Exception:  # instrumentation must never end a worker's stream
+                pass
 
     def disconnect(self, node_id: str, session_id: str, reason: str, *, left: bool = False) -> bool:
         """Mark a session's node Disconnected; False when that session is no longer current."""
@@ -596,35 +1115,78 @@ class NodeRegistry:
             if node is None or node.session_id != session_id:
                 return False
             node.streaming = False
-            if node.status != ACTIVE:
+            if not node.status.live:
                 return False
-            node.status = DISCONNECTED
+            node.status, node.gone_at = NodeStatus.DISCONNECTED, time.time()
+            values = node.event_values()
         if left:
-            self.events.add("INFO", f"Node '{node_id}' has left the cluster.")
+            self.events.add(Level.INFO, f"Node '{node_id}' has left the cluster.", EventKind.LEFT, node_id, values)
         else:
-            self.events.add("WARN", f"Node '{node_id}' lost: {reason}.")
+            self.events.add(Level.WARN, f"Node '{node_id}' lost: {reason}.", EventKind.LOST, node_id, values)
         return True
 
-    def expire(self) -> list[tuple[str, str]]:
-        """Mark nodes silent for longer than the silence limit Disconnected; return their (node_id, session_id)."""
-        cutoff = time.monotonic() - self.silence_limit
-        with self._lock:
-            silent = [node for node in self._nodes.values()
-                      if node.status == ACTIVE and node.heard_at < cutoff]
-            for node in silent:
-                node.status = DISCONNECTED
-            expired = [(node.node_id, node.session_id) for node in silent]
-        for node_id, _ in expired:
-            self.events.add("WARN", f"Node '{node_id}' lost: no heartbeat for {self.silence_limit:.1f} s.")
-        return expired
+    # -- the liveness sweep -----------------------------------------------
 
-    def remove_disconnected(self) -> int:
+    def expire(self) -> list[tuple[str, str]]:
+        """Mark streaming nodes with no accepted sample for the silence limit Disconnected, and drop
+        joins that never opened their stream; return the expired (node_id, session_id) pairs."""
+        now, limit = self.clock.now(), self.silence_limit
         with self._lock:
-            gone = [node_id for node_id, node in self._nodes.items() if node.status == DISCONNECTED]
+            stale_joins = [pending for pending in self._pending.values() if pending.expires_at < now]
+            for pending in stale_joins:
+                del self._pending[pending.node_id]
+            silent = [node for node in self._nodes.values() if node.status.live and now - node.heard_at > limit]
+            wall = time.time()
+            lost = []
+            for node in silent:
+                node.status, node.gone_at = NodeStatus.DISCONNECTED, wall
+                why = (f"no accepted sample for {limit:.1f} s ({node.dropped_samples} rejected: {node.drop_reason})"
+                       if node.dropped_samples else f"no heartbeat for {limit:.1f} s")
+                lost.append((node.node_id, node.session_id, why, node.event_values()))
+        for pending in stale_joins:
+            self.refused(host_of(pending.address), "join",
+                         Refusal(grpc.StatusCode.OK, RefusalReason.JOIN_EXPIRED, ""))
+        for node_id, _, why, values in lost:
+            self.events.add(Level.WARN, f"Node '{node_id}' lost: {why}.", EventKind.LOST, node_id, values)
+        return [(node_id, session_id) for node_id, session_id, _, _ in lost]
+
+    def refused(self, source: str, what: str, refusal: Refusal) -> None:
+        """Count a refusal and log it, the first from a source at once and repeats as a summary
+        (see flush_refusals): wrong-token floods must not bury the event log or fill the disk."""
+        with self._lock:
+            self.refusal_counts[(what, refusal.reason)] += 1
+            first = self.refusal_summary.note((source, what, refusal.reason), time.monotonic())
+        if first:
+            said = refusal.message if refusal.reason in _REFUSALS_TOLD_IN_FULL else refusal.reason.words
+            self.events.add(Level.WARN, f"{what.capitalize()} from {source} refused: {said}.", EventKind.REFUSED)
+
+    def flush_refusals(self) -> None:
+        """Log one summary line per source and reason whose window ended with repeats."""
+        with self._lock:
+            due = self.refusal_summary.due(time.monotonic())
+        for key, repeats, seconds in due:
+            if key is None:
+                text = f"{repeats} more refusals from other sources in the last {seconds:.0f} s."
+            else:
+                source, what, reason = key
+                text = f"{repeats} {what}s refused from {source} in the last {seconds:.0f} s: {reason.words}."
+            self.events.add(Level.WARN, text, EventKind.REFUSED)
+
+    # -- forgetting and reading ----------------------------------------------
+
+    def forget_gone(self, older_than_s: float | None = None) -> int:
+        """Forget Disconnected and Missing nodes (gone longer than older_than_s, if given)."""
+        cutoff = time.time() - (older_than_s or 0.0)
+        with self._lock:
+            gone = [node_id for node_id, node in self._nodes.items()
+                    if not node.status.live and (older_than_s is None or node.gone_at < cutoff)]
             for node_id in gone:
                 del self._nodes[node_id]
+            if gone:
+                self._sorted_ids = None
         if gone:
-            self.events.add("INFO", f"Removed {len(gone)} disconnected node(s) from the table.")
+            when = "" if older_than_s is None else f" gone for over {format_duration(older_than_s)}"
+            self.events.add(Level.INFO, f"Forgot {len(gone)} node(s){when}.")
         return len(gone)
 
     def snapshot(self, with_history: bool = True) -> list[Node]:
@@ -632,16 +1194,35 @@ class NodeRegistry:
         with self._lock:
             return [node.copy(with_history) for node in self._nodes.values()]
 
-    def cpu_histories(self, node_ids) -> dict[str, tuple]:
-        """The CPU history of just these nodes (the rows a screen shows)."""
+    def page(self, after_node_id: str, limit: int) -> tuple[list[Node], int]:
+        """Up to limit nodes after after_node_id in node ID order (copies without graphs), and the total."""
         with self._lock:
-            return {node_id: tuple(self._nodes[node_id].cpu_history)
-                    for node_id in node_ids if node_id in self._nodes}
+            if self._sorted_ids is None:
+                self._sorted_ids = sorted(self._nodes)
+            start = bisect.bisect_right(self._sorted_ids, after_node_id) if after_node_id else 0
+            chosen = self._sorted_ids[start:start + limit]
+            return [self._nodes[node_id].copy(False) for node_id in chosen], len(self._nodes)
+
+    def histories(self, node_ids) -> dict[str, NodeHistory]:
+        """Copies of the graphs of just these nodes (the rows a screen shows)."""
+        with self._lock:
+            return {node_id: self._nodes[node_id].history.copy() for node_id in node_ids if node_id in self._nodes}
 
     def get(self, node_id: str) -> Node | None:
         with self._lock:
             node = self._nodes.get(node_id)
             return node.copy() if node is not None else None
+
+    def status_counts(self) -> dict[NodeStatus, int]:
+        with self._lock:
+            counts = collections.Counter(node.status for node in self._nodes.values())
+        return {status: counts.get(status, 0) for status in NodeStatus}
+
+    def counters(self) -> dict:
+        """The cumulative counters /metrics exports."""
+        with self._lock:
+            return {"heartbeats_received": self.heartbeats_received, "samples_dropped": self.samples_dropped,
+                    "joins_accepted": self.joins_accepted, "refusals": dict(self.refusal_counts)}
 
     def __len__(self) -> int:
         with self._lock:
@@ -695,13 +1276,94 @@ def _metadata_value(context, wanted: str) -> str:
     return ""
 
 
-def _token_matches(context, expected: str | None) -> bool:
-    return not expected or hmac.compare_digest(_metadata_value(context, TOKEN_METADATA_KEY).encode(),
-                                               expected.encode())
+class TokenGuard:
+    """Checks the cluster token and slows guessing at it. After a few wrong tokens from one
+    address, each further answer waits longer; past a limit that address is refused outright
+    for a while, whatever it sends. Other addresses are not slowed, and the waits are
+    asyncio sleeps, so nothing else on the loop waits with them."""
+
+    def __init__(self, token: str | None):
+        self.token = token
+        self._failures: dict[str, list] = {}  # source -> [wrong tokens, first at, locked until] (monotonic)
+
+    async def check(self, context, source: str) -> None:
+        """Return when the request carries the token; raise Refusal (after the due delay) otherwise.
+        The count goes up before any wait, so concurrent guesses cannot slip past the lockout."""
+        if not self.token:
+            return
+        now = time.monotonic()
+        failures = self._failures.get(source)
+        if failures is not None and failures[2] > now:
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, RefusalReason.THROTTLED,
+                          f"too many wrong tokens from {source}; try again in {math.ceil(failures[2] - now)} s")
+        if hmac.compare_digest(_metadata_value(context, TOKEN_METADATA_KEY).encode(), self.token.encode()):
+            self._failures.pop(source, None)
+            return
+        if failures is None or now - failures[1] > TOKEN_FAILURE_WINDOW_S:
+            failures = self._remember(source, now)
+        failures[0] += 1
+        if failures[0] >= TOKEN_LOCKOUT_FAILURES:
+            failures[2] = now + TOKEN_LOCKOUT_S
+        delay = token_failure_delay(failures[0])
+        if delay:
+            await asyncio.sleep(delay)
+        raise Refusal(grpc.StatusCode.UNAUTHENTICATED, RefusalReason.WRONG_TOKEN, "missing or wrong join token")
+
+    def _remember(self, source: str, now: float) -> list:
+        if len(self._failures) >= TOKEN_GUARD_SOURCES:
+            for old in [key for key, (_, first, locked) in self._failures.items()
+                        if now - first > TOKEN_FAILURE_WINDOW_S and locked <= now]:
+                del self._failures[old]
+            if len(self._failures) >= TOKEN_GUARD_SOURCES:
+                del self._failures[next(iter(self._failures))]
+        failures = self._failures[source] = [0, now, 0.0]
+        return failures
+
+
+def token_failure_delay(failures: int) -> float:
+    """Seconds to wait before answering the n-th wrong token from one address: none for the
+    first few (typos), then doubling from 0.1 s up to 2 s (the lockout does the rest)."""
+    if failures <= TOKEN_FREE_FAILURES:
+        return 0.0
+    return min(0.1 * 2 ** (failures - TOKEN_FREE_FAILURES - 1), 2.0)
+
+
+def join_info_from_message(request: pb.NodeInfo) -> JoinInfo:
+    """What a worker said at join, made safe to show; Refusal for labels outside the rules."""
+    labels = dict(request.labels)
+    problem = labels_problem(labels)
+    if problem is not None:
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, RefusalReason.INVALID_JOIN, problem)
+    return JoinInfo(hostname=sanitize_text(request.hostname, HOSTNAME_LIMIT), labels=labels,
+                    platform=sanitize_text(request.platform, PLATFORM_LIMIT),
+                    version=sanitize_text(request.cares_version, 32), cpu_count=request.cpu_count,
+                    memory_total_bytes=request.memory_total_bytes)
+
+
+_METRIC_FIELDS = frozenset(METRIC_NAMES)
+
+
+def metrics_from_message(message: pb.NodeMetrics) -> Metrics:
+    """A NodeMetrics as Metrics: fields an older worker does not send stay None. One ListFields
+    call instead of a HasField per field: this runs for every heartbeat."""
+    values = dict.fromkeys(FIRST_RELEASE_METRICS, 0.0)
+    for field, value in message.ListFields():
+        if field.name in _METRIC_FIELDS:
+            values[field.name] = value
+    return Metrics(**values)
 
 
 SHUTDOWN_NOTICE = pb.OrchestratorCommand(
     shutdown=pb.ShutdownNotice(reason="the orchestrator is shutting down"))
+
+
+class StreamEnding(enum.Enum):
+    """Why the orchestrator itself ended a heartbeat stream (cancelled its handler)."""
+
+    NONE = "none"
+    EXPIRED = "expired"    # silent past the limit
+    SHUTDOWN = "shutdown"  # the orchestrator is stopping
+    REPLACED = "replaced"  # the same worker reconnected on a new stream
 
 
 @dataclasses.dataclass
@@ -709,77 +1371,85 @@ class _Stream:
     session_id: str
     task: asyncio.Task
     context: object
-    # Why the orchestrator cancelled the handler: "expired" or "shutdown".
-    ending: str = ""
+    ending: StreamEnding = StreamEnding.NONE
+    interval_ms: int = 0  # the interval this stream was last told
+    write_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
 
 class ClusterServicer(pb_grpc.ClusterServiceServicer):
     """JoinCluster and Heartbeat, writing everything they learn into the registry."""
 
-    def __init__(self, registry: NodeRegistry, token: str | None = None):
+    def __init__(self, registry: NodeRegistry, guard: TokenGuard, heartbeat_ms: int):
         self.registry = registry
-        self._token = token
+        self._guard = guard
         self._streams: dict[str, _Stream] = {}
+        # The interval workers are asked to follow; every stream is told it when it opens.
+        self.interval_ms = heartbeat_ms
         # Set while the orchestrator shuts down: streams it ends then are not lost workers.
         self.closing = False
 
+    async def _refuse(self, context, source: str, what: str, refusal: Refusal):
+        """Count and log a refusal (summarised under floods), then answer the peer with it."""
+        self.registry.refused(source, what, refusal)
+        await context.abort(refusal.code, refusal.message)
+
     async def JoinCluster(self, request, context):
-        address = peer_to_address(context.peer())
-        if not _token_matches(context, self._token):
-            self.registry.events.add("WARN", f"Join from {address} rejected: missing or wrong token.")
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong join token")
-        if not is_valid_node_id(request.node_id):
-            self.registry.events.add(
-                "WARN", f"Join from {address} rejected: invalid node ID "
-                        f"'{sanitize_text(request.node_id, 40)}'.")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NODE_ID_RULE)
+        source = peer_host(context.peer())
         try:
-            session_id = self.registry.join(request.node_id, address,
-                                            sanitize_text(request.hostname, HOSTNAME_LIMIT))
-        except JoinRefused as refusal:
-            await context.abort(refusal.code, refusal.message)
-        return pb.Acknowledgement(
-            accepted=True,
-            message=f"welcome, {request.node_id}",
-            session_id=session_id,
-            heartbeat_interval_ms=round(self.registry.heartbeat_interval * 1000))
+            await self._guard.check(context, source)
+            session_id = self.registry.join(request.node_id, peer_to_address(context.peer()),
+                                            join_info_from_message(request), request.node_secret)
+        except Refusal as refusal:
+            await self._refuse(context, source, "join", refusal)
+        return pb.Acknowledgement(accepted=True, message=f"welcome, {request.node_id}", session_id=session_id,
+                                  heartbeat_interval_ms=self.interval_ms)
 
     async def Heartbeat(self, request_iterator, context):
+        source = peer_host(context.peer())
+        # cares' workers name node and session in metadata, so the stream is bound before the
+        # first sample; a client written from cluster.proto alone is bound by its first message.
         node_id = _metadata_value(context, NODE_METADATA_KEY)
         session_id = _metadata_value(context, SESSION_METADATA_KEY)
-        refusal = self.registry.attach_stream(node_id, session_id)
-        if refusal == grpc.StatusCode.PERMISSION_DENIED:
-            await context.abort(refusal, f"no joined session for this node; call JoinCluster first and open "
-                                         f"the stream with {NODE_METADATA_KEY} and {SESSION_METADATA_KEY} metadata")
-        elif refusal is not None:
-            await context.abort(refusal, "this node already has a heartbeat stream")
+        first = None
+        if not (node_id and session_id):
+            first = await context.read()
+            if first is grpc.aio.EOF:
+                return
+            node_id, session_id = first.node_id, first.session_id
+        try:
+            replaced = self.registry.attach_stream(node_id, session_id)
+        except Refusal as refusal:
+            await self._refuse(context, source, "heartbeat stream", refusal)
+        if replaced:
+            self._end_stream(node_id, replaced, StreamEnding.REPLACED)
         # From here a silent stream is the liveness sweep's to end, like any silent node.
         stream = _Stream(session_id, asyncio.current_task(), context)
         self._streams[node_id] = stream
         ending, left = "its heartbeat stream ended", False
         try:
-            message = await context.read()
+            # Its join may have been answered with an interval that changed since.
+            await self._tell_interval(stream)
+            message = first if first is not None else await context.read()
             while message is not grpc.aio.EOF:
                 if message.node_id != node_id or message.session_id != session_id:
                     ending = "it sent metrics for another node"
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                        "metrics must be for the node that joined")
+                    raise Refusal(grpc.StatusCode.PERMISSION_DENIED, RefusalReason.WRONG_NODE,
+                                  "metrics must be for the node that joined")
                 if message.leaving:
                     left = True
                     return
-                if not self.registry.update(
-                        node_id, session_id,
-                        cpu_percent=message.cpu_percent,
-                        memory_percent=message.memory_percent,
-                        sequence=message.sequence):
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                        "this session has ended; join again")
+                self.registry.update(node_id, session_id, metrics_from_message(message), message.sequence,
+                                     message.sent_at_ms)
                 message = await context.read()
+        except Refusal as refusal:
+            await self._refuse(context, source, "heartbeat stream", refusal)
         except asyncio.CancelledError:
-            if stream.ending == "expired":
+            if stream.ending is StreamEnding.EXPIRED:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                     f"no heartbeat for {self.registry.silence_limit:.1f} s")
-            if stream.ending != "shutdown":
+            if stream.ending is StreamEnding.REPLACED:
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS, "this node reconnected on a new stream")
+            if stream.ending is not StreamEnding.SHUTDOWN:
                 raise
             # Written by the handler itself, so the notice goes out before the end of the stream.
             await context.write(SHUTDOWN_NOTICE)
@@ -789,55 +1459,104 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             if not self.closing:
                 self.registry.disconnect(node_id, session_id, ending, left=left)
 
+    async def _tell_interval(self, stream: _Stream) -> None:
+        """Send the stream the current interval unless it was told already. Under the stream's
+        write lock, and looping, so a change made while a write is under way is sent too: the
+        last interval a worker hears is always the current one."""
+        async with stream.write_lock:
+            while stream.interval_ms != self.interval_ms:
+                wanted = self.interval_ms
+                await stream.context.write(pb.OrchestratorCommand(set_heartbeat_interval_ms=wanted))
+                stream.interval_ms = wanted
+
+    async def tell_everyone_interval(self, timeout: float) -> None:
+        """Send the current interval on every open stream; a stream that does not take it in time
+        gets it when its write completes (nothing is cancelled), and one that is ending is skipped."""
+        async def tell(stream):
+            try:
+                await self._tell_interval(stream)
+            except Exception:  # the stream is ending; its own handler deals with that
+                pass
+        tasks = [asyncio.ensure_future(tell(stream)) for stream in list(self._streams.values())]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    def _end_stream(self, node_id: str, session_id: str, ending: StreamEnding) -> None:
+        stream = self._streams.get(node_id)
+        if stream is not None and stream.session_id == session_id:
+            stream.ending = ending
+            stream.task.cancel()
+
     def end_expired_streams(self, expired: list[tuple[str, str]]) -> None:
         for node_id, session_id in expired:
-            stream = self._streams.get(node_id)
-            if stream is not None and stream.session_id == session_id:
-                stream.ending = "expired"
-                stream.task.cancel()
+            self._end_stream(node_id, session_id, StreamEnding.EXPIRED)
 
     async def say_shutdown(self, timeout: float) -> None:
         """End every stream with a shutdown notice, so workers retry quietly instead of reporting a failure."""
         self.closing = True
         tasks = []
         for stream in self._streams.values():
-            stream.ending = "shutdown"
+            stream.ending = StreamEnding.SHUTDOWN
             stream.task.cancel()
             tasks.append(stream.task)
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
 
-    async def broadcast(self, command: pb.OrchestratorCommand, timeout: float = 1.0) -> None:
-        """Send a command on every open stream. A stream that is ending or does not take it in
-        time is skipped: its own handler deals with its end, and no error is left unretrieved."""
-        writes = [stream.context.write(command) for stream in self._streams.values()]
-        if writes:
-            try:
-                await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), timeout)
-            except asyncio.TimeoutError:
-                pass
+
+def node_status_message(node: Node) -> pb.NodeStatus:
+    """One row of `status`: the node as the registry knows it, values only where they are known."""
+    row = pb.NodeStatus(node_id=node.node_id, address=node.address, status=node.status.value,
+                        last_seen_unix_s=node.last_seen, hostname=node.hostname, joined_at_unix_s=node.joined_at,
+                        labels=node.labels, platform=node.platform, cares_version=node.version,
+                        cpu_count=node.cpu_count, memory_total_bytes=node.memory_total_bytes)
+    if node.metrics is not None:
+        row.cpu_percent = node.metrics.cpu_percent
+        row.memory_percent = node.metrics.memory_percent
+        row.latest.CopyFrom(metrics_message(node.metrics))
+    return row
+
+
+def metrics_message(metrics: Metrics, **identity) -> pb.NodeMetrics:
+    """Metrics as NodeMetrics, leaving out what was not measured."""
+    values = {name: getattr(metrics, name) for name in METRIC_NAMES if getattr(metrics, name) is not None}
+    for name in ("memory_used_bytes", "memory_total_bytes", "root_fs_size_bytes"):
+        if name in values:
+            values[name] = int(values[name])
+    return pb.NodeMetrics(**values, **identity)
 
 
 class StatusServicer(pb_grpc.StatusServiceServicer):
-    """The read-only node table behind `cares status`."""
+    """The read-only node table behind `cares status`, a page at a time."""
 
-    def __init__(self, registry: NodeRegistry, token: str | None = None):
+    def __init__(self, registry: NodeRegistry, guard: TokenGuard):
         self.registry = registry
-        self._token = token
+        self._guard = guard
 
     async def ListNodes(self, request, context):
-        if not _token_matches(context, self._token):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
-        return pb.NodeList(nodes=[
-            pb.NodeStatus(node_id=node.node_id, address=node.address, status=node.status,
-                          cpu_percent=node.cpu_usage, memory_percent=node.memory_usage,
-                          last_seen_unix_s=node.last_seen, hostname=node.hostname,
-                          joined_at_unix_s=node.joined_at)
-            for node in sorted(self.registry.snapshot(with_history=False), key=lambda node: node.node_id)])
+        source = peer_host(context.peer())
+        try:
+            await self._guard.check(context, source)
+        except Refusal as refusal:
+            self.registry.refused(source, "status request", refusal)
+            await context.abort(refusal.code, refusal.message)
+        if request.page_size == 0:  # an older client: everything at once, as it always got
+            nodes, total = self.registry.page("", len(self.registry) + 1)
+            return pb.NodeList(nodes=[node_status_message(node) for node in nodes], total_nodes=total)
+        nodes, total = self.registry.page(request.page_after_node_id, min(request.page_size, STATUS_PAGE_NODES))
+        reply, size = pb.NodeList(total_nodes=total), 0
+        for node in nodes:
+            row = node_status_message(node)
+            size += row.ByteSize() + 8
+            if size > STATUS_PAGE_BYTES and reply.nodes:
+                break
+            reply.nodes.append(row)
+        if len(reply.nodes) < len(nodes) or len(nodes) == min(request.page_size, STATUS_PAGE_NODES):
+            reply.next_page_after_node_id = reply.nodes[-1].node_id
+        return reply
 
 
 class StartError(Exception):
-    """The orchestrator could not start; the message is one line for the user."""
+    """An orchestrator or worker could not start; the message is one line for the user."""
 
 
 def explain_bind_failure(host: str, port: int) -> str:
@@ -866,24 +1585,33 @@ class Orchestrator:
 
     def __init__(self, listen: str = DEFAULT_LISTEN, *, token: str | None = None, tls_cert: bytes | None = None,
                  tls_key: bytes | None = None, heartbeat_ms: int = DEFAULT_HEARTBEAT_MS,
-                 max_nodes: int = DEFAULT_MAX_NODES):
+                 max_nodes: int = DEFAULT_MAX_NODES, forget_after_s: float | None = DEFAULT_FORGET_AFTER_S):
         self.listen_host, port = parse_address(listen, allow_port_zero=True)
-        # The interval last asked of workers; the registry's follows once they were told.
-        self.heartbeat_ms = clamp_heartbeat_ms(heartbeat_ms)
-        self.registry = NodeRegistry(max_nodes=max_nodes, heartbeat_interval=self.heartbeat_ms / 1000.0)
+        heartbeat_ms = clamp_heartbeat_ms(heartbeat_ms)
+        self.registry = NodeRegistry(max_nodes=max_nodes, heartbeat_interval=heartbeat_ms / 1000.0)
         self.token = token
         self.tls = (tls_key, tls_cert) if tls_cert else None
         self.port = port
-        self.servicer = ClusterServicer(self.registry, token)
-        self._status = StatusServicer(self.registry, token)
+        self.forget_after_s = forget_after_s
+        guard = TokenGuard(token)
+        self.servicer = ClusterServicer(self.registry, guard, heartbeat_ms)
+        self._asked_ms = heartbeat_ms
+        self._status = StatusServicer(self.registry, guard)
         self._server = None
-        self._sweeper = None
+        self._tasks: list[asyncio.Task] = []
         self._interval_lock: asyncio.Lock | None = None
+        self._stall_reported_at = -math.inf
         self.join_hosts: list[str] = []
 
     @property
     def address(self) -> str:
         return format_address(self.listen_host, self.port)
+
+    @property
+    def heartbeat_ms(self) -> int:
+        """The interval last asked of workers, at once (the UI steps from it); the streams and the
+        registry's silence limit follow on the gRPC loop."""
+        return self._asked_ms
 
     def start(self) -> None:
         """Listen and serve on a background thread; StartError if the address cannot be used."""
@@ -891,20 +1619,18 @@ class Orchestrator:
             # Asked here, not on the event loop: finding out why may mean a DNS lookup.
             raise StartError(explain_bind_failure(self.listen_host, self.port))
         self.join_hosts = join_addresses(self.listen_host, self.port, psutil.net_if_addrs())
-        self.registry.events.add("INFO", f"Orchestrator listening on {self.address}.")
+        self.registry.events.add(Level.INFO, f"Orchestrator listening on {self.address}.")
 
     async def _start(self) -> bool:
         """Bind and serve; False when the address cannot be bound."""
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_ClusterServiceServicer_to_server(self.servicer, server)
         pb_grpc.add_StatusServiceServicer_to_server(self._status, server)
-        address = format_address(self.listen_host, self.port)
         try:
             if self.tls:
-                credentials = grpc.ssl_server_credentials([self.tls])
-                port = server.add_secure_port(address, credentials)
+                port = server.add_secure_port(self.address, grpc.ssl_server_credentials([self.tls]))
             else:
-                port = server.add_insecure_port(address)
+                port = server.add_insecure_port(self.address)
         except RuntimeError:
             port = 0
         if not port:
@@ -914,28 +1640,56 @@ class Orchestrator:
         await server.start()
         self._server = server
         self._interval_lock = asyncio.Lock()
-        self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        self._tasks = [asyncio.ensure_future(self._every(lambda: self.registry.heartbeat_interval / 2,
+                                                         self._sweep, "liveness sweep")),
+                       asyncio.ensure_future(self._every(lambda: HOUSEKEEPING_S, self._housekeeping,
+                                                         "housekeeping"))]
         return True
 
-    async def _sweep_forever(self) -> None:
+    async def _every(self, period, step, name: str) -> None:
+        """Run step every period() seconds for as long as the orchestrator runs. An exception in a
+        step is logged (sparingly) and the next step runs as usual: a background task never
+        ends silently, or the sweep's death would leave silent nodes Active forever."""
+        failures = 0
         while True:
-            await asyncio.sleep(self.registry.heartbeat_interval / 2)
-            self.servicer.end_expired_streams(self.registry.expire())
+            await asyncio.sleep(period())
+            try:
+                step()
+            except Exception as error:
+                failures += 1
+                if _is_power_of_ten(failures):
+                    self.registry.events.add(Level.ERROR, sanitize_text(
+                        f"The {name} failed ({failures} time(s) so far), and keeps running: "
+                        f"{type(error).__name__}: {error}", ERROR_TEXT_LIMIT))
+
+    def _sweep(self) -> None:
+        stall = self.registry.clock.tick(self.registry.heartbeat_interval / 2)
+        if stall >= STALL_REPORT_S and time.monotonic() - self._stall_reported_at > 60.0:
+            self._stall_reported_at = time.monotonic()
+            self.registry.events.add(Level.WARN, f"The orchestrator was stalled for {stall:.1f} s; "
+                                                 f"nodes were given that much more time to be heard from.")
+        self.servicer.end_expired_streams(self.registry.expire())
+
+    def _housekeeping(self) -> None:
+        self.registry.flush_refusals()
+        if self.forget_after_s:
+            self.registry.forget_gone(older_than_s=self.forget_after_s)
 
     def set_heartbeat_interval(self, milliseconds: int) -> concurrent.futures.Future:
         """Ask every worker to heartbeat at a new interval. Returns at once (the UI thread calls
         this); the future completes when every stream was told."""
-        self.heartbeat_ms = clamp_heartbeat_ms(milliseconds)
-        return asyncio.run_coroutine_threadsafe(self._change_interval(self.heartbeat_ms), grpc_loop())
+        self._asked_ms = clamp_heartbeat_ms(milliseconds)
+        return asyncio.run_coroutine_threadsafe(self._change_interval(self._asked_ms), grpc_loop())
 
     async def _change_interval(self, milliseconds: int) -> None:
-        async with self._interval_lock:  # one change at a time, so commands reach workers in order
+        async with self._interval_lock:  # one change at a time
             seconds = milliseconds / 1000.0
             self.registry.heartbeat_interval = max(self.registry.heartbeat_interval, seconds)
-            await self.servicer.broadcast(pb.OrchestratorCommand(set_heartbeat_interval_ms=milliseconds))
+            self.servicer.interval_ms = milliseconds
+            await self.servicer.tell_everyone_interval(timeout=1.0)
             # Shorten the silence limit only after workers were told, so none is lost for obeying late.
             self.registry.heartbeat_interval = seconds
-        self.registry.events.add("INFO", f"Heartbeat interval set to {seconds:.2f} s.")
+        self.registry.events.add(Level.INFO, f"Heartbeat interval set to {seconds:.2f} s.")
 
     def stop(self, grace: float = 1.0) -> None:
         """Tell every worker we are shutting down, then stop serving."""
@@ -944,14 +1698,33 @@ class Orchestrator:
         try:
             run_on_grpc_loop(self._stop(grace), timeout=grace + 5)
         except Exception as error:  # the process is exiting either way; say why it was not clean
-            self.registry.events.add("WARN", f"Unclean shutdown: {error!r}")
+            self.registry.events.add(Level.WARN, f"Unclean shutdown: {error!r}")
         self._server = None
-        self.registry.events.add("INFO", "Orchestrator stopped.")
+        self.registry.events.add(Level.INFO, "Orchestrator stopped.")
 
     async def _stop(self, grace: float) -> None:
-        self._sweeper.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self.servicer.say_shutdown(timeout=grace / 2)
         await self._server.stop(grace / 2)
+
+
+@dataclasses.dataclass
+class OrchestratorConfig:
+    """How an orchestrator is started, from the command line or the TUI's create form."""
+
+    listen: str = DEFAULT_LISTEN
+    token: str | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
+    max_nodes: int = DEFAULT_MAX_NODES
+    forget_after_s: float | None = DEFAULT_FORGET_AFTER_S
+
+    def create(self) -> Orchestrator:
+        return Orchestrator(self.listen, token=self.token, tls_cert=self.tls_cert, tls_key=self.tls_key,
+                            heartbeat_ms=self.heartbeat_ms, max_nodes=self.max_nodes,
+                            forget_after_s=self.forget_after_s)
 
 
 # ---------------------------------------------------------------------------
@@ -983,28 +1756,41 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return "the orchestrator did not answer in time"
     if code == grpc.StatusCode.UNAUTHENTICATED:
+        if details.startswith("too many wrong tokens"):
+            return sanitize_text(f"the orchestrator refused: {details.splitlines()[0]}", ERROR_TEXT_LIMIT)
         return "the orchestrator rejected the join token"
     first_line = details.splitlines()[0] if details else ""
     name = code.name if code is not None else "error"
     return sanitize_text(f"{name}: {first_line}" if first_line else name, ERROR_TEXT_LIMIT)
 
 
+class ConnectionPhase(enum.Enum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RETRYING = "retrying"
+    STOPPED = "stopped"
+
+
 @dataclasses.dataclass(frozen=True)
 class ConnectionState:
-    phase: str  # "connecting", "connected", "retrying" or "stopped"
+    phase: ConnectionPhase
+    target: str = ""
     detail: str = ""  # while retrying, the last error
     retry_at: float = 0.0  # monotonic time of the next attempt while retrying
     heartbeat_interval: float = DEFAULT_HEARTBEAT_MS / 1000.0
 
     def describe(self, now: float | None = None) -> str:
-        """One line for a status bar, e.g. 'retrying in 3 s: orchestrator unreachable (connection refused)'."""
-        if self.phase == "retrying":
+        """One line for a status bar or systemd, e.g. 'retrying in 3 s: orchestrator unreachable
+        (connection refused)' or 'connected to 10.0.0.5:50051, heartbeat every 1.0 s'."""
+        if self.phase is ConnectionPhase.RETRYING:
             wait = max(self.retry_at - (time.monotonic() if now is None else now), 0.0)
             text = f"retrying in {math.ceil(wait)} s"
             return f"{text}: {self.detail}" if self.detail else text
-        if self.phase == "connected":
-            return f"connected, heartbeat every {self.heartbeat_interval:.1f} s"
-        return self.phase
+        if self.phase is ConnectionPhase.CONNECTED:
+            return f"connected to {self.target}, heartbeat every {self.heartbeat_interval:.1f} s"
+        if self.phase is ConnectionPhase.CONNECTING:
+            return f"connecting to {self.target}"
+        return self.phase.value
 
 
 class OrchestratorShutdown(Exception):
@@ -1028,37 +1814,168 @@ def _channel_for(target: str, tls_ca: bytes | None, options):
     return grpc.aio.insecure_channel(target, options=options)
 
 
+# -- who the worker is: a node ID stable across restarts, and the secret that makes it its own --
+
+def machine_identity() -> str:
+    """systemd's /etc/machine-id (or D-Bus's copy): fixed for the life of an installation and
+    different between properly set-up clones. "" where neither is readable."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path, encoding="ascii", errors="replace") as file:
+                value = file.read(200).strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    return ""
+
+
+def default_node_id(hostname: str, machine_id: str, uid: int) -> str:
+    """The short host name plus 6 hex digits of a hash of the machine identity, host name and
+    user: the same on every start, different for machines that share a host name (cloned VMs,
+    'localhost') and for two users of one machine."""
+    short = re.sub(r"[^A-Za-z0-9._-]", "-", hostname.split(".")[0])[:56].strip("-.") or "node"
+    digest = hashlib.sha256(f"cares-node-id\0{machine_id}\0{hostname}\0{uid}".encode()).hexdigest()
+    return f"{short}-{digest[:6]}"
+
+
+def default_state_dir() -> str:
+    """Where cares keeps what must survive a restart: systemd's StateDirectory= ($STATE_DIRECTORY),
+    else $XDG_STATE_HOME/cares, else ~/.local/state/cares."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "cares")
+
+
+def usable_state_dir(path: str | None) -> str | None:
+    """path, created 0700 if missing, when this process can write there; None otherwise."""
+    if not path:
+        return None
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    return path if os.access(path, os.W_OK | os.X_OK) else None
+
+
+@dataclasses.dataclass
+class NodeIdentity:
+    node_id: str
+    secret: str
+    note: str = ""  # why the identity is weaker than usual, for one WARN line; "" when all is well
+    lock: object = dataclasses.field(default=None, repr=False)  # held open for the life of the process
+
+
+def claim_identity(requested: str | None, state_dir: str | None) -> NodeIdentity:
+    """The node ID this worker runs as, and its node secret.
+
+    The ID is --node-id, else default_node_id(); a lock file in the state directory keeps two
+    workers of one user on one host apart: the second running takes ID-2, the third ID-3, so each
+    keeps its ID across restarts as long as they start in the same order. The secret is kept
+    in the state directory too (0600), so a restarted worker reclaims its ID from the orchestrator
+    and no other worker can. StartError when --node-id is already taken on this host."""
+    base = requested or default_node_id(socket.gethostname(), machine_identity(), os.getuid())
+    directory = usable_state_dir(state_dir)
+    if directory is None:
+        note = (f"no writable state directory ({state_dir}): the node secret lasts only as long as this process"
+                if state_dir else "")
+        return NodeIdentity(base, secrets.token_hex(16), note)
+    for ordinal in range(1, 100):
+        node_id = base if ordinal == 1 else f"{base[:60]}-{ordinal}"
+        lock = _try_lock(os.path.join(directory, f"worker-{node_id}.lock"))
+        if lock is not None:
+            return NodeIdentity(node_id, _node_secret(os.path.join(directory, f"worker-{node_id}.secret")),
+                                lock=lock)
+        if requested:
+            raise StartError(f"another cares worker on this host already runs as node '{requested}'")
+    raise StartError("99 cares workers already run on this host; pass --node-id")
+
+
+def _try_lock(path: str):
+    """An open file holding an exclusive lock on path, or None when another process holds it."""
+    try:
+        file = open(path, "a+")
+    except OSError:
+        return None
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        file.close()
+        return None
+    return file
+
+
+def _node_secret(path: str) -> str:
+    """The secret stored at path, or a new one stored there (created 0600, never readable by others)."""
+    try:
+        with open(path, encoding="ascii") as file:
+            secret = file.read(100).strip()
+        if re.fullmatch(r"[0-9a-f]{32}", secret):
+            return secret
+    except (OSError, ValueError):
+        pass
+    secret = secrets.token_hex(16)
+    try:
+        temporary = f"{path}.{os.getpid()}.tmp"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secret + "\n")
+        os.replace(temporary, path)
+    except OSError:
+        pass  # a full or read-only disk: the secret lasts for this process only
+    return secret
+
+
+# -- the worker ------------------------------------------------------------
+
 class WorkerClient:
     """Joins an orchestrator and streams this machine's metrics to it, reconnecting forever."""
 
     def __init__(self, target: str, node_id: str, sampler: LocalSampler, *, token: str | None = None,
-                 tls_ca: bytes | None = None):
+                 tls_ca: bytes | None = None, secret: str = "", labels: dict | None = None):
         self.target = target
         self.node_id = node_id
         self.sampler = sampler
+        self.labels = dict(labels or {})
         self.events = EventLog()
+        self._secret = secret
         self._metadata = token_metadata(token)
         self._tls_ca = tls_ca
-        self._state = ConnectionState("connecting")
+        self._interval = DEFAULT_HEARTBEAT_MS / 1000.0
+        self._state = ConnectionState(ConnectionPhase.CONNECTING, target)
         self._state_lock = threading.Lock()
+        self._state_listeners: list = []
         self._main_task = None
         self._call = None
         self._sender = None
         self._session_id = ""
         self._sequence = 0
-        self._interval = DEFAULT_HEARTBEAT_MS / 1000.0
+        self._stream_opened_at: float | None = None
         self._interval_changed: asyncio.Event | None = None
-        self._last_error = ""
+        # Repeated failures, flaps and interval changes: said once, then summarised per minute.
+        self._repeats = RepeatSummary(WORKER_REPEAT_SUMMARY_S)
         self._stopping = False
+        self.identity: NodeIdentity | None = None  # set by WorkerConfig.create; holds the ID lock
 
     @property
     def state(self) -> ConnectionState:
         with self._state_lock:
             return self._state
 
-    def _set_state(self, phase: str, detail: str = "", retry_at: float = 0.0) -> None:
+    def on_state_change(self, listener) -> None:
+        """listener(state) after every change of phase or interval, on the gRPC loop: must not block."""
+        self._state_listeners.append(listener)
+
+    def _set_state(self, phase: ConnectionPhase, detail: str = "", retry_at: float = 0.0) -> None:
+        state = ConnectionState(phase, self.target, detail, retry_at, self._interval)
         with self._state_lock:
-            self._state = ConnectionState(phase, detail, retry_at, self._interval)
+            self._state = state
+        for listener in self._state_listeners:
+            try:
+                listener(state)
+            except Exception:
+                pass
 
     def start(self) -> None:
         run_on_grpc_loop(self._begin())
@@ -1073,9 +1990,11 @@ class WorkerClient:
         try:
             run_on_grpc_loop(self._leave(goodbye), timeout=timeout + 1)
         except Exception as error:  # the worker is exiting either way; note why it was not clean
-            self.events.add("WARN", f"Could not say goodbye: {error!r}")
+            self.events.add(Level.WARN, f"Could not say goodbye: {error!r}")
         self._main_task = None
-        self._set_state("stopped")
+        self._set_state(ConnectionPhase.STOPPED)
+        if self.identity is not None and self.identity.lock is not None:
+            self.identity.lock.close()  # another worker may now run under this ID
 
     async def _leave(self, goodbye: bool) -> None:
         self._stopping = True
@@ -1083,38 +2002,60 @@ class WorkerClient:
         if sender is not None:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
-        if goodbye and call is not None and self.state.phase == "connected":
+        if goodbye and call is not None and self.state.phase is ConnectionPhase.CONNECTED:
             try:
                 await asyncio.wait_for(self._say_goodbye(call), 1.0)
             except (asyncio.TimeoutError, grpc.RpcError):
                 pass
             else:
-                self.events.add("INFO", "Left the cluster.")
+                self.events.add(Level.INFO, "Left the cluster.")
         self._main_task.cancel()
         await asyncio.gather(self._main_task, return_exceptions=True)
 
-    def _next_metrics(self, **fields) -> pb.NodeMetrics:
+    def join_message(self) -> pb.NodeInfo:
+        return pb.NodeInfo(
+            node_id=self.node_id, hostname=socket.gethostname()[:HOSTNAME_LIMIT], cpu_count=self.sampler.cpu_count,
+            memory_total_bytes=self.sampler.memory_total_bytes,
+            platform=f"{platform.system()}-{platform.release()}-{platform.machine()}"[:PLATFORM_LIMIT],
+            cares_version=VERSION, node_secret=self._secret, labels=self.labels)
+
+    def _next_metrics(self, metrics: Metrics | None = None, **fields) -> pb.NodeMetrics:
         """The next message of this session's stream: identity, sequence number and send time filled in."""
         self._sequence += 1
-        return pb.NodeMetrics(node_id=self.node_id, session_id=self._session_id, sequence=self._sequence,
-                              sent_at_ms=int(time.time() * 1000), **fields)
+        identity = dict(node_id=self.node_id, session_id=self._session_id, sequence=self._sequence,
+                        sent_at_ms=int(time.time() * 1000), **fields)
+        return metrics_message(metrics, **identity) if metrics is not None else pb.NodeMetrics(**identity)
 
     async def _say_goodbye(self, call) -> None:
         await call.write(self._next_metrics(leaving=True))
         await call.done_writing()
         await call.code()
 
+    def _say(self, level: Level, key, text: str) -> None:
+        """Log text unless the same key was said within the last minute (then it is counted)."""
+        if self._repeats.note(key, time.monotonic()):
+            self.events.add(level, text)
+
+    def _say_repeats(self, force: bool = False) -> None:
+        """Summarise what was said more than once, for windows that ended (or all, with force)."""
+        now = time.monotonic() + (self._repeats.window_s if force else 0.0)
+        for key, repeats, seconds in self._repeats.due(now):
+            what = "the orchestrator changed the heartbeat interval" if key == "interval" else f"'{key}'"
+            self.events.add(Level.INFO if key == "interval" else Level.WARN,
+                            f"Repeated: {what}, {repeats} more time(s) in the last "
+                            f"{min(seconds, self._repeats.window_s):.0f} s.")
+
     async def _run(self) -> None:
         failures = 0
         while True:
-            self._set_state("connecting")
-            delay, level = None, "WARN"
+            self._set_state(ConnectionPhase.CONNECTING)
+            delay, level = None, Level.WARN
             try:
                 await self._connect_and_stream()
                 detail = "the orchestrator closed the stream"
             except OrchestratorShutdown as shutdown:
                 detail = str(shutdown) or "the orchestrator is shutting down"
-                failures, delay, level = 0, backoff_delay(0), "INFO"
+                failures, delay, level = 0, backoff_delay(0), Level.INFO
             except grpc.RpcError as error:
                 detail = describe_rpc_error(error)
                 if error.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -1123,25 +2064,24 @@ class WorkerClient:
                 detail = sanitize_text(f"unexpected {type(error).__name__}: {error}", ERROR_TEXT_LIMIT)
             if self._stopping:
                 return
-            was_connected = bool(self._session_id) and self.state.phase == "connected"
-            if was_connected:
+            opened_at, self._stream_opened_at, self._session_id = self._stream_opened_at, None, ""
+            # Only a stream that lived a full silence limit resets the backoff: an orchestrator that
+            # accepts joins and drops every stream at once must not get a join storm.
+            if opened_at is not None and time.monotonic() - opened_at >= MISSED_HEARTBEATS * self._interval:
                 failures = 0
-            self._session_id = ""
             if delay is None:
                 delay = backoff_delay(failures)
                 failures += 1
-            if detail != self._last_error:
-                self.events.add(level, f"{'Disconnected' if was_connected else 'Cannot join'}: {detail}; "
-                                       f"retrying.")
-                self._last_error = detail
-            self._set_state("retrying", detail, time.monotonic() + delay)
+            text = f"{'Disconnected' if opened_at is not None else 'Cannot join'}: {detail}; retrying."
+            self._say(level, text, text)
+            self._say_repeats()
+            self._set_state(ConnectionPhase.RETRYING, detail, time.monotonic() + delay)
             await asyncio.sleep(delay)
 
     async def _connect_and_stream(self) -> None:
         async with _channel_for(self.target, self._tls_ca, WORKER_OPTIONS) as channel:
             stub = pb_grpc.ClusterServiceStub(channel)
-            ack = await stub.JoinCluster(local_node_info(self.node_id, self.sampler), metadata=self._metadata,
-                                         timeout=5.0)
+            ack = await stub.JoinCluster(self.join_message(), metadata=self._metadata, timeout=5.0)
             self._session_id = ack.session_id
             self._sequence = 0
             self._interval = clamp_heartbeat_ms(ack.heartbeat_interval_ms) / 1000.0
@@ -1149,11 +2089,11 @@ class WorkerClient:
             call = stub.Heartbeat(metadata=((NODE_METADATA_KEY, self.node_id),
                                             (SESSION_METADATA_KEY, self._session_id)))
             self._call = call
+            self._stream_opened_at = time.monotonic()
             self._sender = asyncio.ensure_future(self._send_metrics(call))
-            self._set_state("connected")
-            self._last_error = ""
-            self.events.add("INFO", f"Joined {self.target} as '{self.node_id}' "
-                                    f"(heartbeat every {self._interval:.1f} s).")
+            self._set_state(ConnectionPhase.CONNECTED)
+            text = f"Joined {self.target} as '{self.node_id}'."
+            self._say(Level.INFO, text, text)
             try:
                 await self._obey_commands(call)
             finally:
@@ -1162,55 +2102,118 @@ class WorkerClient:
                 self._call = None
 
     async def _obey_commands(self, call) -> None:
+        """Follow the orchestrator's commands. An interval command only records the interval and
+        wakes the sender, which sends at most one sample per interval: a flood of commands costs
+        a read each, not a sample and a log line each."""
         while True:
             command = await call.read()
             if command is grpc.aio.EOF:
                 return
             kind = command.WhichOneof("command")
             if kind == "set_heartbeat_interval_ms":
-                self._interval = clamp_heartbeat_ms(command.set_heartbeat_interval_ms) / 1000.0
-                self._set_state("connected")
-                self._interval_changed.set()
-                self.events.add("INFO", f"Heartbeat interval is now {self._interval:.1f} s.")
+                interval = clamp_heartbeat_ms(command.set_heartbeat_interval_ms) / 1000.0
+                if interval != self._interval:
+                    self._interval = interval
+                    self._interval_changed.set()
+                    self._set_state(ConnectionPhase.CONNECTED)
+                    self._say(Level.INFO, "interval", f"Heartbeat interval is now {interval:.2f} s.")
             elif kind == "shutdown":
                 raise OrchestratorShutdown(sanitize_text(command.shutdown.reason, ERROR_TEXT_LIMIT))
 
     async def _send_metrics(self, call) -> None:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(self.sampler.warmup_left())
-        next_at = loop.time()
         while True:
-            sample = self.sampler.sample()
-            await call.write(self._next_metrics(
-                cpu_percent=sample.cpu_percent, memory_percent=sample.memory_percent,
-                memory_used_bytes=sample.memory_used_bytes, memory_total_bytes=sample.memory_total_bytes))
-            next_at = max(next_at + self._interval, loop.time())
-            try:
-                # A new interval takes effect at once, with a fresh sample.
-                await asyncio.wait_for(self._interval_changed.wait(), next_at - loop.time())
+            await call.write(self._next_metrics(self.sampler.sample()))
+            sent_at = loop.time()
+            if sent_at - self._stream_opened_at >= WORKER_REPEAT_SUMMARY_S:
+                self._say_repeats()
+            # Sleep until the next sample is due at the interval in force; a new interval wakes
+            # the sleep to reschedule from the last sample, so it takes effect at once without
+            # ever sending faster than one sample per interval.
+            while True:
+                due = sent_at + self._interval
+                try:
+                    await asyncio.wait_for(self._interval_changed.wait(), max(due - loop.time(), 0.0))
+                except asyncio.TimeoutError:
+                    break
                 self._interval_changed.clear()
-                next_at = loop.time()
-            except asyncio.TimeoutError:
-                pass
+
+
+@dataclasses.dataclass
+class WorkerConfig:
+    """How a worker is started, from the command line or the TUI's join form."""
+
+    target: str = f"127.0.0.1:{DEFAULT_PORT}"
+    token: str | None = None
+    tls_ca: bytes | None = None
+    node_id: str | None = None  # --node-id; None for this host's default
+    labels: dict = dataclasses.field(default_factory=dict)
+    state_dir: str | None = dataclasses.field(default_factory=default_state_dir)  # None: keep nothing on disk
+
+    def create(self, sampler: LocalSampler) -> WorkerClient:
+        """The worker, under its claimed identity; StartError when that ID already runs here."""
+        identity = claim_identity(self.node_id, self.state_dir)
+        client = WorkerClient(self.target, identity.node_id, sampler, token=self.token, tls_ca=self.tls_ca,
+                              secret=identity.secret, labels=self.labels)
+        client.identity = identity  # keeps the lock held for as long as the worker lives
+        if identity.note:
+            client.events.add(Level.WARN, f"Node '{identity.node_id}': {identity.note}.")
+        return client
+
+
+# -- the status client ---------------------------------------------------
+
+# `status` may receive pages of up to STATUS_PAGE_BYTES (plus one row); the 64 KiB cap is for
+# what the orchestrator receives from strangers, not for what an operator asks of it.
+STATUS_CLIENT_OPTIONS = [option for option in WORKER_OPTIONS if option[0] != "grpc.max_receive_message_length"] \
+    + [("grpc.max_receive_message_length", 4 * STATUS_PAGE_BYTES)]
 
 
 def fetch_status(target: str, *, token: str | None = None, tls_ca: bytes | None = None,
                  timeout: float = 5.0) -> list[dict]:
-    """The orchestrator's node table as plain dicts (the `status --json` rows)."""
+    """The orchestrator's node table as plain dicts (the `status --json` rows), fetched a page at a time."""
 
     async def call():
-        async with _channel_for(target, tls_ca, WORKER_OPTIONS) as channel:
-            return await pb_grpc.StatusServiceStub(channel).ListNodes(
-                pb.ListNodesRequest(), metadata=token_metadata(token), timeout=timeout)
+        deadline = time.monotonic() + timeout
+        rows, after = [], ""
+        async with _channel_for(target, tls_ca, STATUS_CLIENT_OPTIONS) as channel:
+            stub = pb_grpc.StatusServiceStub(channel)
+            # Bounded, whatever an orchestrator answers: pages must move forward.
+            while len(rows) < STATUS_MAX_NODES:
+                reply = await stub.ListNodes(
+                    pb.ListNodesRequest(page_after_node_id=after, page_size=STATUS_PAGE_NODES),
+                    metadata=token_metadata(token), timeout=max(deadline - time.monotonic(), 0.01))
+                rows.extend(reply.nodes)
+                following = reply.next_page_after_node_id
+                if not following or following <= after:
+                    break
+                after = following
+        return rows
 
-    reply = run_on_grpc_loop(call(), timeout=timeout + 5)
-    # What an orchestrator sends is untrusted too: no terminal controls, no NaN (invalid JSON).
-    return [{"node_id": sanitize_text(node.node_id, 63), "address": sanitize_text(node.address, 64),
-             "status": sanitize_text(node.status, 12), "cpu_percent": _finite_or_none(node.cpu_percent, 1),
-             "memory_percent": _finite_or_none(node.memory_percent, 1),
-             "last_seen": _finite_or_none(node.last_seen_unix_s, 3),
-             "hostname": sanitize_text(node.hostname, HOSTNAME_LIMIT),
-             "joined_at": _finite_or_none(node.joined_at_unix_s, 3)} for node in reply.nodes]
+    rows = run_on_grpc_loop(call(), timeout=timeout + 5)
+    return [status_row(node) for node in rows]
+
+
+def status_row(node: pb.NodeStatus) -> dict:
+    """One node as `status --json` prints it. What an orchestrator sends is untrusted too: no
+    terminal controls, no NaN (invalid JSON), and null for what it does not know."""
+    latest = node.latest if node.HasField("latest") else None
+    metrics = {name: None for name in METRIC_NAMES}
+    if latest is not None:
+        metrics.update(metrics_from_message(latest).__dict__)
+    return {"node_id": sanitize_text(node.node_id, 63), "address": sanitize_text(node.address, 64),
+            "status": sanitize_text(node.status, 12),
+            "cpu_percent": _finite_or_none(node.cpu_percent, 1) if node.HasField("cpu_percent") else None,
+            "memory_percent": _finite_or_none(node.memory_percent, 1) if node.HasField("memory_percent") else None,
+            "last_seen": _finite_or_none(node.last_seen_unix_s, 3) if node.last_seen_unix_s else None,
+            "hostname": sanitize_text(node.hostname, HOSTNAME_LIMIT),
+            "joined_at": _finite_or_none(node.joined_at_unix_s, 3),
+            "labels": {sanitize_text(key, 63): sanitize_text(value, 128) for key, value in node.labels.items()},
+            "platform": sanitize_text(node.platform, PLATFORM_LIMIT), "version": sanitize_text(node.cares_version, 32),
+            "cpu_count": node.cpu_count or None, "memory_total_bytes": node.memory_total_bytes or None,
+            "metrics": {name: _finite_or_none(value, 3) if value is not None else None
+                        for name, value in metrics.items()}}
 
 
 def _finite_or_none(value: float, digits: int) -> float | None:
@@ -1251,18 +2254,21 @@ def table_layout(width: int) -> TableLayout:
 
 def node_row(node: Node, layout: TableLayout, now: float, unicode: bool = True) -> list[tuple[str, str]]:
     """One table row as (text, style) segments; styles: text, dim, active, disconnected, low, medium, high."""
-    live = node.status == ACTIVE
+    live = node.status is NodeStatus.ACTIVE
+    metrics = node.metrics or Metrics()
     plain = "text" if live else "dim"
     segments = [(fit(node.node_id, layout.node_id) + " ", plain)]
     if layout.address:
         segments.append((fit(node.address, layout.address) + " ", plain))
-    segments.append((fit(node.status, layout.status) + " ", "active" if live else "disconnected"))
-    for value in (node.cpu_usage, node.memory_usage):
-        segments.append((bar_text(value, layout.bar, unicode), bar_level(value) if live else "dim"))
-        segments.append((f"{clamp_percent(value):6.1f}% ", plain))
+    segments.append((fit(node.status.value, layout.status) + " ", "active" if live else "disconnected"))
+    for value in (metrics.cpu_percent, metrics.memory_percent):
+        segments.append((bar_text(value or 0.0, layout.bar, unicode), bar_level(value or 0.0) if live else "dim"))
+        segments.append((format_percent(value).rjust(7) + " ", plain))
     if layout.spark:
-        segments.append((sparkline(node.cpu_history, layout.spark, unicode) + " ", "low" if live else "dim"))
-    segments.append((fit(format_age(now - node.last_seen), layout.seen), plain))
+        cpu = node.history.cpu if node.history is not None else ()
+        segments.append((sparkline(cpu, layout.spark, unicode) + " ", "low" if live else "dim"))
+    seen = format_age(now - node.last_seen) if node.last_seen else ("–" if unicode else "-")
+    segments.append((fit(seen, layout.seen), plain))
     return segments
 
 
@@ -1289,10 +2295,14 @@ def next_heartbeat_ms(current_ms: int, longer: bool) -> int | None:
 def sort_nodes(nodes: list[Node], key: str, reverse: bool = False) -> list[Node]:
     """Sort for the table; CPU and memory put the busiest first unless reversed."""
     if key in ("c", "m"):
-        usage = "cpu_usage" if key == "c" else "memory_usage"
-        return sorted(nodes, key=lambda node: (-getattr(node, usage), node.node_id), reverse=reverse)
+        usage = "cpu_percent" if key == "c" else "memory_percent"
+
+        def busiest_first(node):
+            value = getattr(node.metrics, usage) if node.metrics is not None else None
+            return (-(value if value is not None else -1.0), node.node_id)
+        return sorted(nodes, key=busiest_first, reverse=reverse)
     if key == "s":
-        return sorted(nodes, key=lambda node: (node.status != ACTIVE, node.node_id), reverse=reverse)
+        return sorted(nodes, key=lambda node: (node.status is not NodeStatus.ACTIVE, node.node_id), reverse=reverse)
     return sorted(nodes, key=lambda node: node.node_id, reverse=reverse)
 
 
@@ -1305,11 +2315,13 @@ class ClusterSummary:
 
 
 def summarize(nodes: list[Node]) -> ClusterSummary:
-    live = [node for node in nodes if node.status == ACTIVE]
-    count = len(live) or 1
+    live = [node for node in nodes if node.status is NodeStatus.ACTIVE]
+    # Only nodes that sent a sample count towards the averages: no invented zeros.
+    measured = [node.metrics for node in live if node.metrics is not None]
+    count = len(measured) or 1
     return ClusterSummary(len(live), len(nodes) - len(live),
-                          sum(node.cpu_usage for node in live) / count,
-                          sum(node.memory_usage for node in live) / count)
+                          sum(metrics.cpu_percent for metrics in measured) / count,
+                          sum(metrics.memory_percent for metrics in measured) / count)
 
 
 MIN_WIDTH, MIN_HEIGHT = 70, 18
@@ -1342,6 +2354,7 @@ STYLES = {
     "high": (Screen.COLOUR_RED, Screen.A_BOLD, Screen.COLOUR_BLACK),
     "INFO": (Screen.COLOUR_WHITE, Screen.A_NORMAL, Screen.COLOUR_BLACK),
     "WARN": (Screen.COLOUR_YELLOW, Screen.A_NORMAL, Screen.COLOUR_BLACK),
+    "ERROR": (Screen.COLOUR_RED, Screen.A_BOLD, Screen.COLOUR_BLACK),
 }
 
 
@@ -1368,66 +2381,61 @@ FORM_TEXTS = {
 class TuiApp:
     """The TUI's model: which view shows (selection, create, join, worker, orchestrator) and what it shows."""
 
-    def __init__(self, *, listen: str = DEFAULT_LISTEN, heartbeat_ms: int = DEFAULT_HEARTBEAT_MS,
-                 max_nodes: int = DEFAULT_MAX_NODES, node_id: str | None = None, tls_cert: bytes | None = None,
-                 tls_key: bytes | None = None, tls_ca: bytes | None = None):
+    def __init__(self, orchestrator_config: OrchestratorConfig | None = None,
+                 worker_config: WorkerConfig | None = None):
         self.view = "selection"
-        self.heartbeat_ms = heartbeat_ms
-        self.max_nodes = max_nodes
-        self.node_id = node_id
-        self.tls_cert, self.tls_key, self.tls_ca = tls_cert, tls_key, tls_ca
+        self.configs = {"create": orchestrator_config or OrchestratorConfig(),
+                        "join": worker_config or WorkerConfig()}
         self.orchestrator: Orchestrator | None = None
         self.worker: WorkerClient | None = None
         self.sampler: LocalSampler | None = None
         self.menu_choice = 0
-        self.forms = {"create": FormState(listen), "join": FormState(f"127.0.0.1:{DEFAULT_PORT}")}
+        self.forms = {"create": FormState(self.configs["create"].listen, self.configs["create"].token or ""),
+                      "join": FormState(self.configs["join"].target, self.configs["join"].token or "")}
         self.sort_key = "n"
         self.sort_reverse = False
         self.scroll = 0
-        self.local_history: collections.deque = collections.deque(maxlen=HISTORY_SAMPLES)
-        self.local_history_at = 0.0
+        self.local_history = NodeHistory()
 
     def submit(self, kind: str, address: str, token: str = "") -> bool:
         """Check a create or join form and act on it; on failure its error says why."""
         form = self.forms[kind]
         form.address, form.token = address, token
         try:
-            host, port = parse_address(address, allow_port_zero=kind == "create")
-        except ValueError as error:
-            form.error = str(error)
-            return False
-        try:
+            if token and not is_valid_token(token):
+                raise ValueError(TOKEN_RULE)
             if kind == "create":
-                self.start_orchestrator(format_address(host, port), token or None)
+                self.start_orchestrator(dataclasses.replace(
+                    self.configs[kind], listen=format_address(*parse_address(address, allow_port_zero=True)),
+                    token=token or None))
             else:
-                self.start_worker(format_address(host, port), token or None)
-        except StartError as error:
+                self.start_worker(dataclasses.replace(self.configs[kind], target=parse_target(address),
+                                                      token=token or None))
+        except (ValueError, StartError) as error:
             form.error = str(error)
             return False
         form.error = ""
         return True
 
-    def start_orchestrator(self, listen: str, token: str | None = None) -> None:
+    def start_orchestrator(self, config: OrchestratorConfig) -> None:
         """Start serving (StartError if the address cannot be used) and switch to the dashboard."""
-        orchestrator = Orchestrator(listen, token=token, heartbeat_ms=self.heartbeat_ms, max_nodes=self.max_nodes,
-                                    tls_cert=self.tls_cert, tls_key=self.tls_key)
+        orchestrator = config.create()
         orchestrator.start()
         self.orchestrator = orchestrator
         self.view = "orchestrator"
 
-    def start_worker(self, target: str, token: str | None = None) -> None:
+    def start_worker(self, config: WorkerConfig) -> None:
+        """Start the worker (StartError if its node ID already runs here) and switch to its view."""
         self.sampler = LocalSampler()
-        self.worker = WorkerClient(target, self.node_id or default_node_id(), self.sampler, token=token,
-                                   tls_ca=self.tls_ca)
+        self.worker = config.create(self.sampler)
         self.worker.start()
         self.view = "worker"
 
-    def sample_locally(self) -> LocalSample:
+    def sample_locally(self) -> Metrics:
         """A sample for the worker view; redraws come with key presses too, so the history
         keeps one point a second."""
         sample = self.sampler.sample()
-        self.local_history_at = add_to_history(self.local_history, self.local_history_at, sample.cpu_percent,
-                                               time.monotonic(), 1.0)
+        self.local_history.add(sample, time.monotonic(), 1.0)
         return sample
 
     def shutdown(self) -> None:
@@ -1451,8 +2459,10 @@ class TuiApp:
                     allow_int=True)
 
     def run(self) -> int:
-        """Own the terminal until the user quits; rebuild the scenes on every resize."""
-        previous = signal.signal(signal.SIGTERM, _raise_termination)
+        """Own the terminal until the user quits; rebuild the scenes on every resize. SIGTERM, and
+        SIGHUP (the terminal or ssh session is gone), leave the way q does: workers say goodbye,
+        an orchestrator tells its workers."""
+        previous = {signum: signal.signal(signum, _raise_termination) for signum in (signal.SIGTERM, signal.SIGHUP)}
         try:
             while True:
                 try:
@@ -1462,8 +2472,12 @@ class TuiApp:
                     continue
         except TerminationRequested:
             return 0
+        except OSError:
+            # The terminal went away under the screen (EIO on a closed pty): leave cleanly all the same.
+            return 0
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.shutdown()
 
 
@@ -1661,7 +2675,7 @@ class WorkerPane(Pane):
         sample = app.sample_locally()
         self.put(f"cares worker - node {worker.node_id} - orchestrator {worker.target}", 0, 0, "bold")
         state = worker.state
-        style = {"connected": "active", "retrying": "WARN"}.get(state.phase, "text")
+        style = {ConnectionPhase.CONNECTED: "active", ConnectionPhase.RETRYING: "WARN"}.get(state.phase, "text")
         self.put(state.describe(), 0, 1, style)
         bar_width = max(self._w - 40, 10)
         for row, (name, value, extra) in enumerate((
@@ -1672,7 +2686,7 @@ class WorkerPane(Pane):
             x = self.put(bar_text(value, bar_width, self.unicode), x, 3 + row, bar_level(value))
             self.put(f"{value:6.1f}%  {extra}", x, 3 + row)
         x = self.put(f"{'CPU 60s':<8}", 0, 6, "bold")
-        self.put(sparkline(app.local_history, min(HISTORY_SAMPLES, bar_width), self.unicode), x, 6, "low")
+        self.put(sparkline(app.local_history.cpu, min(HISTORY_SAMPLES, bar_width), self.unicode), x, 6, "low")
 
 
 class EventPane(Pane):
@@ -1686,7 +2700,7 @@ class EventPane(Pane):
         events = self._events_of()
         self.put(fit("Events", self._w), 0, 0, "header")
         for row, event in enumerate(events.tail(self._h - 1) if events else ()):
-            self.put(format_event(event), 0, 1 + row, event.level)
+            self.put(format_event(event), 0, 1 + row, event.level.name)
 
 
 class HelpPane(Pane):
@@ -1753,9 +2767,9 @@ class NodeTable(Pane):
             return
         visible = nodes[app.scroll: app.scroll + rows]
         if layout.spark:
-            histories = orchestrator.registry.cpu_histories(node.node_id for node in visible)
+            histories = orchestrator.registry.histories(node.node_id for node in visible)
             for node in visible:
-                node.cpu_history = histories.get(node.node_id, ())
+                node.history = histories.get(node.node_id)
         now = time.time()
         for row, node in enumerate(visible):
             self.put_segments(node_row(node, layout, now, self.unicode), 1 + row)
@@ -1798,7 +2812,7 @@ class DashboardFrame(AppFrame):
         elif key == ord("r"):
             app.sort_reverse = not app.sort_reverse
         elif key == ord("x") and app.orchestrator is not None:
-            app.orchestrator.registry.remove_disconnected()
+            app.orchestrator.registry.forget_gone()
         elif key in (ord("+"), ord("-")) and app.orchestrator is not None:
             step = next_heartbeat_ms(app.orchestrator.heartbeat_ms, longer=key == ord("+"))
             if step is not None:
@@ -1809,7 +2823,187 @@ class DashboardFrame(AppFrame):
 
 
 # ---------------------------------------------------------------------------
-# 7. The command line and main().
+# 7. Running without a screen: log lines written off the serving path, and the
+#    signals a headless process answers.
+# ---------------------------------------------------------------------------
+
+class LogStyle(enum.Enum):
+    """How a headless process writes an event as a line."""
+
+    TEXT = "text"          # "2026-11-28 04:48:48 [WARN] Node 'web1' lost: ..."
+    JOURNALD = "journald"  # "<4>Node 'web1' lost: ...": journald adds the time and reads the priority
+    JSON = "json"          # one JSON object per event, for log shippers
+
+
+def under_journald() -> bool:
+    """True when stderr is the journal stream systemd gave us ($JOURNAL_STREAM names its device and inode)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        stat = os.fstat(2)
+        return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError):
+        return False
+
+
+def event_line(event: Event, style: LogStyle) -> str:
+    """One line for one event (without the newline)."""
+    if style is LogStyle.JOURNALD:
+        return f"<{event.level.value}>{event.text}"
+    if style is LogStyle.JSON:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.at)) + f".{int(event.at % 1 * 1000):03d}Z"
+        record = {"ts": stamp, "level": event.level.name.lower(), "event": event.kind.value,
+                  "node_id": event.node_id or None, "message": event.text}
+        record.update({key: value for key, value in event.values.items() if key not in record})
+        return json.dumps(record, ensure_ascii=True, allow_nan=False, default=str)
+    return format_event(event, "%Y-%m-%d %H:%M:%S")
+
+
+class LineWriter:
+    """Writes log lines to a file descriptor from its own thread, so that a log which is slow,
+    stopped (a paused pager, Ctrl-S), broken (a closed pipe) or full (a full disk) never blocks
+    or breaks whoever logs: put() only appends to a bounded queue. Lines that do not fit, or
+    cannot be written, are counted and reported once writing works again."""
+
+    def __init__(self, fd: int = 2, capacity: int = LOG_QUEUE_LINES):
+        self._fd = fd
+        self._capacity = capacity
+        self._queue: collections.deque[str] = collections.deque()
+        self._ready = threading.Condition()
+        self._writing = False
+        self.dropped = 0
+        self._drop_reason = ""
+        threading.Thread(target=self._drain, name="cares-log", daemon=True).start()
+
+    def put(self, line: str) -> None:
+        """Queue one line; never blocks, never raises."""
+        with self._ready:
+            if len(self._queue) >= self._capacity:
+                self.dropped += 1
+                self._drop_reason = self._drop_reason or "the log was not being read"
+                return
+            self._queue.append(line)
+            self._ready.notify()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to timeout for the queue to be written (at exit); False if it was not."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while self._queue or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._ready.wait(left)
+        return True
+
+    def _drain(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                lines = list(self._queue)
+                self._queue.clear()
+                dropped, reason = self.dropped, self._drop_reason
+                self._writing = True
+            if dropped:
+                lines.insert(0, f"cares: {dropped} log line(s) were dropped ({reason}).")
+            error = self._write("".join(line + "\n" for line in lines))
+            with self._ready:
+                self._writing = False
+                if error is None:
+                    self.dropped -= dropped
+                    if not self.dropped:
+                        self._drop_reason = ""
+                else:
+                    self.dropped += len(lines) - (1 if dropped else 0)
+                    self._drop_reason = error
+                self._ready.notify_all()
+
+    def _write(self, text: str) -> str | None:
+        """Write all of text, or return why not (the OS's words: broken pipe, no space left...)."""
+        data = text.encode("utf-8", "backslashreplace")
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as error:
+            return (error.strerror or str(error)).lower()
+        return None
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask a headless process to stop. SIGHUP is only noted: the terminal or
+    ssh session that started it went away, which changes nothing for a process that has no
+    screen, so it keeps serving (stop it with SIGTERM; for a lasting service use install-service).
+    Handlers only set flags: the waiting thread does the logging, outside any signal handler."""
+
+    def __init__(self):
+        self._wake = threading.Event()
+        self.stopping = False
+        self._hangups = 0
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hangup)
+
+    def _on_stop(self, signum, frame) -> None:
+        self.stopping = True
+        self._wake.set()
+
+    def _on_hangup(self, signum, frame) -> None:
+        self._hangups += 1
+        self._wake.set()
+
+    def wait(self, events: EventLog) -> None:
+        """Block until asked to stop."""
+        noted = 0
+        while not self.stopping:
+            self._wake.wait()
+            self._wake.clear()
+            if self._hangups != noted:
+                noted = self._hangups
+                events.add(Level.WARN, "SIGHUP: the terminal or session that started cares is gone; "
+                                       "it keeps running headless (stop it with SIGTERM).")
+
+
+def log_to_stderr(events: EventLog, style: LogStyle) -> LineWriter:
+    writer = LineWriter(2)
+    events.subscribe(lambda event: writer.put(event_line(event, style)))
+    return writer
+
+
+def serve_headless(orchestrator: Orchestrator, style: LogStyle = LogStyle.TEXT) -> int:
+    """What `cares orchestrator --headless` runs once its options are parsed: serve until SIGTERM
+    or SIGINT, logging events to stderr, then tell every worker and stop. StartError if it cannot listen."""
+    events = orchestrator.registry.events
+    writer = log_to_stderr(events, style)
+    signals = StopSignals()
+    try:
+        orchestrator.start()
+        events.add(Level.INFO, "Workers can join with: cares worker " + " | ".join(orchestrator.join_hosts))
+        if not orchestrator.token:
+            events.add(Level.WARN, "Open cluster: anyone who can reach this port can join "
+                                   "(set --token or CARES_TOKEN).")
+        signals.wait(events)
+        orchestrator.stop()
+    finally:
+        writer.flush(LOG_FLUSH_AT_EXIT_S)
+    return 0
+
+
+def serve_worker_headless(client: WorkerClient, style: LogStyle = LogStyle.TEXT) -> int:
+    """What `cares worker --headless` runs: stream until SIGTERM or SIGINT, then say goodbye."""
+    writer = log_to_stderr(client.events, style)
+    signals = StopSignals()
+    try:
+        client.events.add(Level.INFO, f"Worker '{client.node_id}' joining {client.target}.")
+        client.start()
+        signals.wait(client.events)
+        client.stop()
+    finally:
+        writer.flush(LOG_FLUSH_AT_EXIT_S)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# 8. The command line and main().
 # ---------------------------------------------------------------------------
 
 class UsageError(Exception):
@@ -1820,33 +3014,38 @@ class RuntimeFailure(Exception):
     """The command could not do its job; exit code 1."""
 
 
-def _address_argument(what: str, allow_port_zero: bool = False):
-    """An argparse type for HOST:PORT, normalised; what names it in errors."""
-    def parse(text: str) -> str:
+def _argument(parse, what: str = ""):
+    """An argparse type from a parser that raises ValueError; what names the value in errors."""
+    def convert(text: str):
         try:
-            return format_address(*parse_address(text, allow_port_zero=allow_port_zero))
+            return parse(text)
         except ValueError as error:
-            raise argparse.ArgumentTypeError(f"bad {what} '{sanitize_text(text, 60)}': {error}") from None
-    return parse
+            prefix = f"bad {what} '{sanitize_text(text, 60)}': " if what else ""
+            raise argparse.ArgumentTypeError(f"{prefix}{error}") from None
+    return convert
 
 
-def _node_id_argument(text: str) -> str:
+def _node_id(text: str) -> str:
     if not is_valid_node_id(text):
-        raise argparse.ArgumentTypeError(NODE_ID_RULE)
+        raise ValueError(NODE_ID_RULE)
     return text
 
 
-def _number_argument(convert, low, high):
-    """An argparse type: convert the text (int or float) and require low <= value <= high (NaN fails)."""
+def _number(convert, low, high):
+    """convert the text (int or float) and require low <= value <= high (NaN fails)."""
     def parse(text: str):
         try:
             value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"'{sanitize_text(text, 20)}' is not a number") from None
+            raise ValueError(f"'{sanitize_text(text, 20)}' is not a number") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be {low}-{high}")
+            raise ValueError(f"must be {low}-{high}")
         return value
     return parse
+
+
+def _listen_address(text: str) -> str:
+    return format_address(*parse_address(text, allow_port_zero=True))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1858,33 +3057,48 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     orchestrator = commands.add_parser("orchestrator", help="create a cluster: serve workers, show the dashboard")
-    orchestrator.add_argument("--listen", type=_address_argument("listen address", allow_port_zero=True),
+    orchestrator.add_argument("--listen", type=_argument(_listen_address, "listen address"),
                               default=DEFAULT_LISTEN, metavar="HOST:PORT",
                               help=f"address to listen on (default {DEFAULT_LISTEN}, all interfaces)")
-    orchestrator.add_argument("--heartbeat-ms", type=_number_argument(int, MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS),
+    orchestrator.add_argument("--heartbeat-ms", type=_argument(_number(int, MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS)),
                               default=DEFAULT_HEARTBEAT_MS, metavar="MS",
                               help=f"heartbeat interval asked of workers (default {DEFAULT_HEARTBEAT_MS})")
-    orchestrator.add_argument("--max-nodes", type=_number_argument(int, 1, 1_000_000), default=DEFAULT_MAX_NODES,
+    orchestrator.add_argument("--max-nodes", type=_argument(_number(int, 1, 1_000_000)), default=DEFAULT_MAX_NODES,
                               metavar="N", help=f"refuse joins beyond N nodes (default {DEFAULT_MAX_NODES})")
+    orchestrator.add_argument("--forget-after", type=_argument(parse_duration), default=DEFAULT_FORGET_AFTER_S,
+                              metavar="DURATION",
+                              help="forget nodes gone (Disconnected) this long, e.g. 90s, 30m, 24h, 7d; 0 never "
+                                   f"(default {format_duration(DEFAULT_FORGET_AFTER_S)})")
     orchestrator.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate (chain)")
     orchestrator.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
 
-    worker = commands.add_parser("worker", help="join a cluster and stream this machine's CPU and memory")
-    worker.add_argument("orchestrator_address", type=_address_argument("address"), metavar="HOST:PORT",
-                        help="the orchestrator, e.g. 10.0.0.5:50051 or [fd00::5]:50051")
-    worker.add_argument("--node-id", type=_node_id_argument, metavar="ID",
-                        help="this worker's ID (default: short host name plus a random suffix)")
+    worker = commands.add_parser("worker", help="join a cluster and stream this machine's metrics")
+    worker.add_argument("orchestrator_address", type=_argument(parse_target, "address"), metavar="HOST:PORT",
+                        help="the orchestrator, e.g. 10.0.0.5:50051, [fd00::5]:50051 or dns:///orch:50051")
+    worker.add_argument("--node-id", type=_argument(_node_id), metavar="ID",
+                        help="this worker's ID (default: the short host name and a hash of this machine's "
+                             "identity, the same at every start)")
+    worker.add_argument("--label", type=_argument(parse_label), action="append", default=[], metavar="KEY=VALUE",
+                        help="a label shown with this node and usable in the filter (repeatable, at most 16)")
+    worker.add_argument("--state-dir", default=None, metavar="DIR",
+                        help="where this worker keeps its node secret and ID lock "
+                             "(default $STATE_DIRECTORY, $XDG_STATE_HOME/cares or ~/.local/state/cares)")
+    worker.add_argument("--no-state", action="store_true",
+                        help="keep nothing on disk: the node secret lasts as long as the process")
 
     status = commands.add_parser("status", help="print an orchestrator's node table")
-    status.add_argument("orchestrator_address", type=_address_argument("address"), metavar="HOST:PORT")
+    status.add_argument("orchestrator_address", type=_argument(parse_target, "address"), metavar="HOST:PORT")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    status.add_argument("--timeout", type=_number_argument(float, 0.1, 3600.0), default=5.0, metavar="SECONDS",
+    status.add_argument("--timeout", type=_argument(_number(float, 0.1, 3600.0)), default=5.0, metavar="SECONDS",
                         help="give up after this long (default 5)")
 
     for command in (orchestrator, worker):
         command.add_argument("--headless", action="store_true",
                              help="no screen: one log line per event on stderr "
                                   "(automatic when stdout is not a terminal)")
+        command.add_argument("--log-format", choices=[style.value for style in (LogStyle.TEXT, LogStyle.JSON)],
+                             default=LogStyle.TEXT.value,
+                             help="headless log lines as text (with journald priorities under systemd) or JSON")
     for command in (orchestrator, worker, status):
         command.add_argument("--token", default=os.environ.get("CARES_TOKEN") or None, metavar="SECRET",
                              help="shared join token (default: $CARES_TOKEN); without one the cluster is open")
@@ -1917,78 +3131,67 @@ def load_tls(args) -> dict:
     return loaded
 
 
-def print_event(event: Event) -> None:
-    print(format_event(event, "%Y-%m-%d %H:%M:%S"), file=sys.stderr, flush=True)
-
-
-def termination_requested() -> threading.Event:
-    """An event set by SIGINT or SIGTERM from now on (so a signal while starting still stops cleanly)."""
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    return stop
-
-
 def is_interactive(args) -> bool:
     return not getattr(args, "headless", False) and sys.stdin.isatty() and sys.stdout.isatty()
 
 
-def run_orchestrator(args) -> int:
+def log_style(args) -> LogStyle:
+    if args.log_format == LogStyle.JSON.value:
+        return LogStyle.JSON
+    return LogStyle.JOURNALD if under_journald() else LogStyle.TEXT
+
+
+def check_terminal() -> None:
+    """RuntimeFailure, in one line, when this terminal cannot show the TUI."""
+    term = os.environ.get("TERM", "")
+    if term in ("", "dumb", "unknown"):
+        raise RuntimeFailure(f"this terminal (TERM={term or 'unset'}) cannot show the dashboard; "
+                             f"run with --headless, or set TERM (e.g. TERM=xterm-256color)")
+
+
+def orchestrator_config(args) -> OrchestratorConfig:
     tls = load_tls(args)
+    return OrchestratorConfig(listen=args.listen, token=args.token, tls_cert=tls.get("tls_cert"),
+                              tls_key=tls.get("tls_key"), heartbeat_ms=args.heartbeat_ms, max_nodes=args.max_nodes,
+                              forget_after_s=args.forget_after or None)
+
+
+def worker_config(args) -> WorkerConfig:
+    return WorkerConfig(target=args.orchestrator_address, token=args.token, tls_ca=load_tls(args).get("tls_ca"),
+                        node_id=args.node_id, labels=dict(args.label),
+                        state_dir=None if args.no_state else (args.state_dir or default_state_dir()))
+
+
+def run_orchestrator(args) -> int:
+    config = orchestrator_config(args)
     if not is_interactive(args):
-        return run_orchestrator_headless(args, tls)
-    app = TuiApp(listen=args.listen, heartbeat_ms=args.heartbeat_ms, max_nodes=args.max_nodes,
-                 tls_cert=tls.get("tls_cert"), tls_key=tls.get("tls_key"))
-    app.start_orchestrator(args.listen, args.token)
+        return serve_headless(config.create(), log_style(args))
+    check_terminal()
+    app = TuiApp(config)
+    app.start_orchestrator(config)
     return app.run()
 
 
 def run_worker(args) -> int:
-    tls = load_tls(args)
+    config = worker_config(args)
+    if len(config.labels) > MAX_LABELS:
+        raise UsageError(LABEL_RULE)
     if not is_interactive(args):
-        return run_worker_headless(args, tls)
-    app = TuiApp(node_id=args.node_id, tls_ca=tls.get("tls_ca"))
-    app.start_worker(args.orchestrator_address, args.token)
+        return serve_worker_headless(config.create(LocalSampler()), log_style(args))
+    check_terminal()
+    app = TuiApp(worker_config=config)
+    app.start_worker(config)
     return app.run()
-
-
-def run_orchestrator_headless(args, tls: dict) -> int:
-    orchestrator = Orchestrator(args.listen, heartbeat_ms=args.heartbeat_ms, max_nodes=args.max_nodes,
-                                token=args.token, tls_cert=tls.get("tls_cert"), tls_key=tls.get("tls_key"))
-    orchestrator.registry.events.subscribe(print_event)
-    stop = termination_requested()
-    orchestrator.start()
-    orchestrator.registry.events.add("INFO", "Workers can join with: cares worker "
-                                             + " | ".join(orchestrator.join_hosts))
-    if not orchestrator.token:
-        orchestrator.registry.events.add("WARN", "Open cluster: anyone who can reach this port can join "
-                                                 "(set --token or CARES_TOKEN).")
-    stop.wait()
-    orchestrator.stop()
-    return 0
-
-
-def run_worker_headless(args, tls: dict) -> int:
-    client = WorkerClient(args.orchestrator_address, args.node_id or default_node_id(), LocalSampler(),
-                          token=args.token, tls_ca=tls.get("tls_ca"))
-    client.events.subscribe(print_event)
-    client.events.add("INFO", f"Worker '{client.node_id}' joining {client.target}.")
-    stop = termination_requested()
-    client.start()
-    stop.wait()
-    client.stop()
-    return 0
 
 
 def format_status_table(rows: list[dict], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    lines = [f"{'NODE ID':<24} {'ADDRESS':<24} {'STATUS':<13} {'CPU':>6} {'MEMORY':>7}  LAST SEEN"]
-    def percent(value):
-        return "?" if value is None else f"{value:.1f}%"
+    lines = [f"{'NODE ID':<24} {'HOST':<24} {'STATUS':<13} {'CPU':>6} {'MEMORY':>7}  LAST SEEN"]
     for row in rows:
-        seen = "?" if row["last_seen"] is None else format_age(now - row["last_seen"])
-        lines.append(f"{fit(row['node_id'], 24)} {fit(row['address'], 24)} {row['status']:<13} "
-                     f"{percent(row['cpu_percent']):>6} {percent(row['memory_percent']):>7}  {seen}")
+        seen = "-" if row["last_seen"] is None else format_age(now - row["last_seen"])
+        lines.append(f"{fit(row['node_id'], 24)} {fit(row['hostname'] or row['address'], 24)} {row['status']:<13} "
+                     f"{format_percent(row['cpu_percent'], False):>6} "
+                     f"{format_percent(row['memory_percent'], False):>7}  {seen}")
     if not rows:
         lines.append("(no workers have joined)")
     return "\n".join(lines)
@@ -2008,14 +3211,40 @@ def run_status(args) -> int:
     return 0
 
 
+def ensure_standard_streams() -> None:
+    """Give a process started with stdin, stdout or stderr closed (2>&-) /dev/null in their place:
+    otherwise the next socket gRPC opens takes descriptor 2, and log lines would go into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.dup2(os.open(os.devnull, os.O_RDWR), fd)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", errors="backslashreplace", closefd=False)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", errors="backslashreplace", closefd=False)
+
+
+def say_error(text: str) -> None:
+    """One line on stderr, if stderr can take it: a closed or full log must not turn an error into a crash."""
+    try:
+        os.write(2, f"cares: {text}\n".encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    ensure_standard_streams()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "token", None) is not None and not is_valid_token(args.token):
+            raise UsageError(f"bad token (from --token or $CARES_TOKEN): {TOKEN_RULE}")
         if args.command is None:
             if not is_interactive(args):
                 parser.print_usage(sys.stderr)
                 raise UsageError("choose a command (orchestrator, worker or status), or run me in a terminal")
+            check_terminal()
             return TuiApp().run()
         if args.command == "status":
             return run_status(args)
@@ -2025,18 +3254,23 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:  # argparse's own usage errors, --help and --version
         return exit_request.code if isinstance(exit_request.code, int) else 2
     except UsageError as error:
-        print(f"cares: {error}", file=sys.stderr)
+        say_error(str(error))
         return 2
     except (RuntimeFailure, StartError) as error:
-        print(f"cares: {error}", file=sys.stderr)
+        say_error(str(error))
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `cares status | head`: the reader is gone. Point stdout at /dev/null so the interpreter's
+        # own flush at exit does not complain about it either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        return 0
     except Exception as error:  # last resort: a bug must still not greet the user with a traceback
         if os.environ.get("CARES_DEBUG"):
             raise
-        print(f"cares: unexpected error: {sanitize_text(f'{type(error).__name__}: {error}', 300)} "
-              "(set CARES_DEBUG=1 for details)", file=sys.stderr)
+        say_error(f"unexpected error: {sanitize_text(f'{type(error).__name__}: {error}', 300)} "
+                  "(set CARES_DEBUG=1 for details)")
         return 1
 
 

@@ -1,15 +1,24 @@
 """Tests for cares: run with `python -m unittest test_cares`.
 
-Everything network-facing uses real gRPC servers and clients on 127.0.0.1 with
-ports the OS picks, real psutil and real threads or processes. Every wait is
-bounded and every process is killed on cleanup.
+Everything network-facing uses real gRPC servers and clients on loopback with
+ports the OS picks, real psutil and real threads, pipes or processes. Every
+wait is bounded and every process is killed on cleanup. Tests assert bounds,
+never timings: figures belong to bench_cares.py.
+
+The classes follow cares.py's sections; the tools they share come first.
+Fast inner loop (pure and in-process classes, a few seconds):
+    python -m unittest test_cares.PureFunctionTest test_cares.NodeRegistryTest test_cares.TableLayoutTest
 """
 
+import atexit
+import contextlib
+import fcntl
+import glob
 import json
 import os
-import glob
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -21,6 +30,7 @@ import threading
 import time
 import unicodedata
 import unittest
+from concurrent import futures
 from unittest import mock
 
 import cares  # first: it quiets gRPC's C-core logging before grpc is imported
@@ -36,7 +46,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CARES_PY = os.path.join(HERE, "cares.py")
 # Under CI, anything a test needs must be there: a missing tool fails instead of skipping.
 IN_CI = os.environ.get("CARES_CI") == "1"
+# Workers keep a node secret and an ID lock in their state directory: give the tests their own.
+STATE_HOME = tempfile.mkdtemp(prefix="cares-test-state-")
+os.environ["XDG_STATE_HOME"] = STATE_HOME
+atexit.register(shutil.rmtree, STATE_HOME, True)
 
+
+# ---------------------------------------------------------------------------
+# Tools shared by every test class
+# ---------------------------------------------------------------------------
 
 def wait_until(predicate, timeout, interval=0.02):
     """Poll predicate until true; return seconds waited, or None on timeout."""
@@ -59,6 +77,24 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def values(cpu=10.0, memory=20.0, **more):
+    return cares.Metrics(cpu_percent=cpu, memory_percent=memory, **more)
+
+
+def joined(registry, node_id, address="10.0.0.1:5000", secret="", **info):
+    """Join and bind a stream in the registry directly; returns the session."""
+    session = registry.join(node_id, address, cares.JoinInfo(**info), secret)
+    registry.attach_stream(node_id, session)
+    return session
+
+
+def active(registry, node_id, cpu=10.0, memory=20.0, **info):
+    """A node with one accepted sample; returns the session."""
+    session = joined(registry, node_id, **info)
+    registry.update(node_id, session, values(cpu, memory), 1)
+    return session
+
+
 class FixedSampler(cares.LocalSampler):
     """A worker's sampler that reports chosen values, so a test can follow them end to end."""
 
@@ -67,11 +103,91 @@ class FixedSampler(cares.LocalSampler):
         self.cpu, self.memory = cpu, memory
 
     def sample(self):
-        return cares.LocalSample(self.cpu, self.memory, int(self.memory * 1e7), 10**9)
+        return cares.Metrics(cpu_percent=self.cpu, memory_percent=self.memory,
+                             memory_used_bytes=int(self.memory * 1e7), memory_total_bytes=10**9)
+
+
+def cpu_of(registry, node_id):
+    node = registry.get(node_id)
+    return node.metrics.cpu_percent if node is not None and node.metrics is not None else None
+
+
+def raw_stub(test, port, host="127.0.0.1"):
+    channel = grpc.insecure_channel(cares.format_address(host, port))
+    test.addCleanup(channel.close)
+    return pb_grpc.ClusterServiceStub(channel)
+
+
+def metrics(node_id, session_id, sequence, cpu=10.0, memory=20.0, **fields):
+    fields.setdefault("sent_at_ms", int(time.time() * 1000))
+    return pb.NodeMetrics(node_id=node_id, session_id=session_id, cpu_percent=cpu, memory_percent=memory,
+                          sequence=sequence, **fields)
+
+
+class OpenStream:
+    """A raw Heartbeat stream whose messages the test sends one by one."""
+
+    def __init__(self, test, stub, node_id=None, session_id=None):
+        self._queue = []
+        self._ready = threading.Condition()
+        self._closed = False
+        identity = ((cares.NODE_METADATA_KEY, node_id), (cares.SESSION_METADATA_KEY, session_id))
+        self.replies = stub.Heartbeat(self._messages(), timeout=30,
+                                      metadata=identity if node_id is not None else None)
+        test.addCleanup(self.close)
+
+    def _messages(self):
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: self._queue or self._closed, timeout=30)
+                if not self._queue:
+                    return
+                message = self._queue.pop(0)
+            yield message
+
+    def send(self, *messages):
+        with self._ready:
+            self._queue.extend(messages)
+            self._ready.notify()
+
+    def close(self):
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
+    def outcome(self):
+        """The status code the orchestrator ended the stream with (commands before it are skipped)."""
+        try:
+            list(self.replies)
+        except grpc.RpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+
+class LineCollector:
+    """Reads a stream of text lines on a thread, keeping (monotonic time, line)."""
+
+    def __init__(self, stream):
+        self.lines = []
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            self.lines.append((time.monotonic(), line))
+
+    def first_after(self, start, needle):
+        return next((at for at, line in list(self.lines) if at >= start and needle in line), None)
+
+    def text(self):
+        return "".join(line for _, line in list(self.lines))
+
+
+def texts(events, count=1000):
+    return [event.text for event in events.tail(count)]
 
 
 class ClusterTestCase(unittest.TestCase):
-    """Helpers to start in-process orchestrators and workers that clean up after themselves."""
+    """Orchestrators and workers, in-process or as processes, that clean up after themselves."""
 
     def start_orchestrator(self, listen="127.0.0.1:0", **options):
         orchestrator = cares.Orchestrator(listen, **options)
@@ -79,17 +195,17 @@ class ClusterTestCase(unittest.TestCase):
         self.addCleanup(orchestrator.stop, 0.2)
         return orchestrator
 
-    def start_worker(self, orchestrator, node_id, sampler=None, port=None):
+    def start_worker(self, orchestrator, node_id, sampler=None, port=None, **options):
         client = cares.WorkerClient(f"127.0.0.1:{port or orchestrator.port}", node_id,
-                                    sampler or cares.LocalSampler())
+                                    sampler or cares.LocalSampler(), **options)
         client.start()
         self.addCleanup(client.stop, False, 0.5)
         return client
 
     def assert_streaming(self, registry, node_id, timeout=10):
         """Wait until the node has joined and its heartbeat stream is open."""
-        self.assertIsNotNone(wait_until(lambda: (registry.get(node_id) or cares.Node("", "")).streaming,
-                                        timeout), f"{node_id} never opened its heartbeat stream")
+        self.assertIsNotNone(wait_until(lambda: (registry.get(node_id) or cares.Node("")).streaming, timeout),
+                             f"{node_id} never opened its heartbeat stream")
 
     def assert_becomes(self, registry, node_id, status, timeout):
         waited = wait_until(lambda: status_of(registry, node_id) == status, timeout)
@@ -97,20 +213,49 @@ class ClusterTestCase(unittest.TestCase):
                                      f"(is {status_of(registry, node_id)})")
         return waited
 
-    def spawn(self, *args, **kwargs):
+    def spawn(self, *args, stderr=subprocess.PIPE, **kwargs):
+        """cares.py as a process (stdout and stderr piped unless told otherwise)."""
         process = subprocess.Popen([sys.executable, CARES_PY, *args], stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True, **kwargs)
 
         def reap():
             if process.poll() is None:
                 process.kill()
-            process.communicate(timeout=10)
+            with contextlib.suppress(ValueError, OSError, subprocess.TimeoutExpired):
+                process.communicate(timeout=10)
         self.addCleanup(reap)
         return process
 
+    def run_cares(self, *args, timeout=30, **kwargs):
+        """cares.py run to the end as a process: (exit code, stdout, stderr) in a CompletedProcess."""
+        return subprocess.run([sys.executable, CARES_PY, *args], capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
+
+    def exit_code(self, *args):
+        """cares.main() run in this process, for commands whose exit code is all that is checked;
+        returns (code, what it wrote to stderr)."""
+        with tempfile.TemporaryFile() as sink, contextlib.redirect_stdout(open(os.devnull, "w")):
+            saved = os.dup(2)
+            sys.stderr.flush()
+            os.dup2(sink.fileno(), 2)
+            try:
+                code = cares.main(list(args))
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+            sink.seek(0)
+            return code, sink.read().decode(errors="replace")
+
+    def assert_one_line_error(self, result, code):
+        self.assertEqual(result.returncode, code, result)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertNotIn("Traceback", result.stdout or "")
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+
 
 # ---------------------------------------------------------------------------
-# Pure functions
+# 1. Pure functions: text, addresses, formats
 # ---------------------------------------------------------------------------
 
 class PureFunctionTest(unittest.TestCase):
@@ -152,63 +297,103 @@ class PureFunctionTest(unittest.TestCase):
             "[fd00::5]:65535": ("fd00::5", 65535),
             "my-host.local.:8080": ("my-host.local.", 8080),
             "localhost:50051": ("localhost", 50051),
+            "my_host:50051": ("my_host", 50051),  # Docker Compose service names
+            "bücher.example:1": ("xn--bcher-kva.example", 1),  # internationalised: sent as DNS spells it
         }
         for text, expected in cases.items():
             self.assertEqual(cares.parse_address(text), expected, text)
         self.assertEqual(cares.parse_address("[::]:0", allow_port_zero=True), ("::", 0))
 
-    def test_parse_address_rejects_with_a_reason(self):
-        bad = ["", "   ", "127.0.0.1", "127.0.0.1:", ":50051", "::1:50051", "[::1]50051", "[::1:5",
-               "[nothex]:1", "host:0", "host:65536", "host:-1", "host:5e3", "host:١٢", "bad_host:1",
-               "-lead.example:1", "256.1.1.1:1", "1.2.3:1", "exa mple:1", "ünïcode.host:1",
-               "a" * 400 + ":1", "host:port", "\x1b[31m:1"]
-        for text in bad:
+    def test_parse_address_rejects_with_the_real_reason(self):
+        cases = {"": "enter an address", "127.0.0.1": "missing :PORT", "127.0.0.1:": "is not a number",
+                 ":50051": "missing host", "::1:50051": "brackets", "[::1]50051": "missing :PORT",
+                 "[::1:5": "missing ']'", "[nothex]:1": "not an IPv6 address", "host:0": "port must be",
+                 "host:65536": "port must be", "host:-1": "not a number", "host:5e3": "not a number",
+                 "host:١٢": "not a number", "-lead.example:1": "not a valid host name",
+                 "256.1.1.1:1": "not a valid IPv4", "1.2.3:1": "not a valid IPv4", "exa mple:1": "space",
+                 "a" * 400 + ":1": "too long", "host:port": "not a number", "\x1b[31m:1": "control character",
+                 "dns:///orch:50051": "not a host name", "a:b:1": "not a host name"}
+        for text, reason in cases.items():
             with self.assertRaises(ValueError, msg=repr(text)) as caught:
                 cares.parse_address(text)
             message = str(caught.exception)
-            self.assertTrue(message and "\n" not in message and "\x1b" not in message, repr(message))
+            self.assertIn(reason, message, repr(text))
+            self.assertTrue("\n" not in message and "\x1b" not in message, repr(message))
+        # The worker's address may also be a gRPC target URI.
+        self.assertEqual(cares.parse_target("dns:///orch:50051"), "dns:///orch:50051")
+        self.assertEqual(cares.parse_target("dns://10.0.0.53/my_host:1"), "dns://10.0.0.53/my_host:1")
+        self.assertEqual(cares.parse_target("unix:/run/cares.sock"), "unix:/run/cares.sock")
+        self.assertEqual(cares.parse_target(" orch:7 "), "orch:7")
+        for bad in ("dns:", "dns://x", "dns:///orch", "unix:", "ipv4:\x1b"):
+            with self.assertRaises(ValueError, msg=bad):
+                cares.parse_target(bad)
 
     def test_parse_address_fuzz_never_raises_anything_but_value_error(self):
         rng = random.Random(1234)
-        alphabet = "0123456789abcdef:[].-_ \t\x00\x1b\u202eé٣"
+        alphabet = "0123456789abcdef:[].-_ \t\x00\x1b\u202eé٣/"
         for _ in range(3000):
             text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
-            try:
-                host, port = cares.parse_address(text)
-            except ValueError:
-                continue
-            self.assertTrue(1 <= port <= 65535)
-            self.assertEqual(cares.parse_address(cares.format_address(host, port)), (host, port))
+            for parse in (cares.parse_address, cares.parse_target):
+                try:
+                    result = parse(text)
+                except ValueError:
+                    continue
+                if parse is cares.parse_address:
+                    host, port = result
+                    self.assertTrue(1 <= port <= 65535)
+                    self.assertEqual(cares.parse_address(cares.format_address(host, port)), (host, port))
 
-    def test_node_id_rules(self):
+    def test_node_id_rules_and_stable_default(self):
         for good in ("a", "web-01", "node_1.prod", "x" * 63):
             self.assertTrue(cares.is_valid_node_id(good), good)
         for bad in ("", "x" * 64, "has space", "tab\t", "ünï", "a/b", "\x1b[2J", "a\nb"):
             self.assertFalse(cares.is_valid_node_id(bad), bad)
-
-    def test_default_node_id_is_valid_and_unique(self):
-        ids = {cares.default_node_id("web01.example.com") for _ in range(20)}
-        self.assertEqual(len(ids), 20)
-        for node_id in ids:
-            self.assertTrue(node_id.startswith("web01-"), node_id)
-            self.assertTrue(cares.is_valid_node_id(node_id))
+        first = cares.default_node_id("web01.example.com", "0123abcd", 0)
+        self.assertEqual(first, cares.default_node_id("web01.example.com", "0123abcd", 0), "not stable")
+        self.assertRegex(first, r"^web01-[0-9a-f]{6}$")
+        # Clones sharing a host name, and two users of one machine, still differ.
+        self.assertNotEqual(first, cares.default_node_id("web01.example.com", "ffff0000", 0))
+        self.assertNotEqual(first, cares.default_node_id("web01.example.com", "0123abcd", 1000))
         for odd in ("", "....", "ünïcode host!", "x" * 300):
-            self.assertTrue(cares.is_valid_node_id(cares.default_node_id(odd)), odd)
+            self.assertTrue(cares.is_valid_node_id(cares.default_node_id(odd, "", 0)), odd)
+
+    def test_labels_tokens_and_durations(self):
+        self.assertEqual(cares.parse_label("rack=b-12"), ("rack", "b-12"))
+        self.assertEqual(cares.parse_label("env=prod=eu"), ("env", "prod=eu"))
+        for bad in ("novalue", "Bad=x", "=x", "k" * 64 + "=x", "k=" + "v" * 129, "k=a\nb", "k=\x1b"):
+            with self.assertRaises(ValueError, msg=bad):
+                cares.parse_label(bad)
+        self.assertIn("more than 16", cares.labels_problem({f"k{n}": "v" for n in range(17)}))
+        self.assertIsNone(cares.labels_problem({"role": "web", "team.a": ""}))
+        for good in ("s3cret", "a" * 256, "with inner space"):
+            self.assertTrue(cares.is_valid_token(good), good)
+        for bad in ("", "pässwort", "tab\tbed", " padded", "a" * 257, "line\n"):
+            self.assertFalse(cares.is_valid_token(bad), bad)
+        self.assertEqual([cares.parse_duration(text) for text in ("90s", "30m", "24h", "7d", "15", "0")],
+                         [90, 1800, 86400, 604800, 15, 0])
+        for bad in ("", "1w", "-1h", "nanh", "inf"):
+            with self.assertRaises(ValueError, msg=bad):
+                cares.parse_duration(bad)
+        self.assertEqual(cares.format_duration(86400), "1d")
+        self.assertEqual(cares.format_duration(90), "90s")
 
     def test_sanitize_text_strips_terminal_controls(self):
         hostile = "ok\x1b[2J\x1b]0;pwned\x07\r\n\t\u202eevil\u200b\x00end"
         clean = cares.sanitize_text(hostile)
         for char in clean:
-            self.assertNotIn(cares.unicodedata.category(char), {"Cc", "Cf"}, repr(clean))
+            self.assertNotIn(unicodedata.category(char), {"Cc", "Cf"}, repr(clean))
         self.assertTrue(clean.startswith("ok?[2J?]0;pwned?"), clean)
         self.assertEqual(len(cares.sanitize_text("x" * 10_000, 64)), 64)
         self.assertTrue(cares.sanitize_text("x" * 100, 10).endswith("…"))
         self.assertEqual(cares.sanitize_text("plain-host_1.lan"), "plain-host_1.lan")
 
-    def test_peer_to_address(self):
+    def test_peer_addresses(self):
         self.assertEqual(cares.peer_to_address("ipv4:10.0.0.5:4242"), "10.0.0.5:4242")
-        self.assertEqual(cares.peer_to_address("ipv6:[::1]:4242"), "[::1]:4242")
+        self.assertEqual(cares.peer_to_address("ipv6:%5B::1%5D:4242"), "[::1]:4242")
+        self.assertEqual(cares.peer_host("ipv6:%5B::1%5D:4242"), "::1")
+        self.assertEqual(cares.peer_host("ipv4:10.0.0.5:4242"), "10.0.0.5")
         self.assertEqual(cares.peer_to_address("unix:/tmp/x\x1b"), "unix:/tmp/x?")
+        self.assertEqual(cares.host_of("[fd00::1]:5"), "fd00::1")
 
     def test_formatting_helpers(self):
         self.assertEqual(cares.format_age(0.2), "now")
@@ -218,17 +403,13 @@ class PureFunctionTest(unittest.TestCase):
         self.assertEqual(cares.format_age(-5), "now")
         self.assertEqual(cares.format_bytes(512), "512 B")
         self.assertEqual(cares.format_bytes(3 * 1024**3), "3.0 GiB")
+        self.assertEqual(cares.format_percent(None), "–")
+        self.assertEqual(cares.format_percent(None, unicode=False), "-")
+        self.assertEqual(cares.format_percent(0.0), "0.0%")
         self.assertEqual(cares.fit("abcdef", 4), "abc…")
         self.assertEqual(cares.fit("ab", 4), "ab  ")
         self.assertEqual(cares.sparkline([0, 50, 100], 5), "  ▁▄█")
         self.assertEqual(cares.sparkline(range(100), 3, unicode=False), "###")
-
-    def test_history_keeps_one_point_per_period(self):
-        history, last_at = cares.collections.deque(maxlen=3), 0.0
-        for value, now in ((1, 10.0), (2, 10.5), (3, 11.0), (4, 12.0), (5, 13.0), (6, 13.1)):
-            last_at = cares.add_to_history(history, last_at, value, now, 1.0)
-        self.assertEqual(list(history), [3, 4, 6])
-        self.assertEqual(last_at, 13.0)
 
     def test_backoff_grows_and_is_capped(self):
         rng = random.Random(7)
@@ -236,6 +417,12 @@ class PureFunctionTest(unittest.TestCase):
         self.assertTrue(0.25 <= delays[0] <= 0.5, delays)
         self.assertTrue(all(delay <= cares.MAX_BACKOFF_S for delay in delays), delays)
         self.assertGreaterEqual(delays[-1], cares.MAX_BACKOFF_S / 2)
+
+    def test_token_failure_delays_grow_then_cap(self):
+        delays = [cares.token_failure_delay(n) for n in range(1, 20)]
+        self.assertEqual(delays[:cares.TOKEN_FREE_FAILURES], [0.0] * cares.TOKEN_FREE_FAILURES)
+        self.assertEqual(delays, sorted(delays))
+        self.assertEqual(max(delays), 2.0)
 
     def test_join_addresses_lists_interfaces_for_wildcards(self):
         entry = cares.collections.namedtuple("snicaddr", "family address")
@@ -245,18 +432,43 @@ class PureFunctionTest(unittest.TestCase):
         self.assertEqual(cares.join_addresses("10.1.1.1", 7, interfaces), ["10.1.1.1:7"])
         self.assertEqual(cares.join_addresses("::", 7, {"eth0": [entry(socket.AF_INET6, "fd00::1")]}), ["[::]:7"])
 
-    def test_status_table(self):
-        rows = [{"node_id": "w1", "address": "1.2.3.4:5", "status": "Active", "cpu_percent": 12.5,
-                 "memory_percent": 40.0, "last_seen": 1000.0},
-                {"node_id": "w2", "address": "1.2.3.4:6", "status": "Active", "cpu_percent": None,
+    def test_status_table_shows_dashes_for_what_was_never_measured(self):
+        rows = [{"node_id": "w1", "address": "1.2.3.4:5", "hostname": "web1", "status": "Active",
+                 "cpu_percent": 12.5, "memory_percent": 40.0, "last_seen": 1000.0},
+                {"node_id": "w2", "address": "1.2.3.4:6", "hostname": "", "status": "Joining", "cpu_percent": None,
                  "memory_percent": None, "last_seen": None}]
         table = cares.format_status_table(rows, now=1003.0)
-        self.assertIn("w1", table)
-        self.assertRegex(table, r"w2 .* Active +\? +\?  \?")
-        self.assertIn("12.5%", table)
-        self.assertIn("3s ago", table)
+        self.assertRegex(table, r"w1 +web1 +Active +12.5% +40.0%  3s ago")
+        self.assertRegex(table, r"w2 +1.2.3.4:6 +Joining +- +-  -")
+        self.assertNotRegex(table, r"(?<!\d)0\.0%")
         self.assertIn("no workers", cares.format_status_table([]))
 
+    def test_event_lines_for_text_journald_and_json(self):
+        event = cares.Event(1795842667.25, cares.Level.WARN, "Node 'w1' lost: gone.", cares.EventKind.LOST, "w1",
+                            {"hostname": "web1", "cpu_percent": None})
+        self.assertRegex(cares.event_line(event, cares.LogStyle.TEXT),
+                         r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[WARN\] Node 'w1' lost: gone\.$")
+        self.assertEqual(cares.event_line(event, cares.LogStyle.JOURNALD), "<4>Node 'w1' lost: gone.")
+        record = json.loads(cares.event_line(event, cares.LogStyle.JSON))
+        self.assertEqual(record, {"ts": "2026-11-28T05:11:07.250Z", "level": "warn", "event": "lost",
+                                  "node_id": "w1", "message": "Node 'w1' lost: gone.", "hostname": "web1",
+                                  "cpu_percent": None})
+
+    def test_repeat_summary_says_once_then_counts(self):
+        summary = cares.RepeatSummary(window_s=10, max_keys=2)
+        self.assertTrue(summary.note("a", 0.0))
+        self.assertFalse(any(summary.note("a", 1.0) for _ in range(99)))
+        self.assertTrue(summary.note("b", 1.0))
+        self.assertFalse(summary.note("c", 1.0))  # over max_keys: counted under None, never said at once
+        self.assertEqual(summary.due(5.0), [])
+        self.assertEqual(sorted(summary.due(11.5), key=str), [("a", 99, 11.5), (None, 1, 10.5)])
+        self.assertEqual(summary.due(30.0), [])  # quiet since: forgotten
+        self.assertTrue(summary.note("a", 31.0))
+
+
+# ---------------------------------------------------------------------------
+# 2. Local sampling
+# ---------------------------------------------------------------------------
 
 class LocalSamplerTest(unittest.TestCase):
     def test_samples_are_real_and_shared(self):
@@ -271,106 +483,266 @@ class LocalSamplerTest(unittest.TestCase):
         time.sleep(0.35)
         self.assertIsNot(sampler.sample(), first)
 
+    def test_every_metric_is_measured_from_this_machine(self):
+        sampler = cares.LocalSampler(max_age=0.0)
+        time.sleep(0.2)
+        sample = sampler.sample()
+        self.assertIsNone(cares.metrics_problem(sample))
+        for name in cares.METRIC_NAMES:
+            self.assertIsNotNone(getattr(sample, name), name)
+        self.assertEqual(sample.load_average_1m, os.getloadavg()[0])
+        self.assertAlmostEqual(sample.boot_time_unix_s, cares.psutil.boot_time(), delta=1)
+        disk = cares.psutil.disk_usage("/")
+        self.assertEqual(sample.root_fs_size_bytes, disk.total)
+        self.assertAlmostEqual(sample.root_fs_used_percent, disk.percent, delta=1)
+        # Traffic we make ourselves shows up in the receive rate... unless it only crosses loopback,
+        # which is left out: so the rate stays a small number while we pump loopback.
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            with socket.create_connection(server.getsockname()) as client:
+                peer, _ = server.accept()
+                with peer:
+                    for _ in range(200):
+                        client.sendall(b"x" * 65536)
+                        peer.recv(1 << 20)
+        pumped = sampler.sample()
+        self.assertLess(pumped.net_receive_bytes_per_s, 5e6, "loopback traffic was counted")
+
+    def test_counter_rates_never_go_negative(self):
+        rates = cares.CounterRates()
+        self.assertIsNone(rates.update({"sda": (1000, 0)}, 10.0))
+        self.assertEqual(rates.update({"sda": (3000, 500)}, 12.0), (1000.0, 250.0))
+        # The counter went back (device reset): that device adds nothing this time, never a negative rate.
+        self.assertEqual(rates.update({"sda": (10, 600), "sdb": (5, 5)}, 13.0), (0.0, 100.0))
+        self.assertEqual(rates.update({"sda": (110, 600), "sdb": (5, 5)}, 14.0), (100.0, 0.0))
+        self.assertEqual(rates.update({}, 15.0), ())
+
 
 # ---------------------------------------------------------------------------
-# NodeRegistry
+# 3. NodeRegistry
 # ---------------------------------------------------------------------------
 
 class NodeRegistryTest(unittest.TestCase):
-    def test_join_update_disconnect_and_events(self):
+    def test_join_stream_sample_disconnect_and_events(self):
         registry = cares.NodeRegistry()
-        session = registry.join("xyz-123", "10.0.0.9:4000", hostname="web")
-        self.assertIsNone(registry.attach_stream("xyz-123", session))
-        self.assertTrue(registry.update("xyz-123", session, cpu_percent=12.5, memory_percent=40.0, sequence=1))
+        session = registry.join("xyz-123", "10.0.0.9:4000", cares.JoinInfo(hostname="web", labels={"role": "db"}))
+        self.assertIsNone(registry.get("xyz-123"), "a join alone made a row")
+        self.assertEqual(registry.attach_stream("xyz-123", session), "")
         node = registry.get("xyz-123")
-        self.assertEqual((node.status, node.cpu_usage, node.memory_usage, node.address),
-                         (cares.ACTIVE, 12.5, 40.0, "10.0.0.9:4000"))
-        self.assertEqual(list(node.cpu_history), [12.5])
+        self.assertEqual((node.status, node.metrics, node.last_seen), (cares.NodeStatus.JOINING, None, 0.0))
+        registry.update("xyz-123", session, values(12.5, 40.0), 1)
+        node = registry.get("xyz-123")
+        self.assertEqual((node.status, node.metrics.cpu_percent, node.metrics.memory_percent, node.address,
+                          node.hostname, node.labels),
+                         (cares.NodeStatus.ACTIVE, 12.5, 40.0, "10.0.0.9:4000", "web", {"role": "db"}))
+        self.assertEqual(list(node.history.cpu), [12.5])
         self.assertAlmostEqual(node.last_seen, time.time(), delta=2)
         self.assertTrue(registry.disconnect("xyz-123", session, "gone"))
-        self.assertEqual(status_of(registry, "xyz-123"), cares.DISCONNECTED)
-        self.assertFalse(registry.update("xyz-123", session, cpu_percent=1, memory_percent=1, sequence=2))
-        second = registry.join("xyz-123", "10.0.0.9:4001")
+        self.assertEqual(status_of(registry, "xyz-123"), cares.NodeStatus.DISCONNECTED)
+        with self.assertRaises(cares.Refusal) as caught:
+            registry.update("xyz-123", session, values(1, 1), 2)
+        self.assertEqual(caught.exception.reason, cares.RefusalReason.SESSION_ENDED)
+        second = active(registry, "xyz-123")
         self.assertNotEqual(second, session)
         self.assertFalse(registry.disconnect("xyz-123", session, "stale stream ending"))
-        texts = [event.text for event in registry.events.tail(10)]
-        self.assertEqual(texts, ["Node 'xyz-123' has joined the cluster.",
-                                 "Node 'xyz-123' lost: gone.",
-                                 "Node 'xyz-123' has rejoined the cluster."])
+        events = registry.events.tail(10)
+        self.assertEqual([(event.text, event.kind) for event in events],
+                         [("Node 'xyz-123' has joined the cluster.", cares.EventKind.JOINED),
+                          ("Node 'xyz-123' lost: gone.", cares.EventKind.LOST),
+                          ("Node 'xyz-123' has rejoined the cluster.", cares.EventKind.REJOINED)])
+        self.assertEqual(events[1].values["hostname"], "web")
+        self.assertEqual(events[1].values["cpu_percent"], 12.5)
 
-    def test_live_stream_blocks_duplicate_join_and_second_stream(self):
-        registry = cares.NodeRegistry()
-        session = registry.join("a", "x")
-        self.assertIsNone(registry.attach_stream("a", session))
-        self.assertEqual(registry.attach_stream("a", session), grpc.StatusCode.FAILED_PRECONDITION)
-        self.assertEqual(registry.attach_stream("a", "forged"), grpc.StatusCode.PERMISSION_DENIED)
-        with self.assertRaises(cares.JoinRefused) as caught:
-            registry.join("a", "y")
-        self.assertEqual(caught.exception.code, grpc.StatusCode.ALREADY_EXISTS)
-        self.assertIn("already connected", caught.exception.message)
-        self.assertIn("rejected", registry.events.tail(1)[0].text)
+    def test_a_join_alone_never_revives_a_lost_node_and_expires(self):
+        registry = cares.NodeRegistry(heartbeat_interval=0.05)
+        session = active(registry, "victim", cpu=33.0)
+        registry.disconnect("victim", session, "killed")
+        seen = registry.get("victim").last_seen
+        for _ in range(5):  # someone re-joins the dead node's ID and never opens a stream
+            last = registry.join("victim", "10.6.6.6:1", cares.JoinInfo())
+            time.sleep(0.05)
+        node = registry.get("victim")
+        self.assertEqual((node.status, node.last_seen, node.metrics.cpu_percent),
+                         (cares.NodeStatus.DISCONNECTED, seen, 33.0))
+        time.sleep(0.2)
+        registry.expire()
+        with self.assertRaises(cares.Refusal) as caught:  # its last pending join expired with the silence limit
+            registry.attach_stream("victim", last)
+        self.assertEqual(caught.exception.reason, cares.RefusalReason.NO_SESSION)
+        self.assertEqual(registry.refusal_counts[("join", cares.RefusalReason.JOIN_EXPIRED)], 1)
+        self.assertIn("Join from 10.6.6.6 refused: no heartbeat stream after the join.", texts(registry.events))
 
-    def test_bad_samples_are_dropped_and_logged_sparingly(self):
+    def test_pending_joins_hold_no_slots(self):
+        registry = cares.NodeRegistry(max_nodes=5, heartbeat_interval=0.05)
+        for number in range(50):
+            registry.join(f"squat-{number}", "10.6.6.6:1", cares.JoinInfo())
+        self.assertEqual(len(registry), 0)
+        active(registry, "genuine")
+        self.assertEqual(status_of(registry, "genuine"), cares.NodeStatus.ACTIVE)
+        for number in range(cares.PENDING_JOINS_LIMIT + 10):
+            registry.join(f"flood-{number}", "10.6.6.6:1", cares.JoinInfo())
+        self.assertLessEqual(len(registry._pending), cares.PENDING_JOINS_LIMIT)
+        time.sleep(0.2)
+        registry.expire()
+        self.assertEqual(len(registry._pending), 0)
+
+    def test_node_ids_belong_to_their_secret(self):
         registry = cares.NodeRegistry()
-        session = registry.join("a", "x")
-        registry.update("a", session, cpu_percent=10, memory_percent=20, sequence=5)
-        bad = [dict(cpu_percent=float("nan"), memory_percent=1, sequence=6),
-               dict(cpu_percent=1, memory_percent=float("inf"), sequence=7),
-               dict(cpu_percent=-1, memory_percent=1, sequence=8),
-               dict(cpu_percent=101, memory_percent=1, sequence=9),
-               dict(cpu_percent=1, memory_percent=1, sequence=5)]
-        for _ in range(4):
-            for sample in bad:
-                self.assertTrue(registry.update("a", session, **sample))
+        first = joined(registry, "web", secret="genuine")
+        for secret in ("", "stranger"):
+            with self.assertRaises(cares.Refusal) as caught:
+                registry.join("web", "10.6.6.6:1", cares.JoinInfo(), secret)
+            self.assertEqual((caught.exception.code, caught.exception.reason),
+                             (grpc.StatusCode.PERMISSION_DENIED, cares.RefusalReason.ID_OWNED))
+            self.assertIn("belongs to another worker", caught.exception.message)
+        # The genuine worker, restarted before its old stream was noticed gone, takes its place.
+        second = registry.join("web", "10.0.0.1:2", cares.JoinInfo(), "genuine")
+        self.assertEqual(registry.attach_stream("web", second), first)
+        registry.disconnect("web", second, "killed")
+        with self.assertRaises(cares.Refusal):  # still not the stranger's while gone
+            registry.join("web", "10.6.6.6:1", cares.JoinInfo(), "stranger")
+        # An unclaimed ID (an older worker without a secret) is refused only while it streams.
+        joined(registry, "old")
+        with self.assertRaises(cares.Refusal) as caught:
+            registry.join("old", "x", cares.JoinInfo())
+        self.assertEqual((caught.exception.code, caught.exception.reason),
+                         (grpc.StatusCode.ALREADY_EXISTS, cares.RefusalReason.ID_IN_USE))
+
+    def test_second_stream_for_a_session_is_refused(self):
+        registry = cares.NodeRegistry()
+        session = joined(registry, "a")
+        for forged in (session, "forged", ""):
+            with self.assertRaises(cares.Refusal) as caught:
+                registry.attach_stream("a", forged)
+            self.assertEqual(caught.exception.reason, cares.RefusalReason.NO_SESSION)
+
+    def test_rejected_samples_are_not_being_heard_from(self):
+        registry = cares.NodeRegistry(heartbeat_interval=0.1)
+        session = active(registry, "a", cpu=10, memory=20)
+        registry.update("a", session, values(11, 21), 2**64 - 1)  # accepted: then every later one goes back
+        bad = [values(float("nan"), 1), values(1, float("inf")), values(-1, 1), values(101, 1),
+               values(1, 1, load_average_1m=-3.0), values(1, 1, net_receive_bytes_per_s=float("inf"))]
+        stop = time.monotonic() + 0.4
+        sequence = 3
+        while time.monotonic() < stop:
+            for sample in bad + [values(50, 50)]:
+                registry.update("a", session, sample, sequence)
+                sequence += 1
+            time.sleep(0.01)
         node = registry.get("a")
-        self.assertEqual((node.cpu_usage, node.memory_usage, node.dropped_samples), (10, 20, 20))
-        warnings = [e.text for e in registry.events.tail(100) if e.level == "WARN"]
-        self.assertEqual(len(warnings), 2, warnings)  # the 1st and the 10th drop
-        self.assertIn("10 dropped", warnings[1])
+        self.assertEqual((node.metrics.cpu_percent, node.metrics.memory_percent), (11, 21))
+        self.assertGreater(node.dropped_samples, 100)
+        self.assertEqual(registry.expire(), [("a", session)])
+        lost = texts(registry.events)[-1]
+        self.assertRegex(lost, r"Node 'a' lost: no accepted sample for 0\.3 s \(\d+ rejected: .+\)\.")
+        warnings = [text for text in texts(registry.events) if "bad sample" in text]
+        self.assertLessEqual(len(warnings), 4, warnings)  # the 1st, 10th, 100th...
 
     def test_flood_keeps_latest_without_growing_history(self):
         registry = cares.NodeRegistry(heartbeat_interval=1.0)
-        session = registry.join("a", "x")
+        session = joined(registry, "a")
         for sequence in range(1, 5001):
-            registry.update("a", session, cpu_percent=sequence % 100, memory_percent=1, sequence=sequence)
+            registry.update("a", session, values(sequence % 100, 1), sequence)
         node = registry.get("a")
-        self.assertEqual(node.cpu_usage, 5000 % 100)
-        self.assertEqual(list(node.cpu_history), [5000 % 100])
+        self.assertEqual(node.metrics.cpu_percent, 5000 % 100)
+        self.assertEqual(list(node.history.cpu), [5000 % 100])
 
-    def test_history_is_bounded(self):
+    def test_history_is_bounded_and_keeps_every_series(self):
         registry = cares.NodeRegistry(heartbeat_interval=0.0)
-        session = registry.join("a", "x")
+        session = joined(registry, "a")
         for sequence in range(1, 200):
-            registry.update("a", session, cpu_percent=1, memory_percent=1, sequence=sequence)
-        self.assertEqual(len(registry.get("a").cpu_history), cares.HISTORY_SAMPLES)
+            registry.update("a", session, values(1, 2, net_receive_bytes_per_s=3.0), sequence)
+        history = registry.get("a").history
+        self.assertEqual(len(history.cpu), cares.HISTORY_SAMPLES)
+        self.assertEqual((history.memory[-1], history.net_receive[-1]), (2.0, 3.0))
+        self.assertTrue(cares.math.isnan(history.net_transmit[-1]), "an unsent value was invented")
 
-    def test_expire_marks_silent_nodes(self):
+    def test_expire_marks_silent_nodes_on_a_healthy_loop(self):
         registry = cares.NodeRegistry(heartbeat_interval=0.1)
-        quiet = registry.join("quiet", "x")
-        chatty = registry.join("chatty", "y")
-        time.sleep(0.4)
-        registry.update("chatty", chatty, cpu_percent=1, memory_percent=1, sequence=1)
+        quiet = active(registry, "quiet")
+        chatty = active(registry, "chatty")
+        for sequence in range(2, 10):  # the sweep ticks on time while "quiet" says nothing
+            registry.clock.tick(0.05)
+            time.sleep(0.05)
+            registry.update("chatty", chatty, values(), sequence)
         self.assertEqual(registry.expire(), [("quiet", quiet)])
-        self.assertEqual(status_of(registry, "chatty"), cares.ACTIVE)
-        self.assertIn("no heartbeat for 0.3 s", registry.events.tail(1)[0].text)
+        self.assertEqual(status_of(registry, "chatty"), cares.NodeStatus.ACTIVE)
+        self.assertIn("no heartbeat for 0.3 s", texts(registry.events)[-1])
 
-    def test_full_registry_evicts_disconnected_then_refuses(self):
+    def test_a_stalled_loop_extends_everyones_grace(self):
+        registry = cares.NodeRegistry(heartbeat_interval=0.1)
+        for number in range(20):
+            active(registry, f"n{number}")
+        registry.clock.tick(0.05)
+        time.sleep(0.6)  # the orchestrator itself stalls: no sweep, no heartbeat read for 6 intervals
+        self.assertGreater(registry.clock.tick(0.05), 0.4)
+        self.assertEqual(registry.expire(), [])
+        self.assertEqual(registry.status_counts()[cares.NodeStatus.ACTIVE], 20)
+
+    def test_full_registry_evicts_the_longest_gone_then_refuses(self):
         registry = cares.NodeRegistry(max_nodes=2)
-        first = registry.join("a", "x")
-        registry.join("b", "x")
+        first = joined(registry, "a")
+        joined(registry, "b")
         registry.disconnect("a", first, "gone")
-        registry.join("c", "x")
+        joined(registry, "c")
         self.assertIsNone(registry.get("a"))
-        with self.assertRaises(cares.JoinRefused) as caught:
-            registry.join("d", "x")
+        session = registry.join("d", "x", cares.JoinInfo())  # joins never count: the stream does
+        with self.assertRaises(cares.Refusal) as caught:
+            registry.attach_stream("d", session)
         self.assertEqual(caught.exception.code, grpc.StatusCode.RESOURCE_EXHAUSTED)
         self.assertEqual(len(registry), 2)
 
-    def test_event_log_is_bounded(self):
+    def test_refusals_are_counted_and_summarised(self):
+        registry = cares.NodeRegistry()
+        registry.refusal_summary.window_s = 0.1
+        refusal = cares.Refusal(grpc.StatusCode.UNAUTHENTICATED, cares.RefusalReason.WRONG_TOKEN, "x")
+        for _ in range(412):
+            registry.refused("10.0.0.9", "join", refusal)
+        registry.refused("10.0.0.8", "status request", refusal)
+        time.sleep(0.15)
+        registry.flush_refusals()
+        lines = texts(registry.events)
+        self.assertEqual(lines, ["Join from 10.0.0.9 refused: missing or wrong token.",
+                                 "Status request from 10.0.0.8 refused: missing or wrong token.",
+                                 lines[2]])
+        self.assertRegex(lines[2], r"^411 joins refused from 10\.0\.0\.9 in the last 0 s: missing or wrong token\.$")
+        self.assertEqual(registry.counters()["refusals"][("join", cares.RefusalReason.WRONG_TOKEN)], 412)
+
+    def test_forget_gone_nodes_after_a_while(self):
+        registry = cares.NodeRegistry()
+        registry.disconnect("old", joined(registry, "old"), "gone")
+        registry._nodes["old"].gone_at -= 100
+        registry.disconnect("recent", joined(registry, "recent"), "gone")
+        joined(registry, "live")
+        self.assertEqual(registry.forget_gone(older_than_s=50), 1)
+        self.assertEqual(sorted(node.node_id for node in registry.snapshot()), ["live", "recent"])
+        self.assertIn("Forgot 1 node(s) gone for over 50s.", texts(registry.events))
+        self.assertEqual(registry.forget_gone(), 1)
+        self.assertEqual([node.node_id for node in registry.snapshot()], ["live"])
+
+    def test_pages_walk_every_node_in_order(self):
+        registry = cares.NodeRegistry()
+        names = [f"n{number:05d}" for number in range(2500)]
+        for name in random.Random(3).sample(names, len(names)):
+            joined(registry, name)
+        seen, after = [], ""
+        while True:
+            page, total = registry.page(after, 1000)
+            self.assertEqual(total, 2500)
+            if not page:
+                break
+            seen.extend(node.node_id for node in page)
+            after = page[-1].node_id
+        self.assertEqual(seen, names)
+
+    def test_event_log_is_bounded_and_survives_a_broken_listener(self):
         log = cares.EventLog(size=5)
+        log.subscribe(lambda event: 1 / 0)
         for number in range(50):
-            log.add("INFO", str(number))
+            log.add(cares.Level.INFO, str(number), node_id="n" if number % 2 else "")
         self.assertEqual([event.text for event in log.tail(100)], ["45", "46", "47", "48", "49"])
+        self.assertEqual([event.text for event in log.tail(100, node_id="n")], ["45", "47", "49"])
         self.assertEqual(log.tail(0), [])
 
     def test_hammered_from_many_threads(self):
@@ -383,26 +755,25 @@ class NodeRegistryTest(unittest.TestCase):
                 for step in range(1500):
                     node_id = f"n{rng.randrange(60)}"
                     action = rng.random()
-                    if action < 0.2:
-                        try:
-                            session = registry.join(node_id, "x")
-                            registry.attach_stream(node_id, session)
-                        except cares.JoinRefused:
-                            pass
-                    elif action < 0.6:
-                        node = registry.get(node_id)
-                        if node is not None:
-                            registry.update(node_id, node.session_id, cpu_percent=rng.random() * 100,
-                                            memory_percent=50, sequence=step + 1)
-                    elif action < 0.75:
-                        node = registry.get(node_id)
-                        if node is not None:
-                            registry.disconnect(node_id, node.session_id, "test")
-                    elif action < 0.85:
-                        registry.expire()
-                    else:
-                        for node in registry.snapshot():
-                            self.assertTrue(0 <= node.cpu_usage <= 100)
+                    try:
+                        if action < 0.2:
+                            joined(registry, node_id, secret=rng.choice(("", "a", "b")))
+                        elif action < 0.6:
+                            node = registry.get(node_id)
+                            if node is not None:
+                                registry.update(node_id, node.session_id, values(rng.random() * 100, 50), step + 1)
+                        elif action < 0.75:
+                            node = registry.get(node_id)
+                            if node is not None:
+                                registry.disconnect(node_id, node.session_id, "test")
+                        elif action < 0.85:
+                            registry.expire()
+                            registry.flush_refusals()
+                        else:
+                            for node in registry.snapshot():
+                                self.assertTrue(node.metrics is None or 0 <= node.metrics.cpu_percent <= 100)
+                    except cares.Refusal:
+                        pass
             except Exception as error:  # collected and reported by the main thread
                 errors.append(error)
 
@@ -416,63 +787,76 @@ class NodeRegistryTest(unittest.TestCase):
         self.assertLessEqual(len(nodes), 40)
         self.assertEqual(len({node.node_id for node in nodes}), len(nodes))
         for node in nodes:
-            self.assertIn(node.status, (cares.ACTIVE, cares.DISCONNECTED))
-            self.assertLessEqual(len(node.cpu_history), cares.HISTORY_SAMPLES)
+            self.assertLessEqual(len(node.history.cpu), cares.HISTORY_SAMPLES)
         self.assertLessEqual(len(registry.events.tail(10_000)), cares.EVENT_LOG_SIZE)
+
+    def test_sample_hook_sees_accepted_samples_only(self):
+        registry = cares.NodeRegistry()
+        seen = []
+        registry.on_sample = lambda node_id, sample, sent_at_ms: seen.append((node_id, sample.cpu_percent, sent_at_ms))
+        session = joined(registry, "a")
+        registry.update("a", session, values(5), 1, sent_at_ms=1234)
+        registry.update("a", session, values(float("nan")), 2, sent_at_ms=1235)
+        registry.on_sample = lambda *_: 1 / 0  # a broken hook never ends the stream
+        registry.update("a", session, values(6), 3)
+        self.assertEqual(seen, [("a", 5, 1234)])
+        self.assertEqual(registry.get("a").metrics.cpu_percent, 6)
 
 
 # ---------------------------------------------------------------------------
-# Orchestrator and worker over real gRPC on loopback
+# 4-5. Orchestrator and worker over real gRPC on loopback
 # ---------------------------------------------------------------------------
 
 class ClusterTest(ClusterTestCase):
     def test_join_and_heartbeat_update_the_registry(self):
-        orchestrator = self.start_orchestrator()
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
         registry = orchestrator.registry
-        client = self.start_worker(orchestrator, "w1", FixedSampler(12.5, 40.0))
-        self.assert_becomes(registry, "w1", cares.ACTIVE, 5)
-        self.assertIsNotNone(wait_until(lambda: registry.get("w1").cpu_usage == 12.5, 5))
+        client = self.start_worker(orchestrator, "w1", FixedSampler(12.5, 40.0), labels={"role": "web"})
+        self.assert_becomes(registry, "w1", cares.NodeStatus.ACTIVE, 5)
+        self.assertIsNotNone(wait_until(lambda: cpu_of(registry, "w1") == 12.5, 5))
         node = registry.get("w1")
-        self.assertEqual(node.memory_usage, 40.0)
+        self.assertEqual((node.metrics.memory_percent, node.labels, node.version), (40.0, {"role": "web"},
+                                                                                    cares.VERSION))
         self.assertTrue(node.address.startswith("127.0.0.1:"), node.address)
         self.assertEqual(node.hostname, socket.gethostname()[:64])
-        self.assertEqual(client.state.phase, "connected")
+        self.assertEqual(client.state.phase, cares.ConnectionPhase.CONNECTED)
+        self.assertIn(f"connected to 127.0.0.1:{orchestrator.port}", client.state.describe())
         seen = node.last_seen
         self.assertIsNotNone(wait_until(lambda: registry.get("w1").last_seen > seen, 3))
-        self.assertIn("Node 'w1' has joined the cluster.", [e.text for e in registry.events.tail(5)])
+        self.assertIn("Node 'w1' has joined the cluster.", texts(registry.events))
 
     def test_four_workers_update_independently(self):
-        orchestrator = self.start_orchestrator()
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
         registry = orchestrator.registry
         samplers = {f"w{n}": FixedSampler(10.0 * n, 5.0 * n) for n in range(1, 5)}
         for node_id, sampler in samplers.items():
             self.start_worker(orchestrator, node_id, sampler)
         for node_id in samplers:
-            self.assert_becomes(registry, node_id, cares.ACTIVE, 5)
+            self.assert_becomes(registry, node_id, cares.NodeStatus.ACTIVE, 5)
         samplers["w3"].cpu = 99.0
 
-        def values():
-            return {node.node_id: (node.cpu_usage, node.memory_usage) for node in registry.snapshot()}
+        def latest():
+            return {node.node_id: (node.metrics.cpu_percent, node.metrics.memory_percent)
+                    for node in registry.snapshot() if node.metrics}
         expected = {"w1": (10.0, 5.0), "w2": (20.0, 10.0), "w3": (99.0, 15.0), "w4": (40.0, 20.0)}
-        self.assertIsNotNone(wait_until(lambda: values() == expected, 5), values())
+        self.assertIsNotNone(wait_until(lambda: latest() == expected, 5), latest())
 
     def test_real_worker_reports_this_machines_metrics(self):
         orchestrator = self.start_orchestrator()
         self.start_worker(orchestrator, "real")
-        self.assertIsNotNone(wait_until(lambda: (orchestrator.registry.get("real") or
-                                                 cares.Node("", "")).memory_usage > 0, 5))
-        node = orchestrator.registry.get("real")
-        self.assertAlmostEqual(node.memory_usage, cares.psutil.virtual_memory().percent, delta=5)
-        self.assertTrue(0.0 <= node.cpu_usage <= 100.0)
+        self.assert_becomes(orchestrator.registry, "real", cares.NodeStatus.ACTIVE, 5)
+        sample = orchestrator.registry.get("real").metrics
+        self.assertAlmostEqual(sample.memory_percent, cares.psutil.virtual_memory().percent, delta=5)
+        self.assertTrue(0.0 <= sample.cpu_percent <= 100.0)
+        self.assertEqual(sample.root_fs_size_bytes, cares.psutil.disk_usage("/").total)
 
     def test_killed_worker_is_disconnected_within_a_second(self):
         orchestrator = self.start_orchestrator()
         worker = self.spawn("worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "victim", "--headless")
         self.assert_streaming(orchestrator.registry, "victim")
         worker.kill()
-        waited = self.assert_becomes(orchestrator.registry, "victim", cares.DISCONNECTED, 1.0)
-        print(f"\n  killed worker -> Disconnected in {waited:.3f} s", file=sys.stderr)
-        self.assertIn("lost", orchestrator.registry.events.tail(1)[0].text)
+        self.assert_becomes(orchestrator.registry, "victim", cares.NodeStatus.DISCONNECTED, 1.0)
+        self.assertIn("lost", texts(orchestrator.registry.events)[-1])
 
     def test_worker_killed_before_its_first_sample_is_disconnected_at_once(self):
         orchestrator = self.start_orchestrator()
@@ -488,37 +872,21 @@ class ClusterTest(ClusterTestCase):
         self.addCleanup(process.wait, 10)
         self.addCleanup(process.kill)
         self.assert_streaming(orchestrator.registry, "early")
-        self.assertEqual(orchestrator.registry.get("early").last_sequence, 0)
+        self.assertEqual(status_of(orchestrator.registry, "early"), cares.NodeStatus.JOINING)
         process.kill()
-        self.assert_becomes(orchestrator.registry, "early", cares.DISCONNECTED, 1.0)
+        self.assert_becomes(orchestrator.registry, "early", cares.NodeStatus.DISCONNECTED, 1.0)
 
     def test_silent_worker_is_disconnected_after_three_intervals(self):
-        orchestrator = self.start_orchestrator()
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
         registry = orchestrator.registry
-        channel = grpc.insecure_channel(f"127.0.0.1:{orchestrator.port}")
-        self.addCleanup(channel.close)
-        stub = pb_grpc.ClusterServiceStub(channel)
-        ack = stub.JoinCluster(pb.NodeInfo(node_id="mute"), timeout=5)
-        release = threading.Event()
-        self.addCleanup(release.set)
-
-        def one_sample_then_silence():
-            yield pb.NodeMetrics(node_id="mute", session_id=ack.session_id, cpu_percent=1,
-                                 memory_percent=1, sequence=1)
-            release.wait(15)
-
-        replies = stub.Heartbeat(one_sample_then_silence(), timeout=15, metadata=(
-            (cares.NODE_METADATA_KEY, "mute"), (cares.SESSION_METADATA_KEY, ack.session_id)))
-        self.assert_becomes(registry, "mute", cares.ACTIVE, 2)
-        self.assertIsNotNone(wait_until(lambda: registry.get("mute").last_sequence == 1, 2))
-        started = time.monotonic()
+        stub = raw_stub(self, orchestrator.port)
+        session = stub.JoinCluster(pb.NodeInfo(node_id="mute"), timeout=5).session_id
+        stream = OpenStream(self, stub, "mute", session)
+        stream.send(metrics("mute", session, 1))
+        self.assert_becomes(registry, "mute", cares.NodeStatus.ACTIVE, 2)
         bound = cares.MISSED_HEARTBEATS * registry.heartbeat_interval + 1.0
-        self.assert_becomes(registry, "mute", cares.DISCONNECTED, bound)
-        print(f"\n  silent worker -> Disconnected after {time.monotonic() - started:.2f} s "
-              f"(bound {bound:.1f} s)", file=sys.stderr)
-        with self.assertRaises(grpc.RpcError) as caught:
-            list(replies)
-        self.assertEqual(caught.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assert_becomes(registry, "mute", cares.NodeStatus.DISCONNECTED, bound)
+        self.assertEqual(stream.outcome(), grpc.StatusCode.DEADLINE_EXCEEDED)
 
     def test_worker_rejoins_after_orchestrator_restart_on_same_port(self):
         first = cares.Orchestrator("127.0.0.1:0")
@@ -527,20 +895,17 @@ class ClusterTest(ClusterTestCase):
         client = self.start_worker(first, "phoenix", port=port)
         self.assert_streaming(first.registry, "phoenix")
         first.stop(0.2)
-        self.assertIsNotNone(wait_until(lambda: client.state.phase == "retrying", 3))
-        self.assertIn("Disconnected: the orchestrator is shutting down; retrying.",
-                      [event.text for event in client.events.tail(5)])
+        self.assertIsNotNone(wait_until(lambda: client.state.phase is cares.ConnectionPhase.RETRYING, 3))
+        self.assertIn("Disconnected: the orchestrator is shutting down; retrying.", texts(client.events))
         second = self.start_orchestrator(f"127.0.0.1:{port}")
-        waited = self.assert_becomes(second.registry, "phoenix", cares.ACTIVE, 6)
-        print(f"\n  orchestrator restart -> worker Active again in {waited:.2f} s", file=sys.stderr)
+        self.assert_becomes(second.registry, "phoenix", cares.NodeStatus.ACTIVE, 6)
 
     def test_duplicate_live_node_id_is_refused(self):
         orchestrator = self.start_orchestrator()
         self.start_worker(orchestrator, "twin")
         self.assert_streaming(orchestrator.registry, "twin")
-        with grpc.insecure_channel(f"127.0.0.1:{orchestrator.port}") as channel:
-            with self.assertRaises(grpc.RpcError) as caught:
-                pb_grpc.ClusterServiceStub(channel).JoinCluster(pb.NodeInfo(node_id="twin"), timeout=5)
+        with self.assertRaises(grpc.RpcError) as caught:
+            raw_stub(self, orchestrator.port).JoinCluster(pb.NodeInfo(node_id="twin"), timeout=5)
         self.assertEqual(caught.exception.code(), grpc.StatusCode.ALREADY_EXISTS)
         self.assertIn("already connected", caught.exception.details())
 
@@ -549,26 +914,26 @@ class ClusterTest(ClusterTestCase):
         first = self.start_worker(orchestrator, "same")
         self.assert_streaming(orchestrator.registry, "same")
         second = self.start_worker(orchestrator, "same")
-        self.assertIsNotNone(wait_until(lambda: second.state.phase == "retrying", 5))
+        self.assertIsNotNone(wait_until(lambda: second.state.phase is cares.ConnectionPhase.RETRYING, 5))
         self.assertIn("ALREADY_EXISTS", second.state.detail)
         first.stop()
-        self.assertIsNotNone(wait_until(lambda: second.state.phase == "connected", 8))
+        self.assertIsNotNone(wait_until(lambda: second.state.phase is cares.ConnectionPhase.CONNECTED, 8))
 
     def test_goodbye_is_logged_as_left(self):
         orchestrator = self.start_orchestrator()
         client = self.start_worker(orchestrator, "polite")
-        self.assert_streaming(orchestrator.registry, "polite")
+        self.assert_becomes(orchestrator.registry, "polite", cares.NodeStatus.ACTIVE, 5)
         client.stop()
-        self.assert_becomes(orchestrator.registry, "polite", cares.DISCONNECTED, 2)
-        texts = [event.text for event in orchestrator.registry.events.tail(5)]
-        self.assertIn("Node 'polite' has left the cluster.", texts)
-        self.assertFalse(any("lost" in text for text in texts), texts)
-        self.assertEqual(client.state.phase, "stopped")
+        self.assert_becomes(orchestrator.registry, "polite", cares.NodeStatus.DISCONNECTED, 2)
+        lines = texts(orchestrator.registry.events, 5)
+        self.assertIn("Node 'polite' has left the cluster.", lines)
+        self.assertFalse(any("lost" in line for line in lines), lines)
+        self.assertEqual(client.state.phase, cares.ConnectionPhase.STOPPED)
 
     def test_worker_obeys_a_new_heartbeat_interval(self):
         orchestrator = self.start_orchestrator()
         client = self.start_worker(orchestrator, "tempo")
-        self.assert_streaming(orchestrator.registry, "tempo")
+        self.assert_becomes(orchestrator.registry, "tempo", cares.NodeStatus.ACTIVE, 5)
         orchestrator.set_heartbeat_interval(200).result(5)
         self.assertIsNotNone(wait_until(lambda: client.state.heartbeat_interval == 0.2, 3))
         start_sequence = orchestrator.registry.get("tempo").last_sequence
@@ -580,7 +945,7 @@ class ClusterTest(ClusterTestCase):
         client = cares.WorkerClient(f"127.0.0.1:{free_port()}", "lonely", cares.LocalSampler())
         client.start()
         self.addCleanup(client.stop, False, 0.5)
-        self.assertIsNotNone(wait_until(lambda: client.state.phase == "retrying", 5))
+        self.assertIsNotNone(wait_until(lambda: client.state.phase is cares.ConnectionPhase.RETRYING, 5))
         state = client.state
         self.assertIn("unreachable", state.detail)
         self.assertTrue(state.describe().startswith("retrying in "), state.describe())
@@ -588,13 +953,13 @@ class ClusterTest(ClusterTestCase):
 
     def test_heartbeat_without_join_is_refused(self):
         orchestrator = self.start_orchestrator()
-        with grpc.insecure_channel(f"127.0.0.1:{orchestrator.port}") as channel:
-            stub = pb_grpc.ClusterServiceStub(channel)
-            replies = stub.Heartbeat(iter([pb.NodeMetrics(node_id="ghost", session_id="made-up")]), timeout=5)
-            with self.assertRaises(grpc.RpcError) as caught:
-                list(replies)
+        stub = raw_stub(self, orchestrator.port)
+        replies = stub.Heartbeat(iter([pb.NodeMetrics(node_id="ghost", session_id="made-up")]), timeout=5)
+        with self.assertRaises(grpc.RpcError) as caught:
+            list(replies)
         self.assertEqual(caught.exception.code(), grpc.StatusCode.PERMISSION_DENIED)
         self.assertIsNone(orchestrator.registry.get("ghost"))
+        self.assertIn("Heartbeat stream from 127.0.0.1 refused: no joined session.", texts(orchestrator.registry.events))
 
     def test_port_in_use_is_a_clear_start_error(self):
         orchestrator = self.start_orchestrator()
@@ -604,22 +969,540 @@ class ClusterTest(ClusterTestCase):
 
 
 # ---------------------------------------------------------------------------
-# The command line, as separate processes
+# What the dashboard says about a node must be true (issue 10)
+# ---------------------------------------------------------------------------
+
+class SickOrchestrator(pb_grpc.ClusterServiceServicer):
+    """Accepts every join, then ends every heartbeat stream at once (or floods it with commands)."""
+
+    def __init__(self, commands=0):
+        self.joins = []
+        self.samples = 0
+        self._commands = commands
+        self.flooded = threading.Event()
+
+    def JoinCluster(self, request, context):
+        self.joins.append(time.monotonic())
+        return pb.Acknowledgement(accepted=True, session_id="s", heartbeat_interval_ms=1000)
+
+    def Heartbeat(self, request_iterator, context):
+        if not self._commands:
+            return
+        threading.Thread(target=self._count, args=(request_iterator,), daemon=True).start()
+        for number in range(self._commands):  # alternating intervals, as fast as the transport takes them
+            yield pb.OrchestratorCommand(set_heartbeat_interval_ms=(100, 5000, 250)[number % 3])
+        yield pb.OrchestratorCommand(set_heartbeat_interval_ms=250)
+        self.flooded.set()
+        time.sleep(3.0)
+
+    def _count(self, request_iterator):
+        with contextlib.suppress(grpc.RpcError):
+            for _ in request_iterator:
+                self.samples += 1
+
+
+class LivenessIntegrityTest(ClusterTestCase):
+    def serve(self, servicer):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        pb_grpc.add_ClusterServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self.addCleanup(server.stop, None)
+        return port
+
+    def test_rejoining_a_dead_nodes_id_never_makes_it_active(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        registry = orchestrator.registry
+        stub = raw_stub(self, orchestrator.port)
+        session = stub.JoinCluster(pb.NodeInfo(node_id="victim"), timeout=5).session_id
+        stream = OpenStream(self, stub, "victim", session)
+        stream.send(metrics("victim", session, 1, cpu=42.0))
+        self.assert_becomes(registry, "victim", cares.NodeStatus.ACTIVE, 5)
+        stream.close()
+        self.assert_becomes(registry, "victim", cares.NodeStatus.DISCONNECTED, 5)
+        seen = registry.get("victim").last_seen
+        for _ in range(15):  # re-join every 0.1 s for 1.5 s (five silence limits), never stream
+            stub.JoinCluster(pb.NodeInfo(node_id="victim"), timeout=5)
+            time.sleep(0.1)
+            node = registry.get("victim")
+            self.assertEqual((node.status, node.last_seen), (cares.NodeStatus.DISCONNECTED, seen))
+        self.assertEqual(cares.fetch_status(f"127.0.0.1:{orchestrator.port}")[0]["status"], "Disconnected")
+
+    def test_a_restarted_worker_reclaims_its_id_and_a_stranger_cannot_take_it(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        registry = orchestrator.registry
+        state = tempfile.mkdtemp(prefix="cares-test-owner-")
+        self.addCleanup(shutil.rmtree, state, True)
+        address = f"127.0.0.1:{orchestrator.port}"
+        genuine = self.spawn("worker", address, "--node-id", "web", "--state-dir", state, "--headless")
+        self.assert_becomes(registry, "web", cares.NodeStatus.ACTIVE, 10)
+        genuine.kill()
+        genuine.wait(5)
+        self.assert_becomes(registry, "web", cares.NodeStatus.DISCONNECTED, 5)
+        stranger = self.start_worker(orchestrator, "web", secret="not-the-secret")
+        self.assertIsNotNone(wait_until(lambda: stranger.state.phase is cares.ConnectionPhase.RETRYING, 5))
+        self.assertIn("belongs to another worker", stranger.state.detail)
+        self.assertIn("Join from 127.0.0.1 refused: node ID 'web' belongs to another worker", "\n".join(
+            texts(registry.events)))
+        restarted = self.spawn("worker", address, "--node-id", "web", "--state-dir", state, "--headless")
+        self.assert_becomes(registry, "web", cares.NodeStatus.ACTIVE, 10)
+        self.assertIsNot(stranger.state.phase, cares.ConnectionPhase.CONNECTED)
+        self.assertEqual(oct(stat.S_IMODE(os.stat(os.path.join(state, "worker-web.secret")).st_mode)), "0o600")
+        restarted.terminate()
+        self.assertEqual(restarted.wait(10), 0)
+
+    def test_stream_less_joins_do_not_fill_max_nodes(self):
+        orchestrator = self.start_orchestrator(max_nodes=5, heartbeat_ms=200)
+        stub = raw_stub(self, orchestrator.port)
+        for number in range(50):
+            stub.JoinCluster(pb.NodeInfo(node_id=f"squatter-{number}"), timeout=5)
+        self.start_worker(orchestrator, "genuine")
+        self.assert_becomes(orchestrator.registry, "genuine", cares.NodeStatus.ACTIVE, 5)
+        self.assertEqual(len(orchestrator.registry), 1)
+
+    def test_an_orchestrator_stall_blames_no_worker(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=250)
+        registry = orchestrator.registry
+        script = ("import sys, time, cares\n"
+                  "sampler = cares.LocalSampler()\n"
+                  "clients = [cares.WorkerClient(sys.argv[1], f'calm-{n:02d}', sampler) for n in range(50)]\n"
+                  "[client.start() for client in clients]\n"
+                  "time.sleep(60)\n")
+        workers = subprocess.Popen([sys.executable, "-c", script, f"127.0.0.1:{orchestrator.port}"], cwd=HERE,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(workers.wait, 10)
+        self.addCleanup(workers.kill)
+        self.assertIsNotNone(wait_until(lambda: registry.status_counts()[cares.NodeStatus.ACTIVE] == 50, 15))
+        cares.grpc_loop().call_soon_threadsafe(time.sleep, 1.0)  # the orchestrator's loop stalls for 1 s
+        time.sleep(2.0)
+        lost = [text for text in texts(registry.events) if "lost" in text]
+        self.assertEqual(lost, [])
+        self.assertEqual(registry.status_counts()[cares.NodeStatus.ACTIVE], 50)
+        self.assertIn("The orchestrator was stalled for ", "\n".join(texts(registry.events)))
+
+    def test_a_node_whose_samples_are_all_rejected_is_lost(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        registry = orchestrator.registry
+        stub = raw_stub(self, orchestrator.port)
+        session = stub.JoinCluster(pb.NodeInfo(node_id="jumpy"), timeout=5).session_id
+        stream = OpenStream(self, stub, "jumpy", session)
+        stream.send(metrics("jumpy", session, 1, cpu=5.0), metrics("jumpy", session, 2**64 - 1, cpu=6.0))
+        self.assertIsNotNone(wait_until(lambda: cpu_of(registry, "jumpy") == 6.0, 5))
+        seen = registry.get("jumpy").last_seen
+        for sequence in range(3, 40):  # every later sample "goes back" and is rejected
+            stream.send(metrics("jumpy", session, sequence, cpu=50.0))
+            if status_of(registry, "jumpy") is cares.NodeStatus.DISCONNECTED:
+                break
+            time.sleep(0.05)
+        self.assert_becomes(registry, "jumpy", cares.NodeStatus.DISCONNECTED, 2)
+        node = registry.get("jumpy")
+        self.assertEqual((node.last_seen, node.metrics.cpu_percent), (seen, 6.0))
+        self.assertEqual(stream.outcome(), grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertRegex("\n".join(texts(registry.events)),
+                         r"Node 'jumpy' lost: no accepted sample for 0\.6 s \(\d+ rejected: sequence number went back\)")
+
+    def test_a_worker_backs_off_from_an_orchestrator_that_drops_every_stream(self):
+        sick = SickOrchestrator()
+        port = self.serve(sick)
+        client = cares.WorkerClient(f"127.0.0.1:{port}", "patient", cares.LocalSampler())
+        client.start()
+        self.addCleanup(client.stop, False, 0.5)
+        time.sleep(4.0)
+        # Reset after every "successful" join, this was 2-4 joins a second; growing, at most 6 in 4 s.
+        self.assertLessEqual(len(sick.joins), 6, sick.joins)
+        lines = texts(client.events)
+        self.assertLessEqual(len(lines), 3, lines)  # each different line once: joined, disconnected
+
+    def test_a_flood_of_commands_costs_no_samples_or_log_lines(self):
+        sick = SickOrchestrator(commands=10_000)
+        port = self.serve(sick)
+        client = cares.WorkerClient(f"127.0.0.1:{port}", "steady", cares.LocalSampler())
+        started = time.monotonic()
+        client.start()
+        self.addCleanup(client.stop, False, 0.5)
+        self.assertTrue(sick.flooded.wait(20))
+        # The last command wins: the worker ends on 250 ms, however many came before.
+        self.assertIsNotNone(wait_until(lambda: client.state.heartbeat_interval == 0.25, 5))
+        # At most one sample per 100 ms (the shortest interval) whatever the commands say.
+        self.assertLessEqual(sick.samples, (time.monotonic() - started) / 0.1 + 2)
+        lines = texts(client.events)
+        self.assertLessEqual(len([line for line in lines if "interval" in line]), 2, lines)
+
+    def test_every_worker_ends_on_the_current_interval(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=1000)
+        registry = orchestrator.registry
+        stub = raw_stub(self, orchestrator.port)
+        ack = stub.JoinCluster(pb.NodeInfo(node_id="late"), timeout=5)
+        self.assertEqual(ack.heartbeat_interval_ms, 1000)
+        orchestrator.set_heartbeat_interval(500).result(5)  # changed between its join and its stream
+        stream = OpenStream(self, stub, "late", ack.session_id)
+        self.assertEqual(next(stream.replies).set_heartbeat_interval_ms, 500)
+        # Workers joining while the interval changes over and over all end on the final one.
+        clients = [self.start_worker(orchestrator, f"racer-{n}") for n in range(12)]
+        for milliseconds in (2000, 250, 5000, 1000, 500, 2000, 750):
+            orchestrator.set_heartbeat_interval(milliseconds)
+            time.sleep(0.05)
+        orchestrator.set_heartbeat_interval(750).result(5)
+        self.assertIsNotNone(wait_until(lambda: all(client.state.heartbeat_interval == 0.75 for client in clients),
+                                        5), [client.state.heartbeat_interval for client in clients])
+        self.assertEqual(registry.heartbeat_interval, 0.75)
+
+    def test_token_guessing_is_throttled_per_address(self):
+        orchestrator = self.start_orchestrator("[::]:0", token="s3cret")
+        registry = orchestrator.registry
+        guesser = raw_stub(self, orchestrator.port, "127.0.0.1")
+        calls = [guesser.JoinCluster.future(pb.NodeInfo(node_id="x"), metadata=(("cares-token", f"guess-{n}"),),
+                                            timeout=15) for n in range(100)]
+        answers = []
+        for call in calls:
+            with self.assertRaises(grpc.RpcError) as caught:
+                call.result()
+            answers.append(caught.exception.details())
+        self.assertEqual(answers.count("missing or wrong join token"), cares.TOKEN_LOCKOUT_FAILURES)
+        self.assertTrue(all(answer.startswith("too many wrong tokens from 127.0.0.1") for answer in answers
+                            if answer != "missing or wrong join token"), set(answers))
+        # Another address is not slowed down.
+        other = raw_stub(self, orchestrator.port, "::1")
+        other.JoinCluster(pb.NodeInfo(node_id="member"), metadata=(("cares-token", "s3cret"),), timeout=2)
+        refusals = [text for text in texts(registry.events) if "refused" in text]
+        self.assertLessEqual(len(refusals), 2, refusals)
+        counts = registry.counters()["refusals"]
+        self.assertEqual(counts[("join", cares.RefusalReason.WRONG_TOKEN)], cares.TOKEN_LOCKOUT_FAILURES)
+        self.assertEqual(counts[("join", cares.RefusalReason.THROTTLED)], 100 - cares.TOKEN_LOCKOUT_FAILURES)
+
+
+# ---------------------------------------------------------------------------
+# Routine operations must not break cares (issue 9): logs that break, stall or
+# fill up, SIGHUP, restarts, 10,000-node status, clients from the proto alone.
+# ---------------------------------------------------------------------------
+
+def generate_events(test, port, count, prefix="churn"):
+    """count joins and goodbyes (two log lines each) from raw clients, as fast as they go."""
+    stub = raw_stub(test, port)
+    for number in range(count):
+        node_id = f"{prefix}-{number:04d}"
+        session = stub.JoinCluster(pb.NodeInfo(node_id=node_id), metadata=(("cares-token", "t0k3n"),),
+                                   timeout=5).session_id
+        stream = OpenStream(test, stub, node_id, session)
+        stream.send(metrics(node_id, session, 1), metrics(node_id, session, 2, leaving=True))
+        stream.close()
+        stream.outcome()
+
+
+class RoutineOperationsTest(ClusterTestCase):
+    def headless_orchestrator(self, *extra, stderr=subprocess.PIPE, **kwargs):
+        address = f"127.0.0.1:{free_port()}"
+        process = self.spawn("orchestrator", "--listen", address, "--headless", "--heartbeat-ms", "200",
+                             "--token", "t0k3n", *extra, stderr=stderr, **kwargs)
+        self.assertIsNotNone(wait_until(lambda: self.answers(address), 10), "the orchestrator never answered")
+        return process, address
+
+    @staticmethod
+    def answers(address, timeout=2.0):
+        try:
+            return cares.fetch_status(address, token="t0k3n", timeout=timeout) is not None
+        except grpc.RpcError:
+            return False
+
+    def assert_still_serving(self, address):
+        """Joins, streams, the liveness sweep and status all still work."""
+        port = int(address.rpartition(":")[2])
+        tag = f"probe-{random.randrange(10**6)}"
+        client = cares.WorkerClient(address, tag, cares.LocalSampler(), token="t0k3n")
+        client.start()
+        self.addCleanup(client.stop, False, 0.5)
+
+        def row(node_id):
+            rows = [row for row in cares.fetch_status(address, token="t0k3n") if row["node_id"] == node_id]
+            return rows[0] if rows else {}
+        self.assertIsNotNone(wait_until(lambda: row(tag).get("status") == "Active", 10), f"{tag} never Active")
+        stub = raw_stub(self, port)
+        session = stub.JoinCluster(pb.NodeInfo(node_id=f"{tag}-mute"), metadata=(("cares-token", "t0k3n"),),
+                                   timeout=5).session_id
+        mute = OpenStream(self, stub, f"{tag}-mute", session)
+        mute.send(metrics(f"{tag}-mute", session, 1))
+        self.assertIsNotNone(wait_until(lambda: row(f"{tag}-mute").get("status") == "Disconnected", 10),
+                             "the liveness sweep no longer ends silent streams")
+
+    def test_a_closed_or_broken_stderr_never_stops_serving(self):
+        for mode in ("2>&-", "reader gone"):
+            with self.subTest(mode):
+                if mode == "2>&-":
+                    process, address = self.headless_orchestrator(
+                        stderr=subprocess.DEVNULL, preexec_fn=lambda: os.close(2))
+                else:
+                    process, address = self.headless_orchestrator()
+                    process.stderr.close()  # a `| tee` that exited, a log shipper restarting
+                generate_events(self, int(address.rpartition(":")[2]), 20)
+                self.assert_still_serving(address)
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(10), 0)
+
+    def test_a_stopped_log_reader_never_stops_serving(self):
+        process, address = self.headless_orchestrator()
+        # A paused pager or Ctrl-S: nobody reads. A small pipe fills after a few dozen lines.
+        fcntl.fcntl(process.stderr.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
+        generate_events(self, int(address.rpartition(":")[2]), 150)
+        self.assert_still_serving(address)
+        log = LineCollector(process.stderr)  # the reader comes back: nothing was lost meanwhile
+        generate_events(self, int(address.rpartition(":")[2]), 1, prefix="after")
+        self.assertIsNotNone(wait_until(lambda: "Node 'after-0000' has left the cluster." in log.text(), 10))
+        lines = log.text()
+        for number in range(150):
+            self.assertIn(f"Node 'churn-{number:04d}' has left the cluster.", lines)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(10), 0)
+        self.assertNotIn("Traceback", log.text())
+
+    def test_a_full_log_disk_never_stops_serving(self):
+        folder = tempfile.mkdtemp(prefix="cares-test-full-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "orchestrator.log")
+        limit = 16 * 1024
+        with open(path, "w") as log:
+            process, address = self.headless_orchestrator(
+                stderr=log, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+        generate_events(self, int(address.rpartition(":")[2]), 200)  # ~25 kB of log lines
+        self.assert_still_serving(address)
+        self.assertIsNone(process.poll(), "the orchestrator died on a full disk")
+        self.assertLessEqual(os.path.getsize(path), limit)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(10), 0)
+
+    def test_a_worker_whose_stderr_broke_rejoins_after_an_orchestrator_restart(self):
+        first = cares.Orchestrator("127.0.0.1:0")
+        first.start()
+        port = first.port
+        worker = self.spawn("worker", f"127.0.0.1:{port}", "--node-id", "orphan", "--headless")
+        self.assert_becomes(first.registry, "orphan", cares.NodeStatus.ACTIVE, 10)
+        worker.stderr.close()  # the ssh session that started it is gone
+        first.stop(0.2)
+        second = self.start_orchestrator(f"127.0.0.1:{port}")
+        self.assert_becomes(second.registry, "orphan", cares.NodeStatus.ACTIVE, 10)
+        self.assertIsNone(worker.poll())
+
+    def test_sighup_keeps_headless_processes_serving(self):
+        process, address = self.headless_orchestrator()
+        orchestrator_log = LineCollector(process.stderr)
+        worker = self.spawn("worker", address, "--node-id", "hangup", "--token", "t0k3n", "--headless")
+        worker_log = LineCollector(worker.stderr)
+        self.assertIsNotNone(wait_until(lambda: "Node 'hangup' has joined" in orchestrator_log.text(), 10))
+        for child, log in ((process, orchestrator_log), (worker, worker_log)):
+            child.send_signal(signal.SIGHUP)
+            self.assertIsNotNone(wait_until(lambda: "SIGHUP" in log.text(), 5), log.text())
+            self.assertIsNone(child.poll())
+        self.assert_still_serving(address)
+        worker.send_signal(signal.SIGTERM)
+        self.assertEqual(worker.wait(10), 0)
+        self.assertIsNotNone(wait_until(lambda: "Node 'hangup' has left the cluster." in orchestrator_log.text(), 5))
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(10), 0)
+
+    def test_refusal_floods_become_summaries(self):
+        orchestrator = self.start_orchestrator()
+        registry = orchestrator.registry
+        registry.refusal_summary.window_s = 0.5
+        stub = raw_stub(self, orchestrator.port)
+        calls = [stub.JoinCluster.future(pb.NodeInfo(node_id=f"bad id {n}"), timeout=10) for n in range(2000)]
+        for call in calls:
+            self.assertEqual(call.exception().code(), grpc.StatusCode.INVALID_ARGUMENT)
+        def refusals():
+            return [text for text in texts(registry.events) if "refused" in text]
+
+        def summed():
+            return sum(int(text.split()[0]) for text in refusals()[1:])
+        # The first refusal is logged at once; the other 1,999 only as counts in summary lines.
+        self.assertIsNotNone(wait_until(lambda: summed() == 1999, 5), refusals())
+        self.assertLessEqual(len(refusals()), 6, refusals())
+        self.assertIn("Join from 127.0.0.1 refused: invalid node ID 'bad id ", refusals()[0])
+        self.assertRegex(refusals()[1], r"^\d+ joins refused from 127\.0\.0\.1 in the last \d+ s: invalid join\.$")
+        self.assertEqual(registry.counters()["refusals"][("join", cares.RefusalReason.INVALID_JOIN)], 2000)
+
+    def test_restarts_leave_no_ghost_rows(self):
+        orchestrator = self.start_orchestrator(forget_after_s=1.0)
+        registry = orchestrator.registry
+        address = f"127.0.0.1:{orchestrator.port}"
+        base = cares.default_node_id(socket.gethostname(), cares.machine_identity(), os.getuid())
+        expected = [base, f"{base}-2"]
+
+        def start_both():
+            first = self.spawn("worker", address, "--headless")
+            self.assert_becomes(registry, base, cares.NodeStatus.ACTIVE, 10)
+            second = self.spawn("worker", address, "--headless")
+            self.assert_becomes(registry, f"{base}-2", cares.NodeStatus.ACTIVE, 10)
+            return first, second
+        for _ in range(3):  # two workers on one host, restarted three times
+            for process in start_both():
+                process.kill()
+                process.wait(5)
+            for node_id in expected:
+                self.assert_becomes(registry, node_id, cares.NodeStatus.DISCONNECTED, 5)
+        self.assertEqual(sorted(node.node_id for node in registry.snapshot()), expected)
+        # Rows gone for longer than --forget-after are aged out, headless or not.
+        self.assertIsNotNone(wait_until(lambda: len(registry) == 0, 5))
+        self.assertIn("Forgot 2 node(s) gone for over 1s.", texts(registry.events))
+
+    def test_status_lists_ten_thousand_nodes(self):
+        orchestrator = self.start_orchestrator()
+        registry = orchestrator.registry
+        sample = cares.LocalSampler().sample()
+        for number in range(10_000):
+            node_id = f"worker-prod-eu-west-1a-{number:05d}"
+            session = joined(registry, node_id, address=f"10.{number // 256 % 256}.{number % 256}.7:41234",
+                             hostname=f"ip-10-0-{number % 256}-7.eu-west-1.compute.internal",
+                             labels={"role": "web", "zone": "eu-west-1a"})
+            registry.update(node_id, session, sample, 1)
+        address = f"127.0.0.1:{orchestrator.port}"
+        result = self.run_cares("status", address, "--json", "--timeout", "30", timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr[-500:])
+        rows = json.loads(result.stdout)["nodes"]
+        self.assertEqual(len(rows), 10_000)
+        self.assertEqual(rows[-1]["node_id"], "worker-prod-eu-west-1a-09999")
+        self.assertEqual(rows[0]["labels"], {"role": "web", "zone": "eu-west-1a"})
+        table = self.run_cares("status", address, "--timeout", "30", timeout=60)
+        self.assertEqual(table.returncode, 0, table.stderr[-500:])
+        self.assertEqual(len(table.stdout.splitlines()), 10_001)
+        # Every reply stayed within the page budget; what the orchestrator receives keeps its 64 KiB cap.
+        reply = pb_grpc.StatusServiceStub(grpc.insecure_channel(address)).ListNodes(
+            pb.ListNodesRequest(page_size=1000), timeout=10)
+        self.assertLessEqual(reply.ByteSize(), cares.STATUS_PAGE_BYTES + 4096)
+        self.assertEqual(reply.total_nodes, 10_000)
+        with self.assertRaises(grpc.RpcError) as caught:
+            raw_stub(self, orchestrator.port).JoinCluster(pb.NodeInfo(node_id="big", hostname="x" * 70_000),
+                                                          timeout=5)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    def test_a_worker_written_from_the_proto_alone(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        registry = orchestrator.registry
+        channel = grpc.insecure_channel(f"127.0.0.1:{orchestrator.port}")
+        self.addCleanup(channel.close)
+        stub = pb_grpc.ClusterServiceStub(channel)  # nothing of cares: the generated stubs only
+        ack = stub.JoinCluster(pb.NodeInfo(node_id="plain", hostname="from-spec"), timeout=5)
+        done = threading.Event()
+        self.addCleanup(done.set)
+
+        def samples():
+            for sequence in range(1, 200):
+                yield pb.NodeMetrics(node_id="plain", session_id=ack.session_id, cpu_percent=33.0,
+                                     memory_percent=44.0, sequence=sequence)
+                if done.wait(0.2):
+                    return
+        replies = stub.Heartbeat(samples(), timeout=30)
+        self.assertIsNotNone(wait_until(lambda: cpu_of(registry, "plain") == 33.0, 5))
+        self.assertEqual(registry.get("plain").status, cares.NodeStatus.ACTIVE)
+        self.assertEqual(next(replies).set_heartbeat_interval_ms, 200)
+        refused = stub.Heartbeat(iter([pb.NodeMetrics(node_id="plain", session_id="guess", sequence=1)]), timeout=5)
+        with self.assertRaises(grpc.RpcError) as caught:
+            list(refused)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.PERMISSION_DENIED)
+        self.assertIn("Heartbeat stream from 127.0.0.1 refused: no joined session.", texts(registry.events))
+        self.assertEqual(registry.get("plain").status, cares.NodeStatus.ACTIVE)
+
+    def test_no_invented_values(self):
+        orchestrator = self.start_orchestrator()
+        registry = orchestrator.registry
+        stub = raw_stub(self, orchestrator.port)
+        session = stub.JoinCluster(pb.NodeInfo(node_id="silent"), timeout=5).session_id
+        OpenStream(self, stub, "silent", session)  # bound, no sample yet
+        self.assert_becomes(registry, "silent", cares.NodeStatus.JOINING, 5)
+        active(registry, "busy", cpu=80.0, memory=60.0)
+        rows = {row["node_id"]: row for row in cares.fetch_status(f"127.0.0.1:{orchestrator.port}")}
+        silent = rows["silent"]
+        self.assertEqual((silent["status"], silent["cpu_percent"], silent["memory_percent"], silent["last_seen"]),
+                         ("Joining", None, None, None))
+        self.assertEqual(set(silent["metrics"].values()), {None})
+        # An older worker sends CPU and memory only: the rest stays unknown, not 0.
+        self.assertIsNone(rows["busy"]["metrics"]["load_average_1m"])
+        self.assertEqual(rows["busy"]["metrics"]["cpu_percent"], 80.0)
+        table = cares.format_status_table(list(rows.values()))
+        self.assertRegex(table, r"silent +\S+ +Joining +- +-  -")
+        summary = cares.summarize(registry.snapshot(with_history=False))
+        self.assertEqual((summary.cpu_percent, summary.memory_percent), (80.0, 60.0))
+
+    def test_bad_inputs_get_one_clear_line(self):
+        for args, environment in ((["status", "127.0.0.1:1", "--token", "pässwort"], {}),
+                                  (["worker", "127.0.0.1:1"], {"CARES_TOKEN": "tab\tbed"})):
+            result = self.run_cares(*args, env={**os.environ, **environment})
+            self.assert_one_line_error(result, 2)
+            self.assertIn(cares.TOKEN_RULE, result.stderr)
+        for term in ("dumb", None):
+            environment = {key: value for key, value in os.environ.items() if key != "TERM"}
+            if term:
+                environment["TERM"] = term
+            leader, follower = os.openpty()
+            self.addCleanup(os.close, leader)
+            with os.fdopen(follower, "wb", closefd=True) as terminal:
+                result = subprocess.run([sys.executable, CARES_PY, "orchestrator", "--listen", "127.0.0.1:0"],
+                                        stdin=terminal, stdout=terminal, stderr=subprocess.PIPE, text=True,
+                                        env=environment, timeout=30)
+            self.assert_one_line_error(result, 1)
+            self.assertIn("cannot show the dashboard; run with --headless", result.stderr)
+        parser = cares.build_parser()
+        for target in ("my_host:50051", "dns:///orchestrator:50051", "bücher.example:1"):
+            self.assertTrue(parser.parse_args(["worker", target]).orchestrator_address, target)
+
+
+class LineWriterTest(unittest.TestCase):
+    """The headless log writer on real pipes and devices: callers never wait, losses are reported."""
+
+    def test_a_stopped_reader_costs_dropped_lines_not_a_blocked_caller(self):
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
+        writer = cares.LineWriter(write_end, capacity=20)
+        putter = threading.Thread(target=lambda: [writer.put(f"line {n:03d} " + "x" * 100) for n in range(500)])
+        putter.start()
+        putter.join(10)
+        self.assertFalse(putter.is_alive(), "put() waited for the reader")
+        received = bytearray()
+        reader = threading.Thread(target=lambda: [received.extend(chunk) for chunk in
+                                                  iter(lambda: os.read(read_end, 65536), b"")], daemon=True)
+        reader.start()  # the reader comes back
+        writer.put("after")
+        self.assertIsNotNone(wait_until(lambda: b"after\n" in received, 10))
+        text = received.decode()
+        dropped = int(re.search(r"cares: (\d+) log line\(s\) were dropped \(the log was not being read\)\.",
+                                text).group(1))
+        delivered = len(re.findall(r"^line \d{3} ", text, re.MULTILINE))
+        self.assertGreater(dropped, 400)
+        self.assertEqual(dropped + delivered, 500)
+        self.assertEqual(writer.dropped, 0)
+
+    def test_write_errors_are_counted_and_reported_once_writing_works(self):
+        fd = os.open("/dev/full", os.O_WRONLY)  # every write: no space left on device
+        self.addCleanup(os.close, fd)
+        writer = cares.LineWriter(fd)
+        writer.put("lost 1")
+        writer.put("lost 2")
+        self.assertIsNotNone(wait_until(lambda: writer.dropped == 2, 5))
+        with tempfile.TemporaryFile() as disk:
+            os.dup2(disk.fileno(), fd)  # space again
+            writer.put("back")
+            self.assertTrue(writer.flush(5))
+            disk.seek(0)
+            self.assertEqual(disk.read().decode(), "cares: 2 log line(s) were dropped (no space left on device).\n"
+                                                   "back\n")
+
+    def test_a_closed_pipe_is_counted_not_raised(self):
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        os.close(read_end)
+        writer = cares.LineWriter(write_end)
+        for number in range(10):
+            writer.put(f"into the void {number}")
+        self.assertIsNotNone(wait_until(lambda: writer.dropped == 10, 5))
+        self.assertEqual(writer._drop_reason, "broken pipe")
+
+
+# ---------------------------------------------------------------------------
+# 8. The command line
 # ---------------------------------------------------------------------------
 
 class CommandLineTest(ClusterTestCase):
-    def run_cares(self, *args, timeout=20):
-        return subprocess.run([sys.executable, CARES_PY, *args], capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
-
-    def assert_one_line_error(self, result, code):
-        self.assertEqual(result.returncode, code, result)
-        self.assertNotIn("Traceback", result.stderr)
-        self.assertNotIn("Traceback", result.stdout)
-
     def test_version_and_help(self):
-        result = self.run_cares("--version")
-        self.assertEqual((result.returncode, result.stdout.strip()), (0, f"cares {cares.VERSION}"))
+        self.assertEqual(self.exit_code("--version")[0], 0)
         result = self.run_cares("--help")
         self.assertEqual(result.returncode, 0)
         for command in ("orchestrator", "worker", "status"):
@@ -627,16 +1510,21 @@ class CommandLineTest(ClusterTestCase):
 
     def test_no_arguments_without_a_terminal_is_a_usage_error(self):
         result = self.run_cares()
-        self.assert_one_line_error(result, 2)
+        self.assertEqual(result.returncode, 2)
         self.assertIn("usage:", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
 
     def test_usage_errors_exit_2_without_traceback(self):
         for args in (["worker", "nohost"], ["worker", "[::1]:99999"], ["worker", "h:1", "--node-id", "bad id"],
                      ["orchestrator", "--listen", "1.2.3.4"], ["status"], ["bogus"],
-                     ["orchestrator", "--max-nodes", "0"]):
-            result = self.run_cares(*args)
-            self.assert_one_line_error(result, 2)
-            self.assertIn("error:", result.stderr, args)
+                     ["orchestrator", "--max-nodes", "0"], ["orchestrator", "--forget-after", "soon"],
+                     ["worker", "h:1", "--label", "Bad=x"], ["worker", "h:1", *["--label", "k=v"] * 2,
+                                                             *[f"--label=k{n}=v" for n in range(16)]]):
+            code, stderr = self.exit_code(*args)
+            self.assertEqual(code, 2, (args, stderr))
+            self.assertNotIn("Traceback", stderr)
+        code, stderr = self.exit_code("worker", "h:1", "--label", "Bad=x")
+        self.assertIn(cares.LABEL_RULE, stderr)
 
     def test_port_in_use_exits_1_naming_the_port(self):
         orchestrator = self.start_orchestrator()
@@ -649,43 +1537,55 @@ class CommandLineTest(ClusterTestCase):
     def test_status_of_unreachable_orchestrator_exits_1(self):
         result = self.run_cares("status", f"127.0.0.1:{free_port()}", "--timeout", "3")
         self.assert_one_line_error(result, 1)
-        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
         self.assertIn("unreachable", result.stderr)
 
-    def test_status_json_shows_what_each_worker_sent(self):
+    def test_status_into_a_closed_pipe_is_quiet(self):
         orchestrator = self.start_orchestrator()
+        for number in range(300):
+            active(orchestrator.registry, f"n{number:03d}")
+        process = subprocess.Popen([sys.executable, CARES_PY, "status", f"127.0.0.1:{orchestrator.port}"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process.stdout.readline()
+        process.stdout.close()  # `cares status | head -1`
+        self.assertEqual(process.wait(20), 0)
+        self.assertEqual(process.stderr.read(), b"")
+
+    def test_status_json_shows_what_each_worker_sent(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
         sent = {f"exact-{n}": (11.0 * n, 7.5 * n) for n in range(1, 5)}
         for node_id, (cpu, memory) in sent.items():
-            self.start_worker(orchestrator, node_id, FixedSampler(cpu, memory))
+            self.start_worker(orchestrator, node_id, FixedSampler(cpu, memory), labels={"n": node_id[-1]})
         self.assertIsNotNone(wait_until(
-            lambda: all((orchestrator.registry.get(n) or cares.Node("", "")).cpu_usage == v[0]
-                        for n, v in sent.items()), 5))
+            lambda: all(cpu_of(orchestrator.registry, n) == v[0] for n, v in sent.items()), 5))
         result = self.run_cares("status", f"127.0.0.1:{orchestrator.port}", "--json")
         self.assertEqual(result.returncode, 0, result.stderr)
         nodes = {node["node_id"]: node for node in json.loads(result.stdout)["nodes"]}
         self.assertEqual(set(nodes), set(sent))
         for node_id, (cpu, memory) in sent.items():
             node = nodes[node_id]
-            self.assertEqual((node["status"], node["cpu_percent"], node["memory_percent"]),
-                             ("Active", cpu, memory))
+            self.assertEqual((node["status"], node["cpu_percent"], node["memory_percent"], node["labels"]),
+                             ("Active", cpu, memory, {"n": node_id[-1]}))
             self.assertAlmostEqual(node["last_seen"], time.time(), delta=5)
             self.assertEqual(set(node), {"node_id", "address", "status", "cpu_percent", "memory_percent",
-                                         "last_seen", "hostname", "joined_at"})
+                                         "last_seen", "hostname", "joined_at", "labels", "platform", "version",
+                                         "cpu_count", "memory_total_bytes", "metrics"})
             self.assertEqual(node["hostname"], socket.gethostname()[:cares.HOSTNAME_LIMIT])
+            self.assertEqual(node["version"], cares.VERSION)
             self.assertLessEqual(node["joined_at"], node["last_seen"])
 
     def test_headless_orchestrator_and_four_headless_workers(self):
-        port = free_port()
-        address = f"127.0.0.1:{port}"
-        orchestrator = self.spawn("orchestrator", "--listen", address, "--headless")
+        address = f"127.0.0.1:{free_port()}"
+        orchestrator = self.spawn("orchestrator", "--listen", address, "--headless", "--heartbeat-ms", "200")
         workers = [self.spawn("worker", address, "--node-id", f"proc-{n}", "--headless") for n in range(4)]
 
         def nodes():
-            result = self.run_cares("status", address, "--json", "--timeout", "2")
-            return json.loads(result.stdout)["nodes"] if result.returncode == 0 else []
+            try:
+                return cares.fetch_status(address, timeout=2)
+            except grpc.RpcError:
+                return []
         self.assertIsNotNone(wait_until(
-            lambda: len([n for n in nodes() if n["status"] == "Active" and n["memory_percent"] > 0]) == 4,
-            20, interval=0.3))
+            lambda: len([n for n in nodes() if n["status"] == "Active" and n["memory_percent"]]) == 4,
+            20, interval=0.1))
         rows = nodes()
         self.assertEqual(sorted(row["node_id"] for row in rows), [f"proc-{n}" for n in range(4)])
         here = cares.psutil.virtual_memory().percent
@@ -708,16 +1608,34 @@ class CommandLineTest(ClusterTestCase):
             self.assertEqual(worker.wait(10), 0)
             self.assertIn("[INFO] Disconnected: the orchestrator is shutting down; retrying.", worker.stderr.read())
 
+    def test_json_log_lines(self):
+        address = f"127.0.0.1:{free_port()}"
+        orchestrator = self.spawn("orchestrator", "--listen", address, "--headless", "--log-format", "json")
+        worker = self.spawn("worker", address, "--node-id", "jsonic", "--headless", "--log-format", "json")
+        log = LineCollector(orchestrator.stderr)
+        self.assertIsNotNone(wait_until(lambda: '"event": "joined"' in log.text(), 15), log.text())
+        worker.terminate()
+        self.assertEqual(worker.wait(10), 0)
+        self.assertIsNotNone(wait_until(lambda: '"event": "left"' in log.text(), 5))
+        orchestrator.terminate()
+        self.assertEqual(orchestrator.wait(10), 0)
+        records = [json.loads(line) for _, line in log.lines]
+        joined_record = next(record for record in records if record["event"] == "joined")
+        self.assertEqual((joined_record["node_id"], joined_record["level"]), ("jsonic", "info"))
+        self.assertRegex(joined_record["ts"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        self.assertEqual(joined_record["hostname"], socket.gethostname()[:cares.HOSTNAME_LIMIT])
+
 
 # ---------------------------------------------------------------------------
 # The TUI: pure layout helpers, then scenes on a mock Screen with a real Canvas
 # (asciimatics' own widget-test pattern), then the real thing in tmux.
 # ---------------------------------------------------------------------------
 
-def make_node(node_id, cpu=10.0, memory=20.0, status=cares.ACTIVE, last_seen=None):
-    node = cares.Node(node_id=node_id, address="10.0.0.1:4000", status=status, cpu_usage=cpu,
-                      memory_usage=memory, last_seen=time.time() if last_seen is None else last_seen)
-    node.cpu_history.extend([cpu] * 5)
+def make_node(node_id, cpu=10.0, memory=20.0, status=cares.NodeStatus.ACTIVE, last_seen=None):
+    node = cares.Node(node_id=node_id, address="10.0.0.1:4000", status=status, metrics=values(cpu, memory),
+                      last_seen=time.time() if last_seen is None else last_seen)
+    for moment in range(5):
+        node.history.add(node.metrics, moment, 1.0)
     return node
 
 
@@ -754,7 +1672,7 @@ class TableLayoutTest(unittest.TestCase):
 
     def test_disconnected_rows_are_dimmed_but_keep_last_values(self):
         layout = cares.table_layout(120)
-        segments = cares.node_row(make_node("gone", cpu=70.0, status=cares.DISCONNECTED,
+        segments = cares.node_row(make_node("gone", cpu=70.0, status=cares.NodeStatus.DISCONNECTED,
                                             last_seen=time.time() - 42), layout, time.time())
         text = "".join(part for part, _ in segments)
         self.assertIn("Disconnected", text)
@@ -769,7 +1687,7 @@ class TableLayoutTest(unittest.TestCase):
 
     def test_sorting_and_summary(self):
         nodes = [make_node("b", cpu=50, memory=10), make_node("a", cpu=90, memory=5),
-                 make_node("c", cpu=10, memory=80, status=cares.DISCONNECTED)]
+                 make_node("c", cpu=10, memory=80, status=cares.NodeStatus.DISCONNECTED)]
         ids = lambda key, reverse=False: [n.node_id for n in cares.sort_nodes(nodes, key, reverse)]
         self.assertEqual(ids("n"), ["a", "b", "c"])
         self.assertEqual(ids("c"), ["a", "b", "c"])
@@ -827,8 +1745,8 @@ class TuiSceneTest(ClusterTestCase):
         with self.assertRaises(StopApplication):
             cares.quit_on_key(event)
 
-    def make_app(self, **options):
-        app = cares.TuiApp(**options)
+    def make_app(self, node_id=None):
+        app = cares.TuiApp(worker_config=cares.WorkerConfig(node_id=node_id))
         self.addCleanup(app.shutdown)
         return app
 
@@ -903,7 +1821,7 @@ class TuiSceneTest(ClusterTestCase):
         with self.assertRaises(NextScene) as caught:
             press(frame, 13)
         self.assertEqual((caught.exception.name, app.view), ("worker", "worker"))
-        self.assert_becomes(orchestrator.registry, "from-form", cares.ACTIVE, 5)
+        self.assert_becomes(orchestrator.registry, "from-form", cares.NodeStatus.ACTIVE, 5)
 
     def test_create_form_starts_the_orchestrator_or_says_why_not(self):
         busy = self.start_orchestrator()
@@ -924,7 +1842,7 @@ class TuiSceneTest(ClusterTestCase):
 
     def dashboard(self, width=120, height=40):
         app = self.make_app()
-        app.start_orchestrator("127.0.0.1:0")
+        app.start_orchestrator(cares.OrchestratorConfig("127.0.0.1:0"))
         return app, cares.DashboardFrame(make_canvas(width, height), app)
 
     def test_dashboard_starts_empty_with_a_hint(self):
@@ -940,8 +1858,8 @@ class TuiSceneTest(ClusterTestCase):
         app, frame = self.dashboard()
         registry = app.orchestrator.registry
         for number, cpu in ((1, 12.5), (2, 64.0), (3, 97.0)):
-            session = registry.join(f"node-{number}", f"10.0.0.{number}:5000")
-            registry.update(f"node-{number}", session, cpu_percent=cpu, memory_percent=50, sequence=1)
+            session = joined(registry, f"node-{number}", f"10.0.0.{number}:5000")
+            registry.update(f"node-{number}", session, values(cpu, 50), 1)
         registry.disconnect("node-2", registry.get("node-2").session_id, "test")
         lines = render(frame)
         row = line_with(lines, "node-1 ")
@@ -964,8 +1882,7 @@ class TuiSceneTest(ClusterTestCase):
         app, frame = self.dashboard()
         registry = app.orchestrator.registry
         for number in range(1000):
-            session = registry.join(f"n{number:04d}", "x")
-            registry.update(f"n{number:04d}", session, cpu_percent=number / 10, memory_percent=1, sequence=1)
+            active(registry, f"n{number:04d}", cpu=number / 10, memory=1)
         lines = render(frame)
         header = line_with(lines, "NODE ID")
         rows = int(header.split(" of ")[0].split("-")[-1])
@@ -990,7 +1907,7 @@ class TuiSceneTest(ClusterTestCase):
     def test_dashboard_keys_change_heartbeat_and_forget_disconnected(self):
         app, frame = self.dashboard()
         registry = app.orchestrator.registry
-        registry.disconnect("gone", registry.join("gone", "x"), "test")
+        registry.disconnect("gone", joined(registry, "gone"), "test")
         press(frame, "x")
         self.assertIsNone(registry.get("gone"))
         press(frame, "+")
@@ -1001,14 +1918,15 @@ class TuiSceneTest(ClusterTestCase):
 
     def test_hostile_join_never_reaches_the_screen_raw(self):
         app, frame = self.dashboard()
-        with grpc.insecure_channel(f"127.0.0.1:{app.orchestrator.port}") as channel:
-            stub = pb_grpc.ClusterServiceStub(channel)
-            with self.assertRaises(grpc.RpcError) as caught:
-                stub.JoinCluster(pb.NodeInfo(node_id="\x1b[2J\x1b]0;owned\x07"), timeout=5)
-            self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
-            stub.JoinCluster(pb.NodeInfo(node_id="ok", hostname="\x1b[31m\u202eevil" * 50), timeout=5)
+        stub = raw_stub(self, app.orchestrator.port)
+        with self.assertRaises(grpc.RpcError) as caught:
+            stub.JoinCluster(pb.NodeInfo(node_id="\x1b[2J\x1b]0;owned\x07"), timeout=5)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        session = stub.JoinCluster(pb.NodeInfo(node_id="ok", hostname="\x1b[31m\u202eevil" * 50), timeout=5).session_id
+        OpenStream(self, stub, "ok", session).send(metrics("ok", session, 1))
+        self.assertIsNotNone(wait_until(lambda: cpu_of(app.orchestrator.registry, "ok") is not None, 5))
         lines = render(frame)
-        self.assertIsNotNone(line_with(lines, "rejected: invalid node ID '?[2J?]0;owned?'"))
+        self.assertIsNotNone(line_with(lines, "refused: invalid node ID '?[2J?]0;owned?'"))
         for line in lines:
             for char in line:
                 self.assertNotIn(unicodedata.category(char), ("Cc", "Cf"), repr(line))
@@ -1016,9 +1934,9 @@ class TuiSceneTest(ClusterTestCase):
 
     def test_worker_view_shows_local_stats_while_unreachable(self):
         app = self.make_app(node_id="solo")
-        app.start_worker(f"127.0.0.1:{free_port()}")
+        app.start_worker(cares.WorkerConfig(f"127.0.0.1:{free_port()}", node_id="solo"))
         frame = cares.WorkerFrame(make_canvas(), app)
-        self.assertIsNotNone(wait_until(lambda: app.worker.state.phase == "retrying", 5))
+        self.assertIsNotNone(wait_until(lambda: app.worker.state.phase is cares.ConnectionPhase.RETRYING, 5))
         lines = render(frame)
         self.assertIn("node solo", lines[0])
         self.assertIn("retrying in", lines[1])
@@ -1125,7 +2043,7 @@ class TmuxEndToEndTest(unittest.TestCase):
             self.wait_for(name, lambda text: "pick a role" in text, 15, "the mode menu")
             self.keys(name, "Down", "Enter")
             self.fill_address(name, "Orchestrator address", address)
-            text = self.wait_for(name, lambda text: "connected, heartbeat every" in text and "Memory" in text,
+            text = self.wait_for(name, lambda text: "heartbeat every" in text and "Memory" in text,
                                  15, "a connected worker view")
             node_ids.append(re.search(r"node (\S+)", text).group(1))
         dashboard = self.wait_for(
@@ -1136,7 +2054,6 @@ class TmuxEndToEndTest(unittest.TestCase):
         for row in rows.values():
             self.assertRegex(row, "[▏▎▍▌▋▊▉█]")  # memory is never 0 %, so every row has a bar
             self.assertEqual(len(re.findall(r"\d+\.\d%", row)), 2, row)
-        print("\n" + dashboard, file=sys.stderr)
 
         def percentages(text):
             return {node: re.findall(r"\d+\.\d%", row) for node, row in self.node_rows(text).items()}
@@ -1172,57 +2089,9 @@ class TmuxEndToEndTest(unittest.TestCase):
 # Access: join tokens, TLS, streams bound to their session
 # ---------------------------------------------------------------------------
 
-def raw_stub(test, port):
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    test.addCleanup(channel.close)
-    return pb_grpc.ClusterServiceStub(channel)
-
-
-def metrics(node_id, session_id, sequence, cpu=10.0, memory=20.0, **fields):
-    fields.setdefault("sent_at_ms", int(time.time() * 1000))
-    return pb.NodeMetrics(node_id=node_id, session_id=session_id, cpu_percent=cpu, memory_percent=memory,
-                          sequence=sequence, **fields)
-
-
-class OpenStream:
-    """A raw Heartbeat stream whose messages the test sends one by one."""
-
-    def __init__(self, test, stub, node_id=None, session_id=None):
-        self._queue = []
-        self._ready = threading.Condition()
-        self._closed = False
-        identity = ((cares.NODE_METADATA_KEY, node_id), (cares.SESSION_METADATA_KEY, session_id))
-        self.replies = stub.Heartbeat(self._messages(), timeout=30,
-                                      metadata=identity if node_id is not None else None)
-        test.addCleanup(self.close)
-
-    def _messages(self):
-        while True:
-            with self._ready:
-                self._ready.wait_for(lambda: self._queue or self._closed, timeout=30)
-                if not self._queue:
-                    return
-                message = self._queue.pop(0)
-            yield message
-
-    def send(self, *messages):
-        with self._ready:
-            self._queue.extend(messages)
-            self._ready.notify()
-
-    def close(self):
-        with self._ready:
-            self._closed = True
-            self._ready.notify()
-
-    def outcome(self):
-        """The status code the orchestrator ended the stream with."""
-        try:
-            list(self.replies)
-        except grpc.RpcError as error:
-            return error.code()
-        return grpc.StatusCode.OK
-
+# ---------------------------------------------------------------------------
+# Access: tokens, TLS, streams bound to their session
+# ---------------------------------------------------------------------------
 
 class AccessTest(ClusterTestCase):
     def make_tls_files(self):
@@ -1246,26 +2115,26 @@ class AccessTest(ClusterTestCase):
                                         cares.LocalSampler(), token=token)
             client.start()
             self.addCleanup(client.stop, False, 0.5)
-            self.assertIsNotNone(wait_until(lambda: client.state.phase == "retrying", 5))
+            self.assertIsNotNone(wait_until(lambda: client.state.phase is cares.ConnectionPhase.RETRYING, 5))
             state = client.state
             self.assertEqual(state.detail, "the orchestrator rejected the join token")
             self.assertGreaterEqual(state.retry_at - time.monotonic(), cares.REJECTED_TOKEN_BACKOFF_S - 2)
             self.assertIsNone(orchestrator.registry.get(f"intruder-{token}"))
-        texts = [event.text for event in orchestrator.registry.events.tail(10)]
-        self.assertEqual(sum("rejected: missing or wrong token" in text for text in texts), 2, texts)
+        self.assertIn("Join from 127.0.0.1 refused: missing or wrong token.", texts(orchestrator.registry.events))
+        self.assertEqual(orchestrator.registry.counters()["refusals"][("join", cares.RefusalReason.WRONG_TOKEN)], 2)
         self.start_worker_with_token(orchestrator, "s3cret")
 
     def start_worker_with_token(self, orchestrator, token):
         client = cares.WorkerClient(f"127.0.0.1:{orchestrator.port}", "member", cares.LocalSampler(), token=token)
         client.start()
         self.addCleanup(client.stop, False, 0.5)
-        self.assert_becomes(orchestrator.registry, "member", cares.ACTIVE, 5)
+        self.assert_becomes(orchestrator.registry, "member", cares.NodeStatus.ACTIVE, 5)
 
     def test_token_from_the_environment_and_the_status_command(self):
         orchestrator = self.start_orchestrator(token="from-env")
         worker = self.spawn("worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "env-worker", "--headless",
                             env={**os.environ, "CARES_TOKEN": "from-env"})
-        self.assert_becomes(orchestrator.registry, "env-worker", cares.ACTIVE, 10)
+        self.assert_becomes(orchestrator.registry, "env-worker", cares.NodeStatus.ACTIVE, 10)
         run = lambda *extra: subprocess.run(
             [sys.executable, CARES_PY, "status", f"127.0.0.1:{orchestrator.port}", "--json", *extra],
             capture_output=True, text=True, timeout=20, env={k: v for k, v in os.environ.items()
@@ -1287,11 +2156,11 @@ class AccessTest(ClusterTestCase):
                                     tls_ca=cert_pem)
         secure.start()
         self.addCleanup(secure.stop, False, 0.5)
-        self.assert_becomes(orchestrator.registry, "secure", cares.ACTIVE, 5)
+        self.assert_becomes(orchestrator.registry, "secure", cares.NodeStatus.ACTIVE, 5)
         plain = cares.WorkerClient(f"127.0.0.1:{orchestrator.port}", "plain", cares.LocalSampler())
         plain.start()
         self.addCleanup(plain.stop, False, 0.5)
-        self.assertIsNotNone(wait_until(lambda: plain.state.phase == "retrying", 3), "a plaintext worker hung")
+        self.assertIsNotNone(wait_until(lambda: plain.state.phase is cares.ConnectionPhase.RETRYING, 3), "a plaintext worker hung")
         self.assertIn("if it uses TLS, pass --tls-ca", plain.state.detail)
         result = subprocess.run([sys.executable, CARES_PY, "status", f"127.0.0.1:{orchestrator.port}",
                                  "--tls-ca", cert, "--json"], capture_output=True, text=True, timeout=20)
@@ -1325,20 +2194,20 @@ class AccessTest(ClusterTestCase):
             self.assertEqual(impostor.outcome(), grpc.StatusCode.PERMISSION_DENIED, (node_id, session))
         stream = OpenStream(self, stub, "alice", alice)
         stream.send(metrics("alice", alice, 1, cpu=11))
-        self.assertIsNotNone(wait_until(lambda: orchestrator.registry.get("alice").cpu_usage == 11, 5))
+        self.assertIsNotNone(wait_until(lambda: cpu_of(orchestrator.registry, "alice") == 11, 5))
         second = OpenStream(self, stub, "alice", alice)
         second.send(metrics("alice", alice, 2))
-        self.assertEqual(second.outcome(), grpc.StatusCode.FAILED_PRECONDITION)
+        self.assertEqual(second.outcome(), grpc.StatusCode.PERMISSION_DENIED)
         stream.send(metrics("alice", bob, 2, cpu=99))
         self.assertEqual(stream.outcome(), grpc.StatusCode.PERMISSION_DENIED)
         # The client can see the status before the handler's clean-up has run.
-        self.assert_becomes(orchestrator.registry, "alice", cares.DISCONNECTED, 2)
+        self.assert_becomes(orchestrator.registry, "alice", cares.NodeStatus.DISCONNECTED, 2)
         rejoined = stub.JoinCluster(pb.NodeInfo(node_id="alice"), timeout=5).session_id
         stream = OpenStream(self, stub, "alice", rejoined)
         stream.send(metrics("bob", bob, 2, cpu=99))
         self.assertEqual(stream.outcome(), grpc.StatusCode.PERMISSION_DENIED)
-        self.assert_becomes(orchestrator.registry, "alice", cares.DISCONNECTED, 2)
-        self.assertEqual(orchestrator.registry.get("bob").cpu_usage, 0.0)
+        self.assert_becomes(orchestrator.registry, "alice", cares.NodeStatus.DISCONNECTED, 2)
+        self.assertIsNone(orchestrator.registry.get("bob"), "bob never streamed: no row")
 
 
 # ---------------------------------------------------------------------------
@@ -1352,26 +2221,32 @@ class HostileInputTest(ClusterTestCase):
         session = stub.JoinCluster(pb.NodeInfo(node_id=node_id), timeout=5).session_id
         stream = OpenStream(self, stub, node_id, session)
         stream.send(metrics(node_id, session, 1, cpu=42.0, memory=24.0))
-        self.assertIsNotNone(wait_until(lambda: orchestrator.registry.get(node_id).cpu_usage == 42.0, 5))
+        self.assertIsNotNone(wait_until(lambda: cpu_of(orchestrator.registry, node_id) == 42.0, 5))
         return stub, session, stream
 
     def test_hostile_strings_in_node_info_are_neutralised(self):
         orchestrator = self.start_orchestrator()
         stub = raw_stub(self, orchestrator.port)
         hostile = "\x1b[2J\x1b]0;owned\x07\u202eevil\r\n\x00" * 600  # ~10 kB
-        stub.JoinCluster(pb.NodeInfo(node_id="odd", hostname=hostile, platform=hostile), timeout=5)
-        hostname = orchestrator.registry.get("odd").hostname
-        self.assertLessEqual(len(hostname), cares.HOSTNAME_LIMIT)
-        self.assertFalse([c for c in hostname if unicodedata.category(c) in ("Cc", "Cf")], repr(hostname))
+        session = stub.JoinCluster(pb.NodeInfo(node_id="odd", hostname=hostile, platform=hostile), timeout=5).session_id
+        OpenStream(self, stub, "odd", session).send(metrics("odd", session, 1))
+        self.assertIsNotNone(wait_until(lambda: cpu_of(orchestrator.registry, "odd") is not None, 5))
+        node = orchestrator.registry.get("odd")
+        for text in (node.hostname, node.platform):
+            self.assertLessEqual(len(text), cares.PLATFORM_LIMIT)
+            self.assertFalse([c for c in text if unicodedata.category(c) in ("Cc", "Cf")], repr(text))
         for node_id in ("\x1b[31mred", "x" * 10_000, "", "a b", "\u202eabc"):
             with self.assertRaises(grpc.RpcError) as caught:
                 stub.JoinCluster(pb.NodeInfo(node_id=node_id), timeout=5)
             self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
-        texts = [event.text for event in orchestrator.registry.events.tail(20)]
-        self.assertEqual(sum("invalid node ID" in text for text in texts), 5)
-        for text in texts:
+        for labels in ({"Bad Key": "x"}, {"k": "v" * 200}, {f"k{n}": "v" for n in range(20)}, {"k": "a\x1b"}):
+            with self.assertRaises(grpc.RpcError) as caught:
+                stub.JoinCluster(pb.NodeInfo(node_id="labelled", labels=labels), timeout=5)
+            self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertEqual(orchestrator.registry.counters()["refusals"][("join", cares.RefusalReason.INVALID_JOIN)], 9)
+        for text in texts(orchestrator.registry.events):
             self.assertFalse([c for c in text if unicodedata.category(c) in ("Cc", "Cf")], repr(text))
-            self.assertLess(len(text), 200)
+            self.assertLess(len(text), 300)
 
     def test_impossible_metrics_are_dropped_and_logged(self):
         orchestrator = self.start_orchestrator()
@@ -1381,9 +2256,10 @@ class HostileInputTest(ClusterTestCase):
                metrics("target", session, 1, cpu=77)]  # sequence went back
         stream.send(*bad)
         stream.send(metrics("target", session, 6, cpu=33.0, sent_at_ms=2**62))  # far-future clock: fine
-        self.assertIsNotNone(wait_until(lambda: orchestrator.registry.get("target").cpu_usage == 33.0, 5))
+        self.assertIsNotNone(wait_until(lambda: cpu_of(orchestrator.registry, "target") == 33.0, 5))
         node = orchestrator.registry.get("target")
-        self.assertEqual((node.status, node.memory_usage, node.dropped_samples), (cares.ACTIVE, 20.0, 5))
+        self.assertEqual((node.status, node.metrics.memory_percent), (cares.NodeStatus.ACTIVE, 20.0))
+        self.assertEqual(orchestrator.registry.samples_dropped, 5)
         self.assertAlmostEqual(node.last_seen, time.time(), delta=3)
         self.assertIn("Node 'target' sent a bad sample", orchestrator.registry.events.tail(3)[-1].text)
 
@@ -1395,7 +2271,7 @@ class HostileInputTest(ClusterTestCase):
         self.assertEqual(caught.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
         stream.send(pb.NodeMetrics(node_id="target", session_id=session + "x" * 100_000, sequence=2))
         self.assertEqual(stream.outcome(), grpc.StatusCode.RESOURCE_EXHAUSTED)
-        self.assert_becomes(orchestrator.registry, "target", cares.DISCONNECTED, 2)
+        self.assert_becomes(orchestrator.registry, "target", cares.NodeStatus.DISCONNECTED, 2)
         self.assertIn("Node 'target' lost", orchestrator.registry.events.tail(1)[0].text)
 
     def test_a_flood_of_heartbeats_keeps_the_latest_in_bounded_memory(self):
@@ -1403,24 +2279,22 @@ class HostileInputTest(ClusterTestCase):
         _, session, stream = self.joined(orchestrator)
         for sequence in range(2, 3002):
             stream.send(metrics("target", session, sequence, cpu=sequence % 100))
-            if sequence % 100 == 0:
-                time.sleep(0.1)  # 1,000 messages a second
         self.assertIsNotNone(wait_until(lambda: orchestrator.registry.get("target").last_sequence == 3001, 10))
         node = orchestrator.registry.get("target")
-        self.assertEqual((node.status, node.cpu_usage), (cares.ACTIVE, 3001 % 100))
-        self.assertLessEqual(len(node.cpu_history), 6)  # one point per heartbeat interval, not per message
+        self.assertEqual((node.status, node.metrics.cpu_percent), (cares.NodeStatus.ACTIVE, 3001 % 100))
+        self.assertLessEqual(len(node.history.cpu), 6)  # one point per heartbeat interval, not per message
         self.assertLess(len(orchestrator.registry.events.tail(10_000)), 10)
 
     def test_more_nodes_than_max_nodes_are_refused(self):
         orchestrator = self.start_orchestrator(max_nodes=3)
         stub = raw_stub(self, orchestrator.port)
-        for number in range(3):
-            stub.JoinCluster(pb.NodeInfo(node_id=f"n{number}"), timeout=5)
-        with self.assertRaises(grpc.RpcError) as caught:
-            stub.JoinCluster(pb.NodeInfo(node_id="one-too-many"), timeout=5)
-        self.assertEqual(caught.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
-        self.assertIn("the cluster is full (3 nodes)", caught.exception.details())
-        self.assertIn("rejected: the cluster is full", orchestrator.registry.events.tail(1)[0].text)
+        for number in range(4):
+            session = stub.JoinCluster(pb.NodeInfo(node_id=f"n{number}"), timeout=5).session_id
+            stream = OpenStream(self, stub, f"n{number}", session)
+            stream.send(metrics(f"n{number}", session, 1))
+        self.assertEqual(stream.outcome(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertIn("Heartbeat stream from 127.0.0.1 refused: the cluster is full (3 nodes).",
+                      texts(orchestrator.registry.events))
         self.assertEqual(len(orchestrator.registry), 3)
 
     def test_a_stream_that_never_speaks_is_closed(self):
@@ -1475,7 +2349,7 @@ class HostileInputTest(ClusterTestCase):
                     self.assertEqual(exit_request.code, 2)
                     continue
                 accepted += 1
-                cares.parse_address(args.orchestrator_address)
+                self.assertEqual(cares.parse_target(args.orchestrator_address), args.orchestrator_address)
         self.assertGreater(accepted, 0)
 
 
@@ -1483,34 +2357,18 @@ class HostileInputTest(ClusterTestCase):
 # Faults, with real processes
 # ---------------------------------------------------------------------------
 
-class LineCollector:
-    """Reads a process's stderr on a thread, keeping (monotonic time, line)."""
-
-    def __init__(self, stream):
-        self.lines = []
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream):
-        for line in stream:
-            self.lines.append((time.monotonic(), line))
-
-    def first_after(self, start, needle):
-        return next((at for at, line in list(self.lines) if at >= start and needle in line), None)
-
-
 class FaultTest(ClusterTestCase):
     def test_stopped_worker_is_lost_then_back_after_sigcont(self):
-        orchestrator = self.start_orchestrator()
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
         worker = self.spawn("worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "sleepy", "--headless")
         self.addCleanup(lambda: worker.poll() is None and worker.send_signal(signal.SIGCONT))
         self.assert_streaming(orchestrator.registry, "sleepy")
         worker.send_signal(signal.SIGSTOP)
         bound = cares.MISSED_HEARTBEATS * orchestrator.registry.heartbeat_interval + 1.0
-        lost = self.assert_becomes(orchestrator.registry, "sleepy", cares.DISCONNECTED, bound)
+        self.assert_becomes(orchestrator.registry, "sleepy", cares.NodeStatus.DISCONNECTED, bound)
+        self.assertIn("Node 'sleepy' lost: no heartbeat for 0.6 s.", texts(orchestrator.registry.events))
         worker.send_signal(signal.SIGCONT)
-        back = self.assert_becomes(orchestrator.registry, "sleepy", cares.ACTIVE, 10)
-        print(f"\n  SIGSTOP -> Disconnected in {lost:.2f} s (bound {bound:.1f} s); "
-              f"SIGCONT -> Active in {back:.2f} s", file=sys.stderr)
+        self.assert_becomes(orchestrator.registry, "sleepy", cares.NodeStatus.ACTIVE, 10)
 
     def test_orchestrator_killed_and_restarted_every_worker_back(self):
         address = f"127.0.0.1:{free_port()}"
@@ -1527,29 +2385,21 @@ class FaultTest(ClusterTestCase):
         self.assertIsNotNone(wait_until(lambda: statuses() == dict.fromkeys(names, "Active"), 20, 0.2))
         orchestrator.kill()
         orchestrator.wait(5)
-        time.sleep(1.0)
         self.spawn("orchestrator", "--listen", address, "--headless")
-        restarted = time.monotonic()
         waited = wait_until(lambda: statuses() == dict.fromkeys(names, "Active"), 6, 0.1)
         self.assertIsNotNone(waited, f"not all Active within 6 s of the restart: {statuses()}")
-        print(f"\n  orchestrator SIGKILL + restart -> all workers Active in "
-              f"{time.monotonic() - restarted:.2f} s", file=sys.stderr)
 
     def test_two_hundred_workers_join_at_once(self):
         orchestrator = self.start_orchestrator()
         clients = [cares.WorkerClient(f"127.0.0.1:{orchestrator.port}", f"crowd-{n:03d}", cares.LocalSampler())
                    for n in range(200)]
-        started = time.monotonic()
         for client in clients:
             client.start()
             self.addCleanup(client.stop, False, 0.5)
         registry = orchestrator.registry
-        waited = wait_until(lambda: sum(node.streaming for node in registry.snapshot()) == 200, 30, 0.1)
-        self.assertIsNotNone(waited, f"{sum(node.streaming for node in registry.snapshot())} of 200 streaming")
-        self.assertTrue(all(node.status == cares.ACTIVE for node in registry.snapshot()))
-        self.assertFalse([e.text for e in registry.events.tail(1000) if e.level != "INFO"])
-        print(f"\n  200 workers joining at once -> all Active in {time.monotonic() - started:.2f} s",
-              file=sys.stderr)
+        waited = wait_until(lambda: registry.status_counts()[cares.NodeStatus.ACTIVE] == 200, 30, 0.1)
+        self.assertIsNotNone(waited, f"{registry.status_counts()} of 200 Active")
+        self.assertFalse([e.text for e in registry.events.tail(1000) if e.level is not cares.Level.INFO])
 
     def test_black_holed_link_is_noticed_on_both_sides_and_recovers(self):
         if os.geteuid() != 0 or shutil.which("ip") is None:
@@ -1586,17 +2436,11 @@ class FaultTest(ClusterTestCase):
 
         ip("link", "set", outer, "down")
         cut = time.monotonic()
-        orchestrator_noticed = self.assert_becomes(orchestrator.registry, "far", cares.DISCONNECTED, 5)
+        self.assert_becomes(orchestrator.registry, "far", cares.NodeStatus.DISCONNECTED, 5)
         self.assertIsNotNone(wait_until(lambda: log.first_after(cut, "Disconnected:"), 5 - (time.monotonic() - cut)),
                              "the worker did not notice the dead link within 5 s")
-        worker_noticed = log.first_after(cut, "Disconnected:") - cut
         ip("link", "set", outer, "up")
-        restored = time.monotonic()
-        back = self.assert_becomes(orchestrator.registry, "far", cares.ACTIVE, 15)
-        print(f"\n  black hole -> orchestrator noticed in {orchestrator_noticed:.2f} s, worker in "
-              f"{worker_noticed:.2f} s; link back -> Active in {time.monotonic() - restored:.2f} s",
-              file=sys.stderr)
-        self.assertLessEqual(back, 15)
+        self.assert_becomes(orchestrator.registry, "far", cares.NodeStatus.ACTIVE, 15)
 
 
 # ---------------------------------------------------------------------------
