@@ -41,6 +41,7 @@ import ssl
 import sys
 import threading
 import time
+import types
 import unicodedata
 import urllib.parse
 
@@ -50,12 +51,6 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
-from asciimatics.effects import Effect  # noqa: E402
-from asciimatics.event import KeyboardEvent  # noqa: E402
-from asciimatics.exceptions import NextScene, ResizeScreenError, StopApplication  # noqa: E402
-from asciimatics.scene import Scene  # noqa: E402
-from asciimatics.screen import Screen  # noqa: E402
-from asciimatics.widgets import Frame, Label, Layout, Text, Widget  # noqa: E402
 
 import cluster_pb2 as pb  # noqa: E402
 import cluster_pb2_grpc as pb_grpc  # noqa: E402
@@ -371,50 +366,6 @@ def clamp_percent(value: float) -> float:
     return min(max(value, 0.0), 100.0)
 
 
-_EIGHTHS = " ▏▎▍▌▋▊▉"
-
-
-def bar_text(percent: float, width: int, unicode: bool = True) -> str:
-    """A width-cell bar: eighth-block resolution in Unicode, '|' like htop in ASCII."""
-    if width <= 0:
-        return ""
-    filled = clamp_percent(percent) / 100.0 * width
-    if not unicode:
-        cells = int(filled + 0.5)
-        return "|" * cells + " " * (width - cells)
-    full = int(filled)
-    eighths = int((filled - full) * 8 + 0.5)
-    if eighths == 8:
-        full, eighths = full + 1, 0
-    text = "█" * full
-    if full < width and eighths:
-        text += _EIGHTHS[eighths]
-    return text.ljust(width)
-
-
-def bar_level(percent: float) -> str:
-    """'low', 'medium' or 'high', the colour band of a load bar."""
-    percent = clamp_percent(percent)
-    if percent < 60.0:
-        return "low"
-    if percent < 85.0:
-        return "medium"
-    return "high"
-
-
-_SPARKS = "▁▂▃▄▅▆▇█"
-
-
-def sparkline(values, width: int, unicode: bool = True) -> str:
-    """The last width values (0-100) as a one-line chart, right-aligned."""
-    if width <= 0:
-        return ""
-    ticks = _SPARKS if unicode else "_.-=#"
-    recent = list(values)[-width:]
-    chars = [ticks[max(round(clamp_percent(v) / 100.0 * len(ticks)) - 1, 0)] for v in recent]
-    return "".join(chars).rjust(width)
-
-
 def format_age(seconds: float) -> str:
     seconds = max(seconds, 0.0)
     if seconds < 1.0:
@@ -445,19 +396,24 @@ def format_bytes(count: float) -> str:
     return f"{count / 1024.0:.1f} TiB"
 
 
+_wcwidth = None
+
+
 def char_width(char: str) -> int:
-    """Terminal cells a character takes: 2 for East Asian wide, 0 for combining marks."""
-    if unicodedata.combining(char):
-        return 0
-    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+    """Terminal cells a character takes (2 for wide, 0 for combining marks), as wcwidth says.
+    wcwidth is imported on first use: its tables cost a headless worker 6 MB it never needs."""
+    global _wcwidth
+    if _wcwidth is None:
+        from wcwidth import wcwidth as _wcwidth
+    return max(_wcwidth(char), 0) if ord(char) >= 0x300 else 1
 
 
 def display_width(text: str) -> int:
     return sum(char_width(char) for char in text)
 
 
-def fit(text: str, width: int) -> str:
-    """Pad or cut text to exactly width terminal cells, marking a cut with '…'."""
+def fit(text: str, width: int, ellipsis: str = "…") -> str:
+    """Pad or cut text to exactly width terminal cells, marking a cut with the ellipsis."""
     if width <= 0:
         return ""
     cells = display_width(text)
@@ -465,11 +421,11 @@ def fit(text: str, width: int) -> str:
         return text + " " * (width - cells)
     kept, used = [], 0
     for char in text:
-        if used + char_width(char) > width - 1:
+        if used + char_width(char) > width - len(ellipsis):
             break
         kept.append(char)
         used += char_width(char)
-    return "".join(kept) + "…" + " " * (width - 1 - used)
+    return "".join(kept) + ellipsis + " " * (width - len(ellipsis) - used)
 
 
 # ---------------------------------------------------------------------------
@@ -1675,6 +1631,10 @@ class Orchestrator:
         if self.forget_after_s:
             self.registry.forget_gone(older_than_s=self.forget_after_s)
 
+    def forget_gone(self) -> int:
+        """Forget every Disconnected and Missing node (the dashboard's x)."""
+        return self.registry.forget_gone()
+
     def set_heartbeat_interval(self, milliseconds: int) -> concurrent.futures.Future:
         """Ask every worker to heartbeat at a new interval. Returns at once (the UI thread calls
         this); the future completes when every stream was told."""
@@ -2221,68 +2181,303 @@ def _finite_or_none(value: float, digits: int) -> float | None:
 
 
 # ---------------------------------------------------------------------------
-# 6. The TUI: asciimatics scenes for the mode menu, the join form, the worker
-#    view and the orchestrator dashboard. First the dashboard's pure parts
-#    (layout, rows, sorting), tested without a terminal; the widgets after them
-#    only place text and pick colours.
+# 6. The TUI: asciimatics scenes for the mode menu, the create and join forms,
+#    the worker view, the orchestrator dashboard, a node's detail view and the
+#    key help. First the model and the pure parts (glyphs, layout, rows, filter,
+#    sorting, graphs), tested without a terminal; then the scenes, whose frames
+#    prepare what to show in _update and whose widgets only render it.
 # ---------------------------------------------------------------------------
+
+class View(enum.Enum):
+    """What the TUI shows; the values name its asciimatics scenes."""
+
+    MENU = "menu"
+    CREATE = "create"
+    JOIN = "join"
+    WORKER = "worker"
+    DASHBOARD = "dashboard"
+    DETAIL = "detail"
+    HELP = "help"
+
+
+@dataclasses.dataclass(frozen=True)
+class Glyphs:
+    """The characters the TUI draws with: Unicode, or plain ASCII under a non-UTF-8 locale."""
+
+    eighths: str  # partial bar cells, from empty to seven eighths
+    full: str
+    sparks: str  # graph levels, lowest first
+    up: str
+    down: str
+    ellipsis: str
+    dash: str  # a value never measured
+    unicode: bool
+
+
+UNICODE_GLYPHS = Glyphs(" ▏▎▍▌▋▊▉", "█", "▁▂▃▄▅▆▇█", "▲", "▼", "…", "–", True)
+ASCII_GLYPHS = Glyphs("        ", "|", "_.-=#", "^", "v", "~", "-", False)
+
+
+def bar_text(percent: float, width: int, glyphs: Glyphs = UNICODE_GLYPHS) -> str:
+    """A width-cell bar: eighth-block resolution in Unicode, '|' like htop in ASCII."""
+    if width <= 0:
+        return ""
+    filled = clamp_percent(percent) / 100.0 * width
+    if not glyphs.unicode:
+        cells = int(filled + 0.5)
+        return glyphs.full * cells + " " * (width - cells)
+    full = int(filled)
+    eighths = int((filled - full) * 8 + 0.5)
+    if eighths == 8:
+        full, eighths = full + 1, 0
+    text = glyphs.full * full
+    if full < width and eighths:
+        text += glyphs.eighths[eighths]
+    return text.ljust(width)
+
+
+def bar_level(percent: float | None) -> str:
+    """'low', 'medium' or 'high', the colour band of a load bar."""
+    percent = clamp_percent(percent or 0.0)
+    if percent < 60.0:
+        return "low"
+    if percent < 85.0:
+        return "medium"
+    return "high"
+
+
+def sparkline(values, width: int, glyphs: Glyphs = UNICODE_GLYPHS, top: float = 100.0) -> str:
+    """The last width values (0-top) as a one-line chart, right-aligned; gaps (NaN) stay blank."""
+    if width <= 0:
+        return ""
+    ticks = glyphs.sparks
+    chars = [" " if math.isnan(value) else
+             ticks[max(round(min(max(value, 0.0), top) / top * len(ticks)) - 1, 0)]
+             for value in list(values)[-width:]]
+    return "".join(chars).rjust(width)
+
+
+def graph_rows(values, width: int, height: int, glyphs: Glyphs = UNICODE_GLYPHS, top: float = 100.0) -> list[str]:
+    """The last width values as a chart height rows tall, top row first; each column is one
+    value, its top cell drawn in eighths (Unicode) or a full block (ASCII)."""
+    if width <= 0 or height <= 0:
+        return []
+    recent = list(values)[-width:]
+    columns = [0.0 if math.isnan(value) else min(max(value, 0.0), top) / top * height for value in recent]
+    rows = []
+    for level in range(height - 1, -1, -1):
+        cells = []
+        for filled in columns:
+            part = filled - level
+            if part >= 1.0:
+                cells.append(glyphs.full)
+            elif part > 0.0 and glyphs.unicode:
+                cells.append(glyphs.sparks[max(int(part * 8) - 1, 0)])
+            elif part >= 0.5:
+                cells.append(glyphs.full)
+            else:
+                cells.append(" ")
+        rows.append("".join(cells).rjust(width))
+    return rows
+
+
+def format_rate(bytes_per_s: float | None, glyphs: Glyphs = UNICODE_GLYPHS) -> str:
+    """A byte rate in at most 6 cells: '512B', '12.3K', '1.2G' (per second)."""
+    if bytes_per_s is None or math.isnan(bytes_per_s):
+        return glyphs.dash
+    for unit in ("B", "K", "M", "G", "T"):
+        if bytes_per_s < 1000 or unit == "T":
+            return f"{bytes_per_s:.0f}{unit}" if unit == "B" or bytes_per_s >= 100 else f"{bytes_per_s:.1f}{unit}"
+        bytes_per_s /= 1024.0
+    return glyphs.dash
+
+
+def format_uptime(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    days, hours, minutes = seconds // 86400, seconds % 86400 // 3600, seconds % 3600 // 60
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m"
+
+
+def format_number(value: float | None, glyphs: Glyphs = UNICODE_GLYPHS, digits: int = 2) -> str:
+    return glyphs.dash if value is None else f"{value:.{digits}f}"
+
+
+class SortKey(enum.Enum):
+    NODE_ID = "node ID"
+    HOST = "host"
+    STATUS = "status"
+    CPU = "CPU"
+    MEMORY = "memory"
+    LOAD = "load"
+
+
+class Column(enum.Enum):
+    """The node table's columns, in the order they are drawn."""
+
+    NODE_ID = "NODE ID"
+    HOST = "HOST"
+    LABELS = "LABELS"
+    STATUS = "STATUS"
+    CPU = "CPU"
+    MEMORY = "MEMORY"
+    LOAD = "LOAD"
+    DISK = "DISK"
+    NET = "NET RX/TX"
+    SPARK = "CPU LAST 60s"
+    SEEN = "LAST SEEN"
+
+
+PERCENT_WIDTH = 7  # " 100.0%" after each bar
+# Beyond the four every width keeps (ID, status, CPU, memory), columns join as space allows,
+# most useful first: (column, cells). The bars take what is left, at least MIN_BAR each.
+OPTIONAL_COLUMNS = ((Column.HOST, 18), (Column.SEEN, 9), (Column.LOAD, 6), (Column.DISK, 6), (Column.LABELS, 18),
+                    (Column.NET, 15), (Column.SPARK, 30))
+MIN_BAR = 8
+SORT_OF_COLUMN = {Column.NODE_ID: SortKey.NODE_ID, Column.HOST: SortKey.HOST, Column.STATUS: SortKey.STATUS,
+                  Column.CPU: SortKey.CPU, Column.MEMORY: SortKey.MEMORY, Column.LOAD: SortKey.LOAD}
+
 
 @dataclasses.dataclass(frozen=True)
 class TableLayout:
-    """Column widths of the dashboard's node table; 0 hides a column."""
+    """The node table's columns and their widths (CPU and memory: bar plus percentage)."""
 
-    node_id: int
-    address: int
-    status: int
-    bar: int  # each of the CPU and memory bars, without the percentage after it
-    spark: int
-    seen: int
+    columns: tuple  # (Column, cells) pairs, in drawing order
+    bar: int
 
-    PERCENT = 7  # " 100.0%"
+    def width_of(self, column: Column) -> int:
+        return next((cells for shown, cells in self.columns if shown is column), 0)
 
 
 def table_layout(width: int) -> TableLayout:
-    """Fit the node table into width cells: drop the sparkline, then the address, before bars get thin."""
-    node_id, status, seen = max(12, min(24, width // 6)), 12, 9
-    address = 21 if width >= 90 else 0
-    spare = width - node_id - status - seen - 4 - (address + 1 if address else 0) - 2 * TableLayout.PERCENT
-    spark = min(HISTORY_SAMPLES, spare // 4) if width >= 130 else 0
-    if spark:
-        spare -= spark + 1
-    return TableLayout(node_id, address, status, max(spare // 2, 4), spark, seen)
+    """Fit the node table into width cells: ID, status, CPU and memory always; then host, last
+    seen, load, disk, network and the CPU graph while the bars stay at least MIN_BAR wide."""
+    node_id = max(12, min(24, width // 6))
+    fixed = {Column.NODE_ID: node_id, Column.STATUS: 12}
+    chosen = dict(fixed)
+    for column, cells in OPTIONAL_COLUMNS:
+        trial = {**chosen, column: cells}
+        spare = width - sum(trial.values()) - (len(trial) + 1) - 2 * PERCENT_WIDTH
+        if spare // 2 >= MIN_BAR + (6 if column is Column.SPARK else 0):
+            chosen = trial
+    spare = width - sum(chosen.values()) - (len(chosen) + 1) - 2 * PERCENT_WIDTH
+    bar = max(min(spare // 2, 30 if Column.SPARK not in chosen else 24), 4)
+    if Column.SPARK in chosen:
+        chosen[Column.SPARK] = min(HISTORY_SAMPLES, width - sum(chosen.values()) + chosen[Column.SPARK]
+                                   - (len(chosen) + 1) - 2 * (bar + PERCENT_WIDTH))
+    chosen[Column.CPU] = chosen[Column.MEMORY] = bar + PERCENT_WIDTH
+    return TableLayout(tuple((column, chosen[column]) for column in Column if column in chosen), bar)
 
 
-def node_row(node: Node, layout: TableLayout, now: float, unicode: bool = True) -> list[tuple[str, str]]:
-    """One table row as (text, style) segments; styles: text, dim, active, disconnected, low, medium, high."""
+def table_header(layout: TableLayout, sort_key: SortKey, reverse: bool, glyphs: Glyphs = UNICODE_GLYPHS) -> str:
+    arrow = glyphs.down if reverse else glyphs.up
+    return " ".join(fit(column.value + (arrow if SORT_OF_COLUMN.get(column) is sort_key else ""), cells,
+                        glyphs.ellipsis) for column, cells in layout.columns)
+
+
+def node_row(node: Node, layout: TableLayout, now: float, glyphs: Glyphs = UNICODE_GLYPHS,
+             alerting: bool = False) -> list[tuple[str, str]]:
+    """One table row as (text, style) segments. Styles: text, dim, active, joining, gone, alert,
+    low, medium, high. A node gone (Disconnected, Missing) keeps its last values, dimmed."""
     live = node.status is NodeStatus.ACTIVE
+    plain = "text" if node.status.live else "dim"
     metrics = node.metrics or Metrics()
-    plain = "text" if live else "dim"
-    segments = [(fit(node.node_id, layout.node_id) + " ", plain)]
-    if layout.address:
-        segments.append((fit(node.address, layout.address) + " ", plain))
-    segments.append((fit(node.status.value, layout.status) + " ", "active" if live else "disconnected"))
-    for value in (metrics.cpu_percent, metrics.memory_percent):
-        segments.append((bar_text(value or 0.0, layout.bar, unicode), bar_level(value or 0.0) if live else "dim"))
-        segments.append((format_percent(value).rjust(7) + " ", plain))
-    if layout.spark:
-        cpu = node.history.cpu if node.history is not None else ()
-        segments.append((sparkline(cpu, layout.spark, unicode) + " ", "low" if live else "dim"))
-    seen = format_age(now - node.last_seen) if node.last_seen else ("–" if unicode else "-")
-    segments.append((fit(seen, layout.seen), plain))
-    return segments
+    status_style = {NodeStatus.ACTIVE: "alert" if alerting else "active",
+                    NodeStatus.JOINING: "joining"}.get(node.status, "gone")
+    segments = []
+    for column, cells in layout.columns:
+        if column is Column.NODE_ID:
+            segments.append((fit(node.node_id, cells, glyphs.ellipsis), plain))
+        elif column is Column.HOST:
+            segments.append((fit(node.hostname or host_of(node.address), cells, glyphs.ellipsis), plain))
+        elif column is Column.LABELS:
+            labels = ",".join(f"{key}={value}" for key, value in sorted(node.labels.items()))
+            segments.append((fit(labels, cells, glyphs.ellipsis), plain))
+        elif column is Column.STATUS:
+            status = node.status.value + ("!" if alerting else "")
+            segments.append((fit(status, cells, glyphs.ellipsis), status_style))
+        elif column in (Column.CPU, Column.MEMORY):
+            value = metrics.cpu_percent if column is Column.CPU else metrics.memory_percent
+            segments.append((bar_text(value or 0.0, layout.bar, glyphs), bar_level(value) if live else "dim"))
+            segments.append((format_percent(value, glyphs.unicode).rjust(PERCENT_WIDTH), plain))
+        elif column is Column.LOAD:
+            segments.append((format_number(metrics.load_average_1m, glyphs).rjust(cells), plain))
+        elif column is Column.DISK:
+            segments.append((format_percent(metrics.root_fs_used_percent, glyphs.unicode).rjust(cells),
+                             bar_level(metrics.root_fs_used_percent) if live and metrics.root_fs_used_percent
+                             is not None else plain))
+        elif column is Column.NET:
+            segments.append(((format_rate(metrics.net_receive_bytes_per_s, glyphs) + "/"
+                              + format_rate(metrics.net_transmit_bytes_per_s, glyphs)).rjust(cells), plain))
+        elif column is Column.SPARK:
+            cpu = node.history.cpu if node.history is not None else ()
+            segments.append((sparkline(cpu, cells, glyphs), "low" if live else "dim"))
+        elif column is Column.SEEN:
+            seen = format_age(now - node.last_seen) if node.last_seen else glyphs.dash
+            segments.append((fit(seen, cells, glyphs.ellipsis), plain))
+        segments.append((" ", plain))
+    return segments[:-1]
 
 
-def table_header(layout: TableLayout, sort_key: str, reverse: bool) -> str:
-    arrow = "▼" if reverse else "▲"
-    titles = [("n", "NODE ID", layout.node_id), ("", "ADDRESS", layout.address), ("s", "STATUS", layout.status),
-              ("c", "CPU", layout.bar + TableLayout.PERCENT), ("m", "MEMORY", layout.bar + TableLayout.PERCENT),
-              ("", "CPU LAST 60s", layout.spark), ("", "LAST SEEN", layout.seen)]
-    return " ".join(fit(title + (arrow if key == sort_key else ""), width)
-                    for key, title, width in titles if width)
+_STATUS_ORDER = {NodeStatus.ACTIVE: 0, NodeStatus.JOINING: 1, NodeStatus.DISCONNECTED: 2, NodeStatus.MISSING: 3}
 
 
-SORT_KEYS = "ncms"  # by node ID, CPU, memory, status
-HEARTBEAT_STEPS_MS = (250, 500, 1000, 2000, 5000)
+def sort_nodes(nodes: list[Node], key: SortKey, reverse: bool = False) -> list[Node]:
+    """Sort for the table; CPU, memory and load put the busiest first unless reversed, and nodes
+    that sent nothing last."""
+    def busiest_first(name):
+        def sort_value(node):
+            value = getattr(node.metrics, name) if node.metrics is not None else None
+            return (value is None, -(value or 0.0), node.node_id)
+        return sort_value
+    keys = {SortKey.NODE_ID: lambda node: node.node_id,
+            SortKey.HOST: lambda node: (node.hostname.lower(), node.node_id),
+            SortKey.STATUS: lambda node: (_STATUS_ORDER[node.status], node.node_id),
+            SortKey.CPU: busiest_first("cpu_percent"), SortKey.MEMORY: busiest_first("memory_percent"),
+            SortKey.LOAD: busiest_first("load_average_1m")}
+    return sorted(nodes, key=keys[key], reverse=reverse)
+
+
+def node_matches(node: Node, query: str) -> bool:
+    """The `/` filter: KEY=VALUE matches a label exactly; anything else is a case-insensitive
+    substring of the node ID, its host name, or any label's KEY=VALUE."""
+    query = query.strip()
+    if not query:
+        return True
+    key, sep, value = query.partition("=")
+    if sep and key in node.labels:
+        return node.labels[key] == value
+    needle = query.lower()
+    return (needle in node.node_id.lower() or needle in node.hostname.lower()
+            or any(needle in f"{label}={text}".lower() for label, text in node.labels.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSummary:
+    counts: dict  # NodeStatus -> how many
+    cpu_percent: float | None  # mean over Active nodes that sent a sample
+    memory_percent: float | None
+
+    def describe(self) -> str:
+        return ", ".join(f"{self.counts[status]} {status.value.lower()}" for status in _STATUS_ORDER
+                         if self.counts[status] or status in (NodeStatus.ACTIVE, NodeStatus.DISCONNECTED))
+
+
+def summarize(nodes: list[Node]) -> ClusterSummary:
+    counts = collections.Counter(node.status for node in nodes)
+    # Only nodes that sent a sample count towards the averages: no invented zeros.
+    measured = [node.metrics for node in nodes if node.status is NodeStatus.ACTIVE and node.metrics is not None]
+    if not measured:
+        return ClusterSummary({status: counts.get(status, 0) for status in NodeStatus}, None, None)
+    return ClusterSummary({status: counts.get(status, 0) for status in NodeStatus},
+                          sum(metrics.cpu_percent for metrics in measured) / len(measured),
+                          sum(metrics.memory_percent for metrics in measured) / len(measured))
+
+
+HEARTBEAT_STEPS_MS = (500, 1000, 2000, 5000)
 
 
 def next_heartbeat_ms(current_ms: int, longer: bool) -> int | None:
@@ -2292,74 +2487,105 @@ def next_heartbeat_ms(current_ms: int, longer: bool) -> int | None:
     return max((ms for ms in HEARTBEAT_STEPS_MS if ms < current_ms), default=None)
 
 
-def sort_nodes(nodes: list[Node], key: str, reverse: bool = False) -> list[Node]:
-    """Sort for the table; CPU and memory put the busiest first unless reversed."""
-    if key in ("c", "m"):
-        usage = "cpu_percent" if key == "c" else "memory_percent"
+@dataclasses.dataclass
+class TableState:
+    """Where the user is in the node table; kept across redraws, resizes and the detail view."""
 
-        def busiest_first(node):
-            value = getattr(node.metrics, usage) if node.metrics is not None else None
-            return (-(value if value is not None else -1.0), node.node_id)
-        return sorted(nodes, key=busiest_first, reverse=reverse)
-    if key == "s":
-        return sorted(nodes, key=lambda node: (node.status is not NodeStatus.ACTIVE, node.node_id), reverse=reverse)
-    return sorted(nodes, key=lambda node: node.node_id, reverse=reverse)
+    sort_key: SortKey = SortKey.NODE_ID
+    reverse: bool = False
+    selected: str = ""  # node ID of the selected row, so the selection follows the node
+    scroll: int = 0  # index of the first row shown
+    query: str = ""  # the `/` filter
+    editing_query: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
-class ClusterSummary:
-    active: int
-    disconnected: int
-    cpu_percent: float  # mean over active nodes
-    memory_percent: float
+class TableView:
+    """What the node table shows this redraw."""
+
+    rows: list  # the visible nodes, in order
+    first: int  # index of rows[0] among the matching nodes
+    matching: int
+    total: int
+    selected_index: int  # index among the matching nodes, -1 when none
 
 
-def summarize(nodes: list[Node]) -> ClusterSummary:
-    live = [node for node in nodes if node.status is NodeStatus.ACTIVE]
-    # Only nodes that sent a sample count towards the averages: no invented zeros.
-    measured = [node.metrics for node in live if node.metrics is not None]
-    count = len(measured) or 1
-    return ClusterSummary(len(live), len(nodes) - len(live),
-                          sum(metrics.cpu_percent for metrics in measured) / count,
-                          sum(metrics.memory_percent for metrics in measured) / count)
+def prepare_table(nodes: list[Node], state: TableState, height: int) -> TableView:
+    """Filter, sort and scroll for a table height rows tall; keeps the selection on its node
+    (or the nearest row) and the selected row in view."""
+    matching = sort_nodes([node for node in nodes if node_matches(node, state.query)], state.sort_key,
+                          state.reverse)
+    index = next((i for i, node in enumerate(matching) if node.node_id == state.selected), -1)
+    if index < 0 and matching:
+        index = min(max(state.scroll, 0), len(matching) - 1)
+    state.selected = matching[index].node_id if index >= 0 else ""
+    height = max(height, 1)
+    state.scroll = min(max(state.scroll, index - height + 1, 0), index if index >= 0 else 0)
+    state.scroll = max(min(state.scroll, len(matching) - height), 0)
+    return TableView(matching[state.scroll: state.scroll + height], state.scroll, len(matching), len(nodes), index)
+
+
+def move_selection(state: TableState, view: TableView, step: int) -> None:
+    """Move the selection step rows (negative: up), within the matching rows."""
+    if view.matching == 0 or view.selected_index < 0:
+        return
+    target = min(max(view.selected_index + step, 0), view.matching - 1)
+    if view.first <= target < view.first + len(view.rows):
+        state.selected = view.rows[target - view.first].node_id
+    else:  # off screen: scroll there; prepare_table picks the node
+        state.selected, state.scroll = "", target
+
+
+class ColourMode(enum.Enum):
+    NONE = "none"          # NO_COLOR is set: attributes only
+    BASIC = "basic"        # 8 colours (TERM=xterm, linux)
+    EXTENDED = "extended"  # 256 colours: a readable grey for rows that are gone
+
+
+def colour_mode(colours: int, environment=os.environ) -> ColourMode:
+    if environment.get("NO_COLOR"):  # no-color.org: set and not empty
+        return ColourMode.NONE
+    return ColourMode.EXTENDED if colours >= 256 else ColourMode.BASIC
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyHelp:
+    keys: str
+    does: str
+
+
+DASHBOARD_KEYS = (
+    KeyHelp("Up/Down, PgUp/PgDn, Home/End", "select a node (the table scrolls with it); a click selects too"),
+    KeyHelp("Enter, double click", "open the selected node's details (Esc returns)"),
+    KeyHelp("/", "filter: part of an ID, host or label, or KEY=VALUE; Enter keeps it, Esc clears it"),
+    KeyHelp("n h s c m l", "sort by node ID, host, status, CPU, memory, load"),
+    KeyHelp("r", "reverse the sort"),
+    KeyHelp("x", "forget Disconnected and Missing nodes"),
+    KeyHelp("+ / -", f"longer / shorter heartbeat ({HEARTBEAT_STEPS_MS[0] / 1000:g}-"
+                     f"{HEARTBEAT_STEPS_MS[-1] / 1000:g} s), sent to every worker"),
+    KeyHelp("?", "this help"),
+    KeyHelp("q, Ctrl-C", "quit: workers are told the orchestrator is shutting down"),
+)
+SORT_KEYS = {ord("n"): SortKey.NODE_ID, ord("h"): SortKey.HOST, ord("s"): SortKey.STATUS, ord("c"): SortKey.CPU,
+             ord("m"): SortKey.MEMORY, ord("l"): SortKey.LOAD}
 
 
 MIN_WIDTH, MIN_HEIGHT = 70, 18
 # asciimatics ticks at 20 frames a second; redraw live data once a second.
 REDRAW_FRAMES = 20
+# A redraw forced by a key or a mouse event reuses a snapshot this young.
+SNAPSHOT_MAX_AGE_S = 0.25
 # Ctrl-C arrives as a key because the screen is opened with catch_interrupt.
 QUIT_KEYS = (ord("q"), ord("Q"), 3)
-
-PALETTE = collections.defaultdict(
-    lambda: (Screen.COLOUR_WHITE, Screen.A_NORMAL, Screen.COLOUR_BLACK),
-    {
-        "label": (Screen.COLOUR_WHITE, Screen.A_BOLD, Screen.COLOUR_BLACK),
-        "edit_text": (Screen.COLOUR_WHITE, Screen.A_NORMAL, Screen.COLOUR_BLACK),
-        "focus_edit_text": (Screen.COLOUR_BLACK, Screen.A_NORMAL, Screen.COLOUR_WHITE),
-        "invalid": (Screen.COLOUR_RED, Screen.A_BOLD, Screen.COLOUR_BLACK),
-        "disabled": (Screen.COLOUR_BLACK, Screen.A_BOLD, Screen.COLOUR_BLACK),
-    })
-
-# Styles used by the pure row and line builders, as (foreground, attribute, background).
-STYLES = {
-    "text": (Screen.COLOUR_WHITE, Screen.A_NORMAL, Screen.COLOUR_BLACK),
-    "bold": (Screen.COLOUR_WHITE, Screen.A_BOLD, Screen.COLOUR_BLACK),
-    "dim": (Screen.COLOUR_BLACK, Screen.A_BOLD, Screen.COLOUR_BLACK),
-    "header": (Screen.COLOUR_BLACK, Screen.A_NORMAL, Screen.COLOUR_CYAN),
-    "selected": (Screen.COLOUR_BLACK, Screen.A_NORMAL, Screen.COLOUR_WHITE),
-    "active": (Screen.COLOUR_GREEN, Screen.A_BOLD, Screen.COLOUR_BLACK),
-    "disconnected": (Screen.COLOUR_RED, Screen.A_NORMAL, Screen.COLOUR_BLACK),
-    "low": (Screen.COLOUR_GREEN, Screen.A_NORMAL, Screen.COLOUR_BLACK),
-    "medium": (Screen.COLOUR_YELLOW, Screen.A_NORMAL, Screen.COLOUR_BLACK),
-    "high": (Screen.COLOUR_RED, Screen.A_BOLD, Screen.COLOUR_BLACK),
-    "INFO": (Screen.COLOUR_WHITE, Screen.A_NORMAL, Screen.COLOUR_BLACK),
-    "WARN": (Screen.COLOUR_YELLOW, Screen.A_NORMAL, Screen.COLOUR_BLACK),
-    "ERROR": (Screen.COLOUR_RED, Screen.A_BOLD, Screen.COLOUR_BLACK),
-}
+ENTER_KEYS = (10, 13)
 
 
 class TerminationRequested(Exception):
-    """SIGTERM while the screen is up: leave it the same way q does."""
+    """SIGTERM or SIGHUP while the screen is up: leave it the same way q does."""
+
+
+def _raise_termination(signum, frame):
+    raise TerminationRequested()
 
 
 @dataclasses.dataclass
@@ -2373,38 +2599,38 @@ class FormState:
 
 # kind: (title, address label, what Enter does)
 FORM_TEXTS = {
-    "create": ("Create a new cluster", "Listen address: ", "start the orchestrator"),
-    "join": ("Join an existing cluster", "Orchestrator address: ", "join"),
+    View.CREATE: ("Create a new cluster", "Listen address: ", "start the orchestrator"),
+    View.JOIN: ("Join an existing cluster", "Orchestrator address: ", "join"),
 }
 
 
 class TuiApp:
-    """The TUI's model: which view shows (selection, create, join, worker, orchestrator) and what it shows."""
+    """The TUI's model: which view shows, and the state each view keeps across redraws and resizes."""
 
     def __init__(self, orchestrator_config: OrchestratorConfig | None = None,
                  worker_config: WorkerConfig | None = None):
-        self.view = "selection"
-        self.configs = {"create": orchestrator_config or OrchestratorConfig(),
-                        "join": worker_config or WorkerConfig()}
+        self.view = View.MENU
+        self.configs = {View.CREATE: orchestrator_config or OrchestratorConfig(),
+                        View.JOIN: worker_config or WorkerConfig()}
         self.orchestrator: Orchestrator | None = None
         self.worker: WorkerClient | None = None
         self.sampler: LocalSampler | None = None
         self.menu_choice = 0
-        self.forms = {"create": FormState(self.configs["create"].listen, self.configs["create"].token or ""),
-                      "join": FormState(self.configs["join"].target, self.configs["join"].token or "")}
-        self.sort_key = "n"
-        self.sort_reverse = False
-        self.scroll = 0
+        self.forms = {View.CREATE: FormState(self.configs[View.CREATE].listen, self.configs[View.CREATE].token or ""),
+                      View.JOIN: FormState(self.configs[View.JOIN].target, self.configs[View.JOIN].token or "")}
+        self.table = TableState()
+        self.detail_node = ""  # node ID the detail view shows
+        self.help_returns_to = View.DASHBOARD
         self.local_history = NodeHistory()
 
-    def submit(self, kind: str, address: str, token: str = "") -> bool:
+    def submit(self, kind: View, address: str, token: str = "") -> bool:
         """Check a create or join form and act on it; on failure its error says why."""
         form = self.forms[kind]
         form.address, form.token = address, token
         try:
             if token and not is_valid_token(token):
                 raise ValueError(TOKEN_RULE)
-            if kind == "create":
+            if kind is View.CREATE:
                 self.start_orchestrator(dataclasses.replace(
                     self.configs[kind], listen=format_address(*parse_address(address, allow_port_zero=True)),
                     token=token or None))
@@ -2422,21 +2648,14 @@ class TuiApp:
         orchestrator = config.create()
         orchestrator.start()
         self.orchestrator = orchestrator
-        self.view = "orchestrator"
+        self.view = View.DASHBOARD
 
     def start_worker(self, config: WorkerConfig) -> None:
         """Start the worker (StartError if its node ID already runs here) and switch to its view."""
         self.sampler = LocalSampler()
         self.worker = config.create(self.sampler)
         self.worker.start()
-        self.view = "worker"
-
-    def sample_locally(self) -> Metrics:
-        """A sample for the worker view; redraws come with key presses too, so the history
-        keeps one point a second."""
-        sample = self.sampler.sample()
-        self.local_history.add(sample, time.monotonic(), 1.0)
-        return sample
+        self.view = View.WORKER
 
     def shutdown(self) -> None:
         if self.worker is not None:
@@ -2444,34 +2663,23 @@ class TuiApp:
         if self.orchestrator is not None:
             self.orchestrator.stop()
 
-    def play(self, screen) -> None:
-        """Show the scenes for the current view on this screen, until quit or resize."""
-        if screen.width < MIN_WIDTH or screen.height < MIN_HEIGHT:
-            scenes = [Scene([TooSmallNotice(screen)], -1, name="too-small")]
-        else:
-            scenes = [Scene([MenuFrame(screen, self)], -1, name="selection"),
-                      Scene([AddressFrame(screen, self, "create")], -1, name="create"),
-                      Scene([AddressFrame(screen, self, "join")], -1, name="join"),
-                      Scene([WorkerFrame(screen, self)], -1, name="worker"),
-                      Scene([DashboardFrame(screen, self)], -1, name="orchestrator")]
-        start = next((scene for scene in scenes if scene.name == self.view), scenes[0])
-        screen.play(scenes, stop_on_resize=True, start_scene=start, unhandled_input=quit_on_key,
-                    allow_int=True)
-
     def run(self) -> int:
         """Own the terminal until the user quits; rebuild the scenes on every resize. SIGTERM, and
         SIGHUP (the terminal or ssh session is gone), leave the way q does: workers say goodbye,
         an orchestrator tells its workers."""
+        scenes = load_tui()
         previous = {signum: signal.signal(signum, _raise_termination) for signum in (signal.SIGTERM, signal.SIGHUP)}
         try:
             while True:
                 try:
-                    Screen.wrapper(self.play, catch_interrupt=True)
+                    scenes.Screen.wrapper(lambda screen: scenes.play(self, screen), catch_interrupt=True)
                     return 0
-                except ResizeScreenError:
+                except scenes.ResizeScreenError:
                     continue
         except TerminationRequested:
             return 0
+        except scenes.curses_error as error:
+            raise RuntimeFailure(f"this terminal cannot show the dashboard ({error}); run with --headless") from None
         except OSError:
             # The terminal went away under the screen (EIO on a closed pty): leave cleanly all the same.
             return 0
@@ -2481,345 +2689,649 @@ class TuiApp:
             self.shutdown()
 
 
-def _raise_termination(signum, frame):
-    raise TerminationRequested()
+_tui_scenes = None
 
 
-def quit_on_key(event) -> None:
-    """Screen.play's handler for keys no view used."""
-    if isinstance(event, KeyboardEvent) and event.key_code in QUIT_KEYS:
-        raise StopApplication("quit")
+def load_tui():
+    """The TUI's scenes, defined on first use: importing asciimatics (and curses and wcwidth)
+    costs a process 10 MB, which a headless worker or orchestrator never needs."""
+    global _tui_scenes
+    if _tui_scenes is None:
+        _tui_scenes = _define_tui()
+    return _tui_scenes
 
 
-class TooSmallNotice(Effect):
-    """Shown instead of a layout that does not fit; resizing brings the real view back."""
+def _define_tui():
+    """Import asciimatics and define the scenes; see load_tui()."""
+    from asciimatics.effects import Effect
+    from asciimatics.event import KeyboardEvent, MouseEvent
+    from asciimatics.exceptions import NextScene, ResizeScreenError, StopApplication
+    from asciimatics.scene import Scene
+    from asciimatics.screen import Screen
+    from asciimatics.widgets import Frame, Label, Layout, Text, Widget
+    from curses import error as curses_error
 
-    def reset(self):
-        pass
+    default, normal, bold, reverse = Screen.COLOUR_DEFAULT, Screen.A_NORMAL, Screen.A_BOLD, Screen.A_REVERSE
 
-    def _update(self, frame_no):
-        message = f"terminal too small (need {MIN_WIDTH}x{MIN_HEIGHT}); enlarge it or press q"
-        self._screen.print_at(fit(message, self._screen.width), 0, 0)
+    def styles_for(mode: ColourMode) -> dict:
+        """(foreground, attribute, background) for every style name the row and line builders
+        use. Text and backgrounds keep the terminal's own colours, so light themes stay readable;
+        colour only marks levels and states. Rows that are gone are grey where 256 colours allow
+        it, else plain (never bold black, which is invisible where bold is not bright)."""
+        if mode is ColourMode.NONE:
+            plain, strong, inverse = (default, normal, default), (default, bold, default), (default, reverse, default)
+            return collections.defaultdict(lambda: plain, {
+                "bold": strong, "header": inverse, "selected": inverse, "active": strong, "alert": strong,
+                "high": strong, "WARN": strong, "ERROR": strong, "invalid": strong})
+        grey = 244 if mode is ColourMode.EXTENDED else default
+        return collections.defaultdict(lambda: (default, normal, default), {
+            "bold": (default, bold, default),
+            "dim": (grey, normal, default),
+            "header": (default, reverse, default),
+            "selected": (Screen.COLOUR_BLACK, normal, Screen.COLOUR_CYAN),
+            "active": (Screen.COLOUR_GREEN, bold, default),
+            "joining": (Screen.COLOUR_CYAN, normal, default),
+            "gone": (Screen.COLOUR_RED, normal, default),
+            "alert": (Screen.COLOUR_RED, bold, default),
+            "low": (Screen.COLOUR_GREEN, normal, default),
+            "medium": (Screen.COLOUR_YELLOW, normal, default),
+            "high": (Screen.COLOUR_RED, bold, default),
+            "WARN": (Screen.COLOUR_YELLOW, normal, default),
+            "ERROR": (Screen.COLOUR_RED, bold, default),
+            "invalid": (Screen.COLOUR_RED, bold, default),
+        })
 
-    @property
-    def stop_frame(self):
-        return 0
+    def widget_palette(styles: dict) -> dict:
+        """asciimatics' own widget colours (the create and join forms) in the same scheme."""
+        plain, inverse = styles["text"], styles["header"]
+        return collections.defaultdict(lambda: plain, {
+            "label": styles["bold"], "focus_edit_text": inverse, "invalid": styles["invalid"],
+            "disabled": styles["dim"], "title": styles["bold"]})
 
+    class Pane(Widget):
+        """A read-only widget that renders what its frame prepared in _update (frame.shown)."""
 
-class Pane(Widget):
-    """A read-only widget that redraws itself from the model every frame it is asked to."""
+        def __init__(self, height: int, live: bool = True):
+            super().__init__(None, tab_stop=False)
+            self._height = height
+            self._live = live
 
-    def __init__(self, height: int, app: TuiApp, live: bool = True):
-        super().__init__(None, tab_stop=False)
-        self._height = height
-        self.app = app
-        self._live = live
+        @property
+        def frame_update_count(self):
+            return REDRAW_FRAMES if self._live else 0
 
-    @property
-    def frame_update_count(self):
-        return REDRAW_FRAMES if self._live else 0
+        @property
+        def shown(self):
+            return self._frame.shown
 
-    @property
-    def unicode(self) -> bool:
-        return self._frame.canvas.unicode_aware
+        @property
+        def glyphs(self) -> Glyphs:
+            return self._frame.glyphs
 
-    def put(self, text: str, x: int, y: int, style: str = "text") -> int:
-        """Draw text at (x, y) inside this pane, clipped to it; return the x after it."""
-        if y >= self._h or x >= self._w:
+        def put(self, text: str, x: int, y: int, style: str = "text") -> int:
+            """Draw text at (x, y) inside this pane, clipped to it; return the x after it."""
+            if y >= self._h or x >= self._w or y < 0:
+                return x
+            if not self.glyphs.unicode:  # a non-UTF-8 terminal: ASCII only, whatever the data holds
+                text = text.encode("ascii", "replace").decode("ascii")
+            width = min(self._w - x, display_width(text))
+            colour, attr, background = self._frame.styles[style]
+            self._frame.canvas.print_at(fit(text, width, self.glyphs.ellipsis), self._x + x, self._y + y,
+                                        colour, attr, background)
+            return x + width
+
+        def put_segments(self, segments, y: int, x: int = 0, style: str | None = None) -> int:
+            for text, segment_style in segments:
+                x = self.put(text, x, y, style or segment_style)
             return x
-        width = min(self._w - x, display_width(text))
-        colour, attr, background = STYLES[style]
-        self._frame.canvas.print_at(fit(text, width), self._x + x, self._y + y, colour, attr, background)
-        return x + width
 
-    def put_segments(self, segments, y: int, x: int = 0) -> int:
-        for text, style in segments:
-            x = self.put(text, x, y, style)
-        return x
+        def update(self, frame_no):
+            self.render()
 
-    def update(self, frame_no):
-        self.draw()
+        @abc.abstractmethod
+        def render(self) -> None:
+            """Draw the frame's prepared content with put()."""
 
-    @abc.abstractmethod
-    def draw(self) -> None:
-        """Draw the pane's content with put()."""
+        def reset(self):
+            pass
 
-    def reset(self):
-        pass
+        def process_event(self, event):
+            return event
 
-    def process_event(self, event):
-        return event
+        def required_height(self, offset, width):
+            return self._height
 
-    def required_height(self, offset, width):
-        return self._height
-
-    @property
-    def value(self):
-        return None
-
-
-class AppFrame(Frame):
-    """A full-screen, borderless, one-column Frame bound to the app model."""
-
-    takes_text = False  # True when the frame has text fields, which must see every key first
-
-    def __init__(self, screen, app: TuiApp, name: str, data: dict | None = None):
-        super().__init__(screen, screen.height, screen.width, data=data, has_border=False, can_scroll=False,
-                         name=name)
-        self.palette = PALETTE
-        self.app = app
-        self.column = Layout([1], fill_frame=True)
-        self.add_layout(self.column)
-
-    def on_key(self, key: int) -> bool:
-        """Act on a key this view uses and return True; False passes it on."""
-        return False
-
-    def process_event(self, event):
-        # Keys nobody uses go back to Screen.play, whose unhandled-input handler quits on q and
-        # Ctrl-C; a Frame without text fields would otherwise swallow them.
-        if isinstance(event, KeyboardEvent):
-            if self.on_key(event.key_code):
-                return None
-            if not self.takes_text:
-                return event
-        return super().process_event(event)
-
-
-class MenuPane(Pane):
-    OPTIONS = ("[1] Create a new cluster (Orchestrator)", "[2] Join an existing cluster (Worker)")
-
-    def draw(self):
-        self.put(f"cares {VERSION} - pick a role", 2, 0, "bold")
-        for index, option in enumerate(self.OPTIONS):
-            chosen = index == self.app.menu_choice
-            self.put((" > " if chosen else "   ") + option + " ", 2, 2 + index, "selected" if chosen else "text")
-        self.put("Up/Down and Enter to choose, 1 or 2 as shortcuts, q to quit", 2, 5, "dim")
-
-
-class MenuFrame(AppFrame):
-    """The first screen: create a cluster or join one."""
-
-    def __init__(self, screen, app: TuiApp):
-        super().__init__(screen, app, "menu")
-        self.column.add_widget(MenuPane(7, app, live=False))
-        self.fix()
-
-    def on_key(self, key: int) -> bool:
-        if key in (Screen.KEY_UP, Screen.KEY_DOWN):
-            self.app.menu_choice = 1 - self.app.menu_choice
-            return True
-        if key in (ord("1"), ord("2")):
-            self.app.menu_choice = key - ord("1")
-        elif key not in (10, 13):
-            return False
-        self.app.view = ("create", "join")[self.app.menu_choice]
-        raise NextScene(self.app.view)
-
-
-class SafeText(Text):
-    """A Text field that refuses characters which could rewrite the terminal (bidi overrides and the like)."""
-
-    def process_event(self, event):
-        if (isinstance(event, KeyboardEvent) and event.key_code >= 32
-                and (event.key_code > sys.maxunicode or sanitize_text(chr(event.key_code)) == "?")):
+        @property
+        def value(self):
             return None
-        return super().process_event(event)
 
+    class AppFrame(Frame):
+        """A full-screen, borderless, one-column Frame bound to the app model. Subclasses
+        prepare frame.shown in _update; their panes only render it."""
 
-class AddressFrame(AppFrame):
-    """The create and join forms: an address and an optional join token, checked before use."""
+        takes_text = False  # True when the frame has text fields, which must see every key first
 
-    takes_text = True
+        def __init__(self, screen, app: TuiApp, view: View, data: dict | None = None):
+            super().__init__(screen, screen.height, screen.width, data=data, has_border=False, can_scroll=False,
+                             name=view.value)
+            self.app = app
+            self.glyphs = UNICODE_GLYPHS if screen.unicode_aware else ASCII_GLYPHS
+            self.styles = styles_for(colour_mode(screen.colours))
+            self.palette = widget_palette(self.styles)
+            self.shown = None
+            self.column = Layout([1], fill_frame=True)
+            self.add_layout(self.column)
 
-    def __init__(self, screen, app: TuiApp, kind: str):
-        form = app.forms[kind]
-        super().__init__(screen, app, kind, data={"address": form.address, "token": form.token})
-        self.kind = kind
-        title, address_label, action = FORM_TEXTS[kind]
-        layout = self.column
-        layout.add_widget(Label(title))
-        layout.add_widget(Label(""))
-        layout.add_widget(SafeText(address_label, name="address", max_length=300))
-        layout.add_widget(SafeText("Join token (optional): ", name="token", hide_char="*", max_length=256))
-        layout.add_widget(Label(""))
-        self._error = Label(sanitize_text(form.error, 200))
-        self._error.custom_colour = "invalid"
-        layout.add_widget(self._error)
-        layout.add_widget(Label(f"Enter to {action}, Tab to move between fields, Esc for the menu, "
-                                "Ctrl-C to quit"))
-        self.fix()
+        def set_theme(self, theme):
+            """Keep our palette: asciimatics re-applies its named theme (a blue background) when
+            Screen.play clones the start scene's frame, and ours depends on the terminal."""
+            if getattr(self, "styles", None) is None:
+                super().set_theme(theme)
+            else:
+                self.palette = widget_palette(self.styles)
 
-    def on_key(self, key: int) -> bool:
-        if key in (10, 13):
-            self.save()
-            if self.app.submit(self.kind, self.data["address"], self.data["token"]):
-                raise NextScene(self.app.view)
-            self._error.text = sanitize_text(self.app.forms[self.kind].error, 200)
-            return True
-        if key == Screen.KEY_ESCAPE:
-            self.save()
-            self.app.forms[self.kind].address = self.data["address"]
-            self.app.view = "selection"
-            raise NextScene("selection")
-        return False
-
-
-class WorkerPane(Pane):
-    """Phase 01's view: this machine's CPU and memory, plus the connection to the orchestrator."""
-
-    def draw(self):
-        app, worker = self.app, self.app.worker
-        if worker is None:
-            return
-        sample = app.sample_locally()
-        self.put(f"cares worker - node {worker.node_id} - orchestrator {worker.target}", 0, 0, "bold")
-        state = worker.state
-        style = {ConnectionPhase.CONNECTED: "active", ConnectionPhase.RETRYING: "WARN"}.get(state.phase, "text")
-        self.put(state.describe(), 0, 1, style)
-        bar_width = max(self._w - 40, 10)
-        for row, (name, value, extra) in enumerate((
-                ("CPU", sample.cpu_percent, f"{app.sampler.cpu_count} CPUs"),
-                ("Memory", sample.memory_percent,
-                 f"{format_bytes(sample.memory_used_bytes)} / {format_bytes(sample.memory_total_bytes)}"))):
-            x = self.put(f"{name:<8}", 0, 3 + row, "bold")
-            x = self.put(bar_text(value, bar_width, self.unicode), x, 3 + row, bar_level(value))
-            self.put(f"{value:6.1f}%  {extra}", x, 3 + row)
-        x = self.put(f"{'CPU 60s':<8}", 0, 6, "bold")
-        self.put(sparkline(app.local_history.cpu, min(HISTORY_SAMPLES, bar_width), self.unicode), x, 6, "low")
-
-
-class EventPane(Pane):
-    """The newest events that fit, oldest at the top."""
-
-    def __init__(self, height: int, app: TuiApp, events_of):
-        super().__init__(height, app)
-        self._events_of = events_of
-
-    def draw(self):
-        events = self._events_of()
-        self.put(fit("Events", self._w), 0, 0, "header")
-        for row, event in enumerate(events.tail(self._h - 1) if events else ()):
-            self.put(format_event(event), 0, 1 + row, event.level.name)
-
-
-class HelpPane(Pane):
-    def __init__(self, app: TuiApp, text: str):
-        super().__init__(1, app, live=False)
-        self._text = text
-
-    def draw(self):
-        self.put(fit(self._text, self._w), 0, 0, "header")
-
-
-class WorkerFrame(AppFrame):
-    def __init__(self, screen, app: TuiApp):
-        super().__init__(screen, app, "worker")
-        layout = self.column
-        layout.add_widget(WorkerPane(8, app))
-        layout.add_widget(EventPane(screen.height - 9, app, lambda: app.worker and app.worker.events))
-        layout.add_widget(HelpPane(app, "q quit (says goodbye to the orchestrator)"))
-        self.fix()
-
-
-class DashboardHeader(Pane):
-    def draw(self):
-        orchestrator = self.app.orchestrator
-        if orchestrator is None:
-            return
-        nodes = self._frame.nodes
-        summary = summarize(nodes)
-        access = "open cluster (no join token)" if not orchestrator.token else "join token required"
-        self.put(f"cares orchestrator - listening on {orchestrator.address} - heartbeat "
-                 f"{orchestrator.registry.heartbeat_interval:.2f} s - {access}", 0, 0, "bold")
-        self.put("Join with: cares worker " + "  or  ".join(orchestrator.join_hosts), 0, 1)
-        x = self.put(f"Nodes: {summary.active} active, {summary.disconnected} disconnected", 0, 2)
-        bar_width = max(min((self._w - x - 30) // 2, 20), 5)
-        for label, value in (("   Cluster CPU ", summary.cpu_percent), ("   Memory ", summary.memory_percent)):
-            x = self.put(label, x, 2)
-            x = self.put(bar_text(value, bar_width, self.unicode), x, 2, bar_level(value))
-            x = self.put(f"{value:6.1f}%", x, 2)
-
-
-class NodeTable(Pane):
-    """One row per node from the frame's registry snapshot, sorted and scrolled."""
-
-    @property
-    def rows(self) -> int:
-        """Node rows that fit under the column titles."""
-        return self._height - 1
-
-    def draw(self):
-        app, orchestrator = self.app, self.app.orchestrator
-        if orchestrator is None:
-            return
-        layout = table_layout(self._w)
-        nodes = sort_nodes(self._frame.nodes, app.sort_key, app.sort_reverse)
-        rows = self.rows
-        app.scroll = max(0, min(app.scroll, len(nodes) - rows))
-        header = table_header(layout, app.sort_key, app.sort_reverse)
-        if len(nodes) > rows:
-            header = header[: self._w - 16].ljust(self._w - 16) + f"{app.scroll + 1}-" \
-                     f"{min(app.scroll + rows, len(nodes))} of {len(nodes)}".rjust(16)
-        self.put(fit(header, self._w), 0, 0, "header")
-        if not nodes:
-            self.put(f"Waiting for workers - join with: cares worker {orchestrator.join_hosts[0]}", 2, 2, "dim")
-            return
-        visible = nodes[app.scroll: app.scroll + rows]
-        if layout.spark:
-            histories = orchestrator.registry.histories(node.node_id for node in visible)
-            for node in visible:
-                node.history = histories.get(node.node_id)
-        now = time.time()
-        for row, node in enumerate(visible):
-            self.put_segments(node_row(node, layout, now, self.unicode), 1 + row)
-
-
-class DashboardFrame(AppFrame):
-    """The orchestrator's live view: header, node table, event log, key help."""
-
-    HELP = ("q quit  Up/Down/PgUp/PgDn scroll  sort by n id, c cpu, m mem, s status  r reverse  "
-            "x forget gone  +/- heartbeat")
-
-    def __init__(self, screen, app: TuiApp):
-        super().__init__(screen, app, "orchestrator")
-        self.nodes: list[Node] = []
-        log_height = max(5, screen.height // 4)
-        self._table = NodeTable(screen.height - 3 - log_height - 1, app)
-        layout = self.column
-        layout.add_widget(DashboardHeader(3, app))
-        layout.add_widget(self._table)
-        layout.add_widget(EventPane(log_height, app, lambda: app.orchestrator and app.orchestrator.registry.events))
-        layout.add_widget(HelpPane(app, self.HELP))
-        self.fix()
-
-    def _update(self, frame_no):
-        # One snapshot per redraw, shared by the header and the table, which fetches
-        # the histories of the rows it shows.
-        if self.app.orchestrator is not None:
-            self.nodes = self.app.orchestrator.registry.snapshot(with_history=False)
-        super()._update(frame_no)
-
-    def on_key(self, key: int) -> bool:
-        app = self.app
-        page = max(self._table.rows - 1, 1)
-        moves = {Screen.KEY_UP: -1, Screen.KEY_DOWN: 1, Screen.KEY_PAGE_UP: -page, Screen.KEY_PAGE_DOWN: page,
-                 Screen.KEY_HOME: -10**9, Screen.KEY_END: 10**9}
-        if key in moves:
-            app.scroll = max(0, app.scroll + moves[key])
-        elif 0 <= key < 256 and chr(key) in SORT_KEYS:
-            app.sort_key = chr(key)
-        elif key == ord("r"):
-            app.sort_reverse = not app.sort_reverse
-        elif key == ord("x") and app.orchestrator is not None:
-            app.orchestrator.registry.forget_gone()
-        elif key in (ord("+"), ord("-")) and app.orchestrator is not None:
-            step = next_heartbeat_ms(app.orchestrator.heartbeat_ms, longer=key == ord("+"))
-            if step is not None:
-                app.orchestrator.set_heartbeat_interval(step)
-        else:
+        def on_key(self, key: int) -> bool:
+            """Act on a key this view uses and return True; False passes it on."""
             return False
-        return True
+
+        def on_mouse(self, event) -> bool:
+            return False
+
+        def process_event(self, event):
+            # Keys nobody uses go back to Screen.play, whose unhandled-input handler quits on q and
+            # Ctrl-C; a Frame without text fields would otherwise swallow them.
+            if isinstance(event, KeyboardEvent):
+                if self.on_key(event.key_code):
+                    return None
+                if not self.takes_text:
+                    return event
+            elif isinstance(event, MouseEvent) and self.on_mouse(event):
+                return None
+            return super().process_event(event)
+
+        def show(self, view: View):
+            self.app.view = view
+            raise NextScene(view.value)
+
+    class KeyLine(Pane):
+        """The bottom line: what the keys do, or what the frame says there (the filter being typed)."""
+
+        def __init__(self, text: str):
+            super().__init__(1)
+            self._text = text
+
+        def render(self):
+            self.put(fit(getattr(self._frame, "bottom_line", "") or self._text, self._w), 0, 0, "header")
+
+    class EventPane(Pane):
+        """The newest events that fit, oldest at the top (frame.shown.events)."""
+
+        def render(self):
+            self.put(fit("Events", self._w), 0, 0, "header")
+            for row, event in enumerate(self.shown.events[-(self._h - 1):] if self._h > 1 else ()):
+                self.put(format_event(event), 0, 1 + row, event.level.name)
+
+    # -- the mode menu and the create / join forms --------------------------
+
+    class MenuPane(Pane):
+        OPTIONS = ("[1] Create a new cluster (Orchestrator)", "[2] Join an existing cluster (Worker)")
+
+        def render(self):
+            self.put(f"cares {VERSION} - pick a role", 2, 0, "bold")
+            for index, option in enumerate(self.OPTIONS):
+                chosen = index == self._frame.app.menu_choice
+                self.put((" > " if chosen else "   ") + option + " ", 2, 2 + index, "selected" if chosen else "text")
+            self.put("Up/Down and Enter to choose, 1 or 2 as shortcuts, q to quit", 2, 5, "dim")
+
+    class MenuFrame(AppFrame):
+        """The first screen: create a cluster or join one."""
+
+        def __init__(self, screen, app: TuiApp):
+            super().__init__(screen, app, View.MENU)
+            self.column.add_widget(MenuPane(7, live=False))
+            self.fix()
+
+        def on_key(self, key: int) -> bool:
+            if key in (Screen.KEY_UP, Screen.KEY_DOWN):
+                self.app.menu_choice = 1 - self.app.menu_choice
+                return True
+            if key in (ord("1"), ord("2")):
+                self.app.menu_choice = key - ord("1")
+            elif key not in ENTER_KEYS:
+                return False
+            self.show((View.CREATE, View.JOIN)[self.app.menu_choice])
+
+    class SafeText(Text):
+        """A Text field that refuses characters which could rewrite the terminal (bidi overrides and the like)."""
+
+        def process_event(self, event):
+            if (isinstance(event, KeyboardEvent) and event.key_code >= 32
+                    and (event.key_code > sys.maxunicode or sanitize_text(chr(event.key_code)) == "?")):
+                return None
+            return super().process_event(event)
+
+    class AddressFrame(AppFrame):
+        """The create and join forms: an address and an optional join token, checked before use."""
+
+        takes_text = True
+
+        def __init__(self, screen, app: TuiApp, kind: View):
+            form = app.forms[kind]
+            super().__init__(screen, app, kind, data={"address": form.address, "token": form.token})
+            self.kind = kind
+            title, address_label, action = FORM_TEXTS[kind]
+            layout = self.column
+            layout.add_widget(Label(title))
+            layout.add_widget(Label(""))
+            layout.add_widget(SafeText(address_label, name="address", max_length=300))
+            layout.add_widget(SafeText("Join token (optional): ", name="token", hide_char="*", max_length=256))
+            layout.add_widget(Label(""))
+            self._error = Label(sanitize_text(form.error, 200))
+            self._error.custom_colour = "invalid"
+            layout.add_widget(self._error)
+            layout.add_widget(Label(f"Enter to {action}, Tab to move between fields, Esc for the menu, "
+                                    "Ctrl-C to quit"))
+            self.fix()
+
+        def on_key(self, key: int) -> bool:
+            if key in ENTER_KEYS:
+                self.save()
+                if self.app.submit(self.kind, self.data["address"], self.data["token"]):
+                    self.show(self.app.view)
+                self._error.text = sanitize_text(self.app.forms[self.kind].error, 200)
+                return True
+            if key == Screen.KEY_ESCAPE:
+                self.save()
+                self.app.forms[self.kind].address = self.data["address"]
+                self.show(View.MENU)
+            return False
+
+    # -- the worker view ---------------------------------------------------
+
+    @dataclasses.dataclass
+    class WorkerShown:
+        sample: Metrics
+        state: ConnectionState
+        events: list
+
+    class WorkerPane(Pane):
+        """This machine's metrics, as the worker sends them, and the connection to the orchestrator."""
+
+        def render(self):
+            worker, sample, glyphs = self._frame.app.worker, self.shown.sample, self.glyphs
+            self.put(f"cares worker - node {worker.node_id} - orchestrator {worker.target}", 0, 0, "bold")
+            state = self.shown.state
+            style = {ConnectionPhase.CONNECTED: "active", ConnectionPhase.RETRYING: "WARN"}.get(state.phase, "text")
+            self.put(state.describe(), 0, 1, style)
+            if worker.labels:
+                self.put("labels: " + " ".join(f"{key}={value}" for key, value in sorted(worker.labels.items())),
+                         0, 2, "dim")
+            bar_width = max(min(self._w - 50, 40), 10)
+            history = self._frame.app.local_history
+            lines = metric_lines(sample, self._frame.app.sampler.cpu_count, glyphs, bar_width)
+            lines.append(("CPU 60s", [(sparkline(history.cpu, min(HISTORY_SAMPLES, bar_width), glyphs), "low")]))
+            lines.append(("Mem 60s", [(sparkline(history.memory, min(HISTORY_SAMPLES, bar_width), glyphs), "low")]))
+            for row, (name, segments) in enumerate(lines):
+                x = self.put(f"{name:<9}", 0, 4 + row, "bold")
+                self.put_segments(segments, 4 + row, x)
+
+    class WorkerFrame(AppFrame):
+        ROWS = 4 + 10  # title, state, labels, blank, then the metric lines and two graphs
+
+        def __init__(self, screen, app: TuiApp):
+            super().__init__(screen, app, View.WORKER)
+            self.column.add_widget(WorkerPane(self.ROWS))
+            self.column.add_widget(EventPane(max(screen.height - self.ROWS - 1, 2)))
+            self.column.add_widget(KeyLine("q quit (says goodbye to the orchestrator)"))
+            self.fix()
+
+        def _update(self, frame_no):
+            app = self.app
+            if app.worker is not None:
+                # Redraws come with key presses too: the history keeps one point a second.
+                sample = app.sampler.sample()
+                app.local_history.add(sample, time.monotonic(), 1.0)
+                self.shown = WorkerShown(sample, app.worker.state, app.worker.events.tail(self.canvas.height))
+            super()._update(frame_no)
+
+    # -- the dashboard -------------------------------------------------------
+
+    @dataclasses.dataclass
+    class DashboardShown:
+        summary: ClusterSummary
+        layout: TableLayout
+        table: TableView
+        rows: list  # segments of each visible row
+        events: list
+        now: float
+
+    class DashboardHeader(Pane):
+        def render(self):
+            orchestrator, shown, glyphs = self._frame.app.orchestrator, self.shown, self.glyphs
+            access = "open cluster (no join token)" if not orchestrator.token else "join token required"
+            self.put(f"cares orchestrator - listening on {orchestrator.address} - heartbeat "
+                     f"{orchestrator.registry.heartbeat_interval:.2f} s - {access}", 0, 0, "bold")
+            self.put("Join with: cares worker " + "  or  ".join(orchestrator.join_hosts), 0, 1)
+            x = self.put(f"Nodes: {shown.summary.describe()}", 0, 2)
+            table = shown.table
+            if self._frame.app.table.query:
+                x = self.put(f"   {table.matching} of {table.total} shown", x, 2, "bold")
+            bar_width = max(min((self._w - x - 34) // 2, 20), 5)
+            for label, value in (("   Cluster CPU ", shown.summary.cpu_percent),
+                                 ("   Memory ", shown.summary.memory_percent)):
+                x = self.put(label, x, 2)
+                x = self.put(bar_text(value or 0.0, bar_width, glyphs), x, 2, bar_level(value))
+                x = self.put(format_percent(value, glyphs.unicode).rjust(7), x, 2)
+
+    class NodeTable(Pane):
+        """Column titles, then the rows the frame prepared; the selected one highlighted."""
+
+        @property
+        def rows(self) -> int:
+            return self._height - 1
+
+        def render(self):
+            shown, app = self.shown, self._frame.app
+            header = table_header(shown.layout, app.table.sort_key, app.table.reverse, self.glyphs)
+            table = shown.table
+            if table.matching > len(table.rows):
+                place = f"{table.first + 1}-{table.first + len(table.rows)} of {table.matching}"
+                header = fit(header, self._w - len(place) - 1) + " " + place
+            self.put(fit(header, self._w), 0, 0, "header")
+            if not table.rows:
+                hint = ("No node matches the filter - Esc clears it" if app.table.query else
+                        f"Waiting for workers - join with: cares worker {app.orchestrator.join_hosts[0]}")
+                self.put(hint, 2, 2, "dim")
+                return
+            for row, (node, segments) in enumerate(zip(table.rows, shown.rows)):
+                selected = table.first + row == table.selected_index
+                self.put_segments(segments, 1 + row, style="selected" if selected else None)
+
+    class DashboardFrame(AppFrame):
+        """The orchestrator's live view: header, node table, event log, key line."""
+
+        def __init__(self, screen, app: TuiApp):
+            super().__init__(screen, app, View.DASHBOARD)
+            log_height = max(4, screen.height // 4)
+            self._table = NodeTable(screen.height - 3 - log_height - 1)
+            self._snapshot, self._snapshot_at = [], -math.inf
+            layout = self.column
+            layout.add_widget(DashboardHeader(3))
+            layout.add_widget(self._table)
+            layout.add_widget(EventPane(log_height))
+            layout.add_widget(KeyLine("q quit  ? help  / filter  Enter details  Up/Down select  "
+                                      "n h s c m l sort  r reverse  x forget gone  +/- heartbeat"))
+            self.fix()
+
+        @property
+        def bottom_line(self) -> str:
+            table = self.app.table
+            if table.editing_query:
+                return f"Filter: {table.query}_   (ID, host or label text, or KEY=VALUE; Enter keeps, Esc clears)"
+            return ""
+
+        def _update(self, frame_no):
+            orchestrator = self.app.orchestrator
+            if orchestrator is not None:
+                # One snapshot per redraw (reused for a moment when keys or the mouse force redraws),
+                # shared by the header and the table; graphs only for the rows shown.
+                now = time.monotonic()
+                if now - self._snapshot_at > SNAPSHOT_MAX_AGE_S:
+                    self._snapshot, self._snapshot_at = orchestrator.registry.snapshot(with_history=False), now
+                layout = table_layout(self.canvas.width)
+                table = prepare_table(self._snapshot, self.app.table, self._table.rows)
+                if layout.width_of(Column.SPARK):
+                    histories = orchestrator.registry.histories(node.node_id for node in table.rows)
+                    rows = [dataclasses.replace(node, history=histories.get(node.node_id)) for node in table.rows]
+                else:
+                    rows = table.rows
+                wall = time.time()
+                self.shown = DashboardShown(
+                    summarize(self._snapshot), layout, table,
+                    [node_row(node, layout, wall, self.glyphs) for node in rows],
+                    orchestrator.registry.events.tail(self.canvas.height), wall)
+            super()._update(frame_no)
+
+        def _refresh(self) -> None:
+            """Prepare again now, from the same snapshot: a key changed what is shown."""
+            self._update(0)
+
+        def on_key(self, key: int) -> bool:
+            app, table = self.app, self.app.table
+            if table.editing_query:
+                return self._edit_query(key)
+            view = self.shown.table if self.shown else None
+            page = max(self._table.rows - 1, 1)
+            moves = {Screen.KEY_UP: -1, Screen.KEY_DOWN: 1, Screen.KEY_PAGE_UP: -page, Screen.KEY_PAGE_DOWN: page,
+                     Screen.KEY_HOME: -10**9, Screen.KEY_END: 10**9}
+            if key in moves and view is not None:
+                move_selection(table, view, moves[key])
+            elif key in ENTER_KEYS and table.selected:
+                app.detail_node = table.selected
+                self.show(View.DETAIL)
+            elif key == ord("/"):
+                table.editing_query = True
+            elif key == Screen.KEY_ESCAPE and table.query:
+                table.query = ""
+            elif key == ord("?"):
+                app.help_returns_to = View.DASHBOARD
+                self.show(View.HELP)
+            elif key in SORT_KEYS:
+                table.sort_key = SORT_KEYS[key]
+            elif key == ord("r"):
+                table.reverse = not table.reverse
+            elif key == ord("x") and app.orchestrator is not None:
+                app.orchestrator.forget_gone()
+                self._snapshot_at = -math.inf
+            elif key in (ord("+"), ord("-")) and app.orchestrator is not None:
+                step = next_heartbeat_ms(app.orchestrator.heartbeat_ms, longer=key == ord("+"))
+                if step is not None:
+                    app.orchestrator.set_heartbeat_interval(step)
+            else:
+                return False
+            self._refresh()
+            return True
+
+        def _edit_query(self, key: int) -> bool:
+            table = self.app.table
+            if key in ENTER_KEYS:
+                table.editing_query = False
+            elif key == Screen.KEY_ESCAPE:
+                table.query, table.editing_query = "", False
+            elif key in (Screen.KEY_BACK, 127, 8):
+                table.query = table.query[:-1]
+            elif key in (Screen.KEY_UP, Screen.KEY_DOWN):
+                move_selection(table, self.shown.table, -1 if key == Screen.KEY_UP else 1)
+            elif 32 <= key <= sys.maxunicode and sanitize_text(chr(key)) == chr(key) and len(table.query) < 100:
+                table.query += chr(key)
+                table.scroll = 0
+            elif key == 3:
+                return False  # Ctrl-C still quits
+            self._refresh()
+            return True
+
+        def on_mouse(self, event) -> bool:
+            """A click on a row selects it; a double click opens its details."""
+            if self.shown is None:
+                return False
+            row = event.y - self._table._y - 1
+            if not (0 <= row < len(self.shown.table.rows)) or not event.buttons:
+                return False
+            self.app.table.selected = self.shown.table.rows[row].node_id
+            self._refresh()
+            if event.buttons & MouseEvent.DOUBLE_CLICK:
+                self.app.detail_node = self.app.table.selected
+                self.show(View.DETAIL)
+            return True
+
+    # -- one node's details ---------------------------------------------------
+
+    @dataclasses.dataclass
+    class DetailShown:
+        node: Node | None
+        events: list
+        now: float
+
+    class DetailPane(Pane):
+        """Everything the node said at join, every metric, and 60 s graphs."""
+
+        def render(self):
+            node, glyphs = self.shown.node, self.glyphs
+            if node is None:
+                self.put(f"Node '{self._frame.app.detail_node}' is no longer known (forgotten).", 0, 0, "bold")
+                return
+            status_style = {NodeStatus.ACTIVE: "active", NodeStatus.JOINING: "joining"}.get(node.status, "gone")
+            x = self.put(f"Node {node.node_id}  ", 0, 0, "bold")
+            x = self.put(node.status.value, x, 0, status_style)
+            seen = format_age(self.shown.now - node.last_seen) if node.last_seen else "never"
+            self.put(f"  last sample {seen}", x, 0)
+            half = self._w // 2
+            for row, (name, text) in enumerate(join_lines(node, self.shown.now)):
+                x = self.put(f"{name:<10}", 0, 2 + row, "bold")
+                self.put(fit(text, half - x - 1, glyphs.ellipsis), x, 2 + row, "text")
+            for row, (name, segments) in enumerate(metric_lines(node.metrics or Metrics(), node.cpu_count, glyphs,
+                                                               max(min(self._w - half - 44, 20), 6))):
+                x = self.put(f"{name:<9}", half, 2 + row, "bold")
+                self.put_segments(segments, 2 + row, x)
+            self._graphs(node, 11)
+
+        def _graphs(self, node: Node, top: int) -> None:
+            history, glyphs = node.history or NodeHistory(), self.glyphs
+            width = min(HISTORY_SAMPLES, self._w - 12)
+            net_top = max(list(history.net_receive) + list(history.net_transmit) + [1.0],
+                          key=lambda value: 0.0 if math.isnan(value) else value)
+            rows_left = self._h - top
+            height = max(min((rows_left - 2) // 2, 5), 1)
+            y = top
+            for name, series, scale, rows in (("CPU 60s", history.cpu, 100.0, height),
+                                              ("Mem 60s", history.memory, 100.0, height),
+                                              ("Net in", history.net_receive, net_top, 1),
+                                              ("Net out", history.net_transmit, net_top, 1)):
+                for index, line in enumerate(graph_rows(series, width, rows, glyphs, scale)):
+                    self.put(f"{name if index == rows - 1 else '':<10}", 0, y, "bold")
+                    self.put(line, 10, y, "low")
+                    y += 1
+            self.put(f"{'':<10}network scale: {format_rate(net_top, glyphs)}/s", 0, y, "dim")
+
+    class DetailFrame(AppFrame):
+        def __init__(self, screen, app: TuiApp):
+            super().__init__(screen, app, View.DETAIL)
+            events = max(3, screen.height - 27)
+            self.column.add_widget(DetailPane(screen.height - events - 1))
+            self.column.add_widget(EventPane(events))
+            self.column.add_widget(KeyLine("Esc back to the table  q quit"))
+            self.fix()
+
+        def _update(self, frame_no):
+            orchestrator = self.app.orchestrator
+            if orchestrator is not None:
+                node_id = self.app.detail_node
+                self.shown = DetailShown(orchestrator.registry.get(node_id),
+                                         orchestrator.registry.events.tail(self.canvas.height, node_id), time.time())
+            super()._update(frame_no)
+
+        def on_key(self, key: int) -> bool:
+            if key in (Screen.KEY_ESCAPE, Screen.KEY_BACK, ord("b")):
+                self.show(View.DASHBOARD)
+            return False
+
+    # -- help -----------------------------------------------------------
+
+    class HelpPane(Pane):
+        def render(self):
+            self.put("Keys", 0, 0, "bold")
+            for row, key_help in enumerate(DASHBOARD_KEYS):
+                x = self.put(f"  {key_help.keys:<30}", 0, 2 + row, "bold")
+                self.put(key_help.does, x, 2 + row)
+            self.put("Rows: Active (green), Joining (cyan), Disconnected and Missing (red, last values kept); "
+                     "bars green < 60 % <= yellow < 85 % <= red.", 0, 3 + len(DASHBOARD_KEYS), "dim")
+
+    class HelpFrame(AppFrame):
+        def __init__(self, screen, app: TuiApp):
+            super().__init__(screen, app, View.HELP)
+            self.column.add_widget(HelpPane(screen.height - 1, live=False))
+            self.column.add_widget(KeyLine("Esc or ? to go back  q quit"))
+            self.fix()
+
+        def on_key(self, key: int) -> bool:
+            if key in (Screen.KEY_ESCAPE, ord("?")) + ENTER_KEYS:
+                self.show(self.app.help_returns_to)
+            return False
+
+    class TooSmallNotice(Effect):
+        """Shown instead of a layout that does not fit; resizing brings the real view back."""
+
+        def reset(self):
+            pass
+
+        def _update(self, frame_no):
+            message = f"terminal too small (need {MIN_WIDTH}x{MIN_HEIGHT}); enlarge it or press q"
+            self._screen.print_at(fit(message, self._screen.width, "~"), 0, 0)
+
+        @property
+        def stop_frame(self):
+            return 0
+
+    def quit_on_key(event) -> None:
+        """Screen.play's handler for keys no view used."""
+        if isinstance(event, KeyboardEvent) and event.key_code in QUIT_KEYS:
+            raise StopApplication("quit")
+
+    def play(app: TuiApp, screen) -> None:
+        """Show the scenes for the current view on this screen, until quit or resize."""
+        if screen.width < MIN_WIDTH or screen.height < MIN_HEIGHT:
+            scenes = [Scene([TooSmallNotice(screen)], -1, name="too-small")]
+        else:
+            scenes = [Scene([MenuFrame(screen, app)], -1, name=View.MENU.value),
+                      Scene([AddressFrame(screen, app, View.CREATE)], -1, name=View.CREATE.value),
+                      Scene([AddressFrame(screen, app, View.JOIN)], -1, name=View.JOIN.value),
+                      Scene([WorkerFrame(screen, app)], -1, name=View.WORKER.value),
+                      Scene([DashboardFrame(screen, app)], -1, name=View.DASHBOARD.value),
+                      Scene([DetailFrame(screen, app)], -1, name=View.DETAIL.value),
+                      Scene([HelpFrame(screen, app)], -1, name=View.HELP.value)]
+        start = next((scene for scene in scenes if scene.name == app.view.value), scenes[0])
+        screen.play(scenes, stop_on_resize=True, start_scene=start, unhandled_input=quit_on_key, allow_int=True)
+
+    return types.SimpleNamespace(
+        Screen=Screen, ResizeScreenError=ResizeScreenError, curses_error=curses_error, play=play, quit_on_key=quit_on_key,
+        styles_for=styles_for, MenuFrame=MenuFrame, AddressFrame=AddressFrame, WorkerFrame=WorkerFrame,
+        DashboardFrame=DashboardFrame, DetailFrame=DetailFrame, HelpFrame=HelpFrame, TooSmallNotice=TooSmallNotice)
+
+
+def join_lines(node: Node, now: float) -> list[tuple[str, str]]:
+    """What a node said about itself at join, for its detail view."""
+    joined = time.strftime("%Y-%m-%d %H:%M", time.localtime(node.joined_at)) if node.joined_at else "?"
+    memory = format_bytes(node.memory_total_bytes) if node.memory_total_bytes else "?"
+    labels = " ".join(f"{key}={value}" for key, value in sorted(node.labels.items())) or "(none)"
+    return [("Address", node.address or "?"), ("Host", node.hostname or "?"), ("Platform", node.platform or "?"),
+            ("Version", node.version or "?"), ("Hardware", f"{node.cpu_count or '?'} CPUs, {memory} memory"),
+            ("Joined", f"{joined} ({format_age(now - node.joined_at)})" if node.joined_at else "?"),
+            ("Labels", labels)]
+
+
+def metric_lines(metrics: Metrics, cpu_count: int, glyphs: Glyphs, bar_width: int) -> list[tuple[str, list]]:
+    """Every metric of a sample as (name, segments) lines: the worker view and the detail view."""
+    def bar(value, note=""):
+        if value is None:
+            return [(glyphs.dash, "dim")]
+        return [(bar_text(value, bar_width, glyphs), bar_level(value)),
+                (format_percent(value, glyphs.unicode).rjust(7) + (f"  {note}" if note else ""), "text")]
+    memory_note = (f"{format_bytes(metrics.memory_used_bytes)} / {format_bytes(metrics.memory_total_bytes)}"
+                   if metrics.memory_used_bytes is not None and metrics.memory_total_bytes else "")
+    disk_note = f"of {format_bytes(metrics.root_fs_size_bytes)}" if metrics.root_fs_size_bytes else ""
+    loads = (metrics.load_average_1m, metrics.load_average_5m, metrics.load_average_15m)
+    uptime = (format_uptime(time.time() - metrics.boot_time_unix_s) if metrics.boot_time_unix_s
+              else glyphs.dash)
+    return [("CPU", bar(metrics.cpu_percent, f"{cpu_count} CPUs" if cpu_count else "")),
+            ("Memory", bar(metrics.memory_percent, memory_note)),
+            ("Swap", bar(metrics.swap_percent)),
+            ("Root FS", bar(metrics.root_fs_used_percent, disk_note)),
+            ("Load", [(" ".join(format_number(load, glyphs) for load in loads) + "  (1, 5, 15 min)", "text")]),
+            ("Uptime", [(uptime, "text")]),
+            ("Disk", [(f"read {format_rate(metrics.disk_read_bytes_per_s, glyphs)}/s  "
+                       f"write {format_rate(metrics.disk_write_bytes_per_s, glyphs)}/s", "text")]),
+            ("Network", [(f"in {format_rate(metrics.net_receive_bytes_per_s, glyphs)}/s  "
+                          f"out {format_rate(metrics.net_transmit_bytes_per_s, glyphs)}/s", "text")])]
 
 
 # ---------------------------------------------------------------------------
@@ -3218,7 +3730,10 @@ def ensure_standard_streams() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            os.dup2(os.open(os.devnull, os.O_RDWR), fd)
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
     if sys.stderr is None:
         sys.stderr = open(2, "w", errors="backslashreplace", closefd=False)
     if sys.stdout is None:

@@ -263,9 +263,9 @@ class PureFunctionTest(unittest.TestCase):
         self.assertEqual(cares.bar_text(0, 10), " " * 10)
         self.assertEqual(cares.bar_text(100, 10), "█" * 10)
         self.assertEqual(cares.bar_text(37.5, 10), "███▊      ")
-        self.assertEqual(cares.bar_text(37.5, 8, unicode=False), "|||     ")
-        self.assertEqual(cares.bar_text(0, 4, unicode=False), "    ")
-        self.assertEqual(cares.bar_text(100, 4, unicode=False), "||||")
+        self.assertEqual(cares.bar_text(37.5, 8, cares.ASCII_GLYPHS), "|||     ")
+        self.assertEqual(cares.bar_text(0, 4, cares.ASCII_GLYPHS), "    ")
+        self.assertEqual(cares.bar_text(100, 4, cares.ASCII_GLYPHS), "||||")
         for percent in (-5, 0, 12.3, 37.5, 99.99, 100, 250, float("nan"), float("inf")):
             self.assertEqual(len(cares.bar_text(percent, 17)), 17, percent)
         self.assertEqual(cares.bar_text(50, 0), "")
@@ -409,7 +409,7 @@ class PureFunctionTest(unittest.TestCase):
         self.assertEqual(cares.fit("abcdef", 4), "abc…")
         self.assertEqual(cares.fit("ab", 4), "ab  ")
         self.assertEqual(cares.sparkline([0, 50, 100], 5), "  ▁▄█")
-        self.assertEqual(cares.sparkline(range(100), 3, unicode=False), "###")
+        self.assertEqual(cares.sparkline(range(100), 3, cares.ASCII_GLYPHS), "###")
 
     def test_backoff_grows_and_is_capped(self):
         rng = random.Random(7)
@@ -1420,6 +1420,20 @@ class RoutineOperationsTest(ClusterTestCase):
         summary = cares.summarize(registry.snapshot(with_history=False))
         self.assertEqual((summary.cpu_percent, summary.memory_percent), (80.0, 60.0))
 
+    def test_headless_processes_never_load_the_tui(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        script = ("import os, signal, sys, threading, cares\n"
+                  "threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+                  "code = cares.main(sys.argv[1:])\n"
+                  "print(sorted(name for name in ('asciimatics', 'curses', 'wcwidth') if name in sys.modules))\n"
+                  "sys.exit(code)\n")
+        for args in (["worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "lean", "--headless"],
+                     ["orchestrator", "--listen", "127.0.0.1:0", "--headless"]):
+            result = subprocess.run([sys.executable, "-c", script, *args], cwd=HERE, capture_output=True, text=True,
+                                    timeout=30, stdin=subprocess.DEVNULL)
+            self.assertEqual((result.returncode, result.stdout.strip()), (0, "[]"), result.stderr)
+        self.assertIn("Node 'lean' has left the cluster.", texts(orchestrator.registry.events))
+
     def test_bad_inputs_get_one_clear_line(self):
         for args, environment in ((["status", "127.0.0.1:1", "--token", "pässwort"], {}),
                                   (["worker", "127.0.0.1:1"], {"CARES_TOKEN": "tab\tbed"})):
@@ -1627,88 +1641,176 @@ class CommandLineTest(ClusterTestCase):
 
 
 # ---------------------------------------------------------------------------
-# The TUI: pure layout helpers, then scenes on a mock Screen with a real Canvas
-# (asciimatics' own widget-test pattern), then the real thing in tmux.
+# 6. The TUI: pure layout, rows, filter and graphs; then scenes on a mock
+#    Screen with a real Canvas (asciimatics' own widget-test pattern); then the
+#    real thing in tmux.
 # ---------------------------------------------------------------------------
 
-def make_node(node_id, cpu=10.0, memory=20.0, status=cares.NodeStatus.ACTIVE, last_seen=None):
-    node = cares.Node(node_id=node_id, address="10.0.0.1:4000", status=status, metrics=values(cpu, memory),
+def make_node(node_id, cpu=10.0, memory=20.0, status=cares.NodeStatus.ACTIVE, last_seen=None, hostname="",
+              labels=None, **more):
+    node = cares.Node(node_id=node_id, address="10.0.0.1:4000", status=status, hostname=hostname,
+                      labels=labels or {}, metrics=values(cpu, memory, **more),
                       last_seen=time.time() if last_seen is None else last_seen)
     for moment in range(5):
         node.history.add(node.metrics, moment, 1.0)
     return node
 
 
-def table_width(layout):
-    """Cells the table takes: its shown columns and one space between each."""
-    columns = [layout.node_id, layout.address, layout.status, layout.bar + layout.PERCENT,
-               layout.bar + layout.PERCENT, layout.spark, layout.seen]
-    shown = [column for column in columns if column]
-    return sum(shown) + len(shown) - 1
+def row_text(segments):
+    return "".join(part for part, _ in segments)
 
 
 class TableLayoutTest(unittest.TestCase):
-    def test_layout_fits_every_width(self):
+    def test_layout_fits_every_width_and_keeps_the_essentials(self):
         for width in range(cares.MIN_WIDTH, 320):
             layout = cares.table_layout(width)
-            self.assertLessEqual(table_width(layout), width, (width, layout))
+            total = sum(cells for _, cells in layout.columns) + len(layout.columns) - 1
+            self.assertLessEqual(total, width, (width, layout))
+            shown = [column for column, _ in layout.columns]
+            for essential in (cares.Column.NODE_ID, cares.Column.STATUS, cares.Column.CPU, cares.Column.MEMORY):
+                self.assertIn(essential, shown, width)
             self.assertGreaterEqual(layout.bar, 4)
-            self.assertEqual(len(cares.table_header(layout, "n", False)), table_width(layout))
-        self.assertEqual(cares.table_layout(80).address, 0)
-        self.assertEqual(cares.table_layout(120).spark, 0)
-        self.assertGreater(cares.table_layout(200).spark, 0)
+            self.assertEqual(cares.display_width(cares.table_header(layout, cares.SortKey.NODE_ID, False)), total)
+            node = make_node("n" * 63, hostname="h" * 80, load_average_1m=1.5, root_fs_used_percent=40.0,
+                             net_receive_bytes_per_s=1e6, net_transmit_bytes_per_s=2e3)
+            self.assertEqual(cares.display_width(row_text(cares.node_row(node, layout, time.time()))), total)
+        wide = [column for column, _ in cares.table_layout(200).columns]
+        self.assertEqual(wide, list(cares.Column))
 
-    def test_row_has_the_layout_width_and_truncates_long_ids(self):
-        layout = cares.table_layout(160)
-        node = make_node("n" * 63, cpu=37.5, memory=90.0)
-        segments = cares.node_row(node, layout, time.time())
-        text = "".join(part for part, _ in segments)
-        self.assertEqual(len(text), table_width(layout))
-        self.assertTrue(text.startswith("n" * (layout.node_id - 1) + "…"), text)
-        self.assertIn("37.5%", text)
-        styles = [style for _, style in segments]
-        self.assertEqual(styles[2:5], ["active", "low", "text"])
+    def test_rows_show_every_metric_or_a_dash(self):
+        layout = cares.table_layout(200)
+        node = make_node("web-1", cpu=37.5, memory=90.0, hostname="web1.example", load_average_1m=2.25,
+                         root_fs_used_percent=71.0, net_receive_bytes_per_s=1536.0, net_transmit_bytes_per_s=0.0)
+        text = row_text(cares.node_row(node, layout, time.time()))
+        for expected in ("web-1", "web1.example", "Active", "37.5%", "90.0%", "2.25", "71.0%", "1.5K/0B", "now"):
+            self.assertIn(expected, text)
+        styles = [style for _, style in cares.node_row(node, layout, time.time())]
         self.assertIn("high", styles)  # memory at 90 %
+        older = cares.Node("old-worker", status=cares.NodeStatus.ACTIVE, metrics=values(5, 6), last_seen=time.time())
+        text = row_text(cares.node_row(older, layout, time.time()))
+        self.assertEqual(text.count("–"), 4, text)  # load, disk, and both rates: never sent, never 0
+        joining = cares.Node("new", status=cares.NodeStatus.JOINING)
+        text = row_text(cares.node_row(joining, layout, time.time()))
+        self.assertNotIn("0.0%", text)
+        self.assertIn("Joining", text)
 
-    def test_disconnected_rows_are_dimmed_but_keep_last_values(self):
+    def test_gone_rows_are_dimmed_but_keep_their_last_values(self):
         layout = cares.table_layout(120)
-        segments = cares.node_row(make_node("gone", cpu=70.0, status=cares.NodeStatus.DISCONNECTED,
-                                            last_seen=time.time() - 42), layout, time.time())
-        text = "".join(part for part, _ in segments)
-        self.assertIn("Disconnected", text)
-        self.assertIn("70.0%", text)
-        self.assertIn("42s ago", text)
-        self.assertEqual({style for _, style in segments}, {"dim", "disconnected"})
+        for status in (cares.NodeStatus.DISCONNECTED, cares.NodeStatus.MISSING):
+            segments = cares.node_row(make_node("gone", cpu=70.0, status=status, last_seen=time.time() - 42),
+                                      layout, time.time())
+            text = row_text(segments)
+            self.assertIn(status.value, text)
+            self.assertIn("70.0%", text)
+            self.assertIn("42s ago", text)
+            self.assertEqual({style for _, style in segments}, {"dim", "gone"})
 
-    def test_fit_counts_wide_characters(self):
+    def test_ascii_glyphs_draw_only_ascii(self):
+        glyphs = cares.ASCII_GLYPHS
+        layout = cares.table_layout(200)
+        node = make_node("n" * 63, cpu=55.5, hostname="h" * 40, net_receive_bytes_per_s=5.0)
+        self.assertTrue(row_text(cares.node_row(node, layout, time.time(), glyphs)).isascii())
+        self.assertTrue(cares.table_header(layout, cares.SortKey.CPU, True, glyphs).isascii())
+        self.assertTrue(all(line.isascii() for line in cares.graph_rows([10, 50, 90], 10, 3, glyphs)))
+        self.assertEqual(cares.format_percent(None, unicode=False), "-")
+
+    def test_text_widths_follow_wcwidth(self):
         self.assertEqual(cares.fit("節點節點", 5), "節點…")
         self.assertEqual(cares.display_width(cares.fit("節點節點", 5)), 5)
         self.assertEqual(cares.fit("節", 3), "節 ")
+        self.assertEqual(cares.display_width("e\u0301te\u0301"), 3)  # combining acute accents take no cell
+        self.assertEqual(cares.fit("cafe\u0301-01", 7), "cafe\u0301-01")
+        layout = cares.table_layout(160)
+        total = sum(cells for _, cells in layout.columns) + len(layout.columns) - 1
+        for hostname in ("ホスト名-東京", "cafe\u0301" * 10, "😀emoji-host"):
+            node = make_node("x", hostname=hostname, labels={"team": "東京"})
+            self.assertEqual(cares.display_width(row_text(cares.node_row(node, layout, time.time()))), total)
 
-    def test_sorting_and_summary(self):
-        nodes = [make_node("b", cpu=50, memory=10), make_node("a", cpu=90, memory=5),
-                 make_node("c", cpu=10, memory=80, status=cares.NodeStatus.DISCONNECTED)]
+    def test_sorting_summary_and_filter(self):
+        nodes = [make_node("b", cpu=50, memory=10, hostname="zeta", labels={"role": "db"}),
+                 make_node("a", cpu=90, memory=5, hostname="alpha", labels={"role": "web", "zone": "eu"}),
+                 make_node("c", cpu=10, memory=80, status=cares.NodeStatus.DISCONNECTED, hostname="mid"),
+                 cares.Node("d", status=cares.NodeStatus.JOINING)]
         ids = lambda key, reverse=False: [n.node_id for n in cares.sort_nodes(nodes, key, reverse)]
-        self.assertEqual(ids("n"), ["a", "b", "c"])
-        self.assertEqual(ids("c"), ["a", "b", "c"])
-        self.assertEqual(ids("m"), ["c", "b", "a"])
-        self.assertEqual(ids("s"), ["a", "b", "c"])
-        self.assertEqual(ids("n", True), ["c", "b", "a"])
+        self.assertEqual(ids(cares.SortKey.NODE_ID), ["a", "b", "c", "d"])
+        self.assertEqual(ids(cares.SortKey.CPU), ["a", "b", "c", "d"])  # never measured: last
+        self.assertEqual(ids(cares.SortKey.MEMORY), ["c", "b", "a", "d"])
+        self.assertEqual(ids(cares.SortKey.STATUS), ["a", "b", "d", "c"])
+        self.assertEqual(ids(cares.SortKey.HOST), ["d", "a", "c", "b"])
+        self.assertEqual(ids(cares.SortKey.NODE_ID, True), ["d", "c", "b", "a"])
         summary = cares.summarize(nodes)
-        self.assertEqual((summary.active, summary.disconnected), (2, 1))
+        self.assertEqual(summary.describe(), "2 active, 1 joining, 1 disconnected")
         self.assertEqual((summary.cpu_percent, summary.memory_percent), (70.0, 7.5))
-        self.assertEqual(cares.summarize([]).cpu_percent, 0.0)
+        self.assertIsNone(cares.summarize([]).cpu_percent)
+        matches = lambda query: sorted(n.node_id for n in nodes if cares.node_matches(n, query))
+        self.assertEqual(matches(""), ["a", "b", "c", "d"])
+        self.assertEqual(matches("ALP"), ["a"])
+        self.assertEqual(matches("role=web"), ["a"])
+        self.assertEqual(matches("role=we"), [])  # KEY=VALUE is exact
+        self.assertEqual(matches("zone"), ["a"])
+        self.assertEqual(matches("d"), ["b", "c", "d"])  # label role=db, host "mid", ID "d"
 
-    def test_heartbeat_steps(self):
+    def test_selection_follows_its_node_and_stays_in_view(self):
+        nodes = [make_node(f"n{number:03d}", cpu=number) for number in range(100)]
+        state = cares.TableState()
+        view = cares.prepare_table(nodes, state, 10)
+        self.assertEqual((state.selected, view.first, len(view.rows)), ("n000", 0, 10))
+        cares.move_selection(state, view, 15)
+        view = cares.prepare_table(nodes, state, 10)
+        self.assertEqual(state.selected, "n015")
+        self.assertTrue(view.first <= view.selected_index < view.first + 10)
+        state.sort_key = cares.SortKey.CPU  # the selection stays on n015 wherever it goes
+        view = cares.prepare_table(nodes, state, 10)
+        self.assertEqual(view.rows[view.selected_index - view.first].node_id, "n015")
+        cares.move_selection(state, view, 10**9)
+        view = cares.prepare_table(nodes, state, 10)
+        self.assertEqual(view.rows[-1].node_id, state.selected)
+        state.query = "n05"
+        view = cares.prepare_table(nodes, state, 10)
+        self.assertEqual((view.matching, view.total), (10, 100))
+        self.assertTrue(state.selected.startswith("n05"))
+        state.query = "nothing like it"
+        view = cares.prepare_table(nodes, state, 10)
+        self.assertEqual((view.rows, view.selected_index, state.selected), ([], -1, ""))
+
+    def test_graphs_rates_and_durations(self):
+        self.assertEqual(cares.graph_rows([0, 50, 100], 3, 2), ["  █", " ██"])
+        self.assertEqual(cares.graph_rows([25, float("nan")], 4, 1), ["  ▂ "])  # two eighths
+        self.assertEqual(cares.sparkline([0, 50, 100], 5), "  ▁▄█")
+        self.assertEqual(cares.sparkline([float("nan"), 100], 2), " █")
+        self.assertEqual(cares.format_rate(512), "512B")
+        self.assertEqual(cares.format_rate(1536), "1.5K")
+        self.assertEqual(cares.format_rate(3 * 1024**3), "3.0G")
+        self.assertEqual(cares.format_rate(None), "–")
+        self.assertEqual(cares.format_uptime(3 * 86400 + 4 * 3600 + 5), "3d 4h")
+        self.assertEqual(cares.format_uptime(125), "2m")
+
+    def test_heartbeat_steps_stay_above_the_measured_loop_jitter(self):
         self.assertEqual(cares.next_heartbeat_ms(1000, longer=True), 2000)
         self.assertEqual(cares.next_heartbeat_ms(1000, longer=False), 500)
         self.assertEqual(cares.next_heartbeat_ms(700, longer=False), 500)
         self.assertIsNone(cares.next_heartbeat_ms(5000, longer=True))
-        self.assertIsNone(cares.next_heartbeat_ms(250, longer=False))
+        self.assertIsNone(cares.next_heartbeat_ms(cares.HEARTBEAT_STEPS_MS[0], longer=False))
+
+    def test_colour_modes(self):
+        self.assertIs(cares.colour_mode(256, {"NO_COLOR": "1"}), cares.ColourMode.NONE)
+        self.assertIs(cares.colour_mode(256, {"NO_COLOR": ""}), cares.ColourMode.EXTENDED)
+        self.assertIs(cares.colour_mode(8, {}), cares.ColourMode.BASIC)
+        styles = cares.load_tui().styles_for
+        default = Screen.COLOUR_DEFAULT
+        for mode in cares.ColourMode:
+            table = styles(mode)
+            for name in ("text", "dim", "gone", "low", "high", "WARN", "header", "bold"):
+                colour, attr, background = table[name]
+                self.assertEqual(background, default, (mode, name))  # the terminal's own background
+                self.assertNotEqual((colour, attr), (Screen.COLOUR_BLACK, Screen.A_BOLD), (mode, name))
+            self.assertEqual(table["text"][0], default)
+        self.assertEqual({colour for colour, _, _ in styles(cares.ColourMode.NONE).values()}, {default})
+        self.assertEqual(styles(cares.ColourMode.EXTENDED)["dim"][0], 244)
 
 
-def make_canvas(width=120, height=40, unicode=True):
-    screen = mock.MagicMock(spec=Screen, colours=8, unicode_aware=unicode)
+def make_canvas(width=120, height=40, unicode=True, colours=8):
+    screen = mock.MagicMock(spec=Screen, colours=colours, unicode_aware=unicode)
     return Canvas(screen, height, width, 0, 0)
 
 
@@ -1737,13 +1839,21 @@ def line_with(lines, needle):
     return next((line for line in lines if needle in line), None)
 
 
+TUI = cares.load_tui()
+
+
 class TuiSceneTest(ClusterTestCase):
     def assert_quits(self, frame, key):
         """The frame passes the key on, and Screen.play's handler for such keys quits."""
         event = frame.process_event(KeyboardEvent(ord(key) if isinstance(key, str) else key))
         self.assertIsNotNone(event, "the frame swallowed a quit key")
         with self.assertRaises(StopApplication):
-            cares.quit_on_key(event)
+            TUI.quit_on_key(event)
+
+    def assert_shows(self, view, action):
+        with self.assertRaises(NextScene) as caught:
+            action()
+        self.assertEqual(caught.exception.name, view.value)
 
     def make_app(self, node_id=None):
         app = cares.TuiApp(worker_config=cares.WorkerConfig(node_id=node_id))
@@ -1752,26 +1862,23 @@ class TuiSceneTest(ClusterTestCase):
 
     def test_menu_navigation(self):
         app = self.make_app()
-        frame = cares.MenuFrame(make_canvas(), app)
+        frame = TUI.MenuFrame(make_canvas(), app)
         lines = render(frame)
         self.assertIn("> [1] Create a new cluster (Orchestrator)", line_with(lines, "[1]"))
         self.assertNotIn(">", line_with(lines, "[2] Join an existing cluster (Worker)"))
         press(frame, Screen.KEY_DOWN)
         lines = render(frame)
         self.assertIn("> [2] Join an existing cluster (Worker)", line_with(lines, "[2]"))
-        with self.assertRaises(NextScene) as caught:
-            press(frame, 13)
-        self.assertEqual((caught.exception.name, app.view), ("join", "join"))
-        with self.assertRaises(NextScene) as caught:
-            press(frame, "1")
-        self.assertEqual((caught.exception.name, app.view), ("create", "create"))
+        self.assert_shows(cares.View.JOIN, lambda: press(frame, 13))
+        self.assertEqual(app.view, cares.View.JOIN)
+        self.assert_shows(cares.View.CREATE, lambda: press(frame, "1"))
         press(frame, Screen.KEY_UP, "z")
         self.assertEqual(app.menu_choice, 1)
         self.assert_quits(frame, "q")
 
     def test_join_form_validates_inline_and_stays_editable(self):
         app = self.make_app()
-        frame = cares.AddressFrame(make_canvas(), app, "join")
+        frame = TUI.AddressFrame(make_canvas(), app, cares.View.JOIN)
         lines = render(frame)
         self.assertTrue(line_with(lines, "Orchestrator address:").strip().endswith(" 127.0.0.1:50051"))
         for bad, reason in (("nohost", "missing :PORT"), ("1.2.3.4:70000", "port must be 1-65535"),
@@ -1782,23 +1889,22 @@ class TuiSceneTest(ClusterTestCase):
             lines = render(frame)
             self.assertIn(reason, "\n".join(lines), bad)
             self.assertIn(bad, line_with(lines, "Orchestrator address"))
-            self.assertEqual(app.view, "selection")
+            self.assertEqual(app.view, cares.View.MENU)
             self.assertIsNone(app.worker)
         type_text(frame, "q")  # a letter for the field, not a quit
         self.assertIn("::1:5q", line_with(render(frame), "Orchestrator address"))
         self.assert_quits(frame, 3)
-        with self.assertRaises(NextScene) as caught:
-            press(frame, Screen.KEY_ESCAPE)
-        self.assertEqual((caught.exception.name, app.forms["join"].address), ("selection", "::1:5q"))
+        self.assert_shows(cares.View.MENU, lambda: press(frame, Screen.KEY_ESCAPE))
+        self.assertEqual(app.forms[cares.View.JOIN].address, "::1:5q")
 
     def test_join_form_fuzz_never_raises(self):
         app = self.make_app()
-        frame = cares.AddressFrame(make_canvas(), app, "join")
+        frame = TUI.AddressFrame(make_canvas(), app, cares.View.JOIN)
         render(frame)
         rng = random.Random(99)
         keys = [ord(c) for c in "0123456789.:[]abc-_ "] + [0x202E, 0x1B, 0x200B, 0x7F, 0x10FFFF + 5,
                                                            Screen.KEY_LEFT, Screen.KEY_BACK, 9]
-        for _ in range(300):
+        for _ in range(150):
             clear_field(frame)
             press(frame, *(rng.choice(keys) for _ in range(rng.randint(0, 25))))
             try:
@@ -1806,27 +1912,25 @@ class TuiSceneTest(ClusterTestCase):
             except NextScene:
                 app.shutdown()
                 app.worker = None
-                app.view = "join"
+                app.view = cares.View.JOIN
             for line in render(frame):
                 for char in line:
                     self.assertNotIn(unicodedata.category(char), ("Cc", "Cf"), repr(line))
 
     def test_join_form_starts_a_worker_that_joins(self):
-        orchestrator = self.start_orchestrator()
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
         app = self.make_app(node_id="from-form")
-        frame = cares.AddressFrame(make_canvas(), app, "join")
+        frame = TUI.AddressFrame(make_canvas(), app, cares.View.JOIN)
         render(frame)
         clear_field(frame)
         type_text(frame, f"127.0.0.1:{orchestrator.port}")
-        with self.assertRaises(NextScene) as caught:
-            press(frame, 13)
-        self.assertEqual((caught.exception.name, app.view), ("worker", "worker"))
+        self.assert_shows(cares.View.WORKER, lambda: press(frame, 13))
         self.assert_becomes(orchestrator.registry, "from-form", cares.NodeStatus.ACTIVE, 5)
 
     def test_create_form_starts_the_orchestrator_or_says_why_not(self):
         busy = self.start_orchestrator()
         app = self.make_app()
-        frame = cares.AddressFrame(make_canvas(), app, "create")
+        frame = TUI.AddressFrame(make_canvas(), app, cares.View.CREATE)
         self.assertTrue(line_with(render(frame), "Listen address:").strip().endswith(" [::]:50051"))
         clear_field(frame)
         type_text(frame, f"127.0.0.1:{busy.port}")
@@ -1835,15 +1939,13 @@ class TuiSceneTest(ClusterTestCase):
         self.assertIsNone(app.orchestrator)
         clear_field(frame)
         type_text(frame, "127.0.0.1:0")
-        with self.assertRaises(NextScene) as caught:
-            press(frame, 13)
-        self.assertEqual(caught.exception.name, "orchestrator")
+        self.assert_shows(cares.View.DASHBOARD, lambda: press(frame, 13))
         self.assertGreater(app.orchestrator.port, 0)
 
-    def dashboard(self, width=120, height=40):
+    def dashboard(self, width=120, height=40, **canvas):
         app = self.make_app()
         app.start_orchestrator(cares.OrchestratorConfig("127.0.0.1:0"))
-        return app, cares.DashboardFrame(make_canvas(width, height), app)
+        return app, TUI.DashboardFrame(make_canvas(width, height, **canvas), app)
 
     def test_dashboard_starts_empty_with_a_hint(self):
         app, frame = self.dashboard()
@@ -1854,66 +1956,171 @@ class TuiSceneTest(ClusterTestCase):
         self.assertIsNotNone(line_with(lines, "Waiting for workers - join with: cares worker 127.0.0.1:"))
         self.assertIsNotNone(line_with(lines, "Orchestrator listening on 127.0.0.1:"))
 
-    def test_dashboard_shows_the_registry_rows(self):
-        app, frame = self.dashboard()
-        registry = app.orchestrator.registry
+    def populate(self, registry):
         for number, cpu in ((1, 12.5), (2, 64.0), (3, 97.0)):
-            session = joined(registry, f"node-{number}", f"10.0.0.{number}:5000")
-            registry.update(f"node-{number}", session, values(cpu, 50), 1)
+            session = joined(registry, f"node-{number}", f"10.0.0.{number}:5000", hostname=f"host-{number}",
+                             labels={"role": "web" if number < 3 else "db"})
+            registry.update(f"node-{number}", session, values(cpu, 50, load_average_1m=0.5 * number), 1)
         registry.disconnect("node-2", registry.get("node-2").session_id, "test")
+
+    def test_dashboard_shows_the_registry_rows(self):
+        app, frame = self.dashboard(width=160)
+        self.populate(app.orchestrator.registry)
         lines = render(frame)
         row = line_with(lines, "node-1 ")
-        self.assertIn("10.0.0.1:5000", row)
-        self.assertIn("Active", row)
-        self.assertIn("12.5%", row)
-        self.assertIn("█", row)
+        for expected in ("host-1", "Active", "12.5%", "█", "0.50"):
+            self.assertIn(expected, row)
         self.assertIn("Disconnected", line_with(lines, "node-2 "))
         self.assertIn("Nodes: 2 active, 1 disconnected", lines[2])
         self.assertIsNotNone(line_with(lines, "[INFO] Node 'node-3' has joined the cluster."))
         self.assertIsNotNone(line_with(lines, "[WARN] Node 'node-2' lost: test."))
         canvas = frame.canvas
         y = lines.index(line_with(lines, "node-3 "))
-        x = lines[y].index("█")
-        self.assertEqual(canvas.get_from(x, y)[1], Screen.COLOUR_RED)  # 97 % is red
-        y = lines.index(line_with(lines, "node-1 "))
-        self.assertEqual(canvas.get_from(lines[y].index("█"), y)[1], Screen.COLOUR_GREEN)
+        self.assertEqual(canvas.get_from(lines[y].index("█"), y)[1], Screen.COLOUR_RED)  # 97 % is red
+        y = lines.index(line_with(lines, "node-1 "))  # the selected row
+        self.assertEqual(canvas.get_from(0, y)[3], Screen.COLOUR_CYAN)
 
-    def test_dashboard_sorts_and_scrolls_a_thousand_nodes(self):
+    def test_default_background_everywhere_but_the_selection(self):
+        for colours in (8, 256):
+            app, frame = self.dashboard(colours=colours)
+            self.populate(app.orchestrator.registry)
+            lines = render(frame)
+            selected = lines.index(line_with(lines, "node-1 "))
+            canvas = frame.canvas
+            backgrounds = {canvas.get_from(x, y)[3] for y in range(canvas.height) if y != selected
+                           for x in range(canvas.width)}
+            self.assertEqual(backgrounds, {Screen.COLOUR_DEFAULT}, colours)
+            gone = lines.index(line_with(lines, "node-2 "))
+            foreground, attribute = canvas.get_from(0, gone)[1:3]
+            self.assertFalse(foreground == Screen.COLOUR_BLACK and attribute == Screen.A_BOLD)
+
+    def test_no_color_uses_no_colour(self):
+        with mock.patch.dict(os.environ, {"NO_COLOR": "1"}):
+            app, frame = self.dashboard(colours=256)
+        self.populate(app.orchestrator.registry)
+        lines = render(frame)
+        canvas = frame.canvas
+        colours = {canvas.get_from(x, y)[1] for y in range(canvas.height) for x in range(canvas.width)}
+        backgrounds = {canvas.get_from(x, y)[3] for y in range(canvas.height) for x in range(canvas.width)}
+        self.assertEqual((colours, backgrounds), ({Screen.COLOUR_DEFAULT}, {Screen.COLOUR_DEFAULT}))
+        self.assertIn("Disconnected", line_with(lines, "node-2 "))  # states stay readable as text
+        selected = lines.index(line_with(lines, "node-1 "))
+        self.assertEqual(canvas.get_from(0, selected)[2], Screen.A_REVERSE)
+
+    def test_a_non_utf8_terminal_gets_ascii_only(self):
+        app, frame = self.dashboard(width=200, unicode=False)
+        self.populate(app.orchestrator.registry)
+        registry = app.orchestrator.registry
+        active(registry, "wide", hostname="ホスト-東京", labels={"team": "東京"})
+        press(frame, "c", "r")
+        lines = render(frame)
+        for line in lines:
+            self.assertTrue(line.isascii(), line)
+        self.assertIn("CPUv", line_with(lines, "NODE ID") or "")
+
+    def test_sorts_scrolls_and_keeps_the_selection_in_view(self):
         app, frame = self.dashboard()
         registry = app.orchestrator.registry
         for number in range(1000):
             active(registry, f"n{number:04d}", cpu=number / 10, memory=1)
         lines = render(frame)
         header = line_with(lines, "NODE ID")
-        rows = int(header.split(" of ")[0].split("-")[-1])
-        self.assertTrue(header.rstrip().endswith(f"1-{rows} of 1000"), header)
+        self.assertRegex(header, r"1-\d+ of 1000\s*$")
         self.assertIsNotNone(line_with(lines, "n0000 "))
-        press(frame, Screen.KEY_PAGE_DOWN)
+        press(frame, Screen.KEY_PAGE_DOWN, Screen.KEY_PAGE_DOWN)
         lines = render(frame)
         self.assertIsNone(line_with(lines, "n0000 "))
-        self.assertIn(f"{rows}-", line_with(lines, "NODE ID"))
+        self.assertIsNotNone(line_with(lines, app.table.selected + " "))
         press(frame, Screen.KEY_END)
         lines = render(frame)
         self.assertIsNotNone(line_with(lines, "n0999 "))
+        self.assertEqual(app.table.selected, "n0999")
         press(frame, "c", Screen.KEY_HOME)
         lines = render(frame)
         first_row = lines[lines.index(line_with(lines, "NODE ID")) + 1]
         self.assertTrue(first_row.startswith("n0999 "), first_row)
-        press(frame, "r")
+        press(frame, "r", Screen.KEY_HOME)
         lines = render(frame)
         first_row = lines[lines.index(line_with(lines, "NODE ID")) + 1]
         self.assertTrue(first_row.startswith("n0000 "), first_row)
+        self.assertIs(app.table.sort_key, cares.SortKey.CPU)
 
-    def test_dashboard_keys_change_heartbeat_and_forget_disconnected(self):
+    def test_filter_narrows_the_table_and_esc_clears_it(self):
+        app, frame = self.dashboard()
+        self.populate(app.orchestrator.registry)
+        press(frame, "/")
+        type_text(frame, "role=db")
+        lines = render(frame)
+        self.assertIn("Filter: role=db_", lines[-1])
+        self.assertIn("1 of 3 shown", lines[2])
+        self.assertIsNotNone(line_with(lines, "node-3 "))
+        self.assertIsNone(line_with(lines, "node-1 "))
+        press(frame, 13)  # keep it; keys act on the table again
+        self.assertFalse(app.table.editing_query)
+        self.assertEqual(app.table.query, "role=db")
+        press(frame, "/", Screen.KEY_BACK, Screen.KEY_BACK, Screen.KEY_BACK, Screen.KEY_BACK, "q")
+        self.assertEqual(app.table.query, "rolq")  # q is a letter while typing a filter
+        press(frame, Screen.KEY_ESCAPE)
+        lines = render(frame)
+        self.assertEqual(app.table.query, "")
+        self.assertNotIn("shown", lines[2])
+        self.assertIsNotNone(line_with(lines, "node-1 "))
+        self.assert_quits(frame, "q")
+
+    def test_enter_opens_the_detail_view_and_esc_returns_to_the_same_place(self):
+        app, frame = self.dashboard()
+        self.populate(app.orchestrator.registry)
+        registry = app.orchestrator.registry
+        active(registry, "detailed", cpu=42.5, memory=33.0, hostname="db7", labels={"rack": "b12"}, version=cares.VERSION)
+        render(frame)
+        press(frame, "n", Screen.KEY_DOWN)
+        self.assertEqual(app.table.selected, "node-1")
+        press(frame, Screen.KEY_UP)
+        self.assertEqual(app.table.selected, "detailed")
+        self.assert_shows(cares.View.DETAIL, lambda: press(frame, 13))
+        detail = TUI.DetailFrame(make_canvas(), app)
+        lines = render(detail)
+        self.assertIn("Node detailed", lines[0])
+        self.assertIn("Active", lines[0])
+        text = "\n".join(lines)
+        for expected in ("db7", "rack=b12", "42.5%", "33.0%", "CPU 60s", "Mem 60s", "Net in", cares.VERSION):
+            self.assertIn(expected, text)
+        self.assertIsNotNone(line_with(lines, "[INFO] Node 'detailed' has joined the cluster."))
+        self.assertIsNone(line_with(lines, "node-3"))  # only its own events
+        self.assert_shows(cares.View.DASHBOARD, lambda: press(detail, Screen.KEY_ESCAPE))
+        self.assertEqual(app.table.selected, "detailed")
+
+    def test_help_lists_the_keys(self):
+        app, frame = self.dashboard()
+        self.assert_shows(cares.View.HELP, lambda: press(frame, "?"))
+        lines = render(TUI.HelpFrame(make_canvas(), app))
+        for key_help in cares.DASHBOARD_KEYS:
+            self.assertIsNotNone(line_with(lines, key_help.does), key_help)
+
+    def test_mouse_click_selects_and_double_click_opens(self):
+        from asciimatics.event import MouseEvent
+        app, frame = self.dashboard()
+        self.populate(app.orchestrator.registry)
+        lines = render(frame)
+        y = lines.index(line_with(lines, "node-3 "))
+        frame.process_event(MouseEvent(5, y, MouseEvent.LEFT_CLICK))
+        self.assertEqual(app.table.selected, "node-3")
+        self.assert_shows(cares.View.DETAIL, lambda: frame.process_event(MouseEvent(5, y, MouseEvent.DOUBLE_CLICK)))
+        self.assertEqual(app.detail_node, "node-3")
+
+    def test_dashboard_keys_change_heartbeat_and_forget_gone_nodes(self):
         app, frame = self.dashboard()
         registry = app.orchestrator.registry
         registry.disconnect("gone", joined(registry, "gone"), "test")
+        render(frame)
         press(frame, "x")
         self.assertIsNone(registry.get("gone"))
         press(frame, "+")
         self.assertIsNotNone(wait_until(lambda: registry.heartbeat_interval == 2.0, 3))
         press(frame, "-", "-")
         self.assertIsNotNone(wait_until(lambda: registry.heartbeat_interval == 0.5, 3))
+        press(frame, "-")
+        self.assertEqual(app.orchestrator.heartbeat_ms, cares.HEARTBEAT_STEPS_MS[0])
         self.assert_quits(frame, 3)
 
     def test_hostile_join_never_reaches_the_screen_raw(self):
@@ -1922,8 +2129,11 @@ class TuiSceneTest(ClusterTestCase):
         with self.assertRaises(grpc.RpcError) as caught:
             stub.JoinCluster(pb.NodeInfo(node_id="\x1b[2J\x1b]0;owned\x07"), timeout=5)
         self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
-        session = stub.JoinCluster(pb.NodeInfo(node_id="ok", hostname="\x1b[31m\u202eevil" * 50), timeout=5).session_id
-        OpenStream(self, stub, "ok", session).send(metrics("ok", session, 1))
+        with self.assertRaises(grpc.RpcError) as caught:
+            stub.JoinCluster(pb.NodeInfo(node_id="ok", labels={"note": "\u202e!"}), timeout=5)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        session = stub.JoinCluster(pb.NodeInfo(node_id="ok", hostname="\x1b[31m\u202eevil" * 50), timeout=5)
+        OpenStream(self, stub, "ok", session.session_id).send(metrics("ok", session.session_id, 1))
         self.assertIsNotNone(wait_until(lambda: cpu_of(app.orchestrator.registry, "ok") is not None, 5))
         lines = render(frame)
         self.assertIsNotNone(line_with(lines, "refused: invalid node ID '?[2J?]0;owned?'"))
@@ -1932,18 +2142,21 @@ class TuiSceneTest(ClusterTestCase):
                 self.assertNotIn(unicodedata.category(char), ("Cc", "Cf"), repr(line))
         self.assertNotIn("\x1b", app.orchestrator.registry.get("ok").hostname)
 
-    def test_worker_view_shows_local_stats_while_unreachable(self):
+    def test_worker_view_shows_every_local_metric_while_unreachable(self):
         app = self.make_app(node_id="solo")
-        app.start_worker(cares.WorkerConfig(f"127.0.0.1:{free_port()}", node_id="solo"))
-        frame = cares.WorkerFrame(make_canvas(), app)
+        app.start_worker(cares.WorkerConfig(f"127.0.0.1:{free_port()}", node_id="solo", labels={"role": "db"}))
+        frame = TUI.WorkerFrame(make_canvas(), app)
         self.assertIsNotNone(wait_until(lambda: app.worker.state.phase is cares.ConnectionPhase.RETRYING, 5))
         lines = render(frame)
         self.assertIn("node solo", lines[0])
         self.assertIn("retrying in", lines[1])
         self.assertIn("unreachable", lines[1])
+        self.assertIn("role=db", lines[2])
         memory = line_with(lines, "Memory")
         self.assertIn(cares.format_bytes(cares.psutil.virtual_memory().total), memory)
-        self.assertIsNotNone(line_with(lines, "CPU 60s"))
+        for name in ("Swap", "Root FS", "Load", "Uptime", "Disk", "Network", "CPU 60s", "Mem 60s"):
+            self.assertIsNotNone(line_with(lines, name), name)
+        self.assertIn(cares.format_number(os.getloadavg()[2]), line_with(lines, "Load"))
         self.assertIsNotNone(line_with(lines, "[WARN] Cannot join: orchestrator unreachable (connection refused)"))
         self.assert_quits(frame, "Q")
 
@@ -1951,7 +2164,7 @@ class TuiSceneTest(ClusterTestCase):
         app = self.make_app()
         for width, height in ((40, 30), (120, 10), (1, 1)):
             screen = mock.MagicMock(spec=Screen, width=width, height=height, colours=8, unicode_aware=False)
-            app.play(screen)
+            TUI.play(app, screen)
             scenes = screen.play.call_args[0][0]
             self.assertEqual([scene.name for scene in scenes], ["too-small"])
             notice = scenes[0].effects[0]
@@ -1961,38 +2174,56 @@ class TuiSceneTest(ClusterTestCase):
             if width >= 40:
                 self.assertTrue(text.startswith(f"terminal too small (need {cares.MIN_WIDTH}x{cares.MIN_HEIGHT})"))
         screen = mock.MagicMock(spec=Screen, width=120, height=40, colours=8, unicode_aware=False)
-        app.view = "join"
-        app.play(screen)
+        app.view = cares.View.JOIN
+        TUI.play(app, screen)
         self.assertEqual(screen.play.call_args[1]["start_scene"].name, "join")
 
+    def test_every_view_fits_the_smallest_terminal(self):
+        app = self.make_app()
+        app.start_orchestrator(cares.OrchestratorConfig("127.0.0.1:0"))
+        self.populate(app.orchestrator.registry)
+        app.detail_node = "node-1"
+        for frame_class in (TUI.DashboardFrame, TUI.DetailFrame, TUI.HelpFrame):
+            lines = render(frame_class(make_canvas(cares.MIN_WIDTH, cares.MIN_HEIGHT), app))
+            self.assertEqual(len(lines), cares.MIN_HEIGHT)
+        lines = render(TUI.DashboardFrame(make_canvas(cares.MIN_WIDTH, cares.MIN_HEIGHT), app))
+        row = line_with(lines, "node-1 ")
+        self.assertIn("Active", row)
+        self.assertEqual(len(re.findall(r"\d+\.\d%", row)), 2, row)
 
-class TmuxEndToEndTest(unittest.TestCase):
-    """The spec's verification list, driven like a user would: keys into real terminals."""
+
+class TmuxEndToEndTest(ClusterTestCase):
+    """The spec's verification list and the dashboard's keys, driven like a user would: keys into
+    real terminals, screens read back with capture-pane."""
 
     def setUp(self):
         if shutil.which("tmux") is None:
             if IN_CI:
                 self.fail("tmux is not installed; .ci/run should have installed it")
             self.skipTest("tmux is not installed")
-        self.socket = f"cares-test-{os.getpid()}"
+        self.socket = f"cares-test-{os.getpid()}-{random.randrange(10**6)}"
         self.workdir = tempfile.mkdtemp(prefix="cares-tmux-")
         self.addCleanup(shutil.rmtree, self.workdir, True)
         self.addCleanup(subprocess.run, ["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        self.session_started = False
 
     def tmux(self, *args):
         return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True,
                               timeout=10).stdout
 
-    def open_pane(self, name, first=False):
+    def open_pane(self, name, *args, environment="LC_ALL=C.UTF-8", width=120, height=40):
+        """A tmux window running cares (with args, or the menu) that records its exit code."""
         err, rc = (os.path.join(self.workdir, f"{name}.{ext}") for ext in ("err", "rc"))
-        command = f"LC_ALL=C.UTF-8 {sys.executable} {CARES_PY} 2>{err}; echo $? >{rc}; sleep 60"
-        if first:
-            self.tmux("new-session", "-d", "-s", "cares", "-x", "120", "-y", "40", "-n", name, command)
+        command = (f"{environment} {sys.executable} {CARES_PY} {' '.join(args)} 2>{err}; echo $? >{rc}; "
+                   f"sleep 60")
+        if not self.session_started:
+            self.tmux("new-session", "-d", "-s", "cares", "-x", str(width), "-y", str(height), "-n", name, command)
+            self.session_started = True
         else:
             self.tmux("new-window", "-t", "cares", "-n", name, command)
 
-    def screen(self, name):
-        return self.tmux("capture-pane", "-p", "-t", f"cares:{name}")
+    def screen(self, name, escapes=False):
+        return self.tmux("capture-pane", "-p", *(["-e"] if escapes else []), "-t", f"cares:{name}")
 
     def wait_for(self, name, predicate, timeout, what):
         deadline = time.monotonic() + timeout
@@ -2000,7 +2231,7 @@ class TmuxEndToEndTest(unittest.TestCase):
             text = self.screen(name)
             if predicate(text):
                 return text
-            time.sleep(0.2)
+            time.sleep(0.1)
         self.fail(f"pane {name}: {what} not seen within {timeout} s; screen was:\n{self.screen(name)}")
 
     def keys(self, name, *keys, literal=False):
@@ -2026,11 +2257,11 @@ class TmuxEndToEndTest(unittest.TestCase):
     @staticmethod
     def node_rows(text):
         return {match.group(1): match.group(0) for match in
-                re.finditer(r"^(\S+)\s+127\.0\.0\.1:\d+\s+(Active|Disconnected)\b.*$", text, re.MULTILINE)}
+                re.finditer(r"^(\S+)\s.*?\b(Active|Joining|Disconnected|Missing)\b.*$", text, re.MULTILINE)}
 
     def test_orchestrator_and_four_workers_through_the_menus(self):
         address = f"127.0.0.1:{free_port()}"
-        self.open_pane("orch", first=True)
+        self.open_pane("orch")
         self.wait_for("orch", lambda text: "pick a role" in text, 15, "the mode menu")
         self.keys("orch", "Enter")
         self.fill_address("orch", "Listen address", address)
@@ -2043,17 +2274,17 @@ class TmuxEndToEndTest(unittest.TestCase):
             self.wait_for(name, lambda text: "pick a role" in text, 15, "the mode menu")
             self.keys(name, "Down", "Enter")
             self.fill_address(name, "Orchestrator address", address)
-            text = self.wait_for(name, lambda text: "heartbeat every" in text and "Memory" in text,
+            text = self.wait_for(name, lambda text: "heartbeat every" in text and "Root FS" in text,
                                  15, "a connected worker view")
             node_ids.append(re.search(r"node (\S+)", text).group(1))
         dashboard = self.wait_for(
-            "orch", lambda text: sum(row.split()[2] == "Active" for row in self.node_rows(text).values()) == 4,
+            "orch", lambda text: sum(" Active " in row for row in self.node_rows(text).values()) == 4,
             10, "four Active rows")
         rows = self.node_rows(dashboard)
         self.assertEqual(sorted(rows), sorted(node_ids))
         for row in rows.values():
             self.assertRegex(row, "[▏▎▍▌▋▊▉█]")  # memory is never 0 %, so every row has a bar
-            self.assertEqual(len(re.findall(r"\d+\.\d%", row)), 2, row)
+            self.assertEqual(len(re.findall(r"\d+\.\d%", row)), 3, row)  # CPU, memory, disk
 
         def percentages(text):
             return {node: re.findall(r"\d+\.\d%", row) for node, row in self.node_rows(text).items()}
@@ -2067,7 +2298,7 @@ class TmuxEndToEndTest(unittest.TestCase):
         text = self.wait_for("orch", lambda text: "Disconnected" in self.node_rows(text).get(victim, ""), 3,
                              f"{victim} Disconnected")
         self.assertIn(f"Node '{victim}' lost", text)
-        self.assertEqual(sum("Active" in row for row in self.node_rows(text).values()), 3)
+        self.assertEqual(sum(" Active " in row for row in self.node_rows(text).values()), 3)
 
         self.tmux("resize-window", "-t", "cares:orch", "-x", "60", "-y", "15")
         self.wait_for("orch", lambda text: "terminal too small (need 70x18)" in text, 5, "the too-small notice")
@@ -2084,10 +2315,83 @@ class TmuxEndToEndTest(unittest.TestCase):
             code, err = self.exit_code(name)
             self.assertEqual((code, err), (0, ""))
 
+    def test_labels_filter_detail_view_and_help(self):
+        address = f"127.0.0.1:{free_port()}"
+        self.open_pane("orch", "orchestrator", "--listen", address, "--heartbeat-ms", "500", width=160)
+        self.wait_for("orch", lambda text: "Waiting for workers" in text, 15, "an empty dashboard")
+        for number, role in enumerate(("web", "web", "db")):
+            self.spawn("worker", address, "--node-id", f"{role}-{number}", "--label", f"role={role}",
+                       "--label", f"rack=r{number}", "--headless")
+        text = self.wait_for("orch", lambda text: sum(" Active " in row for row in self.node_rows(text).values())
+                             == 3, 15, "three Active rows")
+        self.assertIn("rack=r2,role=db", self.node_rows(text)["db-2"])
+        self.keys("orch", "/")
+        self.keys("orch", "role=db", literal=True)
+        text = self.wait_for("orch", lambda text: "1 of 3 shown" in text, 5, "the filtered table")
+        self.assertEqual(list(self.node_rows(text)), ["db-2"])
+        self.keys("orch", "Enter", "Enter")  # keep the filter, then open the selected node
+        text = self.wait_for("orch", lambda text: "Node db-2" in text, 5, "the detail view")
+        for expected in ("rack=r2 role=db", "Root FS", "CPU 60s", "Mem 60s", "Net in", cares.VERSION,
+                         "Node 'db-2' has joined the cluster."):
+            self.assertIn(expected, text)
+        self.assertNotIn("web-0", text)
+        self.keys("orch", "Escape")
+        text = self.wait_for("orch", lambda text: "1 of 3 shown" in text and "db-2" in text, 5, "the table again")
+        self.keys("orch", "Escape")
+        self.wait_for("orch", lambda text: len(self.node_rows(text)) == 3, 5, "the filter cleared")
+        self.keys("orch", "?")
+        text = self.wait_for("orch", lambda text: "Keys" in text and "forget Disconnected" in text, 5, "the help")
+        self.keys("orch", "Escape")
+        self.wait_for("orch", lambda text: len(self.node_rows(text)) == 3, 5, "the dashboard after the help")
+        self.keys("orch", "q")
+        self.assertEqual(self.exit_code("orch")[0], 0)
 
-# ---------------------------------------------------------------------------
-# Access: join tokens, TLS, streams bound to their session
-# ---------------------------------------------------------------------------
+    @staticmethod
+    def colours_used(escaped):
+        """The SGR foreground and background colour codes in a capture-pane -e screen."""
+        codes = set()
+        for parameters in re.findall(r"\x1b\[([0-9;]*)m", escaped):
+            numbers = [int(part) for part in parameters.split(";") if part]
+            index = 0
+            while index < len(numbers):
+                number = numbers[index]
+                if number in (38, 48):
+                    codes.add(("fg" if number == 38 else "bg", tuple(numbers[index + 1:index + 3])))
+                    index += 3
+                    continue
+                if 30 <= number <= 37 or 90 <= number <= 97:
+                    codes.add(("fg", number))
+                if 40 <= number <= 47 or 100 <= number <= 107:
+                    codes.add(("bg", number))
+                index += 1
+        return codes
+
+    def test_no_color_and_a_light_background(self):
+        orchestrator = self.start_orchestrator()
+        for number in range(3):
+            self.start_worker(orchestrator, f"tone-{number}")
+        address = f"127.0.0.1:{orchestrator.port}"
+        self.open_pane("light", "worker", address, "--node-id", "light-view")
+        self.tmux("set-option", "-g", "window-style", "fg=black,bg=white")  # a light theme
+        self.open_pane("nocolor", "worker", address, "--node-id", "no-colour", environment="LC_ALL=C.UTF-8 NO_COLOR=1")
+        for name in ("light", "nocolor"):
+            self.wait_for(name, lambda text: "heartbeat every" in text, 15, "a connected worker view")
+        light = self.colours_used(self.screen("light", escapes=True))
+        self.assertFalse([code for code in light if code[0] == "bg"], light)  # the terminal's own background
+        self.assertTrue([code for code in light if code[0] == "fg"], "no colour at all with colours allowed")
+        self.assertEqual(self.colours_used(self.screen("nocolor", escapes=True)), set())
+        for name in ("light", "nocolor"):
+            self.keys(name, "q")
+            self.assertEqual(self.exit_code(name)[0], 0)
+
+    def test_a_closed_terminal_leaves_the_cluster_cleanly(self):
+        orchestrator = self.start_orchestrator()
+        self.open_pane("hup", "worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "hangup-tui")
+        self.assert_becomes(orchestrator.registry, "hangup-tui", cares.NodeStatus.ACTIVE, 15)
+        self.tmux("kill-server")  # the terminal goes away: SIGHUP
+        self.assert_becomes(orchestrator.registry, "hangup-tui", cares.NodeStatus.DISCONNECTED, 10)
+        self.assertIn("Node 'hangup-tui' has left the cluster.", texts(orchestrator.registry.events))
+
 
 # ---------------------------------------------------------------------------
 # Access: tokens, TLS, streams bound to their session
