@@ -1172,6 +1172,121 @@ class LivenessIntegrityTest(ClusterTestCase):
 
 
 # ---------------------------------------------------------------------------
+# Compatibility: an old worker with a new orchestrator, and the reverse
+# ---------------------------------------------------------------------------
+
+# cluster.proto as cares 0.2.0 shipped it (commit fc29e51): the serialized FileDescriptorProto that
+# its generated cluster_pb2.py registered, base64-encoded. The tests speak that protocol themselves.
+OLD_PROTOCOL = (
+    "Cg1jbHVzdGVyLnByb3RvEghjYXJlcy52MSKFAQoITm9kZUluZm8SDwoHbm9kZV9pZBgBIAEoCRIQCghob3N0bmFtZRgCIAEoCRIR"
+    "CgljcHVfY291bnQYAyABKA0SGgoSbWVtb3J5X3RvdGFsX2J5dGVzGAQgASgEEhAKCHBsYXRmb3JtGAUgASgJEhUKDWNhcmVzX3Zl"
+    "cnNpb24YBiABKAkiZwoPQWNrbm93bGVkZ2VtZW50EhAKCGFjY2VwdGVkGAEgASgIEg8KB21lc3NhZ2UYAiABKAkSEgoKc2Vzc2lv"
+    "bl9pZBgDIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYBCABKA0izQEKC05vZGVNZXRyaWNzEg8KB25vZGVfaWQYASABKAkS"
+    "EgoKc2Vzc2lvbl9pZBgCIAEoCRITCgtjcHVfcGVyY2VudBgDIAEoARIWCg5tZW1vcnlfcGVyY2VudBgEIAEoARIZChFtZW1vcnlf"
+    "dXNlZF9ieXRlcxgFIAEoBBIaChJtZW1vcnlfdG90YWxfYnl0ZXMYBiABKAQSEgoKc2VudF9hdF9tcxgHIAEoAxIQCghzZXF1ZW5j"
+    "ZRgIIAEoBBIPCgdsZWF2aW5nGAkgASgIInMKE09yY2hlc3RyYXRvckNvbW1hbmQSIwoZc2V0X2hlYXJ0YmVhdF9pbnRlcnZhbF9t"
+    "cxgBIAEoDUgAEiwKCHNodXRkb3duGAIgASgLMhguY2FyZXMudjEuU2h1dGRvd25Ob3RpY2VIAEIJCgdjb21tYW5kIiAKDlNodXRk"
+    "b3duTm90aWNlEg4KBnJlYXNvbhgBIAEoCSISChBMaXN0Tm9kZXNSZXF1ZXN0IrEBCgpOb2RlU3RhdHVzEg8KB25vZGVfaWQYASAB"
+    "KAkSDwoHYWRkcmVzcxgCIAEoCRIOCgZzdGF0dXMYAyABKAkSEwoLY3B1X3BlcmNlbnQYBCABKAESFgoObWVtb3J5X3BlcmNlbnQY"
+    "BSABKAESGAoQbGFzdF9zZWVuX3VuaXhfcxgGIAEoARIQCghob3N0bmFtZRgHIAEoCRIYChBqb2luZWRfYXRfdW5peF9zGAggASgB"
+    "Ii8KCE5vZGVMaXN0EiMKBW5vZGVzGAEgAygLMhQuY2FyZXMudjEuTm9kZVN0YXR1czKVAQoOQ2x1c3RlclNlcnZpY2USPAoLSm9p"
+    "bkNsdXN0ZXISEi5jYXJlcy52MS5Ob2RlSW5mbxoZLmNhcmVzLnYxLkFja25vd2xlZGdlbWVudBJFCglIZWFydGJlYXQSFS5jYXJl"
+    "cy52MS5Ob2RlTWV0cmljcxodLmNhcmVzLnYxLk9yY2hlc3RyYXRvckNvbW1hbmQoATABMkwKDVN0YXR1c1NlcnZpY2USOwoJTGlz"
+    "dE5vZGVzEhouY2FyZXMudjEuTGlzdE5vZGVzUmVxdWVzdBoSLmNhcmVzLnYxLk5vZGVMaXN0YgZwcm90bzM="
+)
+
+
+def old_messages():
+    """The 0.2.0 message classes, from their own descriptor pool (they would clash with today's)."""
+    import base64
+    from google.protobuf import descriptor_pool, message_factory
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(base64.b64decode("".join(OLD_PROTOCOL)))
+    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"cares.v1.{name}"))
+            for name in ("NodeInfo", "Acknowledgement", "NodeMetrics", "OrchestratorCommand")}
+
+
+class CompatibilityTest(ClusterTestCase):
+    def test_an_old_worker_joins_a_new_orchestrator(self):
+        old = old_messages()
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        channel = grpc.insecure_channel(f"127.0.0.1:{orchestrator.port}")
+        self.addCleanup(channel.close)
+        join = channel.unary_unary("/cares.v1.ClusterService/JoinCluster",
+                                   request_serializer=old["NodeInfo"].SerializeToString,
+                                   response_deserializer=old["Acknowledgement"].FromString)
+        heartbeat = channel.stream_stream("/cares.v1.ClusterService/Heartbeat",
+                                          request_serializer=old["NodeMetrics"].SerializeToString,
+                                          response_deserializer=old["OrchestratorCommand"].FromString)
+        ack = join(old["NodeInfo"](node_id="veteran", hostname="old-host", cpu_count=4, memory_total_bytes=8 << 30,
+                                   platform="Linux-5.10-x86_64", cares_version="0.2.0"), timeout=5)
+        done = threading.Event()
+        self.addCleanup(done.set)
+
+        def samples():
+            for sequence in range(1, 100):
+                yield old["NodeMetrics"](node_id="veteran", session_id=ack.session_id, cpu_percent=21.5,
+                                         memory_percent=43.0, memory_used_bytes=3 << 30, memory_total_bytes=8 << 30,
+                                         sent_at_ms=int(time.time() * 1000), sequence=sequence)
+                if done.wait(0.2):
+                    return
+        replies = heartbeat(samples(), timeout=30, metadata=((cares.NODE_METADATA_KEY, "veteran"),
+                                                             (cares.SESSION_METADATA_KEY, ack.session_id)))
+        self.assertEqual(next(replies).set_heartbeat_interval_ms, 200)  # the old worker understands it
+        self.assertIsNotNone(wait_until(lambda: cpu_of(orchestrator.registry, "veteran") == 21.5, 5))
+        row = next(row for row in cares.fetch_status(f"127.0.0.1:{orchestrator.port}") if row["node_id"] == "veteran")
+        self.assertEqual((row["status"], row["cpu_percent"], row["memory_percent"], row["version"]),
+                         ("Active", 21.5, 43.0, "0.2.0"))
+        self.assertEqual(row["metrics"]["memory_used_bytes"], 3 << 30)
+        for name in ("load_average_1m", "swap_percent", "root_fs_used_percent", "net_receive_bytes_per_s"):
+            self.assertIsNone(row["metrics"][name], name)  # not sent: unknown, not 0
+        text = row_text(cares.node_row(orchestrator.registry.get("veteran"), cares.table_layout(200), time.time()))
+        self.assertIn("21.5%", text)
+        self.assertEqual(text.count("–"), 4, text)
+
+    def test_a_new_worker_streams_to_an_old_orchestrator(self):
+        old = old_messages()
+        received, joins = [], []
+
+        def join(request, context):
+            joins.append(request)
+            return old["Acknowledgement"](accepted=True, session_id="old-session", heartbeat_interval_ms=200)
+
+        def heartbeat(request_iterator, context):
+            for message in request_iterator:
+                received.append(message)
+                if message.leaving:
+                    return
+            yield from ()
+
+        handler = grpc.method_handlers_generic_handler("cares.v1.ClusterService", {
+            "JoinCluster": grpc.unary_unary_rpc_method_handler(
+                join, request_deserializer=old["NodeInfo"].FromString,
+                response_serializer=old["Acknowledgement"].SerializeToString),
+            "Heartbeat": grpc.stream_stream_rpc_method_handler(
+                heartbeat, request_deserializer=old["NodeMetrics"].FromString,
+                response_serializer=old["OrchestratorCommand"].SerializeToString)})
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self.addCleanup(server.stop, None)
+        client = cares.WorkerClient(f"127.0.0.1:{port}", "modern", FixedSampler(12.0, 34.0), secret="s" * 32,
+                                    labels={"role": "web"})
+        client.start()
+        self.addCleanup(client.stop, False, 0.5)
+        self.assertIsNotNone(wait_until(lambda: len(received) >= 5, 10), received)
+        self.assertEqual(client.state.phase, cares.ConnectionPhase.CONNECTED)
+        self.assertEqual((joins[0].node_id, joins[0].cares_version), ("modern", cares.VERSION))
+        sample = received[-1]
+        self.assertEqual((sample.node_id, sample.session_id, sample.cpu_percent, sample.memory_percent),
+                         ("modern", "old-session", 12.0, 34.0))
+        self.assertEqual([message.sequence for message in received], list(range(1, len(received) + 1)))
+        client.stop()
+        self.assertIsNotNone(wait_until(lambda: received[-1].leaving, 5), "no goodbye")
+
+
+# ---------------------------------------------------------------------------
 # Routine operations must not break cares (issue 9): logs that break, stall or
 # fill up, SIGHUP, restarts, 10,000-node status, clients from the proto alone.
 # ---------------------------------------------------------------------------
