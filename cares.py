@@ -21,6 +21,7 @@ import asyncio
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -35,10 +36,13 @@ import platform
 import random
 import re
 import secrets
+import shlex
 import signal
 import socket
 import ssl
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -95,12 +99,21 @@ TOKEN_LOCKOUT_FAILURES = 10
 TOKEN_LOCKOUT_S = 60.0
 TOKEN_FAILURE_WINDOW_S = 60.0
 TOKEN_GUARD_SOURCES = 10_000
+MAX_ALERTS_SHOWN = 16
 # `status` pages: at most this many nodes and about this many bytes per reply.
 STATUS_PAGE_NODES = 1000
 STATUS_PAGE_BYTES = 1 << 20
 STATUS_MAX_NODES = 10_000_000
 # Headless log lines waiting to be written; beyond this they are counted as dropped.
 LOG_QUEUE_LINES = 10_000
+# --on-event: commands at once, the time each may take, and the events that may wait.
+HOOK_CONCURRENCY = 4
+HOOK_TIMEOUT_S = 10.0
+HOOK_QUEUE_EVENTS = 100
+# The inventory file is saved at most this often when nodes change, and at least this often
+# otherwise (for their last-seen times).
+STATE_SAVE_S = 5.0
+STATE_REFRESH_S = 60.0
 LOG_FLUSH_AT_EXIT_S = 1.0
 
 # Keepalive measured on this project's machines: without ping_timeout a frozen
@@ -802,6 +815,41 @@ class NodeHistory:
         return clone
 
 
+# --alert names, and the Metrics field each one watches.
+ALERT_METRICS = {"cpu": "cpu_percent", "memory": "memory_percent", "swap": "swap_percent",
+                 "disk": "root_fs_used_percent", "load": "load_average_1m"}
+ALERT_RULE = "an alert is METRIC>LIMIT:DURATION or METRIC<LIMIT:DURATION, METRIC one of " + \
+    ", ".join(ALERT_METRICS) + ", e.g. cpu>90:60s or disk>95:5m"
+
+
+@dataclasses.dataclass(frozen=True)
+class AlertRule:
+    """--alert cpu>90:60s: a node whose metric stays beyond the limit for the duration raises a
+    threshold event; going back raises recovered. One event per crossing, never one per sample."""
+
+    metric: str  # a key of ALERT_METRICS
+    above: bool
+    limit: float
+    duration_s: float
+
+    def value(self, metrics: Metrics) -> float | None:
+        return getattr(metrics, ALERT_METRICS[self.metric])
+
+    def crossed(self, value: float) -> bool:
+        return value > self.limit if self.above else value < self.limit
+
+    def describe(self) -> str:
+        unit = "" if self.metric == "load" else "%"
+        return f"{self.metric} {'>' if self.above else '<'} {self.limit:g}{unit}"
+
+
+def parse_alert(text: str) -> AlertRule:
+    match = re.fullmatch(r"\s*([a-z]+)\s*([<>])\s*([0-9]+(?:\.[0-9]+)?)%?\s*:\s*(\S+)\s*", text)
+    if match is None or match.group(1) not in ALERT_METRICS:
+        raise ValueError(ALERT_RULE)
+    return AlertRule(match.group(1), match.group(2) == ">", float(match.group(3)), parse_duration(match.group(4)))
+
+
 @dataclasses.dataclass(frozen=True)
 class JoinInfo:
     """What a worker says about itself when it joins, already made safe to show."""
@@ -840,6 +888,9 @@ class Node:
     dropped_samples: int = dataclasses.field(default=0, repr=False)  # rejected since the last accepted one
     drop_reason: str = dataclasses.field(default="", repr=False)
     owner_digest: bytes = dataclasses.field(default=b"", repr=False)  # sha256 of the claiming worker's secret
+    left: bool = False  # its last disconnect was a goodbye, not a loss
+    alerting: frozenset = frozenset()  # the AlertRules it is beyond now (replaced, never mutated)
+    alert_since: dict = dataclasses.field(default_factory=dict, repr=False)  # AlertRule -> monotonic start
 
     def copy(self, with_history: bool = True) -> "Node":
         """A detached, read-only copy for another thread, with a copy of its graphs or none.
@@ -939,6 +990,12 @@ class NodeRegistry:
         # The hook for tools that watch cares from inside the process (the bench): called on the
         # gRPC loop after each accepted sample, outside the lock, as on_sample(node_id, metrics, sent_at_ms).
         self.on_sample = None
+        self.alert_rules: tuple = ()
+        # Inventory bookkeeping: a change count the state file follows, and the nodes restored
+        # from it that have not been announced missing yet.
+        self.changes = 0
+        self._restored_at: float | None = None
+        self._unannounced: set[str] = set()
 
     @property
     def silence_limit(self) -> float:
@@ -1005,8 +1062,10 @@ class NodeRegistry:
             node.platform, node.version, node.cpu_count = info.platform, info.version, info.cpu_count
             node.memory_total_bytes = info.memory_total_bytes
             node.owner_digest = node.owner_digest or pending.digest
-            node.status = NodeStatus.JOINING
+            node.status, node.left = NodeStatus.JOINING, False
+            node.alert_since, node.alerting = {}, frozenset()
             node.session_id, node.streaming = session_id, True
+            self.changes += 1
             node.heard_at, node.last_sequence = self.clock.now(), 0
             node.dropped_samples, node.drop_reason = 0, ""
             return replaced
@@ -1046,6 +1105,7 @@ class NodeRegistry:
                 if metrics.memory_total_bytes:
                     node.memory_total_bytes = int(metrics.memory_total_bytes)
                 node.history.add(metrics, now, self.heartbeat_interval)
+                alerts = self._check_alerts_locked(node, metrics, time.monotonic()) if self.alert_rules else ()
                 if first_sample:
                     node.status = NodeStatus.ACTIVE
                     values = node.event_values()
@@ -1058,11 +1118,40 @@ class NodeRegistry:
             kind = EventKind.REJOINED if rejoined else EventKind.JOINED
             verb = "has rejoined the cluster" if rejoined else "has joined the cluster"
             self.events.add(Level.INFO, f"Node '{node_id}' {verb}.", kind, node_id, values)
+        for rule, firing, value, values in alerts:
+            shown = f"{value:g}" + ("" if rule.metric == "load" else "%")
+            if firing:
+                self.events.add(Level.WARN, f"Node '{node_id}': {rule.describe()} for "
+                                            f"{format_duration(rule.duration_s)} (now {shown}).",
+                                EventKind.THRESHOLD, node_id, values)
+            else:
+                self.events.add(Level.INFO, f"Node '{node_id}' recovered: no longer {rule.describe()} "
+                                            f"(now {shown}).", EventKind.RECOVERED, node_id, values)
         if self.on_sample is not None:
             try:
                 self.on_sample(node_id, metrics, sent_at_ms)
             except Exception:  # instrumentation must never end a worker's stream
                 pass
+
+    def _check_alerts_locked(self, node: Node, metrics: Metrics, now: float) -> list[tuple]:
+        """Follow each alert rule for an accepted sample; return (rule, firing, value, event values)
+        for each rule whose state changed."""
+        changes = []
+        for rule in self.alert_rules:
+            value = rule.value(metrics)
+            if value is None:
+                continue
+            if rule.crossed(value):
+                since = node.alert_since.setdefault(rule, now)
+                if rule not in node.alerting and now - since >= rule.duration_s:
+                    node.alerting = node.alerting | {rule}
+                    changes.append((rule, True, value, node.event_values()))
+            else:
+                node.alert_since.pop(rule, None)
+                if rule in node.alerting:
+                    node.alerting = node.alerting - {rule}
+                    changes.append((rule, False, value, node.event_values()))
+        return changes
 
     def disconnect(self, node_id: str, session_id: str, reason: str, *, left: bool = False) -> bool:
         """Mark a session's node Disconnected; False when that session is no longer current."""
@@ -1073,7 +1162,8 @@ class NodeRegistry:
             node.streaming = False
             if not node.status.live:
                 return False
-            node.status, node.gone_at = NodeStatus.DISCONNECTED, time.time()
+            node.status, node.gone_at, node.left = NodeStatus.DISCONNECTED, time.time(), left
+            node.alert_since, node.alerting = {}, frozenset()
             values = node.event_values()
         if left:
             self.events.add(Level.INFO, f"Node '{node_id}' has left the cluster.", EventKind.LEFT, node_id, values)
@@ -1096,6 +1186,7 @@ class NodeRegistry:
             lost = []
             for node in silent:
                 node.status, node.gone_at = NodeStatus.DISCONNECTED, wall
+                node.alert_since, node.alerting = {}, frozenset()
                 why = (f"no accepted sample for {limit:.1f} s ({node.dropped_samples} rejected: {node.drop_reason})"
                        if node.dropped_samples else f"no heartbeat for {limit:.1f} s")
                 lost.append((node.node_id, node.session_id, why, node.event_values()))
@@ -1140,10 +1231,67 @@ class NodeRegistry:
                 del self._nodes[node_id]
             if gone:
                 self._sorted_ids = None
+                self.changes += 1
         if gone:
             when = "" if older_than_s is None else f" gone for over {format_duration(older_than_s)}"
             self.events.add(Level.INFO, f"Forgot {len(gone)} node(s){when}.")
         return len(gone)
+
+    # -- the inventory that survives a restart ------------------------------
+
+    def inventory(self) -> list[dict]:
+        """What the state file keeps of every node: who it is, not how it is doing."""
+        with self._lock:
+            return [{"node_id": node.node_id, "hostname": node.hostname, "labels": node.labels,
+                     "platform": node.platform, "version": node.version, "cpu_count": node.cpu_count,
+                     "memory_total_bytes": node.memory_total_bytes, "address": node.address,
+                     "joined_at": node.joined_at, "last_seen": node.last_seen, "owner": node.owner_digest.hex()}
+                    for node in self._nodes.values()]
+
+    def restore(self, records: list[dict]) -> int:
+        """Add the nodes a state file remembers as Missing (until they rejoin); returns how many.
+        A record that does not hold together is skipped, never trusted."""
+        restored = []
+        for record in records:
+            try:
+                node = Node(str(record["node_id"]), address=sanitize_text(record.get("address", ""), 64),
+                            hostname=sanitize_text(record.get("hostname", ""), HOSTNAME_LIMIT),
+                            labels={str(key): str(value) for key, value in dict(record.get("labels", {})).items()},
+                            platform=sanitize_text(record.get("platform", ""), PLATFORM_LIMIT),
+                            version=sanitize_text(record.get("version", ""), 32),
+                            cpu_count=int(record.get("cpu_count", 0)),
+                            memory_total_bytes=int(record.get("memory_total_bytes", 0)),
+                            status=NodeStatus.MISSING, joined_at=float(record.get("joined_at", 0.0)),
+                            last_seen=float(record.get("last_seen", 0.0)),
+                            owner_digest=bytes.fromhex(record.get("owner", "")))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+            if is_valid_node_id(node.node_id) and labels_problem(node.labels) is None:
+                node.gone_at = node.last_seen or time.time()
+                restored.append(node)
+        with self._lock:
+            for node in restored[:self.max_nodes]:
+                if node.node_id not in self._nodes:
+                    self._nodes[node.node_id] = node
+                    self._unannounced.add(node.node_id)
+            self._sorted_ids = None
+            self._restored_at = self.clock.now()
+        return len(self._unannounced)
+
+    def announce_missing(self) -> None:
+        """Once the restored nodes had MISSED_HEARTBEATS intervals to come back, raise a missing
+        event for each one that did not."""
+        with self._lock:
+            if self._restored_at is None or self.clock.now() - self._restored_at < self.silence_limit:
+                return
+            missing = [self._nodes[node_id] for node_id in sorted(self._unannounced)
+                       if node_id in self._nodes and self._nodes[node_id].status is NodeStatus.MISSING]
+            self._unannounced.clear()
+            self._restored_at = None
+            announced = [(node.node_id, node.event_values()) for node in missing]
+        for node_id, values in announced:
+            self.events.add(Level.WARN, f"Node '{node_id}' is missing: not seen since the orchestrator restarted.",
+                            EventKind.MISSING, node_id, values)
 
     def snapshot(self, with_history: bool = True) -> list[Node]:
         """Copies of every node, safe to read on another thread."""
@@ -1183,6 +1331,91 @@ class NodeRegistry:
     def __len__(self) -> int:
         with self._lock:
             return len(self._nodes)
+
+
+class StateFile:
+    """The orchestrator's inventory on disk: one JSON file per listen address, written atomically
+    (a 0600 temporary file renamed over the old one) by its own thread, so a slow or full disk
+    never reaches the gRPC loop. A file that cannot be read is kept aside as .corrupt."""
+
+    FORMAT = 1
+
+    def __init__(self, directory: str, listen: str, events: EventLog):
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", listen)
+        self.path = os.path.join(directory, f"orchestrator-{name}.json")
+        self._events = events
+        self._pending: list | None = None
+        self._ready = threading.Condition()
+        self._writing = False
+        self._last_error = ""
+        threading.Thread(target=self._write_forever, name="cares-state", daemon=True).start()
+
+    def load(self) -> list[dict]:
+        """The nodes the file remembers; [] (with one WARN line) when it is missing or unusable."""
+        try:
+            with open(self.path, encoding="utf-8") as file:
+                document = json.load(file)
+            nodes = document["nodes"]
+            if document.get("format") != self.FORMAT or not isinstance(nodes, list):
+                raise ValueError("not a cares state file")
+            return [node for node in nodes if isinstance(node, dict)]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            reason = sanitize_text(getattr(error, "strerror", None) or str(error) or type(error).__name__, 80)
+            kept = self.path + ".corrupt"
+            try:
+                os.replace(self.path, kept)
+            except OSError:
+                kept = "left in place"
+            self._events.add(Level.WARN, f"The state file {self.path} is unreadable ({reason}); kept as "
+                                         f"{kept}, starting with no known nodes.")
+            return []
+
+    def save(self, records: list[dict]) -> None:
+        """Hand the latest inventory to the writer thread (a newer one replaces one not yet written)."""
+        with self._ready:
+            self._pending = records
+            self._ready.notify()
+
+    def flush(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while (self._pending is not None or self._writing) and time.monotonic() < deadline:
+                self._ready.wait(max(deadline - time.monotonic(), 0.01))
+
+    def _write_forever(self) -> None:
+        while True:
+            with self._ready:
+                while self._pending is None:
+                    self._ready.wait()
+                records, self._pending, self._writing = self._pending, None, True
+            error = self._write(records)
+            with self._ready:
+                self._writing = False
+                self._ready.notify_all()
+            if error != self._last_error:  # say each new problem once, and when it is over
+                if error:
+                    self._events.add(Level.WARN, f"Cannot save the state file {self.path}: {error}; "
+                                                 f"still serving, the inventory is kept in memory.")
+                else:
+                    self._events.add(Level.INFO, f"The state file {self.path} is saved again.")
+                self._last_error = error
+
+    def _write(self, records: list[dict]) -> str:
+        temporary = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+                json.dump({"format": self.FORMAT, "saved_at": time.time(), "nodes": records}, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            return (error.strerror or str(error)).lower()
+        return ""
 
 
 def _is_power_of_ten(count: int) -> bool:
@@ -1464,7 +1697,8 @@ def node_status_message(node: Node) -> pb.NodeStatus:
     row = pb.NodeStatus(node_id=node.node_id, address=node.address, status=node.status.value,
                         last_seen_unix_s=node.last_seen, hostname=node.hostname, joined_at_unix_s=node.joined_at,
                         labels=node.labels, platform=node.platform, cares_version=node.version,
-                        cpu_count=node.cpu_count, memory_total_bytes=node.memory_total_bytes)
+                        cpu_count=node.cpu_count, memory_total_bytes=node.memory_total_bytes, left=node.left,
+                        alerts=sorted(rule.describe() for rule in node.alerting))
     if node.metrics is not None:
         row.cpu_percent = node.metrics.cpu_percent
         row.memory_percent = node.metrics.memory_percent
@@ -1536,15 +1770,111 @@ def explain_bind_failure(host: str, port: int) -> str:
     return f"cannot listen on {address}"
 
 
+# The events --on-event runs its command for.
+HOOK_EVENTS = frozenset({EventKind.JOINED, EventKind.REJOINED, EventKind.LEFT, EventKind.LOST, EventKind.THRESHOLD,
+                         EventKind.RECOVERED, EventKind.MISSING})
+
+
+class HookRunner:
+    """Runs --on-event CMD (split with shlex, no shell) for each node event, with the event in its
+    environment, on its own thread: at most HOOK_CONCURRENCY at once, each killed after
+    HOOK_TIMEOUT_S, from a bounded queue that drops with one WARN line per burst. A command that
+    fails is logged with its exit code and the end of what it wrote to stderr."""
+
+    def __init__(self, command: list[str], events: EventLog):
+        self.command = command
+        self._events = events
+        self._queue: collections.deque[Event] = collections.deque()
+        self._wake = threading.Event()
+        self.dropped = 0
+        self.runs = 0
+        events.subscribe(self._offer)
+        threading.Thread(target=self._run_forever, name="cares-hooks", daemon=True).start()
+
+    def _offer(self, event: Event) -> None:
+        """The event log's listener: queue node events, never wait."""
+        if event.kind not in HOOK_EVENTS:
+            return
+        if len(self._queue) >= HOOK_QUEUE_EVENTS:
+            self.dropped += 1
+            return
+        self._queue.append(event)
+        self._wake.set()
+
+    @staticmethod
+    def environment(event: Event) -> dict:
+        """The event as CARES_* variables, each one printable line."""
+        def text(value, limit=200):
+            return "" if value is None else sanitize_text(str(value).replace("\n", " "), limit)
+        values = event.values
+        return {**os.environ, "CARES_EVENT": event.kind.value, "CARES_NODE_ID": event.node_id,
+                "CARES_HOSTNAME": text(values.get("hostname")), "CARES_ADDRESS": text(values.get("address")),
+                "CARES_CPU_PERCENT": text(values.get("cpu_percent")),
+                "CARES_MEMORY_PERCENT": text(values.get("memory_percent")), "CARES_MESSAGE": text(event.text, 500)}
+
+    def _run_forever(self) -> None:
+        running: list[tuple] = []  # (process, event, started at, stderr file)
+        reported = 0
+        while True:
+            self._wake.wait(0.1 if running else None)
+            self._wake.clear()
+            while self._queue and len(running) < HOOK_CONCURRENCY:
+                running.append(self._start(self._queue.popleft()))
+            running = [entry for entry in running if entry[0] is not None and not self._finished(*entry)]
+            if self.dropped != reported:
+                self._events.add(Level.WARN, f"Event hook too slow: {self.dropped - reported} event(s) dropped "
+                                             f"(at most {HOOK_QUEUE_EVENTS} wait).")
+                reported = self.dropped
+
+    def _start(self, event: Event) -> tuple:
+        errors = tempfile.TemporaryFile()
+        try:
+            process = subprocess.Popen(self.command, env=self.environment(event), stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
+        except OSError as error:
+            errors.close()
+            self._events.add(Level.WARN, f"Event hook {shlex.join(self.command)!r} could not start: "
+                                         f"{error.strerror or error}.")
+            return (None, event, 0.0, None)
+        self.runs += 1
+        return (process, event, time.monotonic(), errors)
+
+    def _finished(self, process, event: Event, started: float, errors) -> bool:
+        code = process.poll()
+        if code is None and time.monotonic() - started < HOOK_TIMEOUT_S:
+            return False
+        if code is None:
+            with contextlib.suppress(OSError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            problem = f"killed after {HOOK_TIMEOUT_S:g} s"
+        elif code != 0:
+            errors.seek(0)
+            tail = errors.read()[-200:].decode("utf-8", "replace").strip().splitlines()
+            problem = f"exited with {code}" + (f": {sanitize_text(tail[-1], 120)}" if tail else "")
+        else:
+            problem = ""
+        errors.close()
+        if problem:
+            self._events.add(Level.WARN, f"Event hook for {event.kind.value} of '{event.node_id}' {problem}.")
+        return True
+
+
 class Orchestrator:
     """The gRPC server, its registry and the liveness sweep, running on the gRPC loop."""
 
     def __init__(self, listen: str = DEFAULT_LISTEN, *, token: str | None = None, tls_cert: bytes | None = None,
                  tls_key: bytes | None = None, heartbeat_ms: int = DEFAULT_HEARTBEAT_MS,
-                 max_nodes: int = DEFAULT_MAX_NODES, forget_after_s: float | None = DEFAULT_FORGET_AFTER_S):
+                 max_nodes: int = DEFAULT_MAX_NODES, forget_after_s: float | None = DEFAULT_FORGET_AFTER_S,
+                 state_dir: str | None = None, on_event: list[str] | None = None, alerts: tuple = ()):
         self.listen_host, port = parse_address(listen, allow_port_zero=True)
         heartbeat_ms = clamp_heartbeat_ms(heartbeat_ms)
         self.registry = NodeRegistry(max_nodes=max_nodes, heartbeat_interval=heartbeat_ms / 1000.0)
+        self.registry.alert_rules = tuple(alerts)
+        self.state_dir = state_dir
+        self.state: StateFile | None = None
+        self._saved_changes, self._saved_at = -1, -math.inf
+        self.hooks = HookRunner(on_event, self.registry.events) if on_event else None
         self.token = token
         self.tls = (tls_key, tls_cert) if tls_cert else None
         self.port = port
@@ -1576,6 +1906,22 @@ class Orchestrator:
             raise StartError(explain_bind_failure(self.listen_host, self.port))
         self.join_hosts = join_addresses(self.listen_host, self.port, psutil.net_if_addrs())
         self.registry.events.add(Level.INFO, f"Orchestrator listening on {self.address}.")
+        self._open_state(self.address)  # the bound address: port 0 becomes the port it got
+
+    def _open_state(self, listen: str) -> None:
+        """Bring back the nodes known before a restart, as Missing until they rejoin."""
+        if self.state_dir is None:
+            return
+        directory = usable_state_dir(self.state_dir)
+        if directory is None:
+            self.registry.events.add(Level.WARN, f"Cannot write to the state directory {self.state_dir}: "
+                                                 f"known nodes will not survive a restart.")
+            return
+        self.state = StateFile(directory, listen, self.registry.events)
+        restored = self.registry.restore(self.state.load())
+        if restored:
+            self.registry.events.add(Level.INFO, f"{restored} known node(s) from {self.state.path} are Missing "
+                                                 f"until they rejoin.")
 
     async def _start(self) -> bool:
         """Bind and serve; False when the address cannot be bound."""
@@ -1628,8 +1974,20 @@ class Orchestrator:
 
     def _housekeeping(self) -> None:
         self.registry.flush_refusals()
+        self.registry.announce_missing()
         if self.forget_after_s:
             self.registry.forget_gone(older_than_s=self.forget_after_s)
+        self._save_state()
+
+    def _save_state(self, now: float | None = None) -> None:
+        """Hand the inventory to the state file's writer: soon after nodes change, else once a minute."""
+        if self.state is None:
+            return
+        now = time.monotonic() if now is None else now
+        changed = self.registry.changes != self._saved_changes
+        if now - self._saved_at >= (STATE_SAVE_S if changed else STATE_REFRESH_S):
+            self._saved_changes, self._saved_at = self.registry.changes, now
+            self.state.save(self.registry.inventory())
 
     def forget_gone(self) -> int:
         """Forget every Disconnected and Missing node (the dashboard's x)."""
@@ -1660,6 +2018,9 @@ class Orchestrator:
         except Exception as error:  # the process is exiting either way; say why it was not clean
             self.registry.events.add(Level.WARN, f"Unclean shutdown: {error!r}")
         self._server = None
+        if self.state is not None:
+            self._save_state(now=math.inf)
+            self.state.flush(timeout=2.0)
         self.registry.events.add(Level.INFO, "Orchestrator stopped.")
 
     async def _stop(self, grace: float) -> None:
@@ -1680,11 +2041,15 @@ class OrchestratorConfig:
     heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
     max_nodes: int = DEFAULT_MAX_NODES
     forget_after_s: float | None = DEFAULT_FORGET_AFTER_S
+    state_dir: str | None = None  # None: keep nothing on disk
+    on_event: list | None = None  # the --on-event command, split
+    alerts: tuple = ()
 
     def create(self) -> Orchestrator:
         return Orchestrator(self.listen, token=self.token, tls_cert=self.tls_cert, tls_key=self.tls_key,
                             heartbeat_ms=self.heartbeat_ms, max_nodes=self.max_nodes,
-                            forget_after_s=self.forget_after_s)
+                            forget_after_s=self.forget_after_s, state_dir=self.state_dir, on_event=self.on_event,
+                            alerts=self.alerts)
 
 
 # ---------------------------------------------------------------------------
@@ -2172,6 +2537,7 @@ def status_row(node: pb.NodeStatus) -> dict:
             "labels": {sanitize_text(key, 63): sanitize_text(value, 128) for key, value in node.labels.items()},
             "platform": sanitize_text(node.platform, PLATFORM_LIMIT), "version": sanitize_text(node.cares_version, 32),
             "cpu_count": node.cpu_count or None, "memory_total_bytes": node.memory_total_bytes or None,
+            "left": node.left, "alerts": [sanitize_text(alert, 60) for alert in node.alerts[:MAX_ALERTS_SHOWN]],
             "metrics": {name: _finite_or_none(value, 3) if value is not None else None
                         for name, value in metrics.items()}}
 
@@ -3088,7 +3454,7 @@ def _define_tui():
                 wall = time.time()
                 self.shown = DashboardShown(
                     summarize(self._snapshot), layout, table,
-                    [node_row(node, layout, wall, self.glyphs) for node in rows],
+                    [node_row(node, layout, wall, self.glyphs, bool(node.alerting)) for node in rows],
                     orchestrator.registry.events.tail(self.canvas.height), wall)
             super()._update(frame_no)
 
@@ -3556,6 +3922,16 @@ def _number(convert, low, high):
     return parse
 
 
+def _command(text: str) -> list[str]:
+    try:
+        words = shlex.split(text)
+    except ValueError as error:
+        raise ValueError(f"cannot split the command: {error}") from None
+    if not words:
+        raise ValueError("the command is empty")
+    return words
+
+
 def _listen_address(text: str) -> str:
     return format_address(*parse_address(text, allow_port_zero=True))
 
@@ -3583,6 +3959,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    f"(default {format_duration(DEFAULT_FORGET_AFTER_S)})")
     orchestrator.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate (chain)")
     orchestrator.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    orchestrator.add_argument("--on-event", type=_argument(_command), metavar="CMD",
+                              help="run CMD (split like a shell would, but no shell) for every node event "
+                                   "(joined, rejoined, left, lost, threshold, recovered, missing) with CARES_EVENT, "
+                                   "CARES_NODE_ID, CARES_HOSTNAME, CARES_ADDRESS, CARES_CPU_PERCENT, "
+                                   "CARES_MEMORY_PERCENT and CARES_MESSAGE in its environment")
+    orchestrator.add_argument("--alert", type=_argument(parse_alert), action="append", default=[], metavar="RULE",
+                              help="raise a threshold event when a node stays beyond a limit, e.g. cpu>90:60s, "
+                                   "memory>95:30s, disk>90:5m, load>8:2m (repeatable)")
 
     worker = commands.add_parser("worker", help="join a cluster and stream this machine's metrics")
     worker.add_argument("orchestrator_address", type=_argument(parse_target, "address"), metavar="HOST:PORT",
@@ -3592,18 +3976,26 @@ def build_parser() -> argparse.ArgumentParser:
                              "identity, the same at every start)")
     worker.add_argument("--label", type=_argument(parse_label), action="append", default=[], metavar="KEY=VALUE",
                         help="a label shown with this node and usable in the filter (repeatable, at most 16)")
-    worker.add_argument("--state-dir", default=None, metavar="DIR",
-                        help="where this worker keeps its node secret and ID lock "
-                             "(default $STATE_DIRECTORY, $XDG_STATE_HOME/cares or ~/.local/state/cares)")
-    worker.add_argument("--no-state", action="store_true",
-                        help="keep nothing on disk: the node secret lasts as long as the process")
 
     status = commands.add_parser("status", help="print an orchestrator's node table")
     status.add_argument("orchestrator_address", type=_argument(parse_target, "address"), metavar="HOST:PORT")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--timeout", type=_argument(_number(float, 0.1, 3600.0)), default=5.0, metavar="SECONDS",
                         help="give up after this long (default 5)")
+    status.add_argument("--check", action="store_true",
+                        help="one line and an exit code for Nagios, Icinga, cron or Uptime Kuma: "
+                             "0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
+    status.add_argument("--min-active", type=_argument(_number(int, 0, 10_000_000)), default=1, metavar="N",
+                        help="with --check: CRITICAL below N active nodes (default 1)")
+    status.add_argument("--max-lost", type=_argument(_number(int, 0, 10_000_000)), default=0, metavar="N",
+                        help="with --check: CRITICAL above N lost nodes, WARNING up to it (default 0)")
 
+    for command, keeps in ((orchestrator, "the nodes it knows, so a restart remembers them"),
+                           (worker, "its node secret and ID lock")):
+        command.add_argument("--state-dir", default=None, metavar="DIR",
+                             help=f"where it keeps {keeps} (default $STATE_DIRECTORY, "
+                                  f"$XDG_STATE_HOME/cares or ~/.local/state/cares)")
+        command.add_argument("--no-state", action="store_true", help="keep nothing on disk")
     for command in (orchestrator, worker):
         command.add_argument("--headless", action="store_true",
                              help="no screen: one log line per event on stderr "
@@ -3661,17 +4053,21 @@ def check_terminal() -> None:
                              f"run with --headless, or set TERM (e.g. TERM=xterm-256color)")
 
 
+def state_dir(args) -> str | None:
+    return None if args.no_state else (args.state_dir or default_state_dir())
+
+
 def orchestrator_config(args) -> OrchestratorConfig:
     tls = load_tls(args)
     return OrchestratorConfig(listen=args.listen, token=args.token, tls_cert=tls.get("tls_cert"),
                               tls_key=tls.get("tls_key"), heartbeat_ms=args.heartbeat_ms, max_nodes=args.max_nodes,
-                              forget_after_s=args.forget_after or None)
+                              forget_after_s=args.forget_after or None, state_dir=state_dir(args),
+                              on_event=args.on_event, alerts=tuple(args.alert))
 
 
 def worker_config(args) -> WorkerConfig:
     return WorkerConfig(target=args.orchestrator_address, token=args.token, tls_ca=load_tls(args).get("tls_ca"),
-                        node_id=args.node_id, labels=dict(args.label),
-                        state_dir=None if args.no_state else (args.state_dir or default_state_dir()))
+                        node_id=args.node_id, labels=dict(args.label), state_dir=state_dir(args))
 
 
 def run_orchestrator(args) -> int:
@@ -3709,13 +4105,47 @@ def format_status_table(rows: list[dict], now: float | None = None) -> str:
     return "\n".join(lines)
 
 
+class CheckResult(enum.IntEnum):
+    """Nagios plugin exit codes."""
+
+    OK = 0
+    WARNING = 1
+    CRITICAL = 2
+    UNKNOWN = 3
+
+
+def check_status(rows: list[dict], min_active: int, max_lost: int) -> tuple[CheckResult, str]:
+    """`status --check`: the result and its one line, with performance data after the '|'."""
+    def count(status, left=None):
+        return sum(row["status"] == status and (left is None or row.get("left") == left) for row in rows)
+    active, joining, missing = count("Active"), count("Joining"), count("Missing")
+    lost, left = count("Disconnected", left=False), count("Disconnected", left=True)
+    alerting = sum(bool(row.get("alerts")) for row in rows)
+    if active < min_active or lost > max_lost:
+        result = CheckResult.CRITICAL
+    elif lost or missing or alerting:
+        result = CheckResult.WARNING
+    else:
+        result = CheckResult.OK
+    summary = f"{active} active, {lost} lost, {missing} missing" + (f", {alerting} alerting" if alerting else "")
+    return result, (f"CARES {result.name} - {summary} | active={active} lost={lost} missing={missing} "
+                    f"joining={joining} left={left} alerting={alerting}")
+
+
 def run_status(args) -> int:
     try:
         rows = fetch_status(args.orchestrator_address, token=args.token, tls_ca=load_tls(args).get("tls_ca"),
                             timeout=args.timeout)
-    except grpc.RpcError as error:
-        raise RuntimeFailure(f"cannot get status from {args.orchestrator_address}: "
-                             f"{describe_rpc_error(error)}") from None
+    except (grpc.RpcError, RuntimeFailure) as error:
+        reason = describe_rpc_error(error) if isinstance(error, grpc.RpcError) else str(error)
+        if args.check:
+            print(f"CARES UNKNOWN - cannot get status from {args.orchestrator_address}: {reason}")
+            return CheckResult.UNKNOWN
+        raise RuntimeFailure(f"cannot get status from {args.orchestrator_address}: {reason}") from None
+    if args.check:
+        result, line = check_status(rows, args.min_active, args.max_lost)
+        print(line)
+        return result
     if args.json:
         print(json.dumps({"nodes": rows}, indent=2))
     else:

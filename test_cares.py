@@ -2863,6 +2863,261 @@ class FaultTest(ClusterTestCase):
 
 
 # ---------------------------------------------------------------------------
+# Keep running, tell someone, remember (issue 11): hooks, alerts, the
+# inventory that survives a restart, status --check
+# ---------------------------------------------------------------------------
+
+HOOK_RECORDER = ("import json, os, sys, time\n"
+                 "record = {key: value for key, value in os.environ.items() if key.startswith('CARES_')}\n"
+                 "record.update(pid=os.getpid(), started=time.time())\n"
+                 "time.sleep(float(sys.argv[2]))\n"
+                 "record['ended'] = time.time()\n"
+                 "with open(sys.argv[1], 'a') as out:\n"
+                 "    out.write(json.dumps(record) + '\\n')\n"
+                 "sys.exit(int(sys.argv[3]))\n")
+
+
+def hook_records(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as file:
+        return [json.loads(line) for line in file]
+
+
+class EventHookTest(ClusterTestCase):
+    def hook(self, seconds=0.0, exit_code=0):
+        folder = tempfile.mkdtemp(prefix="cares-test-hook-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "events.jsonl")
+        return [sys.executable, "-c", HOOK_RECORDER, path, str(seconds), str(exit_code)], path
+
+    def test_each_node_event_runs_the_command_with_the_event_in_its_environment(self):
+        command, path = self.hook()
+        orchestrator = self.start_orchestrator(heartbeat_ms=200, on_event=command)
+        client = self.start_worker(orchestrator, "hooked", FixedSampler(12.5, 40.0))
+        self.assert_becomes(orchestrator.registry, "hooked", cares.NodeStatus.ACTIVE, 5)
+        client.stop()
+        self.assertIsNotNone(wait_until(lambda: len(hook_records(path)) == 2, 10), hook_records(path))
+        records = {record["CARES_EVENT"]: record for record in hook_records(path)}
+        self.assertEqual(sorted(records), ["joined", "left"])
+        joined_record = records["joined"]
+        self.assertEqual(records["left"]["CARES_MESSAGE"], "Node 'hooked' has left the cluster.")
+        self.assertEqual(joined_record["CARES_NODE_ID"], "hooked")
+        self.assertEqual(joined_record["CARES_CPU_PERCENT"], "12.5")
+        self.assertEqual(joined_record["CARES_MEMORY_PERCENT"], "40.0")
+        self.assertEqual(joined_record["CARES_HOSTNAME"], socket.gethostname()[:cares.HOSTNAME_LIMIT])
+        self.assertTrue(joined_record["CARES_ADDRESS"].startswith("127.0.0.1:"))
+        self.assertEqual(joined_record["CARES_MESSAGE"], "Node 'hooked' has joined the cluster.")
+
+    def test_at_most_four_at_once_a_bounded_queue_and_one_warning_per_burst(self):
+        command, path = self.hook(seconds=0.3)
+        events = cares.EventLog()
+        runner = cares.HookRunner(command, events)
+        for number in range(cares.HOOK_QUEUE_EVENTS + 50):  # a burst the queue cannot hold
+            events.add(cares.Level.WARN, f"Node 'n{number}' lost: test.", cares.EventKind.LOST, f"n{number}")
+        events.add(cares.Level.INFO, "not a node event")
+        self.assertIsNotNone(wait_until(lambda: runner.dropped >= 50 and any(
+            "Event hook too slow" in text for text in texts(events)), 5))
+        self.assertIsNotNone(wait_until(lambda: len(hook_records(path)) >= 8, 20))
+        records = hook_records(path)
+        moments = sorted([(record["started"], 1) for record in records] + [(record["ended"], -1) for record in records])
+        running = peak = 0
+        for _, change in moments:
+            running += change
+            peak = max(peak, running)
+        self.assertLessEqual(peak, cares.HOOK_CONCURRENCY)
+        self.assertEqual(sum("Event hook too slow" in text for text in texts(events)), 1)
+
+    def test_a_failing_or_hanging_command_is_logged_and_the_cluster_goes_on(self):
+        events = cares.EventLog()
+        failing, _ = self.hook(exit_code=3)
+        cares.HookRunner(failing[:2] + ["import sys; sys.stderr.write('boom\\n'); sys.exit(3)"], events)
+        with mock.patch.object(cares, "HOOK_TIMEOUT_S", 0.5):
+            cares.HookRunner([sys.executable, "-c", "import time; time.sleep(30)"], events)
+            cares.HookRunner(["/nonexistent/hook"], events)
+            started = time.monotonic()
+            events.add(cares.Level.WARN, "Node 'x' lost: test.", cares.EventKind.LOST, "x")
+            self.assertIsNotNone(wait_until(lambda: any("killed after 0.5 s" in text for text in texts(events)), 5))
+        lines = texts(events)
+        self.assertIn("Event hook for lost of 'x' exited with 3: boom.", lines)
+        self.assertIn("Event hook '/nonexistent/hook' could not start: No such file or directory.", lines)
+        self.assertLess(time.monotonic() - started, 5)
+
+
+class AlertTest(ClusterTestCase):
+    def test_rules_parse_or_say_why_not(self):
+        rule = cares.parse_alert("cpu>90:60s")
+        self.assertEqual((rule.metric, rule.above, rule.limit, rule.duration_s), ("cpu", True, 90.0, 60.0))
+        self.assertEqual(cares.parse_alert(" disk > 95% : 5m ").duration_s, 300)
+        self.assertFalse(cares.parse_alert("load<0.5:1h").above)
+        for bad in ("cpu>90", "gpu>90:1m", "cpu=90:1m", "cpu>ninety:1m", "cpu>90:soon", ""):
+            with self.assertRaises(ValueError, msg=bad):
+                cares.parse_alert(bad)
+        self.assertEqual(self.exit_code("orchestrator", "--alert", "cpu>")[0], 2)
+
+    def test_one_event_per_crossing_never_one_per_sample(self):
+        registry = cares.NodeRegistry()
+        registry.alert_rules = (cares.parse_alert("cpu>50:0.2s"), cares.parse_alert("memory>90:0s"))
+        session = joined(registry, "hot", hostname="web1")
+        sequence = iter(range(1, 10_000))
+
+        def feed(cpu, memory=10.0, seconds=0.0, step=0.02):
+            deadline = time.monotonic() + seconds
+            while True:
+                registry.update("hot", session, values(cpu, memory), next(sequence))
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(step)
+        for _ in range(5):
+            feed(80, seconds=0.1)  # above, but shorter than the rule's 0.2 s: flapping is not an alert
+            feed(20)
+        kinds = lambda: [event.kind for event in registry.events.tail(100)
+                         if event.kind in (cares.EventKind.THRESHOLD, cares.EventKind.RECOVERED)]
+        self.assertEqual(kinds(), [])
+        feed(80, seconds=0.5)
+        self.assertEqual(kinds(), [cares.EventKind.THRESHOLD])
+        self.assertEqual(registry.get("hot").alerting, frozenset({registry.alert_rules[0]}))
+        feed(20, seconds=0.1)
+        self.assertEqual(kinds(), [cares.EventKind.THRESHOLD, cares.EventKind.RECOVERED])
+        feed(20, memory=95)
+        threshold = [event for event in registry.events.tail(100) if event.kind is cares.EventKind.THRESHOLD]
+        self.assertEqual([event.text for event in threshold],
+                         ["Node 'hot': cpu > 50% for 0.2s (now 80%).", "Node 'hot': memory > 90% for 0s (now 95%)."])
+        self.assertEqual(threshold[0].values["hostname"], "web1")
+        row = row_text(cares.node_row(registry.get("hot"), cares.table_layout(120), time.time(),
+                                      alerting=bool(registry.get("hot").alerting)))
+        self.assertIn("Active!", row)
+
+    def test_alerts_reach_status_and_hooks(self):
+        command, path = EventHookTest.hook(self)
+        orchestrator = self.start_orchestrator(heartbeat_ms=200, on_event=command,
+                                               alerts=(cares.parse_alert("cpu>60:0.3s"),))
+        sampler = FixedSampler(75.0, 10.0)
+        self.start_worker(orchestrator, "busy", sampler)
+        self.assertIsNotNone(wait_until(lambda: "threshold" in [r["CARES_EVENT"] for r in hook_records(path)], 10))
+        rows = cares.fetch_status(f"127.0.0.1:{orchestrator.port}")
+        self.assertEqual(rows[0]["alerts"], ["cpu > 60%"])
+        sampler.cpu = 10.0
+        self.assertIsNotNone(wait_until(lambda: "recovered" in [r["CARES_EVENT"] for r in hook_records(path)], 10))
+        record = next(r for r in hook_records(path) if r["CARES_EVENT"] == "threshold")
+        self.assertEqual((record["CARES_NODE_ID"], record["CARES_CPU_PERCENT"]), ("busy", "75.0"))
+
+
+class InventoryTest(ClusterTestCase):
+    def state_dir(self):
+        folder = tempfile.mkdtemp(prefix="cares-test-inventory-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        return folder
+
+    def test_known_nodes_survive_a_restart_as_missing(self):
+        folder, port = self.state_dir(), free_port()
+        first = cares.Orchestrator(f"127.0.0.1:{port}", heartbeat_ms=200, state_dir=folder)
+        first.start()
+        workers = {node_id: self.start_worker(first, node_id, secret=f"secret-of-{node_id}", labels={"role": node_id},
+                                              port=port) for node_id in ("stays", "gone")}
+        for node_id in workers:
+            self.assert_becomes(first.registry, node_id, cares.NodeStatus.ACTIVE, 5)
+        workers["gone"].stop()  # this one will not come back
+        first.stop(0.2)
+        path = os.path.join(folder, f"orchestrator-127.0.0.1_{port}.json")
+        self.assertEqual(oct(stat.S_IMODE(os.stat(path).st_mode)), "0o600")
+        second = self.start_orchestrator(f"127.0.0.1:{port}", heartbeat_ms=200, state_dir=folder)
+        registry = second.registry
+        gone = registry.get("gone")
+        self.assertEqual((gone.status, gone.labels, gone.hostname), (cares.NodeStatus.MISSING, {"role": "gone"},
+                                                                     socket.gethostname()[:64]))
+        self.assertGreater(gone.last_seen, 0)
+        # The worker whose process lived on reconnects by itself; the other never does.
+        self.assert_becomes(registry, "stays", cares.NodeStatus.ACTIVE, 10)
+        self.assertIn("Node 'stays' has rejoined the cluster.", texts(registry.events))
+        self.assertIsNotNone(wait_until(
+            lambda: "Node 'gone' is missing: not seen since the orchestrator restarted." in texts(registry.events), 5))
+        self.assertEqual(status_of(registry, "gone"), cares.NodeStatus.MISSING)
+        # Ownership survived too: a stranger cannot take over the missing node's ID.
+        with self.assertRaises(grpc.RpcError) as caught:
+            raw_stub(self, port).JoinCluster(pb.NodeInfo(node_id="gone", node_secret="guess"), timeout=5)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.PERMISSION_DENIED)
+        second.forget_gone()  # x: forgotten from the file too
+        self.assertIsNotNone(wait_until(lambda: '"gone"' not in open(path).read(), 10))
+
+    def test_a_corrupt_state_file_is_kept_aside(self):
+        folder, port = self.state_dir(), free_port()
+        path = os.path.join(folder, f"orchestrator-127.0.0.1_{port}.json")
+        with open(path, "w") as file:
+            file.write('{"format": 1, "nodes": [tru')
+        orchestrator = self.start_orchestrator(f"127.0.0.1:{port}", state_dir=folder)
+        self.assertEqual(len(orchestrator.registry), 0)
+        self.assertTrue(os.path.exists(path + ".corrupt"))
+        warnings = [text for text in texts(orchestrator.registry.events) if "unreadable" in text]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn(f"kept as {path}.corrupt, starting with no known nodes", warnings[0])
+        # Records that do not hold together are skipped, the rest restored.
+        orchestrator.stop(0.2)
+        with open(path, "w") as file:
+            json.dump({"format": 1, "nodes": [{"node_id": "bad id"}, {"node_id": "fine", "labels": {"k": "v"}},
+                                              {"node_id": "x", "cpu_count": "many"}, "junk"]}, file)
+        again = self.start_orchestrator(f"127.0.0.1:{port}", state_dir=folder)
+        self.assertEqual([node.node_id for node in again.registry.snapshot()], ["fine"])
+
+    def test_a_full_disk_costs_the_file_not_the_cluster(self):
+        folder = self.state_dir()
+        address = f"127.0.0.1:{free_port()}"
+        limit = 64  # bytes: the first save of a node fails with "file too large"
+        process = self.spawn("orchestrator", "--listen", address, "--headless", "--state-dir", folder,
+                             "--heartbeat-ms", "200",
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+        log = LineCollector(process.stderr)
+        client = cares.WorkerClient(address, "diskless", cares.LocalSampler())
+        client.start()
+        self.addCleanup(client.stop, False, 0.5)
+        self.assertIsNotNone(wait_until(lambda: "Cannot save the state file" in log.text(), 15), log.text())
+        self.assertIn("file too large; still serving", log.text())
+        rows = cares.fetch_status(address)
+        self.assertEqual([(row["node_id"], row["status"]) for row in rows], [("diskless", "Active")])
+        self.assertEqual(log.text().count("Cannot save the state file"), 1)
+        process.terminate()
+        self.assertEqual(process.wait(10), 0)
+
+
+class StatusCheckTest(ClusterTestCase):
+    def test_nagios_lines_and_exit_codes(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=60_000)  # rows made here have no streams
+        registry = orchestrator.registry
+        address = f"127.0.0.1:{orchestrator.port}"
+
+        def check(*extra):
+            result = self.run_cares("status", address, "--check", *extra)
+            self.assertEqual(result.stderr, "")
+            return result.returncode, result.stdout.strip()
+        self.assertEqual(check(), (2, "CARES CRITICAL - 0 active, 0 lost, 0 missing | active=0 lost=0 missing=0 "
+                                      "joining=0 left=0 alerting=0"))
+        for number in range(3):
+            active(registry, f"ok-{number}")
+        self.assertEqual(check()[0], 0)
+        self.assertTrue(check()[1].startswith("CARES OK - 3 active, 0 lost, 0 missing | active=3 lost=0"))
+        registry.disconnect("ok-2", registry.get("ok-2").session_id, "goodbye", left=True)
+        self.assertEqual(check()[0], 0)  # leaving on purpose is not a loss
+        registry.disconnect("ok-1", registry.get("ok-1").session_id, "killed")
+        self.assertEqual(check(), (2, "CARES CRITICAL - 1 active, 1 lost, 0 missing | active=1 lost=1 missing=0 "
+                                      "joining=0 left=1 alerting=0"))
+        self.assertEqual(check("--max-lost", "1")[0], 1)
+        self.assertEqual(check("--max-lost", "1", "--min-active", "2")[0], 2)
+        registry.restore([{"node_id": "was-here"}])
+        self.assertEqual(check("--max-lost", "5")[1].split(" | ")[0], "CARES WARNING - 1 active, 1 lost, 1 missing")
+        unreachable = self.run_cares("status", f"127.0.0.1:{free_port()}", "--check", "--timeout", "2")
+        self.assertEqual(unreachable.returncode, 3)
+        self.assertRegex(unreachable.stdout, r"^CARES UNKNOWN - cannot get status from 127\.0\.0\.1:\d+: "
+                                             r"orchestrator unreachable")
+
+    def test_a_wrong_token_is_unknown(self):
+        orchestrator = self.start_orchestrator(token="right")
+        result = self.run_cares("status", f"127.0.0.1:{orchestrator.port}", "--check", "--token", "wrong")
+        self.assertEqual(result.returncode, 3)
+        self.assertIn("CARES UNKNOWN - cannot get status", result.stdout)
+        self.assertIn("rejected the join token", result.stdout)
+
+
+# ---------------------------------------------------------------------------
 # cares.pyz, the one file ops people copy (built by build_zipapp.sh)
 # ---------------------------------------------------------------------------
 
