@@ -596,13 +596,14 @@ class Child:
             if reply.get("event") == event:
                 return reply
 
-    def stderr_tail(self, lines: int = 5) -> str:
+    def stderr_tail(self, lines: int = 3) -> str:
+        """The last lines of the child's stderr that say something (a traceback's markers skipped)."""
         try:
             with open(self.stderr_path, errors="replace") as file:
-                tail = file.read().splitlines()[-lines:]
+                said = [line.strip() for line in file.read().splitlines() if line.strip(" ^~\t")]
         except OSError:
             return ""
-        return ("; stderr: " + " | ".join(tail)) if tail else ""
+        return ("; stderr: " + " / ".join(said[-lines:])) if said else ""
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -653,12 +654,21 @@ def cleanup_everything() -> None:
 
 @dataclasses.dataclass
 class Bench:
-    """What every scenario needs: the options and a scratch folder."""
+    """What every scenario needs: the options, a scratch folder, and where failures are noted.
+
+    A scenario that cannot produce a figure either raises (BenchError for a known cause) or,
+    to go on measuring the rest, calls fail(): either way the bench exits 1.
+    """
 
     quick: bool
     max_workers: int
     pyz: str | None
     workdir: str
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+    def fail(self, text: str) -> None:
+        log(f"FAILED: {text}")
+        self.failures.append(text)
 
     def spawn_role(self, role: str, name: str, extra: list[str]) -> Child:
         return Child(name, [PYTHON, os.path.abspath(__file__), role, *extra], self.workdir, talk=True)
@@ -755,6 +765,7 @@ def loadgen_process_count(workers: int) -> int:
 
 class LoadGenerators:
     def __init__(self, bench: Bench, target: str, workers: int, prefix: str):
+        self.bench = bench
         self.workers = workers
         count = loadgen_process_count(workers)
         shares = [workers // count + (1 if index < workers % count else 0) for index in range(count)]
@@ -802,8 +813,8 @@ class LoadGenerators:
         for child in self.children:
             try:
                 replies.append(child.expect("stopped", 60.0))
-            except BenchError as error:
-                log(str(error))
+            except BenchError as error:  # its final counts are missing: the figures would be short
+                self.bench.fail(str(error))
         for child in self.children:
             child.stop(timeout=15.0)
         return self._total(replies)
@@ -944,8 +955,8 @@ def capacity_scenario(bench: Bench) -> tuple[list, list, dict]:
         for kind in ("cares", "bare"):
             try:
                 pair[kind] = capacity_run(bench, kind, workers, heartbeat_ms)
-            except BenchError as error:
-                log(f"capacity {kind} N={workers} failed: {error}")
+            except BenchError as error:  # noted, so the bench exits 1; the other sizes still run
+                bench.fail(f"capacity {kind} N={workers}: {error}")
                 pair[kind] = {"kind": kind, "workers": workers, "error": str(error)}
             raw["runs"].append(pair[kind])
         rows.extend(capacity_rows(workers, pair["cares"], pair["bare"]))
@@ -1411,6 +1422,10 @@ def detection_scenario(bench: Bench) -> tuple[list, list, dict]:
         poller.close()
         for child in list(workers.values()) + [orchestrator]:
             child.stop()
+    # A time that never came is no figure: the row says "timed out" and the bench exits 1.
+    for key, values in raw.items():
+        if isinstance(values, list) and None in values:
+            bench.fail(f"detection: {key} timed out in {values.count(None)} of {len(values)} runs")
     deadline = cares.MISSED_HEARTBEATS * cares.DEFAULT_HEARTBEAT_MS / 1000.0
     sweep = cares.DEFAULT_HEARTBEAT_MS / 2000.0
 
@@ -1446,7 +1461,11 @@ TITLES = {"capacity": "Orchestrator capacity (cares vs a bare grpc.aio server)",
 
 def print_table(name: str, rows: list, notes: list) -> None:
     lines = [f"### {TITLES[name]}", "", "| figure | target | measured | met? |", "| --- | --- | --- | --- |"]
-    lines += [f"| {figure} | {target or '—'} | {measured} | {ok} |" for figure, target, measured, ok in rows]
+    def cell(text) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines += [f"| {cell(figure)} | {cell(target or '—')} | {cell(measured)} | {ok} |"
+              for figure, target, measured, ok in rows]
     if notes:
         lines.append("")
         lines += [f"- {note}" for note in notes]
@@ -1466,7 +1485,6 @@ def run_bench(args) -> int:
     scenarios = args.scenario or list(SCENARIOS)
     results = {"machine": machine_description(), "quick": args.quick, "max_workers": args.max_workers,
                "scenarios": {}}
-    broken = False
     started = time.monotonic()
     runners = {"capacity": capacity_scenario, "footprint": footprint_scenario, "dashboard": dashboard_scenario,
                "startup": startup_scenario, "detection": detection_scenario}
@@ -1479,30 +1497,37 @@ def run_bench(args) -> int:
                 continue
             log(f"scenario {name}")
             scenario_started = time.monotonic()
+            noted = len(bench.failures)
             try:
                 rows, notes, raw = runners[name](bench)
             except BenchError as error:
-                broken = True
+                bench.fail(f"{name}: {error}")
                 rows, notes, raw = [("scenario", "—", f"error: {error}", "—")], [], {"error": str(error)}
-            except Exception as error:  # a bug in the bench: report it, finish the others, exit non-zero
-                broken = True
+            except Exception as error:  # a bug in the bench, or cares changed under it: report, go on, exit 1
                 traceback.print_exc()
+                bench.fail(f"{name}: {type(error).__name__}: {error}")
                 rows, notes, raw = [("scenario", "—", f"bench bug: {type(error).__name__}: {error}", "—")], [], \
                     {"error": repr(error)}
             finally:
                 cleanup_everything()
             raw["elapsed_s"] = round(time.monotonic() - scenario_started, 1)
+            raw["failures"] = bench.failures[noted:]
             results["scenarios"][name] = {"rows": rows, "notes": notes, "raw": raw}
             print_table(name, rows, notes)
         results["elapsed_s"] = round(time.monotonic() - started, 1)
+        results["failures"] = bench.failures
         print(f"Total time {results['elapsed_s']:.0f} s.", flush=True)
+        if bench.failures:
+            # Said on stdout too: whoever reads the tables must not take a short table for a full one.
+            print(f"\nFAILED: {len(bench.failures)} measurement(s) could not be made; exit code 1.\n"
+                  + "\n".join(f"- {failure}" for failure in bench.failures), flush=True)
     finally:
         cleanup_everything()
         if args.json:
             with open(args.json, "w") as file:
                 json.dump(results, file, indent=2, default=str)
         shutil.rmtree(workdir, ignore_errors=True)
-    return 1 if broken else 0
+    return 1 if bench.failures else 0
 
 
 # ---------------------------------------------------------------------------
