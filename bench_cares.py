@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """bench_cares.py: how cares compares with the floor of its own stack and with the agent people already run.
 
-Five scenarios, each printed as a markdown table (figure, target, measured, met?):
+Six scenarios, each printed as a markdown table (figure, target, measured, met?):
 
   capacity     the orchestrator under N simulated workers (real JoinCluster + Heartbeat
                streams from separate load-generator processes) against a bare grpc.aio
                server that only counts messages, same load, same run: CPU, RSS,
                messages/s, sent-at -> registry latency, failed streams, ratio cares/bare.
+  loop-jitter  the same load, with a task on each server's gRPC loop timing how late it
+               wakes: event-loop lag p50 / p99 / max, cares against bare.
   footprint    one headless worker at 1 Hz, beside Prometheus node_exporter scraped 1/s.
   dashboard    orchestrator CPU with the TUI in a tmux pane versus --headless, 10 and 1,000 nodes.
   startup      python cares.pyz --version, cold (empty unpack cache) and warm, with
@@ -20,7 +22,7 @@ runs, and comparisons are ratios measured in the same run. Nothing here is a uni
 figure the bench could not measure is listed under the tables and makes it exit 1.
 
 The bench reaches into cares only through its public API: Orchestrator, serve_headless,
-the registry's on_sample hook and status_counts, NodeStatus and a few
+the registry's on_sample hook and status_counts, grpc_loop, NodeStatus and a few
 constants; it replaces nothing in cares at run time.
 
 Usage: python bench_cares.py [--quick] [--json FILE] [--max-workers N] [--scenario NAME ...] [--pyz PATH]
@@ -154,11 +156,15 @@ def met(ok) -> str:
 #     the registry accepted a sample; the bare server calls it after counting.
 #   - garbage-collector pauses (gc.callbacks, once per collection): a full
 #     collection stalls the event loop, so it shows in the latency tail.
+#   - event-loop lag, only when asked (loop-jitter): a tiny task on the server's
+#     gRPC loop sleeps a period and notes how late it woke.
 # ---------------------------------------------------------------------------
 
 # Histogram buckets: 10 us wide up to 100 ms, then 1 ms wide up to ~10 s.
 FINE_BUCKETS = 10_000
 COARSE_BUCKETS = 10_000
+# The loop-lag task's period: 100 wake-ups a second, negligible beside thousands of messages.
+LOOP_LAG_PERIOD_MS = 10.0
 
 
 def latency_bucket(ms: float) -> int:
@@ -207,22 +213,24 @@ class Histogram:
 class ProbeWindow:
     """What the probes saw since the last reset."""
 
-    __slots__ = ("started", "applied", "latency", "gc_pauses")
+    __slots__ = ("started", "applied", "latency", "loop_lag", "gc_pauses")
 
-    def __init__(self):
+    def __init__(self, with_loop_lag: bool):
         self.started = time.monotonic()
         self.applied = 0
         self.latency = Histogram()
+        self.loop_lag = Histogram() if with_loop_lag else None
         self.gc_pauses = {0: [], 1: [], 2: []}  # seconds per collection, by generation
 
 
 class ServerProbe:
-    """The server's probes. on_sample runs on the gRPC loop, reset and
+    """The server's probes. on_sample and the loop-lag task run on the gRPC loop, reset and
     summary on the control thread: reset swaps in a fresh window (one reference store), so
     the hot path takes no lock."""
 
-    def __init__(self):
-        self.window = ProbeWindow()
+    def __init__(self, loop_lag_period_ms: float = 0.0):
+        self.loop_lag_period_s = loop_lag_period_ms / 1000.0
+        self.window = ProbeWindow(bool(loop_lag_period_ms))
         self._gc_started = 0.0
         gc.callbacks.append(self._on_gc)
 
@@ -239,8 +247,26 @@ class ServerProbe:
         else:
             self.window.gc_pauses[info["generation"]].append(time.perf_counter() - self._gc_started)
 
+    def watch_loop_lag(self, loop) -> None:
+        """Start the loop-lag task on `loop` (the server's gRPC loop), if this probe measures lag.
+
+        Timed on the loop's own clock: how much later than asked a timer callback runs is how
+        long anything else scheduled on that loop (a heartbeat read, a ListNodes, the liveness
+        sweep) waits. Sampled at even times, so busy and idle moments weigh as they occur."""
+        if not self.loop_lag_period_s:
+            return
+
+        async def lag_task():
+            period = self.loop_lag_period_s
+            while True:
+                due = loop.time() + period
+                await asyncio.sleep(period)
+                self.window.loop_lag.add((loop.time() - due) * 1000.0)
+
+        asyncio.run_coroutine_threadsafe(lag_task(), loop)
+
     def reset(self) -> None:
-        self.window = ProbeWindow()
+        self.window = ProbeWindow(self.window.loop_lag is not None)
 
     def summary(self) -> dict:
         window = self.window
@@ -249,6 +275,7 @@ class ServerProbe:
         return {"applied": window.applied, "seconds": round(seconds, 3),
                 "applied_per_s": round(window.applied / seconds, 1) if seconds > 0 else None,
                 "latency_samples": latency.pop("samples"), **latency,
+                "loop_lag": window.loop_lag.summary() if window.loop_lag is not None else None,
                 "gc": {f"gen{generation}": {"count": len(pauses), "max_ms": round(max(pauses, default=0) * 1e3, 2),
                                             "total_ms": round(sum(pauses) * 1e3, 1)}
                        for generation, pauses in window.gc_pauses.items()}}
@@ -285,7 +312,7 @@ def start_control(probe: ServerProbe, streams_now) -> None:
 
 def server_main(args) -> int:
     raise_fd_limit()
-    probe = ServerProbe()
+    probe = ServerProbe(args.loop_lag_ms)
     if args.kind == "cares":
         return serve_cares(args, probe)
     return serve_bare(args, probe)
@@ -300,6 +327,7 @@ def serve_cares(args, probe: ServerProbe) -> int:
     orchestrator.registry.on_sample = probe.on_sample
     active = cares.NodeStatus.ACTIVE
     start_control(probe, lambda: orchestrator.registry.status_counts()[active])
+    probe.watch_loop_lag(cares.grpc_loop())
     return cares.serve_headless(orchestrator)
 
 
@@ -354,6 +382,7 @@ def serve_bare(args, probe: ServerProbe) -> int:
 
     server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     start_control(probe, lambda: servicer.streams)
+    probe.watch_loop_lag(loop)
     while not stop.wait(1.0):
         pass
     asyncio.run_coroutine_threadsafe(server.stop(0.5), loop).result(5)
@@ -837,11 +866,12 @@ def start_headless_orchestrator(bench: Bench, name: str, port: int) -> Child:
     return orchestrator
 
 
-def start_server(bench: Bench, kind: str, workers: int, heartbeat_ms: int) -> tuple:
+def start_server(bench: Bench, kind: str, workers: int, heartbeat_ms: int, loop_lag: bool = False) -> tuple:
     """The _server child (cares or bare) on a port picked here, once it serves: (child, address)."""
     address = f"127.0.0.1:{free_port()}"
     server = bench.spawn_role("_server", f"server-{kind}-{workers}", [
-        "--kind", kind, "--listen", address, "--max-nodes", str(workers), "--heartbeat-ms", str(heartbeat_ms)])
+        "--kind", kind, "--listen", address, "--max-nodes", str(workers), "--heartbeat-ms", str(heartbeat_ms),
+        "--loop-lag-ms", str(LOOP_LAG_PERIOD_MS if loop_lag else 0)])
     try:
         wait_serving(address, server.name, server.alive, server.stderr_tail)
     except BaseException:
@@ -947,10 +977,11 @@ def measure_phase(server: Child, load: LoadGenerators, window_s: float, windows:
             "offered_per_s": round((after["sent"] - before["sent"]) / seconds, 1) if seconds else None,
             "p50_ms": report["p50_ms"], "p99_ms": report["p99_ms"], "p999_ms": report["p999_ms"],
             "max_ms": report["max_ms"], "latency_samples": report["latency_samples"], "gc": report["gc"],
-            "probe_s": seconds, "streams": report["streams"], "failed_so_far": after["failed"]}
+            "loop_lag": report["loop_lag"], "probe_s": seconds, "streams": report["streams"],
+            "failed_so_far": after["failed"]}
 
 
-def capacity_run(bench: Bench, kind: str, workers: int, heartbeat_ms: int = 1000) -> dict:
+def capacity_run(bench: Bench, kind: str, workers: int, heartbeat_ms: int = 1000, loop_lag: bool = False) -> dict:
     """One server (cares or bare) under `workers` simulated workers, measured in two phases.
 
     "filling": a few seconds after the last join. cares keeps HISTORY_SAMPLES points per
@@ -963,13 +994,13 @@ def capacity_run(bench: Bench, kind: str, workers: int, heartbeat_ms: int = 1000
     fill_s = history_fill_s(heartbeat_ms)
     steady_skipped = ("--quick: needs a minute" if bench.quick else
                       f"the history takes {fill_s:.0f} s to fill at this heartbeat" if fill_s > MAX_FILL_WAIT_S else None)
-    server, address = start_server(bench, kind, workers, heartbeat_ms)
+    server, address = start_server(bench, kind, workers, heartbeat_ms, loop_lag)
     load = None
     try:
         load = LoadGenerators(bench, address, workers, f"{kind}{workers}")
         ramped = load.wait_ramped()
         last_join = time.monotonic()
-        log(f"capacity {kind} N={workers} heartbeat {heartbeat_ms} ms: {ramped['joined']} joined in "
+        log(f"{kind} N={workers} heartbeat {heartbeat_ms} ms{', loop-lag task on' if loop_lag else ''}: {ramped['joined']} joined in "
             f"{ramped['ramp_s']} s, {ramped['failed']} failed; measuring {windows} x {window_s:.0f} s"
             + ("" if steady_skipped else " now and again once the history is full"))
         time.sleep(settle_s)
@@ -1023,7 +1054,7 @@ def choose_heartbeat(workers: int, reference: dict | None) -> tuple[int | None, 
     return None, f"not run: even a {SLOWER_HEARTBEATS_MS[-1] / 1000:g} s heartbeat projects past this machine"
 
 
-def paired_runs(bench: Bench, sizes, make_rows) -> tuple[list, dict]:
+def paired_runs(bench: Bench, sizes, make_rows, loop_lag: bool = False) -> tuple[list, dict]:
     """capacity_run for cares then bare at each size; make_rows(workers, cares_run, bare_run) says
     what the table shows of a pair. Sizes the machine cannot hold get a "not run" row instead."""
     fd_limit = raise_fd_limit()
@@ -1051,7 +1082,7 @@ def paired_runs(bench: Bench, sizes, make_rows) -> tuple[list, dict]:
         pair = {}
         for kind in ("cares", "bare"):
             try:
-                pair[kind] = capacity_run(bench, kind, workers, heartbeat_ms)
+                pair[kind] = capacity_run(bench, kind, workers, heartbeat_ms, loop_lag)
             except BenchError as error:  # noted, so the bench exits 1; the other sizes still run
                 bench.fail(f"{kind} N={workers}: {error}")
                 pair[kind] = {"kind": kind, "workers": workers, "heartbeat_ms": heartbeat_ms, "error": str(error)}
@@ -1573,6 +1604,54 @@ def detection_scenario(bench: Bench) -> tuple[list, list, dict]:
 
 
 # ---------------------------------------------------------------------------
+# Scenario 6: event-loop lag of the orchestrator, cares against the bare server.
+# ---------------------------------------------------------------------------
+
+LOOP_JITTER_SIZES = (1000, 10000)
+
+
+def loop_jitter_scenario(bench: Bench) -> tuple[list, list, dict]:
+    """How late the orchestrator's gRPC loop runs what is scheduled on it, under load.
+
+    Measured with a task on the loop itself (ServerProbe.watch_loop_lag) rather than from the
+    on_sample timestamps: sent_at -> applied also holds the client's send, loopback and gRPC's
+    queues, and is sampled once per message, so it weighs busy moments more (capacity reports
+    it). A timer sampled at even times is what a heartbeat read, a ListNodes or the liveness
+    sweep waits for the loop. Same task, same period, in the bare server: the floor.
+    """
+    sizes = [100] if bench.quick else list(LOOP_JITTER_SIZES)
+    rows, raw = paired_runs(bench, sizes, loop_jitter_rows, loop_lag=True)
+    notes = [f"A task on each server's gRPC loop (cares.grpc_loop(); the bare server's own loop) sleeps "
+             f"{LOOP_LAG_PERIOD_MS:g} ms and records how much later than asked it wakes, in the same phases and "
+             f"windows as capacity (separate runs: the task's own cost stays out of capacity's CPU figures). "
+             "An idle loop already shows up to ~1 ms: epoll waits in whole milliseconds; the bare server "
+             "measures that floor under the same load."]
+    return rows, notes, raw
+
+
+def loop_jitter_rows(workers: int, cares_run: dict, bare_run: dict) -> list:
+    heartbeat_ms = cares_run.get("heartbeat_ms", 1000)
+    label = size_label(workers, heartbeat_ms)
+    error = pair_error_row(label, cares_run, bare_run)
+    if error:
+        return [error]
+    rows = []
+    for phase, title in PHASES:
+        if phase not in cares_run or phase not in bare_run:
+            rows.append((f"{label}: {title}", "", f"not measured ({cares_run.get('steady_skipped')})", "—"))
+            continue
+        ours, floor = cares_run[phase]["loop_lag"], bare_run[phase]["loop_lag"]
+        gen2 = cares_run[phase]["gc"]["gen2"]
+        rows.append((f"{label}, {title}: event-loop lag p50 / p99 / max, cares (bare)", "—",
+                     f"{fmt(ours['p50_ms'], '.2f')} / {fmt(ours['p99_ms'], '.2f')} / {fmt(ours['max_ms'], '.0f')} ms "
+                     f"({fmt(floor['p50_ms'], '.2f')} / {fmt(floor['p99_ms'], '.2f')} / "
+                     f"{fmt(floor['max_ms'], '.0f')} ms); {ours['samples']:,} ticks over "
+                     f"{cares_run[phase]['probe_s']:.0f} s, cares full GCs {gen2['count']} "
+                     f"(longest {gen2['max_ms']:.0f} ms)", "—"))
+    return rows
+
+
+# ---------------------------------------------------------------------------
 # Report: one markdown table per scenario on stdout, raw numbers in --json.
 # ---------------------------------------------------------------------------
 
@@ -1587,6 +1666,7 @@ class Scenario:
 # In the order they run.
 SCENARIOS = (
     Scenario("capacity", "Orchestrator capacity (cares vs a bare grpc.aio server)", capacity_scenario),
+    Scenario("loop-jitter", "Orchestrator event-loop lag (cares vs a bare grpc.aio server)", loop_jitter_scenario),
     Scenario("footprint", "Worker footprint (vs Prometheus node_exporter)", footprint_scenario),
     Scenario("dashboard", "Dashboard cost (TUI in tmux vs --headless)", dashboard_scenario),
     Scenario("startup", "Start-up (python cares.pyz --version)", startup_scenario),
@@ -1695,6 +1775,8 @@ def main(argv: list[str] | None = None) -> int:
         role.add_argument("--listen", required=True, help="HOST:PORT, the port picked by the bench")
         role.add_argument("--max-nodes", type=int, default=0)
         role.add_argument("--heartbeat-ms", type=int, default=1000)
+        role.add_argument("--loop-lag-ms", type=float, default=0.0,
+                          help="run the loop-lag task at this period (0: do not)")
         return server_main(role.parse_args(argv[1:]))
     if argv and argv[0] == "_loadgen":
         role = argparse.ArgumentParser(prog="bench_cares.py _loadgen")
