@@ -15,6 +15,7 @@ Six scenarios, each printed as a markdown table (figure, target, measured, met?)
                PYTHONDONTWRITEBYTECODE unset and set, beside the interpreter's own floor.
   detection    SIGKILL / SIGSTOP of a worker to its row turning Disconnected, and an
                orchestrator restart to every worker Active again.
+Planned, run only when named (they fail until cares has what they measure): scrape, filter.
 
 The machines are shared and noisy (2 cores): every figure is a median over windows or
 runs, and comparisons are ratios measured in the same run. Nothing here is a unit test;
@@ -1652,6 +1653,17 @@ def loop_jitter_rows(workers: int, cares_run: dict, bare_run: dict) -> list:
 
 
 # ---------------------------------------------------------------------------
+# Planned scenarios, named here so that --scenario knows them; each fails (exit 1)
+# until cares has what it measures.
+# ---------------------------------------------------------------------------
+
+def planned_scenario(needs: str):
+    def run(bench: Bench) -> tuple[list, list, dict]:
+        raise BenchError(f"not written yet: it needs {needs}")
+    return run
+
+
+# ---------------------------------------------------------------------------
 # Report: one markdown table per scenario on stdout, raw numbers in --json.
 # ---------------------------------------------------------------------------
 
@@ -1671,6 +1683,14 @@ SCENARIOS = (
     Scenario("dashboard", "Dashboard cost (TUI in tmux vs --headless)", dashboard_scenario),
     Scenario("startup", "Start-up (python cares.pyz --version)", startup_scenario),
     Scenario("detection", "Detection and recovery", detection_scenario),
+    # GET /metrics at 10,000 nodes (median wall time and server CPU per scrape, against a
+    # ListNodes of the same table), and orchestrator CPU at 3,000 nodes scraped once a second
+    # against not scraped.
+    Scenario("scrape", "Prometheus scrape cost (GET /metrics)",
+             planned_scenario("cares' /metrics endpoint (a listen option for it)"), default=False),
+    # The dashboard's redraw time with a filter over 10,000 nodes (median and p99 per frame).
+    Scenario("filter", "Dashboard filter cost (10,000 nodes)",
+             planned_scenario("a way to time the dashboard's frames with a filter set"), default=False),
 )
 SCENARIO_NAMES = tuple(scenario.name for scenario in SCENARIOS)
 
@@ -1760,7 +1780,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-workers", type=int, default=max(CAPACITY_SIZES), metavar="N",
                         help="skip capacity and dashboard sizes above N simulated workers (default %(default)s)")
     parser.add_argument("--scenario", nargs="+", choices=SCENARIO_NAMES, metavar="NAME",
-                        help=f"run only these, of: {', '.join(SCENARIO_NAMES)} (default: all)")
+                        help=f"run only these, of: {', '.join(SCENARIO_NAMES)} (default: all but "
+                             f"{', '.join(scenario.name for scenario in SCENARIOS if not scenario.default)}, "
+                             "which are planned)")
     parser.add_argument("--pyz", metavar="PATH",
                         help="cares.pyz to time (default: build one from the current sources with "
                              "build_zipapp.sh, else use ./cares.pyz)")
