@@ -325,6 +325,10 @@ def serve_cares(args, probe: ServerProbe) -> int:
     cares = cares_module()
     orchestrator = cares.Orchestrator(args.listen, heartbeat_ms=args.heartbeat_ms,
                                       max_nodes=max(args.max_nodes, cares.DEFAULT_MAX_NODES))
+    # An attribute set on an object never fails: check the hook exists, or a rename in cares
+    # would leave the probe unheard (the bench would still catch it: no sample applied).
+    if not hasattr(orchestrator.registry, "on_sample"):
+        raise BenchError("cares' NodeRegistry has no on_sample hook")
     orchestrator.registry.on_sample = probe.on_sample
     active = cares.NodeStatus.ACTIVE
     start_control(probe, lambda: orchestrator.registry.status_counts()[active])
@@ -1055,7 +1059,7 @@ def choose_heartbeat(workers: int, reference: dict | None) -> tuple[int | None, 
     return None, f"not run: even a {SLOWER_HEARTBEATS_MS[-1] / 1000:g} s heartbeat projects past this machine"
 
 
-def paired_runs(bench: Bench, sizes, make_rows, loop_lag: bool = False) -> tuple[list, dict]:
+def paired_runs(bench: Bench, scenario: str, sizes, make_rows, loop_lag: bool = False) -> tuple[list, dict]:
     """capacity_run for cares then bare at each size; make_rows(workers, cares_run, bare_run) says
     what the table shows of a pair. Sizes the machine cannot hold get a "not run" row instead."""
     fd_limit = raise_fd_limit()
@@ -1085,7 +1089,7 @@ def paired_runs(bench: Bench, sizes, make_rows, loop_lag: bool = False) -> tuple
             try:
                 pair[kind] = capacity_run(bench, kind, workers, heartbeat_ms, loop_lag)
             except BenchError as error:  # noted, so the bench exits 1; the other sizes still run
-                bench.fail(f"{kind} N={workers}: {error}")
+                bench.fail(f"{scenario} {kind} N={workers}: {error}")
                 pair[kind] = {"kind": kind, "workers": workers, "heartbeat_ms": heartbeat_ms, "error": str(error)}
             raw["runs"].append(pair[kind])
         rows.extend(make_rows(workers, pair["cares"], pair["bare"]))
@@ -1113,7 +1117,7 @@ PHASES = (("filling", "while history fills"), ("steady", "steady state"))
 
 def capacity_scenario(bench: Bench) -> tuple[list, list, dict]:
     sizes = [100] if bench.quick else list(CAPACITY_SIZES)
-    rows, raw = paired_runs(bench, sizes, capacity_rows)
+    rows, raw = paired_runs(bench, "capacity", sizes, capacity_rows)
     notes = []
     notes.append("Load: each simulated worker is its own channel and TCP connection (cares.WORKER_OPTIONS + "
                  "grpc.use_local_subchannel_pool=1, so keepalive pings every 2 s too), joining at 250/s in "
@@ -1621,7 +1625,7 @@ def loop_jitter_scenario(bench: Bench) -> tuple[list, list, dict]:
     sweep waits for the loop. Same task, same period, in the bare server: the floor.
     """
     sizes = [100] if bench.quick else list(LOOP_JITTER_SIZES)
-    rows, raw = paired_runs(bench, sizes, loop_jitter_rows, loop_lag=True)
+    rows, raw = paired_runs(bench, "loop-jitter", sizes, loop_jitter_rows, loop_lag=True)
     notes = [f"A task on each server's gRPC loop (cares.grpc_loop(); the bare server's own loop) sleeps "
              f"{LOOP_LAG_PERIOD_MS:g} ms and records how much later than asked it wakes, in the same phases and "
              f"windows as capacity (separate runs: the task's own cost stays out of capacity's CPU figures). "
