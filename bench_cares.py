@@ -1005,8 +1005,9 @@ def capacity_run(bench: Bench, kind: str, workers: int, heartbeat_ms: int = 1000
         load = LoadGenerators(bench, address, workers, f"{kind}{workers}")
         ramped = load.wait_ramped()
         last_join = time.monotonic()
-        log(f"{kind} N={workers} heartbeat {heartbeat_ms} ms{', loop-lag task on' if loop_lag else ''}: {ramped['joined']} joined in "
-            f"{ramped['ramp_s']} s, {ramped['failed']} failed; measuring {windows} x {window_s:.0f} s"
+        log(f"{kind} N={workers} heartbeat {heartbeat_ms} ms{', loop-lag task on' if loop_lag else ''}: "
+            f"{ramped['joined']} joined in {ramped['ramp_s']} s, {ramped['failed']} failed; "
+            f"measuring {windows} x {window_s:.0f} s"
             + ("" if steady_skipped else " now and again once the history is full"))
         time.sleep(settle_s)
         # While the history fills, the probe runs until it is full (at most MAX_FILL_WAIT_S):
