@@ -4,12 +4,14 @@
 One module, read top to bottom as the data flows:
 
 1. text safety and formatting helpers (pure functions),
-2. local metrics sampling (what Phase 01 showed),
-3. Node and NodeRegistry (the orchestrator's state),
-4. the orchestrator: gRPC servicers on a grpc.aio server,
+2. local metrics sampling (what a worker measures),
+3. Node and NodeRegistry (the orchestrator's state), alerts and the inventory file,
+4. the orchestrator: gRPC servicers on a grpc.aio server, event hooks,
 5. the worker client and the status client,
-6. the TUI: asciimatics scenes for the menu, join form and dashboards,
-7. the command line and main().
+6. the TUI: asciimatics scenes for the menu, forms, dashboards, details and help,
+7. running without a screen: log lines, signals, sd_notify,
+8. running as a service: the systemd unit install-service writes,
+9. the command line and main().
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import dataclasses
 import enum
 import errno
 import fcntl
+import filecmp
 import hashlib
 import hmac
 import ipaddress
@@ -33,13 +36,17 @@ import json
 import math
 import os
 import platform
+import pwd
 import random
 import re
+import resource
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -49,6 +56,7 @@ import types
 import typing
 import unicodedata
 import urllib.parse
+import zipfile
 from typing import Optional
 
 # gRPC's C core logs to stderr, which would both leak internals to users and
@@ -2171,13 +2179,21 @@ def machine_identity() -> str:
     return ""
 
 
-def default_node_id(hostname: str, machine_id: str, uid: int) -> str:
+def default_node_id(hostname: str, machine_id: str, user: str) -> str:
     """The short host name plus 6 hex digits of a hash of the machine identity, host name and
-    user: the same on every start, different for machines that share a host name (cloned VMs,
-    'localhost') and for two users of one machine."""
+    user name: the same on every start, different for machines that share a host name (cloned
+    VMs, 'localhost') and for two users of one machine. The name, not the uid: a systemd
+    service's dynamic user keeps its name ("cares") but not always its number."""
     short = re.sub(r"[^A-Za-z0-9._-]", "-", hostname.split(".")[0])[:56].strip("-.") or "node"
-    digest = hashlib.sha256(f"cares-node-id\0{machine_id}\0{hostname}\0{uid}".encode()).hexdigest()
+    digest = hashlib.sha256(f"cares-node-id\0{machine_id}\0{hostname}\0{user}".encode()).hexdigest()
     return f"{short}-{digest[:6]}"
+
+
+def user_name() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
 
 
 def default_state_dir() -> str:
@@ -2216,7 +2232,7 @@ def claim_identity(requested: str | None, state_dir: str | None) -> NodeIdentity
     keeps its ID across restarts as long as they start in the same order. The secret is kept
     in the state directory too (0600), so a restarted worker reclaims its ID from the orchestrator
     and no other worker can. StartError when --node-id is already taken on this host."""
-    base = requested or default_node_id(socket.gethostname(), machine_identity(), os.getuid())
+    base = requested or default_node_id(socket.gethostname(), machine_identity(), user_name())
     directory = usable_state_dir(state_dir)
     if directory is None:
         note = (f"no writable state directory ({state_dir}): the node secret lasts only as long as this process"
@@ -3721,8 +3737,8 @@ def metric_lines(metrics: Metrics, cpu_count: int, glyphs: Glyphs, bar_width: in
 
 
 # ---------------------------------------------------------------------------
-# 7. Running without a screen: log lines written off the serving path, and the
-#    signals a headless process answers.
+# 7. Running without a screen: log lines written off the serving path, the
+#    signals a headless process answers, and what it tells systemd.
 # ---------------------------------------------------------------------------
 
 class LogStyle(enum.Enum):
@@ -3733,12 +3749,15 @@ class LogStyle(enum.Enum):
     JSON = "json"          # one JSON object per event, for log shippers
 
 
-def under_journald() -> bool:
-    """True when stderr is the journal stream systemd gave us ($JOURNAL_STREAM names its device and inode)."""
-    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+def under_journald(environ=None, fd: int = 2) -> bool:
+    """True when fd (stderr) is the journal stream systemd connected: $JOURNAL_STREAM holds its
+    "device:inode", and counts only while fd is still that file (a child whose stderr was
+    redirected inherits the variable, not the stream)."""
+    environ = os.environ if environ is None else environ
+    device, _, inode = environ.get("JOURNAL_STREAM", "").partition(":")
     try:
-        stat = os.fstat(2)
-        return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
+        status = os.fstat(fd)
+        return (status.st_dev, status.st_ino) == (int(device), int(inode))
     except (OSError, ValueError):
         return False
 
@@ -3861,6 +3880,136 @@ class StopSignals:
                                        "it keeps running headless (stop it with SIGTERM).")
 
 
+# -- sd_notify -------------------------------------------------------------
+#
+# The protocol (sd_notify(3)): one datagram of newline-separated VAR=value lines to the
+# AF_UNIX socket named in $NOTIFY_SOCKET ("@name" is Linux's abstract namespace). The
+# kernel attaches our PID, which NotifyAccess=main checks, so it works from any thread.
+
+STATUS_LIMIT = 200  # characters of STATUS= text; `systemctl status` shows one line
+
+
+def notify_address(value: str) -> str | None:
+    """The socket address $NOTIFY_SOCKET names, or None when there is none we can use."""
+    if value.startswith("@") and len(value) > 1:
+        return "\0" + value[1:]  # abstract namespace: a leading NUL instead of the "@"
+    if value.startswith("/"):
+        return value
+    return None  # unset, or a form we do not speak (newer systemd also offers vsock:...)
+
+
+def watchdog_interval_from(environ, pid: int) -> float | None:
+    """Seconds between WATCHDOG=1 pings: half of $WATCHDOG_USEC, as sd_watchdog_enabled(3)
+    advises. None when the unit has no WatchdogSec=, or when $WATCHDOG_PID names another
+    process (the variables were inherited, not meant for us)."""
+    owner = environ.get("WATCHDOG_PID", "")
+    if owner and owner != str(pid):
+        return None
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    return usec / 2_000_000 if usec > 0 else None
+
+
+def status_line(text: str, limit: int = STATUS_LIMIT) -> str:
+    """text as one line of printable characters: a newline would end the STATUS= assignment
+    and start another (cares.py's sanitize_text does the same job)."""
+    cleaned = "".join(" " if unicodedata.category(char)[0] in "CZ" else char for char in text)
+    cleaned = " ".join(cleaned.split())
+    return cleaned if len(cleaned) <= limit else cleaned[:limit - 3] + "..."
+
+
+class SdNotifier:
+    """Tells systemd how the service is doing. Every method is safe to call without systemd
+    (it then does nothing), from any thread, and from an asyncio loop: the socket is
+    non-blocking, and a failure is counted in `failures` and never raised, because a broken
+    notify socket must not break the worker or the orchestrator."""
+
+    def __init__(self, environ=None, pid: int | None = None):
+        environ = os.environ if environ is None else environ
+        self.address = notify_address(environ.get("NOTIFY_SOCKET", ""))
+        self._watchdog_s = watchdog_interval_from(environ, os.getpid() if pid is None else pid)
+        self._next_watchdog = 0.0
+        self._last_status = None
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self.sent = 0
+        self.failures = 0
+        self.last_error = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def send(self, *assignments: str) -> bool:
+        """Send VAR=value lines as one datagram; True if the kernel took it."""
+        if self.address is None:
+            return False
+        message = "\n".join(assignments).encode("utf-8", "replace")
+        with self._lock:
+            try:
+                if self._socket is None:
+                    self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    self._socket.setblocking(False)  # a full queue drops the message, never blocks
+                # sendto() each time rather than connect() once: after `systemctl daemon-reexec`
+                # the path names a new socket, and a connected socket would keep the dead one.
+                self._socket.sendto(message, self.address)
+            except Exception as error:  # OSError mostly; nothing here may reach the caller
+                self.failures += 1
+                self.last_error = getattr(error, "strerror", None) or str(error)
+                return False
+            self.sent += 1
+            return True
+
+    def ready(self, status: str | None = None) -> bool:
+        """The service is up: systemd finishes `systemctl start` and starts ordering after us."""
+        return self.send("READY=1", *self._status_lines(status))
+
+    def status(self, text: str) -> bool:
+        """What `systemctl status` shows, e.g. "connected to 10.0.0.5:50051". Repeats are
+        skipped, so this can be called from a periodic tick."""
+        line = status_line(text)
+        if line == self._last_status:
+            return True
+        self._last_status = line
+        return self.send("STATUS=" + line)
+
+    def watchdog(self) -> bool:
+        return self.send("WATCHDOG=1")
+
+    def watchdog_interval(self) -> float | None:
+        """Seconds between pings (half of WatchdogSec=), or None when no watchdog runs."""
+        return self._watchdog_s
+
+    def watchdog_if_due(self, now: float | None = None) -> bool:
+        """Ping if watchdog_interval() has passed since the last ping: call it from every tick
+        of the loop whose stall should get the process restarted."""
+        if self._watchdog_s is None:
+            return False
+        now = time.monotonic() if now is None else now
+        if now < self._next_watchdog:
+            return False
+        self._next_watchdog = now + self._watchdog_s
+        return self.watchdog()
+
+    def stopping(self, status: str | None = None) -> bool:
+        """Shutdown has begun: systemd shows "deactivating" and stops expecting watchdog pings."""
+        return self.send("STOPPING=1", *self._status_lines(status))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
+
+    def _status_lines(self, status: str | None) -> list[str]:
+        if status is None:
+            return []
+        self._last_status = status_line(status)
+        return ["STATUS=" + self._last_status]
+
+
 def log_to_stderr(events: EventLog, style: LogStyle) -> LineWriter:
     writer = LineWriter(2)
     events.subscribe(lambda event: writer.put(event_line(event, style)))
@@ -3869,31 +4018,78 @@ def log_to_stderr(events: EventLog, style: LogStyle) -> LineWriter:
 
 def serve_headless(orchestrator: Orchestrator, style: LogStyle = LogStyle.TEXT) -> int:
     """What `cares orchestrator --headless` runs once its options are parsed: serve until SIGTERM
-    or SIGINT, logging events to stderr, then tell every worker and stop. StartError if it cannot listen."""
+    or SIGINT, logging events to stderr and telling systemd how it goes, then tell every worker
+    and stop. StartError if it cannot listen."""
     events = orchestrator.registry.events
     writer = log_to_stderr(events, style)
     signals = StopSignals()
+    notifier = SdNotifier()
     try:
+        raise_open_file_limit()
         orchestrator.start()
         events.add(Level.INFO, "Workers can join with: cares worker " + " | ".join(orchestrator.join_hosts))
         if not orchestrator.token:
             events.add(Level.WARN, "Open cluster: anyone who can reach this port can join "
                                    "(set --token or CARES_TOKEN).")
+        notifier.ready(f"listening on {orchestrator.address}")
+        tell_systemd_from_the_loop(notifier, lambda: orchestrator_status(orchestrator))
         signals.wait(events)
+        notifier.stopping("telling workers and stopping")
         orchestrator.stop()
     finally:
         writer.flush(LOG_FLUSH_AT_EXIT_S)
     return 0
 
 
+def orchestrator_status(orchestrator: Orchestrator) -> str:
+    counts = orchestrator.registry.status_counts()
+    return (f"listening on {orchestrator.address}; {counts[NodeStatus.ACTIVE]} of {sum(counts.values())} "
+            f"nodes active")
+
+
+def tell_systemd_from_the_loop(notifier: SdNotifier, status) -> None:
+    """Under systemd, a task on the gRPC loop sends STATUS= (status() each second, repeats
+    skipped) and WATCHDOG=1: the loop that serves is the one whose stall must get cares restarted."""
+    if not notifier.enabled:
+        return
+
+    async def tell_forever():
+        while True:
+            try:
+                notifier.status(status())
+                notifier.watchdog_if_due()
+            except Exception:  # a status that cannot be worked out must not end the pings
+                notifier.watchdog_if_due()
+            await asyncio.sleep(1.0)
+    asyncio.run_coroutine_threadsafe(tell_forever(), grpc_loop())
+
+
+def raise_open_file_limit() -> None:
+    """Lift the soft open-files limit to the hard one: one socket per worker, and the usual soft
+    limit of 1024 would refuse workers past about a thousand."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = max(soft, 1 << 20)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
 def serve_worker_headless(client: WorkerClient, style: LogStyle = LogStyle.TEXT) -> int:
-    """What `cares worker --headless` runs: stream until SIGTERM or SIGINT, then say goodbye."""
+    """What `cares worker --headless` runs: stream until SIGTERM or SIGINT, then say goodbye.
+    READY=1 once it runs, not once it joined: an orchestrator away must not time the start out."""
     writer = log_to_stderr(client.events, style)
     signals = StopSignals()
+    notifier = SdNotifier()
     try:
         client.events.add(Level.INFO, f"Worker '{client.node_id}' joining {client.target}.")
         client.start()
+        notifier.ready(client.state.describe())
+        tell_systemd_from_the_loop(notifier, lambda: client.state.describe())
         signals.wait(client.events)
+        notifier.stopping("saying goodbye")
         client.stop()
     finally:
         writer.flush(LOG_FLUSH_AT_EXIT_S)
@@ -3901,7 +4097,715 @@ def serve_worker_headless(client: WorkerClient, style: LogStyle = LogStyle.TEXT)
 
 
 # ---------------------------------------------------------------------------
-# 8. The command line and main().
+# 8. Running as a service: the systemd unit install-service writes, and what
+#    uninstall-service removes. Checked by systemd's own parser in the tests.
+# ---------------------------------------------------------------------------
+
+class ServiceError(Exception):
+    """install-service, uninstall-service or their input went wrong; the message is one line.
+    usage=True for bad input (exit code 2), False when the work itself failed (exit code 1)."""
+
+    def __init__(self, message: str, usage: bool = False):
+        super().__init__(message)
+        self.usage = usage
+
+
+# -- where install-service puts things -------------------------------------
+
+ROLES = ("worker", "orchestrator")
+SYSTEM_UNIT_DIR = "/etc/systemd/system"
+SYSTEM_PYZ = "/usr/local/lib/cares/cares.pyz"
+SYSTEM_CONFIG_DIR = "/etc/cares"
+# Home directories are hidden from system services (ProtectHome=yes): nothing they run may live there.
+HOME_PREFIXES = ("/home/", "/root/", "/run/user/")
+
+# The unit file starts with comment lines naming every other file that install wrote and every
+# directory it created, so uninstall removes exactly those, and a second install knows what it owns.
+MANIFEST_FILE = "# cares-installed: "
+MANIFEST_DIR = "# cares-created-dir: "
+
+
+@dataclasses.dataclass(frozen=True)
+class ServicePaths:
+    """Where a system (or --user) install puts the unit, the copy of cares.pyz and the token
+    file. The paths are the ones systemd will see; `root` prefixes them on disk only, so tests
+    can install into a temporary directory and still check the real unit text."""
+
+    user: bool
+    unit_dir: str
+    pyz: str
+    config_dir: str
+    root: str = "/"
+
+    @classmethod
+    def system(cls, root: str = "/") -> ServicePaths:
+        return cls(False, SYSTEM_UNIT_DIR, SYSTEM_PYZ, SYSTEM_CONFIG_DIR, root)
+
+    @classmethod
+    def for_user(cls, home: str | None = None, environ=None, root: str = "/") -> ServicePaths:
+        """~/.config/systemd/user (or $XDG_CONFIG_HOME/systemd/user, where `systemctl --user`
+        looks too), ~/.local/lib/cares/cares.pyz and ~/.config/cares/ROLE.env."""
+        environ = os.environ if environ is None else environ
+        home = home or environ.get("HOME") or os.path.expanduser("~")
+        if not os.path.isabs(home):
+            raise ServiceError(f"cannot tell where your home directory is (HOME={home or 'unset'})")
+        config = environ.get("XDG_CONFIG_HOME", "")
+        config = config if os.path.isabs(config) else os.path.join(home, ".config")
+        return cls(True, os.path.join(config, "systemd", "user"),
+                   os.path.join(home, ".local", "lib", "cares", "cares.pyz"), os.path.join(config, "cares"), root)
+
+    def unit_name(self, role: str) -> str:
+        return f"cares-{role}.service"
+
+    def unit_file(self, role: str) -> str:
+        return os.path.join(self.unit_dir, self.unit_name(role))
+
+    def env_file(self, role: str) -> str:
+        return os.path.join(self.config_dir, f"{role}.env")
+
+    def on_disk(self, path: str) -> str:
+        return path if self.root == "/" else os.path.join(self.root, path.lstrip("/"))
+
+    def systemctl(self, *words: str) -> list[str]:
+        return ["systemctl", *(["--user"] if self.user else []), *words]
+
+
+@dataclasses.dataclass
+class Manifest:
+    files: list[str] = dataclasses.field(default_factory=list)
+    dirs: list[str] = dataclasses.field(default_factory=list)
+
+
+def read_manifest(unit_text: str, paths: ServicePaths, role: str) -> Manifest:
+    """The files and directories a unit file says install wrote, keeping only those this
+    install could have written: a hand-edited unit must never make uninstall delete /etc/passwd."""
+    allowed_files = {paths.pyz, paths.env_file(role)}
+    allowed_dirs = owned_dir_candidates(paths, role)
+    manifest = Manifest()
+    for line in unit_text.splitlines():
+        if line.startswith(MANIFEST_FILE) and line[len(MANIFEST_FILE):] in allowed_files:
+            manifest.files.append(line[len(MANIFEST_FILE):])
+        elif line.startswith(MANIFEST_DIR) and line[len(MANIFEST_DIR):] in allowed_dirs:
+            manifest.dirs.append(line[len(MANIFEST_DIR):])
+    return manifest
+
+
+def owned_dir_candidates(paths: ServicePaths, role: str) -> set[str]:
+    """Directories install may have had to create: the parents of its files (never /)."""
+    candidates = set()
+    for path in (paths.unit_file(role), paths.pyz, paths.env_file(role)):
+        parent = os.path.dirname(path)
+        while parent != os.path.dirname(parent):
+            candidates.add(parent)
+            parent = os.path.dirname(parent)
+    return candidates
+
+
+def written_by_install(unit_text: str, role: str) -> bool:
+    """Whether a unit file is one install-service wrote (its first line says so): a unit of the
+    same name written by hand is neither overwritten nor removed."""
+    return unit_text.startswith(f"# cares-{role}.service, written by `cares install-service {role}`")
+
+
+def manifest_header(role: str, manifest: Manifest) -> str:
+    lines = [f"# cares-{role}.service, written by `cares install-service {role}` (cares {VERSION}).",
+             f"# `cares uninstall-service {role}` removes this unit, the files and the (then empty)",
+             "# directories listed below. Run install-service again to change it: edits here are overwritten."]
+    lines += [MANIFEST_FILE + path for path in manifest.files]
+    lines += [MANIFEST_DIR + path for path in manifest.dirs]
+    return "\n".join(lines) + "\n\n"
+
+
+# -- the unit file ---------------------------------------------------------
+
+WATCHDOG_SEC = 30       # cares pings every 15 s; a loop stuck this long is killed and restarted
+RESTART_SEC = 3         # short, but not a busy loop when the port is taken or the disk full
+STOP_TIMEOUT_SEC = 15   # goodbye to the orchestrator plus the last log lines take about 1 s
+ORCHESTRATOR_OPEN_FILES = 65536  # one socket per worker; services get a soft limit of 1024
+USAGE_ERROR_EXIT = 2    # cares' exit code for bad options: restarting cannot fix those
+
+
+def _check_unit_text(text: str, what: str) -> None:
+    """Unit files are lines of UTF-8: a control character (a newline above all) in a value
+    would end the setting and could start another one."""
+    for char in text:
+        if unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp"):
+            raise ServiceError(f"{what} contains a control character: {text!r}", usage=True)
+
+
+def exec_word(text: str) -> str:
+    """One argument for ExecStart=, quoted by systemd's rules (systemd.syntax(7), not the shell's):
+    "%" starts a specifier and "$" a variable even inside quotes, so they are doubled; a lone ";"
+    would separate two commands; whitespace, quotes and backslashes need double quotes with
+    C-style escapes."""
+    _check_unit_text(text, "an argument")
+    if text == ";":
+        return "\\;"
+    escaped = text.replace("%", "%%").replace("$", "$$")
+    if text and not any(char.isspace() or char in "\"'\\" for char in text):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def unit_path(path: str) -> str:
+    """An absolute path as the value of EnvironmentFile=, LoadCredential= and the like: those
+    resolve "%" specifiers but take the rest of the line verbatim."""
+    _check_unit_text(path, "a path")
+    if not os.path.isabs(path):
+        raise ServiceError(f"not an absolute path: {path}", usage=True)
+    return path.replace("%", "%%")
+
+
+def env_file_text(token: str) -> str:
+    """CARES_TOKEN in EnvironmentFile= syntax: inside double quotes systemd, like a POSIX shell,
+    takes a backslash before any of " \\ ` $ as that character (systemd.exec(5))."""
+    _check_unit_text(token, "the token")
+    quoted = re.sub(r'(["\\`$])', r"\\\1", token)
+    return ("# The join token of this cares service, read by systemd when it starts the service.\n"
+            f'CARES_TOKEN="{quoted}"\n')
+
+
+# Credentials (systemd.exec(5)): systemd (root) reads the file at each start and hands the
+# service a private read-only copy in $CREDENTIALS_DIRECTORY (%d), so the dynamic user can read
+# a key that stays root-only on disk, wherever it lives (even in /root, hidden by ProtectHome=).
+TLS_OPTIONS = {"--tls-ca": "tls-ca", "--tls-cert": "tls-cert", "--tls-key": "tls-key"}
+
+# The sandbox, for system units. Each line says why; NOTES.md adds what was measured.
+SYSTEM_SANDBOX = """\
+# Sandbox (systemd.exec(5)); `systemd-analyze security cares-{role}.service` rates it.
+# A user allocated at each start: no account to create or delete, no home, no privileges.
+# Naming it "cares" lets a worker and an orchestrator on one host share it, and so their
+# state and cache directories (two dynamic users would chown them back and forth).
+# An old systemd without DynamicUser= fails on the missing user instead of running as root.
+DynamicUser=yes
+User=cares
+# DynamicUser= implies these; they are spelled out to be read and reviewed.
+NoNewPrivileges=yes
+ProtectSystem=strict
+RestrictSUIDSGID=yes
+RemoveIPC=yes
+PrivateTmp=yes
+# cares reads no home directory: TLS files come in as credentials.
+ProtectHome=yes
+PrivateDevices=yes
+PrivateIPC=yes
+# Its own mount namespace (the options above make one anyway): mounts never leak to the host.
+PrivateMounts=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+# Other users' processes disappear from /proc; the host-wide files psutil reads (/proc/stat,
+# meminfo, loadavg, diskstats, net/dev, uptime) stay. ProcSubset=pid would hide those too.
+ProtectProc=invisible
+ProcSubset=all
+RestrictNamespaces=yes
+RestrictRealtime=yes
+LockPersonality=yes
+# CPython, grpc's C core, protobuf's upb and psutil never map writable code (traced and run
+# with the kernel's PR_SET_MDWE, see NOTES.md); a JIT would need this off.
+MemoryDenyWriteExecute=yes
+# gRPC over IPv4/IPv6; AF_UNIX for sd_notify and the journal; AF_NETLINK for the interface
+# list (psutil.net_if_addrs) and for getaddrinfo.
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+# A call outside the list fails with EPERM (cares reports a one-line error) instead of killing.
+SystemCallErrorNumber=EPERM
+UMask=0077
+"""
+
+# User units: the options above that need a mount namespace (ProtectSystem=, ProtectHome=,
+# PrivateTmp=, PrivateDevices=, ProtectKernel*=, ProtectProc=...) are silently ignored by a user
+# manager up to systemd 252, and from 253 on they imply PrivateUsers=, whose user namespace
+# many hosts restrict (the unit then fails to start). These rely on seccomp and prctl only,
+# which an unprivileged user manager can apply everywhere.
+USER_SANDBOX = """\
+# Sandbox (systemd.exec(5)): what an unprivileged user manager can enforce everywhere.
+NoNewPrivileges=yes
+RestrictSUIDSGID=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+UMask=0077
+"""
+
+DESCRIPTIONS = {"worker": "cares worker: streams this machine's metrics to an orchestrator",
+                "orchestrator": "cares orchestrator: serves the workers of a cluster"}
+
+
+def render_unit(role: str, exec_args: list[str], python: str, pyz: str, env_file: str | None, user: bool, *,
+                tls_files: dict[str, str] | None = None, privileged_port: bool = False) -> str:
+    """The text of cares-ROLE.service (without the manifest header).
+
+    exec_args are cares' own arguments, starting with the role ("worker", "10.0.0.5:50051",
+    "--headless", ...); never a token. tls_files maps --tls-ca/--tls-cert/--tls-key to files:
+    a system unit loads them as credentials, a user unit passes the paths. privileged_port
+    grants CAP_NET_BIND_SERVICE for a --listen port below 1024 (system units only)."""
+    if role not in ROLES or not exec_args or exec_args[0] != role:
+        raise ServiceError(f"exec_args must start with the role ({role})")
+    if any(arg == "--token" or arg.startswith("--token=") for arg in exec_args):
+        raise ServiceError("the token goes into the environment file, never onto the command line")
+    for path in (python, pyz):
+        unit_path(path)
+    command = [python, pyz, *exec_args]
+    credentials, credential_words = [], []
+    for option, path in sorted((tls_files or {}).items()):
+        if user:  # the user's own files, readable by the user's service as they are
+            command += [option, path]
+        else:
+            credentials.append(f"LoadCredential={TLS_OPTIONS[option]}:{unit_path(path)}")
+            credential_words.append(f"{option} %d/{TLS_OPTIONS[option]}")  # %d: $CREDENTIALS_DIRECTORY
+    exec_start = " ".join([exec_word(arg) for arg in command] + credential_words)
+    sections = [_unit_section(role, user), _service_section(role, exec_start, env_file, credentials),
+                _sandbox_section(role, user, privileged_port), _install_section(user)]
+    return "\n".join(sections)
+
+
+def _unit_section(role: str, user: bool) -> str:
+    lines = ["[Unit]", f"Description={DESCRIPTIONS[role]}"]
+    if not user:  # a user manager cannot order itself after the system's targets
+        lines += ["# Start once the network is up, so the first join or listen does not fail for nothing.",
+                  "After=network-online.target", "Wants=network-online.target"]
+    lines += ["# Never stop restarting: an orchestrator may be away for hours (RestartSec= paces the tries).",
+              "StartLimitIntervalSec=0"]
+    return "\n".join(lines) + "\n"
+
+
+def _service_section(role: str, exec_start: str, env_file: str | None, credentials: list[str]) -> str:
+    lines = ["[Service]",
+             "# cares sends READY=1 once it serves (orchestrator) or streams (worker), STATUS= with its",
+             "# connection state, WATCHDOG=1 from its event loop and STOPPING=1 when it shuts down.",
+             "Type=notify", "NotifyAccess=main",
+             f"ExecStart={exec_start}"]
+    if env_file:
+        lines += ["# CARES_TOKEN, from a file only its owner may read (0600), read by systemd: the token is",
+                  "# never on a command line (ps, /proc/PID/cmdline) nor in this world-readable unit.",
+                  f"EnvironmentFile={unit_path(env_file)}"]
+    if credentials:
+        lines += ["# TLS files: systemd (root) reads them at each start and hands the service a private copy",
+                  "# in $CREDENTIALS_DIRECTORY (%d), so they may stay root-only, wherever they are.", *credentials]
+    lines += ["# cares.pyz unpacks its C extensions here on first start (%C: /var/cache, or ~/.cache).",
+              "CacheDirectory=cares", "Environment=CARES_CACHE_DIR=%C/cares",
+              "# The worker's node secret and ID lock, the orchestrator's inventory ($STATE_DIRECTORY).",
+              "StateDirectory=cares", "StateDirectoryMode=0700",
+              "# If the watchdog fires (SIGABRT), Python prints every thread's stack to the journal first.",
+              "Environment=PYTHONFAULTHANDLER=1",
+              "Restart=always", f"RestartSec={RESTART_SEC}s",
+              "# Exit code 2 is a usage error: restarting cannot fix it.",
+              f"RestartPreventExitStatus={USAGE_ERROR_EXIT}",
+              "# cares pings every WatchdogSec/2 from the event loop that does the work; a loop stuck",
+              f"# for {WATCHDOG_SEC} s gets the process killed and restarted.",
+              f"WatchdogSec={WATCHDOG_SEC}s", f"TimeoutStopSec={STOP_TIMEOUT_SEC}s"]
+    if role == "orchestrator":
+        lines += ["# One socket per worker: the default soft limit of 1024 would refuse joins past ~1000.",
+                  f"LimitNOFILE={ORCHESTRATOR_OPEN_FILES}"]
+    return "\n".join(lines) + "\n"
+
+
+def _sandbox_section(role: str, user: bool, privileged_port: bool) -> str:
+    if user:
+        return USER_SANDBOX.format(role=role)
+    if privileged_port:
+        capabilities = ["# --listen uses a port below 1024: that one capability, nothing else.",
+                        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "AmbientCapabilities=CAP_NET_BIND_SERVICE"]
+    else:
+        capabilities = ["# No capabilities at all.", "CapabilityBoundingSet=", "AmbientCapabilities="]
+    return SYSTEM_SANDBOX.format(role=role) + "\n".join(capabilities) + "\n"
+
+
+def _install_section(user: bool) -> str:
+    return "[Install]\nWantedBy=" + ("default.target" if user else "multi-user.target") + "\n"
+
+
+# -- what install-service checks first ---------------------------------------------------
+
+TOKEN_FILE_LIMIT = 4096
+
+
+def read_token_file(path: str, stdin=None) -> str:
+    """The token in path ("-" for standard input), without its final newline."""
+    try:
+        if path == "-":
+            data = (stdin or sys.stdin).read(TOKEN_FILE_LIMIT + 1)
+        else:
+            with open(path, encoding="utf-8", errors="strict") as file:
+                data = file.read(TOKEN_FILE_LIMIT + 1)
+    except OSError as error:
+        raise ServiceError(f"cannot read token file {path}: {(error.strerror or str(error)).lower()}") from None
+    except UnicodeDecodeError:
+        raise ServiceError(f"token file {path}: {TOKEN_RULE}", usage=True) from None
+    token = data[:-1] if data.endswith("\n") else data
+    token = token[:-1] if token.endswith("\r") else token
+    if len(data) > TOKEN_FILE_LIMIT or not is_valid_token(token):
+        raise ServiceError(f"token file {path}: {TOKEN_RULE}", usage=True)
+    return token
+
+
+def address_port(address: str) -> int | None:
+    """The port of HOST:PORT or [V6]:PORT, None when it is not one."""
+    try:
+        return parse_address(address, allow_port_zero=True)[1]
+    except ValueError:
+        return None
+
+
+def unprivileged_port_start(read=None) -> int:
+    """The lowest port an unprivileged process may bind (net.ipv4.ip_unprivileged_port_start)."""
+    try:
+        with (read or open)("/proc/sys/net/ipv4/ip_unprivileged_port_start") as file:
+            return int(file.read().strip())
+    except (OSError, ValueError):
+        return 1024
+
+
+def worker_exec_args(target: str, node_id: str | None = None, labels=()) -> list[str]:
+    args = ["worker", target, "--headless"]
+    if node_id:
+        args += ["--node-id", node_id]
+    for label in labels:
+        args += ["--label", label]
+    return args
+
+
+def orchestrator_exec_args(listen: str | None = None, metrics_listen: str | None = None) -> list[str]:
+    args = ["orchestrator", "--headless"]
+    if listen:
+        args += ["--listen", listen]
+    if metrics_listen:
+        args += ["--metrics-listen", metrics_listen]
+    return args
+
+
+def running_pyz() -> str | None:
+    """The cares.pyz this process runs from: `python3 cares.pyz` makes the zip's __main__ the
+    main module, and its zipimport loader knows the archive. None when run as cares.py."""
+    loader = getattr(sys.modules.get("__main__"), "__loader__", None)
+    archive = getattr(loader, "archive", None)
+    return os.path.abspath(archive) if archive and zipfile.is_zipfile(archive) else None
+
+
+def check_install_inputs(paths: ServicePaths, python: str, pyz_source: str | None,
+                         tls_files: dict[str, str]) -> None:
+    """Refuse, in one line, what would give a unit that cannot start."""
+    if not os.path.isabs(python) or not os.access(python, os.X_OK) or os.path.isdir(python):
+        raise ServiceError(f"not an executable absolute path for the interpreter: {python}", usage=True)
+    if not pyz_source:
+        raise ServiceError("install-service copies the cares.pyz it runs from: run it as "
+                           "`python3 cares.pyz install-service ...` (or pass --pyz FILE)", usage=True)
+    if not zipfile.is_zipfile(pyz_source):
+        raise ServiceError(f"not a cares.pyz (not a zip file): {pyz_source}", usage=True)
+    if not paths.user and python.startswith(HOME_PREFIXES):
+        raise ServiceError(f"a system service cannot run {python}: ProtectHome=yes hides home directories "
+                           f"from it; pass --python with a system interpreter such as /usr/bin/python3",
+                           usage=True)
+    for option, path in tls_files.items():
+        if not os.path.isabs(path) or not os.path.isfile(path):
+            raise ServiceError(f"{option}: no such file (give an absolute path): {path}", usage=True)
+
+
+# -- install and uninstall ------------------------------------------------
+
+
+@dataclasses.dataclass
+class ServiceReport:
+    """What install/uninstall did: lines to print, and whether all went well (exit code 0)."""
+
+    outcome: str  # "installed", "updated", "unchanged", "removed", "not installed"
+    lines: list[str]
+    ok: bool = True
+
+
+def default_runner(argv: list[str]) -> tuple[int, str]:
+    """Run a systemctl command; (exit code, its output). Bounded: a start waits for READY=1 at most
+    TimeoutStartSec= (90 s by default), so 120 s is enough. FileNotFoundError if systemctl is missing."""
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+def systemd_running(root: str = "/") -> bool:
+    """sd_booted(3): systemd is PID 1 when /run/systemd/system exists."""
+    return root == "/" and os.path.isdir("/run/systemd/system")
+
+
+def run_systemctl(commands: list[list[str]], runner, lines: list[str]) -> bool:
+    """Run the commands in order, stopping at the first failure; report each in lines."""
+    for argv in commands:
+        try:
+            code, output = runner(argv)
+        except FileNotFoundError:
+            lines.append(f"cannot run {argv[0]}: it is not installed (is this host running systemd?)")
+            return False
+        except (OSError, subprocess.SubprocessError) as error:
+            lines.append(f"cannot run {' '.join(argv)}: {error}")
+            return False
+        lines.append(f"ran: {' '.join(argv)}" + ("" if code == 0 else f" (exit code {code})"))
+        lines += ["  " + line for line in output.splitlines()[:10]]
+        if code != 0:
+            return False
+    return True
+
+
+def _ensure_dir(path: str, paths: ServicePaths, created: list[str]) -> None:
+    """mkdir -p, remembering (as systemd sees them) the directories that did not exist."""
+    missing = []
+    parent = path
+    while not os.path.isdir(paths.on_disk(parent)):
+        if parent == os.path.dirname(parent):  # even / is missing: a --root that does not exist
+            raise ServiceError(f"no such directory: {paths.on_disk(parent)}")
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for directory in reversed(missing):
+        mode = 0o700 if paths.user else 0o755
+        try:
+            os.mkdir(paths.on_disk(directory), mode)
+            os.chmod(paths.on_disk(directory), mode)  # mkdir's mode is masked by the umask: a root
+            # umask of 077 would hide cares.pyz from the service's dynamic user
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise ServiceError(f"cannot create {directory}: {(error.strerror or str(error)).lower()}") from None
+        created.append(directory)
+
+
+def _write_atomically(target: str, shown: str, mode: int, data: bytes | None = None, source: str | None = None) -> bool:
+    """Put data (or a copy of the file source) at target, all or nothing: a temporary file in the
+    same directory, created 0600 (mkstemp) so a secret is never readable by others even for a
+    moment, given its final mode, flushed to disk, then renamed over target. False when target
+    already held exactly that with that mode (nothing written)."""
+    if _already(target, mode, data, source):
+        return False
+    directory = os.path.dirname(target)
+    descriptor, temporary = tempfile.mkstemp(prefix=".cares-", dir=directory)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            if source is None:
+                file.write(data)
+            else:
+                with open(source, "rb") as original:
+                    shutil.copyfileobj(original, file, 1 << 20)
+            file.flush()
+            os.fchmod(file.fileno(), mode)
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+        _fsync_dir(directory)
+    except OSError as error:
+        _remove_quietly(temporary)
+        raise ServiceError(f"cannot write {shown}: {(error.strerror or str(error)).lower()}") from None
+    return True
+
+
+def _already(target: str, mode: int, data: bytes | None, source: str | None) -> bool:
+    try:
+        if stat.S_IMODE(os.stat(target).st_mode) != mode:
+            return False
+        if source is not None:
+            return os.path.samefile(source, target) or filecmp.cmp(source, target, shallow=False)
+        with open(target, "rb") as file:
+            return file.read(len(data) + 1) == data
+    except OSError:
+        return False
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+    except OSError:
+        return None
+
+
+def _other_manifests(paths: ServicePaths, role: str) -> list[Manifest]:
+    """The manifests of the other cares units in the same unit directory (they share cares.pyz)."""
+    found = []
+    for other in ROLES:
+        text = _read_text(paths.on_disk(paths.unit_file(other))) if other != role else None
+        if text is not None:
+            found.append(read_manifest(text, paths, other))
+    return found
+
+
+def install_service(role: str, exec_args: list[str], *, paths: ServicePaths, pyz_source: str | None,
+                    python: str, token: str | None = None, tls_files: dict[str, str] | None = None,
+                    privileged_port: bool = False, now: bool = False, runner=None) -> ServiceReport:
+    """Write (or update in place) cares-ROLE.service, the copy of cares.pyz it runs and, with a
+    token, the 0600 environment file; then print, or with now=True run, the systemctl line.
+
+    A second install rewrites only what changed and says "updated" or "unchanged". Without a
+    token it keeps the token file an earlier install wrote (uninstall first to drop it)."""
+    tls_files = dict(tls_files or {})
+    check_install_inputs(paths, python, pyz_source, tls_files)
+    unit_file, env_file = paths.unit_file(role), paths.env_file(role)
+    old_text = _read_text(paths.on_disk(unit_file))
+    if old_text is not None and not written_by_install(old_text, role):
+        raise ServiceError(f"{unit_file} exists and was not written by install-service; "
+                           "move it away first", usage=True)
+    old = read_manifest(old_text, paths, role) if old_text is not None else Manifest()
+    keep_env = token is None and env_file in old.files and os.path.exists(paths.on_disk(env_file))
+    uses_env = token is not None or keep_env
+
+    created: list[str] = []
+    for directory in [paths.unit_dir, os.path.dirname(paths.pyz)] + ([paths.config_dir] if uses_env else []):
+        _ensure_dir(directory, paths, created)
+    written = {}
+    written[paths.pyz] = _write_atomically(paths.on_disk(paths.pyz), paths.pyz, 0o644, source=pyz_source)
+    if token is not None:
+        written[env_file] = _write_atomically(paths.on_disk(env_file), env_file, 0o600,
+                                              data=env_file_text(token).encode("utf-8"))
+    manifest = Manifest(files=[paths.pyz] + ([env_file] if uses_env else []),
+                        dirs=_owned_dirs(paths, role, old, created))
+    unit = manifest_header(role, manifest) + render_unit(role, exec_args, python, paths.pyz,
+                                                         env_file if uses_env else None, paths.user,
+                                                         tls_files=tls_files, privileged_port=privileged_port)
+    written[unit_file] = _write_atomically(paths.on_disk(unit_file), unit_file, 0o644, data=unit.encode("utf-8"))
+
+    outcome = "installed" if old_text is None else ("updated" if any(written.values()) else "unchanged")
+    lines = [f"{outcome} {paths.unit_name(role)} ({'user' if paths.user else 'system'} unit):"]
+    lines.append(f"  {unit_file}  {'written' if written[unit_file] else 'unchanged'} (the unit, 0644)")
+    lines.append(f"  {paths.pyz}  {'written' if written[paths.pyz] else 'unchanged'} (copy of {pyz_source})")
+    if token is not None:
+        lines.append(f"  {env_file}  {'written' if written[env_file] else 'unchanged'} (CARES_TOKEN, 0600)")
+    elif keep_env:
+        lines.append(f"  {env_file}  kept (the token of the earlier install)")
+    else:
+        lines.append(f"note: no token (--token-file or $CARES_TOKEN): this {role} "
+                     + ("joins an open cluster" if role == "worker" else "serves an open cluster"))
+    return _finish_install(role, outcome, lines, paths, now, runner)
+
+
+def _owned_dirs(paths: ServicePaths, role: str, old: Manifest, created: list[str]) -> list[str]:
+    """Directories this unit's manifest lists: those it created now or before, and those another
+    cares unit created that this one now uses too (whichever unit is removed last removes them)."""
+    mine = set(owned_dir_candidates(paths, role))
+    dirs = set(created) | set(old.dirs)
+    for other in _other_manifests(paths, role):
+        dirs |= set(other.dirs) & mine
+    return sorted(d for d in dirs if os.path.isdir(paths.on_disk(d)))
+
+
+def _finish_install(role: str, outcome: str, lines: list[str], paths: ServicePaths, now: bool, runner) -> ServiceReport:
+    unit = paths.unit_name(role)
+    reload = paths.systemctl("daemon-reload")
+    if outcome == "updated":
+        commands = [reload, paths.systemctl("enable", unit), paths.systemctl("restart", unit)]
+    else:
+        commands = [reload, paths.systemctl("enable", "--now", unit)]
+    if paths.user:
+        lines.append(f"a user service stops when you log out unless lingering is on: "
+                     f"loginctl enable-linger {user_name()}")
+    if not now:
+        when = "whenever you log in" if paths.user else "at every boot"
+        lines.append(f"to start it now and {when}, run:" if outcome != "updated"
+                     else "to restart it with the new settings, run:")
+        lines.append("  " + " && ".join(" ".join(argv) for argv in commands))
+        return ServiceReport(outcome, lines)
+    if runner is None:
+        lines.append(f"not running systemctl: the unit was written below {paths.root}" if paths.root != "/"
+                     else "not running systemctl: no runner given")
+        return ServiceReport(outcome, lines, ok=False)
+    return ServiceReport(outcome, lines, ok=run_systemctl(commands, runner, lines))
+
+
+def uninstall_service(role: str, *, paths: ServicePaths, runner=None, booted: bool = False,
+                      stop: bool = True) -> ServiceReport:
+    """Stop and disable cares-ROLE.service (when systemd runs and stop is True), then remove exactly what
+    install wrote: the unit, its token file, cares.pyz unless the other role's unit still runs
+    it, and the directories install created once they are empty. State and cache stay."""
+    unit_name, unit_file = paths.unit_name(role), paths.unit_file(role)
+    text = _read_text(paths.on_disk(unit_file))
+    if text is None:
+        return ServiceReport("not installed", [f"{unit_name} is not installed (no {unit_file}); nothing removed"])
+    if not written_by_install(text, role):
+        raise ServiceError(f"{unit_file} was not written by install-service; not touching it", usage=True)
+    manifest = read_manifest(text, paths, role)
+    lines, ok = [], True
+    if booted and runner is not None and stop:
+        # Stop and disable first: once the file is gone, `systemctl disable` no longer finds it.
+        if not run_systemctl([paths.systemctl("disable", "--now", unit_name)], runner, lines):
+            lines.append(f"{unit_name} could not be stopped and disabled; nothing removed "
+                         "(--no-stop removes the files anyway)")
+            return ServiceReport("not removed", lines, ok=False)
+    elif not stop:
+        lines.append(f"not stopping {unit_name} (--no-stop)")
+    else:
+        lines.append("systemd is not running here: nothing to stop")
+    shared = {path for other in _other_manifests(paths, role) for path in other.files}
+    for path in [p for p in manifest.files if p not in shared] + [unit_file]:
+        ok = _remove(path, paths, lines) and ok
+    _remove_enable_links(paths, unit_name, unit_file, lines)
+    for directory in sorted(manifest.dirs, key=len, reverse=True):
+        try:
+            os.rmdir(paths.on_disk(directory))
+            lines.append(f"removed {directory}/")
+        except OSError:
+            pass  # not empty (someone else's files, or the other role's): it stays
+    if booted and runner is not None:
+        ok = run_systemctl([paths.systemctl("daemon-reload")], runner, lines) and ok
+    state = "~/.config/cares (or ~/.local/state/cares) and ~/.cache/cares" if paths.user \
+        else "/var/lib/cares and /var/cache/cares"
+    lines.append(f"kept: the state and cache in {state} (remove them by hand if no longer wanted)")
+    return ServiceReport("removed", lines, ok)
+
+
+def _remove(path: str, paths: ServicePaths, lines: list[str]) -> bool:
+    try:
+        os.unlink(paths.on_disk(path))
+    except FileNotFoundError:
+        return True
+    except OSError as error:
+        lines.append(f"cannot remove {path}: {(error.strerror or str(error)).lower()}")
+        return False
+    lines.append(f"removed {path}")
+    return True
+
+
+def _remove_enable_links(paths: ServicePaths, unit_name: str, unit_file: str, lines: list[str]) -> None:
+    """`systemctl enable` linked the unit into a .wants/ directory; when systemctl could not
+    disable it (systemd not running), drop the links that point at the unit we removed."""
+    try:
+        wants_dirs = [d for d in os.listdir(paths.on_disk(paths.unit_dir)) if d.endswith(".wants")]
+    except OSError:
+        return
+    for wants in wants_dirs:
+        link = os.path.join(paths.unit_dir, wants, unit_name)
+        try:
+            if os.readlink(paths.on_disk(link)) == unit_file:
+                os.unlink(paths.on_disk(link))
+                lines.append(f"removed {link} (left by systemctl enable)")
+        except OSError:
+            continue
+
+
+# ---------------------------------------------------------------------------
+# 9. The command line and main().
 # ---------------------------------------------------------------------------
 
 class UsageError(Exception):
@@ -3950,6 +4854,11 @@ def _command(text: str) -> list[str]:
     if not words:
         raise ValueError("the command is empty")
     return words
+
+
+def _label_text(text: str) -> str:
+    parse_label(text)
+    return text
 
 
 def _listen_address(text: str) -> str:
@@ -4029,7 +4938,87 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (worker, status):
         command.add_argument("--tls-ca", metavar="FILE",
                              help="connect with TLS, trusting the orchestrator certificate signed by this PEM CA")
+    add_service_commands(commands)
     return parser
+
+
+def add_service_commands(commands) -> None:
+    """Add install-service and uninstall-service to the subparsers of build_parser(); the
+    addresses, node ID and labels are checked by the run commands' own argument types."""
+    install = commands.add_parser("install-service", help="run cares as a systemd service (a system unit as "
+                                                          "root, a user unit with --user)")
+    roles = install.add_subparsers(dest="service_role", metavar="ROLE", required=True)
+    worker = roles.add_parser("worker", help="install cares-worker.service")
+    worker.add_argument("orchestrator_address", type=_argument(parse_target, "address"), metavar="HOST:PORT")
+    worker.add_argument("--node-id", type=_argument(_node_id), metavar="ID",
+                        help="default: this host's stable ID (see `cares worker --help`)")
+    worker.add_argument("--label", type=_argument(_label_text), action="append", default=[], metavar="KEY=VALUE")
+    worker.add_argument("--tls-ca", metavar="FILE")
+    orchestrator = roles.add_parser("orchestrator", help="install cares-orchestrator.service")
+    orchestrator.add_argument("--listen", type=_argument(_listen_address, "listen address"), metavar="HOST:PORT")
+    orchestrator.add_argument("--metrics-listen", type=_argument(_listen_address, "metrics address"),
+                              metavar="HOST:PORT")
+    orchestrator.add_argument("--tls-cert", metavar="FILE")
+    orchestrator.add_argument("--tls-key", metavar="FILE")
+    for parser in (worker, orchestrator):
+        parser.add_argument("--token-file", metavar="FILE",
+                            help="read the join token from FILE ('-': standard input; default $CARES_TOKEN); "
+                                 "it goes into a 0600 environment file, never onto a command line")
+        parser.add_argument("--user", action="store_true",
+                            help="a user unit in ~/.config/systemd/user instead of a system unit")
+        parser.add_argument("--now", action="store_true", help="also run systemctl to enable and (re)start it")
+        parser.add_argument("--python", metavar="PATH", default=sys.executable,
+                            help="the interpreter the unit runs (default: this one, %(default)s)")
+        parser.add_argument("--pyz", metavar="FILE", help="the cares.pyz to install (default: the one running)")
+    uninstall = commands.add_parser("uninstall-service", help="stop and remove what install-service wrote")
+    uninstall.add_argument("service_role", choices=ROLES, metavar="ROLE", help="worker or orchestrator")
+    uninstall.add_argument("--user", action="store_true", help="the user unit rather than the system unit")
+    uninstall.add_argument("--no-stop", action="store_true",
+                           help="remove the files without asking systemd to stop and disable the service first")
+
+
+def run_service_command(args, environ=None, runner=default_runner, paths: ServicePaths | None = None) -> int:
+    """install-service / uninstall-service; prints the report. ServiceError for bad input."""
+    environ = os.environ if environ is None else environ
+    if paths is None:
+        paths = ServicePaths.for_user(environ=environ) if args.user else ServicePaths.system()
+        if not args.user and os.geteuid() != 0:
+            raise ServiceError(f"{args.command} needs root for a system unit (or pass --user)", usage=True)
+    booted = systemd_running(paths.root)
+    if args.command == "uninstall-service":
+        report = uninstall_service(args.service_role, paths=paths, runner=runner, booted=booted,
+                                   stop=not args.no_stop)
+    else:
+        report = _install_from_args(args, environ, paths, runner)
+    print("\n".join(report.lines))
+    return 0 if report.ok else 1
+
+
+def _install_from_args(args, environ, paths: ServicePaths, runner) -> ServiceReport:
+    if args.token_file:
+        token = read_token_file(args.token_file)
+    else:
+        token = environ.get("CARES_TOKEN") or None
+        if token is not None and not is_valid_token(token):
+            raise ServiceError(f"bad token in $CARES_TOKEN: {TOKEN_RULE}", usage=True)
+    if args.service_role == "worker":
+        exec_args = worker_exec_args(args.orchestrator_address, args.node_id, args.label)
+        tls_files = {"--tls-ca": args.tls_ca} if args.tls_ca else {}
+        ports = []
+    else:
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise ServiceError("--tls-cert and --tls-key go together", usage=True)
+        exec_args = orchestrator_exec_args(args.listen, args.metrics_listen)
+        tls_files = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key} if args.tls_cert else {}
+        ports = [address_port(a) for a in (args.listen or "[::]:50051", args.metrics_listen) if a]
+    tls_files = {option: os.path.abspath(path) for option, path in tls_files.items()}
+    low = [port for port in ports if port is not None and port < unprivileged_port_start()]
+    if low and paths.user:
+        raise ServiceError(f"a user service cannot listen on port {low[0]} (below 1024); "
+                           "install a system service as root instead", usage=True)
+    return install_service(args.service_role, exec_args, paths=paths, pyz_source=args.pyz or running_pyz(),
+                           python=args.python, token=token, tls_files=tls_files, privileged_port=bool(low),
+                           now=args.now, runner=runner if paths.root == "/" else None)
 
 
 def load_tls(args) -> dict:
@@ -4213,6 +5202,8 @@ def main(argv: list[str] | None = None) -> int:
             return TuiApp().run()
         if args.command == "status":
             return run_status(args)
+        if args.command in ("install-service", "uninstall-service"):
+            return run_service_command(args)
         if args.command == "orchestrator":
             return run_orchestrator(args)
         return run_worker(args)
@@ -4221,6 +5212,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         say_error(str(error))
         return 2
+    except ServiceError as error:
+        say_error(str(error))
+        return 2 if error.usage else 1
     except (RuntimeFailure, StartError) as error:
         say_error(str(error))
         return 1

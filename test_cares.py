@@ -10,10 +10,12 @@ Fast inner loop (pure and in-process classes, a few seconds):
     python -m unittest test_cares.PureFunctionTest test_cares.NodeRegistryTest test_cares.TableLayoutTest
 """
 
+import asyncio
 import atexit
 import contextlib
 import fcntl
 import glob
+import io
 import json
 import os
 import random
@@ -23,6 +25,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,6 +33,7 @@ import threading
 import time
 import unicodedata
 import unittest
+import zipfile
 from concurrent import futures
 from unittest import mock
 
@@ -180,6 +184,11 @@ class LineCollector:
 
     def text(self):
         return "".join(line for _, line in list(self.lines))
+
+
+def file_text(path):
+    with open(path, encoding="utf-8", errors="replace") as file:
+        return file.read()
 
 
 def texts(events, count=1000):
@@ -348,14 +357,14 @@ class PureFunctionTest(unittest.TestCase):
             self.assertTrue(cares.is_valid_node_id(good), good)
         for bad in ("", "x" * 64, "has space", "tab\t", "ünï", "a/b", "\x1b[2J", "a\nb"):
             self.assertFalse(cares.is_valid_node_id(bad), bad)
-        first = cares.default_node_id("web01.example.com", "0123abcd", 0)
-        self.assertEqual(first, cares.default_node_id("web01.example.com", "0123abcd", 0), "not stable")
+        first = cares.default_node_id("web01.example.com", "0123abcd", "root")
+        self.assertEqual(first, cares.default_node_id("web01.example.com", "0123abcd", "root"), "not stable")
         self.assertRegex(first, r"^web01-[0-9a-f]{6}$")
         # Clones sharing a host name, and two users of one machine, still differ.
-        self.assertNotEqual(first, cares.default_node_id("web01.example.com", "ffff0000", 0))
-        self.assertNotEqual(first, cares.default_node_id("web01.example.com", "0123abcd", 1000))
+        self.assertNotEqual(first, cares.default_node_id("web01.example.com", "ffff0000", "root"))
+        self.assertNotEqual(first, cares.default_node_id("web01.example.com", "0123abcd", "alice"))
         for odd in ("", "....", "ünïcode host!", "x" * 300):
-            self.assertTrue(cares.is_valid_node_id(cares.default_node_id(odd, "", 0)), odd)
+            self.assertTrue(cares.is_valid_node_id(cares.default_node_id(odd, "", "")), odd)
 
     def test_labels_tokens_and_durations(self):
         self.assertEqual(cares.parse_label("rack=b-12"), ("rack", "b-12"))
@@ -1437,7 +1446,7 @@ class RoutineOperationsTest(ClusterTestCase):
         orchestrator = self.start_orchestrator(forget_after_s=1.0)
         registry = orchestrator.registry
         address = f"127.0.0.1:{orchestrator.port}"
-        base = cares.default_node_id(socket.gethostname(), cares.machine_identity(), os.getuid())
+        base = cares.default_node_id(socket.gethostname(), cares.machine_identity(), cares.user_name())
         expected = [base, f"{base}-2"]
 
         def start_both():
@@ -3038,7 +3047,7 @@ class InventoryTest(ClusterTestCase):
             raw_stub(self, port).JoinCluster(pb.NodeInfo(node_id="gone", node_secret="guess"), timeout=5)
         self.assertEqual(caught.exception.code(), grpc.StatusCode.PERMISSION_DENIED)
         second.forget_gone()  # x: forgotten from the file too
-        self.assertIsNotNone(wait_until(lambda: '"gone"' not in open(path).read(), 10))
+        self.assertIsNotNone(wait_until(lambda: '"gone"' not in file_text(path), 10))
 
     def test_a_corrupt_state_file_is_kept_aside(self):
         folder, port = self.state_dir(), free_port()
@@ -3115,6 +3124,719 @@ class StatusCheckTest(ClusterTestCase):
         self.assertEqual(result.returncode, 3)
         self.assertIn("CARES UNKNOWN - cannot get status", result.stdout)
         self.assertIn("rejected the join token", result.stdout)
+
+
+# ---------------------------------------------------------------------------
+# 7-8. Running as a service: units checked by systemd's own parser
+# (systemd-analyze verify, its debug dump and security --offline), sd_notify on
+# real datagram sockets, install and uninstall into a temporary root.
+# ---------------------------------------------------------------------------
+
+ANALYZE = shutil.which("systemd-analyze")
+TOKEN = "s3cr3t-T0ken_with$dollar\"quote'apos\\back`tick #hash"
+# Exposure scores of the generated system units must stay below this (0-10 scale; 1.5/1.6 when written).
+MAX_SYSTEM_EXPOSURE = 2.0
+
+
+def need_analyze():
+    if ANALYZE is None:
+        if IN_CI:
+            raise AssertionError("systemd-analyze is missing (Debian: apt-get install systemd)")
+        raise unittest.SkipTest("systemd-analyze is not installed")
+
+
+def host_python() -> str:
+    """An interpreter a system unit may name: not below /home or /root (ProtectHome=yes)."""
+    return "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
+def make_pyz(path: str, text: str = "print('cares')\n") -> str:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("__main__.py", text)
+    return path
+
+
+def snapshot(root: str) -> dict:
+    """Every entry below root: type, mode and content (or link target)."""
+    entries = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                value = ("link", os.readlink(path))
+            elif stat.S_ISDIR(info.st_mode):
+                value = ("dir", stat.S_IMODE(info.st_mode))
+            else:
+                with open(path, "rb") as file:
+                    value = ("file", stat.S_IMODE(info.st_mode), file.read())
+            entries[os.path.relpath(path, root)] = value
+    return entries
+
+
+def dump_words(line: str) -> list[str]:
+    """Split a "Command Line:" of systemd's unit dump. systemd writes a word as it is, or in double
+    quotes with a backslash before each of " \\ ` $ (shell_maybe_quote()); shlex.split() would keep
+    the backslash of "\\$", which a POSIX shell drops."""
+    words, i = [], 0
+    while i < len(line):
+        if line[i] == " ":
+            i += 1
+            continue
+        word, quoted = [], False
+        while i < len(line) and (quoted or line[i] != " "):
+            if line[i] == '"':
+                quoted = not quoted
+            elif line[i] == "\\" and quoted:
+                i += 1
+                word.append(line[i])
+            else:
+                word.append(line[i])
+            i += 1
+        words.append("".join(word))
+    return words
+
+
+class FakeSystemctl:
+    """Records the commands install/uninstall run; fails those whose verb is in fail."""
+
+    def __init__(self, fail=(), missing=False):
+        self.calls, self.fail, self.missing = [], set(fail), missing
+
+    def __call__(self, argv):
+        if self.missing:
+            raise FileNotFoundError(argv[0])
+        self.calls.append(list(argv))
+        verb = [word for word in argv[1:] if not word.startswith("--")][0]
+        return (1, f"Failed to {verb}: Access denied") if verb in self.fail else (0, "")
+
+
+class TempRoot(unittest.TestCase):
+    """A temporary / with the directories a Debian host has, plus unrelated files of others."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="cares-root-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        for directory in ("etc/systemd/system/multi-user.target.wants", "usr/local/lib", "home/alice/.config",
+                          "home/alice/.local/lib"):
+            os.makedirs(os.path.join(self.root, directory))
+        self.write("etc/systemd/system/unrelated.service", "[Service]\nExecStart=/bin/true\n")
+        self.write("home/alice/.config/other.conf", "x=1\n")
+        os.symlink("/etc/systemd/system/unrelated.service",
+                   os.path.join(self.root, "etc/systemd/system/multi-user.target.wants/unrelated.service"))
+        self.pyz = make_pyz(os.path.join(self.root, "cares.pyz"))
+        self.system = cares.ServicePaths.system(root=self.root)
+        self.user = cares.ServicePaths.for_user(home="/home/alice", environ={}, root=self.root)
+
+    def write(self, relative: str, text: str) -> str:
+        path = os.path.join(self.root, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as file:
+            file.write(text)
+        return path
+
+    def disk(self, path: str) -> str:
+        return os.path.join(self.root, path.lstrip("/"))
+
+    def read(self, path: str) -> str:
+        with open(self.disk(path)) as file:
+            return file.read()
+
+    def install(self, role="worker", paths=None, args=None, **options) -> cares.ServiceReport:
+        paths = paths or self.system
+        if args is None:
+            args = cares.worker_exec_args("10.0.0.5:50051") if role == "worker" else cares.orchestrator_exec_args()
+        options.setdefault("python", host_python())
+        return cares.install_service(role, args, paths=paths, pyz_source=self.pyz, **options)
+
+
+# -- systemd's own checks of the generated units ---------------------------------------------
+
+class ServiceUnitTest(TempRoot):
+    """Install into the temporary root, then let systemd-analyze read the unit files there.
+
+    verify reads the file given by path and loads its dependencies (network-online.target...)
+    from the host, and checks that ExecStart's program exists on the host (hence host_python()).
+    --root= is no use: it wants sysinit.target and the interpreter inside the root too."""
+
+    def setUp(self):
+        need_analyze()
+        super().setUp()
+        self.runtime = tempfile.mkdtemp(prefix="cares-xdg-")  # a user manager needs $XDG_RUNTIME_DIR
+        os.chmod(self.runtime, 0o700)
+        self.addCleanup(shutil.rmtree, self.runtime, True)
+
+    def analyze(self, user: bool, *words: str, level: str = "info") -> subprocess.CompletedProcess:
+        env = dict(os.environ, SYSTEMD_LOG_LEVEL=level, SYSTEMD_PAGER="", SYSTEMD_COLORS="0")
+        if user:
+            env.update(XDG_RUNTIME_DIR=self.runtime, HOME=self.disk("/home/alice"))
+        command = [ANALYZE, *(["--user"] if user else []), *words]
+        return subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+
+    def verify(self, unit: str, user: bool) -> None:
+        done = self.analyze(user, "verify", "--man=no", "--generators=no", "--recursive-errors=no", unit)
+        about_ours = [line for line in done.stderr.splitlines() if os.path.basename(unit) in line]
+        self.assertEqual(about_ours, [], done.stderr)
+        self.assertEqual(done.returncode, 0, done.stderr)
+
+    def dumped(self, unit: str, user: bool) -> str:
+        """The unit as systemd parsed it (the debug log of verify dumps every loaded setting)."""
+        done = self.analyze(user, "verify", "--man=no", unit, level="debug")
+        return done.stdout + done.stderr
+
+    def command_line(self, unit: str, user: bool) -> list[str]:
+        """ExecStart= as systemd will execute it: the dump shell-quotes the words; "$$" becomes
+        "$" at exec time, when systemd substitutes variables."""
+        found = re.findall(r"^\s*Command Line: (.*)$", self.dumped(unit, user), re.M)
+        self.assertEqual(len(found), 1)
+        return [word.replace("$$", "$") for word in dump_words(found[0])]
+
+    def test_every_generated_unit_verifies_clean(self):
+        for user in (False, True):
+            for role in cares.ROLES:
+                with self.subTest(user=user, role=role):
+                    paths = self.user if user else self.system
+                    args = (cares.worker_exec_args("10.0.0.5:50051", "web-1", ["env=prod"]) if role == "worker"
+                            else cares.orchestrator_exec_args("[::]:50051", "127.0.0.1:9100"))
+                    tls = ({"--tls-ca": self.pyz} if role == "worker"
+                           else {"--tls-cert": self.pyz, "--tls-key": self.pyz})
+                    self.install(role, paths, args, token="t0ken", tls_files=tls)
+                    self.verify(self.disk(paths.unit_file(role)), user)
+
+    def test_a_bad_setting_is_caught(self):
+        # The check itself must be able to fail: a typo in our unit is reported.
+        self.install("worker", token="t")
+        unit = self.disk(self.system.unit_file("worker"))
+        with open(unit, "a") as file:
+            file.write("[Service]\nProtectSytem=strict\n")
+        done = self.analyze(False, "verify", "--man=no", "--recursive-errors=no", unit)
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn("ProtectSytem", done.stderr)
+
+    def test_systemd_parses_exec_start_into_exactly_our_arguments(self):
+        labels = ["a b", 'q"uote', "it's", "back\\slash", "trailing\\", "50%", "%d", "$HOME", "${X}", "$$",
+                  "semi;colon", ";", "", "ünïcødé", "--"]
+        args = cares.worker_exec_args("10.0.0.5:50051", "web-1", labels)
+        for user in (False, True):
+            with self.subTest(user=user):
+                paths = self.user if user else self.system
+                self.install("worker", paths, args, tls_files={"--tls-ca": self.pyz})
+                parsed = self.command_line(self.disk(paths.unit_file("worker")), user)
+                tls = ["--tls-ca", self.pyz] if user else ["--tls-ca", "/run/credentials/cares-worker.service/tls-ca"]
+                self.assertEqual(parsed, [host_python(), paths.pyz, *args, *tls])
+
+    def test_sandbox_settings_are_understood_not_ignored(self):
+        self.install("orchestrator", args=cares.orchestrator_exec_args("[::]:443"), privileged_port=True, token="t")
+        dump = self.dumped(self.disk(self.system.unit_file("orchestrator")), False)
+        for expected in ("DynamicUser: yes", "ProtectProc: invisible", "ProcSubset: all", "LimitNOFILE: 65536",
+                         "CapabilityBoundingSet: cap_net_bind_service", "Environment: CARES_CACHE_DIR=/var/cache/cares",
+                         "EnvironmentFile: /etc/cares/orchestrator.env"):
+            self.assertIn(expected, dump)
+        self.assertNotIn("Unknown key", dump)
+
+    def test_exposure_score_of_system_units(self):
+        for role in cares.ROLES:
+            with self.subTest(role=role):
+                self.install(role, token="t")
+                done = self.analyze(False, "security", "--offline=yes", self.disk(self.system.unit_file(role)))
+                score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", done.stdout).group(1))
+                print(f"\n  systemd-analyze security: cares-{role}.service {score}", file=sys.stderr)
+                self.assertLessEqual(score, MAX_SYSTEM_EXPOSURE, done.stdout)
+
+
+# -- sd_notify against real sockets -----------------------------------------------------------
+
+class NotifyReceiver:
+    """A datagram socket bound the way systemd binds its notify socket, credentials on."""
+
+    def __init__(self, address):
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(address)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.socket.settimeout(2)
+
+    def receive(self) -> tuple[str, int]:
+        """One message and the PID the kernel vouches for (what NotifyAccess=main checks)."""
+        data, ancillary, _, _ = self.socket.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("3i")))
+        pid = next(struct.unpack("3i", value[:12])[0] for level, kind, value in ancillary
+                   if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS)
+        return data.decode("utf-8"), pid
+
+    def close(self):
+        self.socket.close()
+
+
+class SdNotifyTest(unittest.TestCase):
+    def setUp(self):
+        self.directory = tempfile.mkdtemp(prefix="cares-notify-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+
+    def notifier(self, environ) -> cares.SdNotifier:
+        notifier = cares.SdNotifier(environ)
+        self.addCleanup(notifier.close)
+        return notifier
+
+    def receiver(self, abstract: bool) -> tuple[NotifyReceiver, str]:
+        if abstract:
+            name = f"cares-test-{os.getpid()}-{time.monotonic_ns()}"
+            receiver, value = NotifyReceiver("\0" + name), "@" + name
+        else:
+            value = os.path.join(self.directory, "notify")
+            receiver = NotifyReceiver(value)
+        self.addCleanup(receiver.close)
+        return receiver, value
+
+    def test_the_four_messages_arrive_on_path_and_abstract_sockets(self):
+        for abstract in (False, True):
+            with self.subTest(abstract=abstract):
+                receiver, value = self.receiver(abstract)
+                notifier = self.notifier({"NOTIFY_SOCKET": value})
+                self.assertTrue(notifier.enabled)
+                self.assertTrue(notifier.ready("listening on [::]:50051"))
+                self.assertEqual(receiver.receive(), ("READY=1\nSTATUS=listening on [::]:50051", os.getpid()))
+                notifier.status("retrying in 3 s: orchestrator unreachable (connection refused)")
+                self.assertEqual(receiver.receive()[0],
+                                 "STATUS=retrying in 3 s: orchestrator unreachable (connection refused)")
+                notifier.watchdog()
+                self.assertEqual(receiver.receive()[0], "WATCHDOG=1")
+                notifier.stopping()
+                self.assertEqual(receiver.receive()[0], "STOPPING=1")
+                self.assertEqual((notifier.sent, notifier.failures), (4, 0))
+
+    def test_status_is_one_clean_line_and_repeats_are_skipped(self):
+        receiver, value = self.receiver(False)
+        notifier = self.notifier({"NOTIFY_SOCKET": value})
+        notifier.status("connected to 10.0.0.5:50051\nREADY=1\x1b[31m\u202e")
+        self.assertEqual(receiver.receive()[0], "STATUS=connected to 10.0.0.5:50051 READY=1 [31m")
+        notifier.status("connected to 10.0.0.5:50051\nREADY=1\x1b[31m\u202e")
+        self.assertEqual(notifier.sent, 1)
+        notifier.status("x" * 500)
+        self.assertEqual(len(receiver.receive()[0]), len("STATUS=") + cares.STATUS_LIMIT)
+
+    def test_a_missing_or_dead_socket_never_raises(self):
+        dead = os.path.join(self.directory, "dead")
+        NotifyReceiver(dead).close()  # the file stays; nobody listens: ECONNREFUSED
+        for value in (os.path.join(self.directory, "nonexistent"), dead, "@cares-nobody-listens-here"):
+            with self.subTest(value=value):
+                notifier = self.notifier({"NOTIFY_SOCKET": value})
+                for call in (notifier.ready, notifier.watchdog, notifier.stopping):
+                    self.assertFalse(call())
+                self.assertFalse(notifier.status("x"))
+                self.assertEqual(notifier.failures, 4)
+                self.assertTrue(notifier.last_error)
+
+    def test_without_a_usable_socket_it_does_nothing(self):
+        for environ in ({}, {"NOTIFY_SOCKET": ""}, {"NOTIFY_SOCKET": "relative/path"}, {"NOTIFY_SOCKET": "@"},
+                        {"NOTIFY_SOCKET": "vsock:2:1234"}):
+            notifier = self.notifier(environ)
+            self.assertFalse(notifier.enabled)
+            self.assertFalse(notifier.ready())
+            self.assertEqual(notifier.failures, 0)
+
+    def test_a_full_queue_never_blocks_an_event_loop(self):
+        receiver, value = self.receiver(False)  # never read: the queue fills up
+        notifier = self.notifier({"NOTIFY_SOCKET": value})
+
+        async def ping_a_lot():
+            started = time.monotonic()
+            for _ in range(3000):
+                notifier.watchdog()
+            return time.monotonic() - started
+
+        elapsed = asyncio.run(ping_a_lot())
+        self.assertLess(elapsed, 2.0)
+        self.assertGreater(notifier.failures, 0)  # EAGAIN once the queue was full, counted
+        self.assertEqual(notifier.sent + notifier.failures, 3000)
+
+    def test_watchdog_interval_is_half_of_watchdog_usec_and_only_for_us(self):
+        pid = os.getpid()
+        cases = [({"WATCHDOG_USEC": "30000000"}, 15.0), ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(pid)}, 15.0),
+                 ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(pid + 1)}, None), ({"WATCHDOG_USEC": "0"}, None),
+                 ({"WATCHDOG_USEC": "soon"}, None), ({}, None)]
+        for environ, expected in cases:
+            with self.subTest(environ=environ):
+                self.assertEqual(self.notifier(environ).watchdog_interval(), expected)
+
+    def test_watchdog_if_due_pings_once_per_interval(self):
+        receiver, value = self.receiver(False)
+        notifier = self.notifier({"NOTIFY_SOCKET": value, "WATCHDOG_USEC": "2000000"})
+        sent = [notifier.watchdog_if_due(now) for now in (100.0, 100.5, 100.99, 101.0, 101.5, 102.0)]
+        self.assertEqual(sent, [True, False, False, True, False, True])
+        self.assertFalse(self.notifier({"NOTIFY_SOCKET": value}).watchdog_if_due(100.0))  # no WatchdogSec=
+
+
+class ServiceInstallTest(TempRoot):
+    def test_files_modes_and_lines_of_a_system_install(self):
+        report = self.install(token=TOKEN)
+        self.assertEqual(report.outcome, "installed")
+        for path, mode in (("/etc/systemd/system/cares-worker.service", 0o644), ("/etc/cares/worker.env", 0o600),
+                           ("/usr/local/lib/cares/cares.pyz", 0o644), ("/etc/cares", 0o755),
+                           ("/usr/local/lib/cares", 0o755)):
+            self.assertEqual(stat.S_IMODE(os.stat(self.disk(path)).st_mode), mode, path)
+        unit = self.read(self.system.unit_file("worker"))
+        self.assertIn("ExecStart=%s /usr/local/lib/cares/cares.pyz worker 10.0.0.5:50051 --headless" % host_python(), unit)
+        for setting in ("Type=notify", "NotifyAccess=main", "Restart=always", "RestartSec=3s", "WatchdogSec=30s",
+                        "CacheDirectory=cares", "StateDirectory=cares", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                        "ProtectHome=yes", "PrivateTmp=yes", "EnvironmentFile=/etc/cares/worker.env",
+                        "After=network-online.target", "Wants=network-online.target", "WantedBy=multi-user.target"):
+            self.assertIn(setting + "\n", unit)
+        self.assertIn("  systemctl daemon-reload && systemctl enable --now cares-worker.service", report.lines)
+
+    def test_the_token_is_never_in_the_unit_nor_on_a_command_line(self):
+        runner = FakeSystemctl()
+        self.install(token=TOKEN, now=True, runner=runner)
+        self.assertNotIn(TOKEN, self.read(self.system.unit_file("worker")))
+        self.assertTrue(runner.calls)
+        self.assertFalse([argv for argv in runner.calls if any(TOKEN in word for word in argv)])
+        with self.assertRaises(cares.ServiceError):
+            self.install(args=["worker", "10.0.0.5:50051", "--token", TOKEN])
+        with self.assertRaises(cares.ServiceError):
+            cares.render_unit("worker", ["worker", "h:1", f"--token={TOKEN}"], "/usr/bin/python3", "/x.pyz", None, False)
+
+    def test_the_environment_file_gives_back_the_exact_token(self):
+        # systemd reads a double-quoted value like a POSIX shell does (systemd.exec(5)): so does sh.
+        for token in (TOKEN, "plain", "a'b", "$(reboot)", "\\", "x\\"):
+            with self.subTest(token=token):
+                self.install(token=token)
+                env_file = self.disk("/etc/cares/worker.env")
+                done = subprocess.run(["sh", "-c", '. "$1"; printf %s "$CARES_TOKEN"', "sh", env_file],
+                                      capture_output=True, text=True, timeout=10)
+                self.assertEqual(done.stdout, token)
+
+    def test_the_environment_file_is_never_readable_by_others_even_briefly(self):
+        seen = []
+        real_replace = os.replace
+
+        def checking_replace(source, target):
+            seen.append((os.path.basename(target), stat.S_IMODE(os.stat(source).st_mode)))
+            return real_replace(source, target)
+
+        with mock.patch.object(cares.os, "replace", checking_replace):
+            self.install(token=TOKEN)
+        self.assertIn(("worker.env", 0o600), seen)
+        # mkstemp creates the temporary file 0600 before a byte is written
+        with mock.patch.object(cares.tempfile, "mkstemp", wraps=tempfile.mkstemp) as mkstemp:
+            self.install(token="another")
+        self.assertTrue(mkstemp.called)
+
+    def test_directories_get_their_mode_whatever_the_umask(self):
+        old = os.umask(0o077)
+        try:
+            self.install(token="t")
+        finally:
+            os.umask(old)
+        self.assertEqual(stat.S_IMODE(os.stat(self.disk("/usr/local/lib/cares")).st_mode), 0o755)
+        self.assertEqual(stat.S_IMODE(os.stat(self.disk("/usr/local/lib/cares/cares.pyz")).st_mode), 0o644)
+
+    def test_a_second_install_updates_in_place(self):
+        self.install(token="t")
+        unit, pyz = self.disk(self.system.unit_file("worker")), self.disk(self.system.pyz)
+        before = (os.stat(unit).st_ino, os.stat(pyz).st_ino)
+        report = self.install(token="t")
+        self.assertEqual(report.outcome, "unchanged")
+        self.assertEqual((os.stat(unit).st_ino, os.stat(pyz).st_ino), before)  # nothing rewritten
+        report = self.install(args=cares.worker_exec_args("10.0.0.5:50051", labels=["rack=7"]), token="t")
+        self.assertEqual(report.outcome, "updated")
+        self.assertIn("--label rack=7", self.read(self.system.unit_file("worker")))
+        self.assertIn("  systemctl daemon-reload && systemctl enable cares-worker.service && "
+                      "systemctl restart cares-worker.service", report.lines)
+        self.assertEqual(self.install(args=cares.worker_exec_args("10.0.0.5:50051", labels=["rack=7"]),
+                                      token="new").outcome, "updated")
+        self.assertIn('"new"', self.read("/etc/cares/worker.env"))
+        make_pyz(self.pyz, "print('cares 0.4')\n")
+        self.assertEqual(self.install(args=cares.worker_exec_args("10.0.0.5:50051", labels=["rack=7"])).outcome,
+                         "updated")
+
+    def test_a_second_install_without_a_token_keeps_the_first_ones(self):
+        self.install(token="first")
+        report = self.install()
+        self.assertIn("EnvironmentFile=/etc/cares/worker.env", self.read(self.system.unit_file("worker")))
+        self.assertIn('"first"', self.read("/etc/cares/worker.env"))
+        self.assertTrue(any("kept" in line for line in report.lines))
+
+    def test_uninstall_removes_exactly_what_install_wrote(self):
+        os.makedirs(self.disk("/etc/cares"))
+        self.write("etc/cares/notes.txt", "the admin's own file\n")  # /etc/cares existed: it stays
+        before = snapshot(self.root)
+        self.install(token="t", tls_files={"--tls-ca": self.pyz})
+        os.symlink("/etc/systemd/system/cares-worker.service",  # as `systemctl enable` would
+                   self.disk("/etc/systemd/system/multi-user.target.wants/cares-worker.service"))
+        report = cares.uninstall_service("worker", paths=self.system)
+        self.assertEqual(report.outcome, "removed")
+        self.assertTrue(report.ok)
+        self.assertEqual(snapshot(self.root), before)
+        report = cares.uninstall_service("worker", paths=self.system)
+        self.assertEqual(report.outcome, "not installed")
+
+    def test_two_roles_share_cares_pyz_until_the_last_one_goes(self):
+        before = snapshot(self.root)
+        self.install("worker", token="w")
+        self.install("orchestrator", token="o")
+        cares.uninstall_service("worker", paths=self.system)
+        self.assertTrue(os.path.exists(self.disk(self.system.pyz)))
+        self.assertTrue(os.path.exists(self.disk("/etc/cares/orchestrator.env")))
+        self.assertFalse(os.path.exists(self.disk("/etc/cares/worker.env")))
+        cares.uninstall_service("orchestrator", paths=self.system)
+        self.assertEqual(snapshot(self.root), before)  # /etc/cares and /usr/local/lib/cares gone too
+
+    def test_roles_removed_in_either_order_leave_nothing(self):
+        before = snapshot(self.root)
+        self.install("orchestrator", token="o")
+        self.install("worker", token="w")
+        cares.uninstall_service("orchestrator", paths=self.system)
+        cares.uninstall_service("worker", paths=self.system)
+        self.assertEqual(snapshot(self.root), before)
+
+    def test_an_edited_manifest_cannot_make_uninstall_delete_other_files(self):
+        self.install(token="t")
+        victim = self.write("etc/passwd", "root:x:0:0::/root:/bin/sh\n")
+        unit = self.disk(self.system.unit_file("worker"))
+        with open(unit) as file:
+            text = file.read()
+        with open(unit, "w") as file:
+            first, rest = text.split("\n", 1)  # keep the header line that marks it as ours
+            file.write(first + "\n# cares-installed: /etc/passwd\n# cares-created-dir: /etc\n" + rest)
+        cares.uninstall_service("worker", paths=self.system)
+        self.assertTrue(os.path.exists(victim))
+
+    def test_a_unit_written_by_hand_is_neither_overwritten_nor_removed(self):
+        mine = self.write("etc/systemd/system/cares-worker.service", "[Service]\nExecStart=/opt/cares/run\n")
+        with self.assertRaises(cares.ServiceError):
+            self.install(token="t")
+        with self.assertRaises(cares.ServiceError):
+            cares.uninstall_service("worker", paths=self.system)
+        with open(mine) as file:
+            self.assertEqual(file.read(), "[Service]\nExecStart=/opt/cares/run\n")
+        self.assertFalse(os.path.exists(self.disk(self.system.pyz)))
+
+    def test_uninstall_stops_and_disables_first_when_systemd_runs(self):
+        self.install(token="t")
+        runner = FakeSystemctl()
+        report = cares.uninstall_service("worker", paths=self.system, runner=runner, booted=True)
+        self.assertEqual(runner.calls, [["systemctl", "disable", "--now", "cares-worker.service"],
+                                        ["systemctl", "daemon-reload"]])
+        self.assertTrue(report.ok)
+        self.install(token="t")
+        runner = FakeSystemctl(fail={"disable"})
+        report = cares.uninstall_service("worker", paths=self.system, runner=runner, booted=True)
+        self.assertFalse(report.ok)
+        self.assertTrue(os.path.exists(self.disk(self.system.unit_file("worker"))))  # nothing removed
+        report = cares.uninstall_service("worker", paths=self.system, runner=runner, booted=True, stop=False)
+        self.assertTrue(report.ok)
+        self.assertFalse(os.path.exists(self.disk(self.system.unit_file("worker"))))
+
+    def test_now_runs_systemctl_and_says_when_it_is_missing(self):
+        runner = FakeSystemctl()
+        self.assertTrue(self.install(now=True, runner=runner).ok)
+        self.assertEqual(runner.calls, [["systemctl", "daemon-reload"],
+                                        ["systemctl", "enable", "--now", "cares-worker.service"]])
+        runner = FakeSystemctl()
+        self.install(args=cares.worker_exec_args("10.0.0.6:50051"), now=True, runner=runner)
+        self.assertEqual(runner.calls[-1], ["systemctl", "restart", "cares-worker.service"])
+        report = self.install(args=cares.worker_exec_args("10.0.0.7:50051"), now=True, runner=FakeSystemctl(missing=True))
+        self.assertFalse(report.ok)
+        self.assertIn("cannot run systemctl: it is not installed (is this host running systemd?)", report.lines)
+        report = self.install(args=cares.worker_exec_args("10.0.0.8:50051"), now=True,
+                              runner=FakeSystemctl(fail={"enable"}))
+        self.assertFalse(report.ok)
+        self.assertIn("ran: systemctl enable cares-worker.service (exit code 1)", report.lines)  # an update
+
+    def test_a_user_install(self):
+        before = snapshot(self.root)
+        runner = FakeSystemctl()
+        report = self.install(paths=self.user, token="t", tls_files={"--tls-ca": self.pyz}, now=True, runner=runner)
+        unit = self.read("/home/alice/.config/systemd/user/cares-worker.service")
+        self.assertEqual(stat.S_IMODE(os.stat(self.disk("/home/alice/.config/cares/worker.env")).st_mode), 0o600)
+        self.assertTrue(os.path.exists(self.disk("/home/alice/.local/lib/cares/cares.pyz")))
+        self.assertIn("WantedBy=default.target\n", unit)
+        self.assertIn(f"--tls-ca {self.pyz}", unit)
+        for absent in ("After=network-online.target", "DynamicUser", "ProtectSystem", "LoadCredential"):
+            self.assertNotIn(absent, unit)
+        self.assertIn(["systemctl", "--user", "enable", "--now", "cares-worker.service"], runner.calls)
+        self.assertTrue(any("loginctl enable-linger" in line for line in report.lines))
+        cares.uninstall_service("worker", paths=self.user)
+        self.assertEqual(snapshot(self.root), before)
+
+    def test_user_paths_follow_xdg_config_home(self):
+        paths = cares.ServicePaths.for_user(home="/home/bob", environ={"XDG_CONFIG_HOME": "/srv/cfg"})
+        self.assertEqual((paths.unit_dir, paths.config_dir, paths.pyz),
+                         ("/srv/cfg/systemd/user", "/srv/cfg/cares", "/home/bob/.local/lib/cares/cares.pyz"))
+        paths = cares.ServicePaths.for_user(home="/home/bob", environ={"XDG_CONFIG_HOME": "relative"})
+        self.assertEqual(paths.unit_dir, "/home/bob/.config/systemd/user")
+
+    def test_inputs_that_would_give_a_unit_that_cannot_start_are_refused(self):
+        not_a_zip = self.write("notes.txt", "hello")
+        cases = [dict(python="/root/.pyenv/versions/3.12.1/bin/python3"), dict(python="python3"),
+                 dict(pyz_source=not_a_zip), dict(pyz_source=None), dict(tls_files={"--tls-ca": "/no/such/ca.pem"}),
+                 dict(args=cares.worker_exec_args("10.0.0.5:50051", labels=["bad=new\nline"]))]
+        for case in cases:
+            with self.subTest(case=case):
+                options = dict(python=host_python(), pyz_source=self.pyz)
+                options.update(case)
+                args = options.pop("args", cares.worker_exec_args("10.0.0.5:50051"))
+                with self.assertRaises(cares.ServiceError) as caught:
+                    cares.install_service("worker", args, paths=self.system, **options)
+                self.assertNotIn("\n", str(caught.exception))
+        self.assertFalse(os.path.exists(self.disk(self.system.unit_file("worker"))))
+
+    def test_a_low_port_gets_exactly_the_bind_capability(self):
+        self.install("orchestrator", args=cares.orchestrator_exec_args("0.0.0.0:443"), privileged_port=True)
+        unit = self.read(self.system.unit_file("orchestrator"))
+        self.assertIn("CapabilityBoundingSet=CAP_NET_BIND_SERVICE\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n", unit)
+        self.install("orchestrator")
+        self.assertIn("CapabilityBoundingSet=\nAmbientCapabilities=\n", self.read(self.system.unit_file("orchestrator")))
+
+
+class ServiceCommandLineTest(TempRoot):
+    def run_cli(self, argv, environ=None, paths=None):
+        args = cares.build_parser().parse_args(argv)
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            code = cares.run_service_command(args, environ=environ or {}, runner=FakeSystemctl(),
+                                           paths=paths or self.system)
+        return code, output.getvalue()
+
+    def test_install_and_uninstall_from_the_command_line(self):
+        token_file = self.write("token", TOKEN + "\n")
+        code, output = self.run_cli(["install-service", "worker", "10.0.0.5:50051", "--node-id", "web-1",
+                                     "--label", "env=prod", "--token-file", token_file, "--pyz", self.pyz,
+                                     "--python", host_python()])
+        self.assertEqual(code, 0)
+        self.assertIn("installed cares-worker.service (system unit):", output)
+        self.assertIn("--node-id web-1 --label env=prod", self.read(self.system.unit_file("worker")))
+        code, output = self.run_cli(["uninstall-service", "worker"])
+        self.assertEqual(code, 0)
+        self.assertIn("removed /etc/systemd/system/cares-worker.service", output)
+
+    def test_the_token_can_come_from_the_environment(self):
+        self.run_cli(["install-service", "orchestrator", "--listen", "[::]:50051", "--metrics-listen",
+                      "127.0.0.1:9100", "--pyz", self.pyz, "--python", host_python()], environ={"CARES_TOKEN": "env-t"})
+        self.assertIn('CARES_TOKEN="env-t"', self.read("/etc/cares/orchestrator.env"))
+        self.assertIn("--metrics-listen 127.0.0.1:9100", self.read(self.system.unit_file("orchestrator")))
+
+    def test_a_user_unit_cannot_listen_below_1024(self):
+        with self.assertRaises(cares.ServiceError) as caught:
+            self.run_cli(["install-service", "orchestrator", "--listen", "[::]:443", "--user", "--pyz", self.pyz],
+                         paths=self.user)
+        self.assertTrue(caught.exception.usage)
+
+    def test_tls_cert_and_key_go_together(self):
+        with self.assertRaises(cares.ServiceError):
+            self.run_cli(["install-service", "orchestrator", "--tls-cert", self.pyz, "--pyz", self.pyz])
+
+
+# -- small pure helpers ---------------------------------------------------------------------------
+
+class ServiceHelperTest(unittest.TestCase):
+    def test_exec_word(self):
+        cases = {"plain": "plain", "10.0.0.5:50051": "10.0.0.5:50051", "[::]:50051": "[::]:50051",
+                 "a b": '"a b"', "50%": "50%%", "$HOME": "$$HOME", 'q"t': '"q\\"t"', "it's": '"it\'s"',
+                 "b\\s": '"b\\\\s"', ";": "\\;", "": '""', "ü": "ü"}
+        for text, expected in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(cares.exec_word(text), expected)
+        for bad in ("new\nline", "tab\there", "nul\0", "line\u2028sep"):
+            with self.assertRaises(cares.ServiceError):
+                cares.exec_word(bad)
+
+    def test_read_token_file(self):
+        with tempfile.TemporaryDirectory() as directory:
+            def token_in(data: bytes) -> str:
+                path = os.path.join(directory, "token")
+                with open(path, "wb") as file:
+                    file.write(data)
+                return cares.read_token_file(path)
+
+            self.assertEqual(token_in(b"abc\n"), "abc")
+            self.assertEqual(token_in(b"abc\r\n"), "abc")
+            self.assertEqual(token_in(b"a b$c"), "a b$c")
+            for bad in (b"", b"\n", b"abc \n", b" abc", b"two\nlines\n", b"\xff\xfe", b"x" * 300, b"tab\tx"):
+                with self.subTest(bad=bad), self.assertRaises(cares.ServiceError):
+                    token_in(bad)
+            with self.assertRaises(cares.ServiceError) as caught:
+                cares.read_token_file(os.path.join(directory, "missing"))
+            self.assertFalse(caught.exception.usage)
+        self.assertEqual(cares.read_token_file("-", stdin=io.StringIO("from-stdin\n")), "from-stdin")
+
+    def test_address_port_and_port_limit(self):
+        self.assertEqual(cares.address_port("[::]:443"), 443)
+        self.assertEqual(cares.address_port("0.0.0.0:50051"), 50051)
+        self.assertIsNone(cares.address_port("nonsense"))
+        self.assertEqual(cares.unprivileged_port_start(lambda path: io.StringIO("80\n")), 80)
+        self.assertEqual(cares.unprivileged_port_start(lambda path: io.StringIO("junk")), 1024)
+
+    def test_running_pyz_is_none_outside_a_zipapp(self):
+        self.assertIsNone(cares.running_pyz())
+
+
+class JournaldTest(unittest.TestCase):
+    def test_under_journald_only_when_stderr_is_that_stream(self):
+        with tempfile.TemporaryFile() as stream:
+            info = os.fstat(stream.fileno())
+            here = {"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+            self.assertTrue(cares.under_journald(here, stream.fileno()))
+            with tempfile.TemporaryFile() as other:  # inherited variable, redirected stderr
+                self.assertFalse(cares.under_journald(here, other.fileno()))
+            for environ in ({}, {"JOURNAL_STREAM": "junk"}, {"JOURNAL_STREAM": "1:"}):
+                self.assertFalse(cares.under_journald(environ, stream.fileno()))
+
+
+
+class ServiceProcessTest(ClusterTestCase):
+    """cares itself as systemd runs it: notify socket and watchdog in the environment, stderr
+    being the journal stream."""
+
+    def notify_socket(self):
+        folder = tempfile.mkdtemp(prefix="cares-test-notify-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        receiver = NotifyReceiver(os.path.join(folder, "notify"))
+        self.addCleanup(receiver.close)
+        return receiver, os.path.join(folder, "notify")
+
+    def messages_until(self, receiver, wanted, timeout=15):
+        """Every message received until one contains wanted: (list of (text, pid))."""
+        got, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                got.append(receiver.receive())
+            except socket.timeout:
+                continue
+            if wanted in got[-1][0]:
+                return got
+        self.fail(f"{wanted!r} never arrived; got {got}")
+
+    def test_ready_status_watchdog_and_stopping_from_a_worker_and_an_orchestrator(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        for args, status in ((["worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "unit", "--headless"],
+                              f"STATUS=connected to 127.0.0.1:{orchestrator.port}"),
+                             (["orchestrator", "--listen", "127.0.0.1:0", "--headless", "--no-state"],
+                              "nodes active")):
+            with self.subTest(args[0]):
+                receiver, path = self.notify_socket()
+                process = self.spawn(*args, env={**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
+                got = self.messages_until(receiver, "READY=1")
+                self.assertTrue(all(pid == process.pid for _, pid in got), (got, process.pid))
+                self.messages_until(receiver, status)
+                self.messages_until(receiver, "WATCHDOG=1")  # every WATCHDOG_USEC / 2, from the gRPC loop
+                process.terminate()
+                self.messages_until(receiver, "STOPPING=1")
+                self.assertEqual(process.wait(10), 0)
+
+    def test_log_lines_into_the_journal_carry_priorities_and_no_time(self):
+        folder = tempfile.mkdtemp(prefix="cares-test-journal-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "journal")
+        with open(path, "w") as journal:
+            info = os.fstat(journal.fileno())
+            process = self.spawn("orchestrator", "--listen", "127.0.0.1:0", "--headless", "--no-state", stderr=journal,
+                                 env={**os.environ, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"})
+            self.assertIsNotNone(wait_until(lambda: "Open cluster" in file_text(path), 15))
+            process.terminate()
+            self.assertEqual(process.wait(10), 0)
+        lines = file_text(path).splitlines()
+        self.assertRegex(lines[0], r"^<6>Orchestrator listening on 127\.0\.0\.1:\d+\.$")
+        self.assertIn("<4>Open cluster: anyone who can reach this port can join (set --token or CARES_TOKEN).", lines)
+        self.assertFalse([line for line in lines if not re.match(r"^<[346]>\S", line)], lines)
 
 
 # ---------------------------------------------------------------------------
