@@ -13,8 +13,11 @@ Fast inner loop (pure and in-process classes, a few seconds):
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import fcntl
 import glob
+import gzip
+import http.client
 import io
 import json
 import os
@@ -24,6 +27,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import struct
 import subprocess
@@ -33,6 +37,8 @@ import threading
 import time
 import unicodedata
 import unittest
+import urllib.parse
+import urllib.request
 import zipfile
 from concurrent import futures
 from unittest import mock
@@ -3837,6 +3843,940 @@ class ServiceProcessTest(ClusterTestCase):
         self.assertRegex(lines[0], r"^<6>Orchestrator listening on 127\.0\.0\.1:\d+\.$")
         self.assertIn("<4>Open cluster: anyone who can reach this port can join (set --token or CARES_TOKEN).", lines)
         self.assertFalse([line for line in lines if not re.match(r"^<[346]>\S", line)], lines)
+
+
+# ---------------------------------------------------------------------------
+# 4b. Prometheus: the exposition checked by promtool, /metrics and /sd over
+# HTTP(S) against hostile clients, and a real Prometheus server end to end.
+# ---------------------------------------------------------------------------
+
+TOKEN = "s3cret-token"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def need_tool(name: str) -> str:
+    """The tool's path; without it the test skips, or fails in CI (where it must be installed)."""
+    path = shutil.which(name)
+    if path is None:
+        if IN_CI:
+            raise AssertionError(f"{name} is not installed (CI installs it: apt-get install prometheus openssl)")
+        raise unittest.SkipTest(f"{name} is not installed")
+    return path
+
+
+# -- registry snapshots built by hand ------------------------------------------------
+
+def full_sample(seed: int = 0) -> cares.Metrics:
+    """A sample with every field, as a current worker sends it."""
+    return cares.Metrics(cpu_percent=12.5 + seed % 80, memory_percent=41.25, memory_used_bytes=3.5e9 + seed,
+                         memory_total_bytes=8589934592.0, swap_percent=0.0, load_average_1m=0.52,
+                         load_average_5m=0.4, load_average_15m=0.31, boot_time_unix_s=1764300000.0,
+                         root_fs_used_percent=57.3, root_fs_size_bytes=105089261568.0, disk_read_bytes_per_s=0.0,
+                         disk_write_bytes_per_s=123456.5, net_receive_bytes_per_s=2048.0,
+                         net_transmit_bytes_per_s=1024.25)
+
+
+_FULL = object()
+
+
+def FakeNode(node_id, hostname="host", labels=None, status=cares.NodeStatus.ACTIVE, address="10.0.0.5:41234",
+             platform="Linux-6.1-x86_64", version="0.3.0", cpu_count=8, memory_total_bytes=8589934592,
+             joined_at=1764300100.25, last_seen=1764300200.5, sample=_FULL):
+    """A registry Node as a snapshot holds it."""
+    return cares.Node(node_id, address=address, hostname=hostname, labels=labels or {}, platform=platform,
+                      version=version, cpu_count=cpu_count, memory_total_bytes=memory_total_bytes, status=status,
+                      joined_at=joined_at, last_seen=last_seen, metrics=full_sample() if sample is _FULL else sample)
+
+
+def FakeCounters(heartbeats_received=0, samples_dropped=0, joins=0, joins_refused=None):
+    """The counters as Orchestrator.metrics_snapshot gives them."""
+    return {"heartbeats_received": heartbeats_received, "samples_dropped": samples_dropped, "joins": joins,
+            "joins_refused": joins_refused or {}}
+
+
+def make_nodes(count: int, labels: bool = True) -> list:
+    """count realistic Active nodes with three labels each, as a bench cluster has."""
+    return [FakeNode(f"worker-{i:05d}.example", hostname=f"host-{i:05d}.dc1.example.com",
+                     labels={"rack": f"r{i % 40}", "zone": "eu-west-1a", "role": "batch"} if labels else {},
+                     address=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:{40000 + i % 20000}", sample=full_sample(i))
+            for i in range(count)]
+
+
+def realistic_cluster() -> tuple:
+    nodes = [
+        FakeNode("web-1", hostname="web-1.example.com", labels={"role": "web", "topology.zone": "a"}),
+        FakeNode("db-1", hostname="db-1", address="[2001:db8::5]:50000", labels={"role": "db"}),
+        # An old worker: the first release's four fields only.
+        FakeNode("old-1", hostname="old", address="[::ffff:192.0.2.7]:4000",
+                 sample=cares.Metrics(cpu_percent=5.0, memory_percent=10.0, memory_used_bytes=1e9,
+                                      memory_total_bytes=1e10)),
+        FakeNode("new-1", hostname="new", status=cares.NodeStatus.JOINING, sample=None, last_seen=0.0,
+                 memory_total_bytes=0, cpu_count=0),
+        FakeNode("gone-1", hostname="gone", status=cares.NodeStatus.DISCONNECTED),
+        FakeNode("ghost-1", hostname="ghost", status=cares.NodeStatus.MISSING, sample=None, last_seen=0.0),
+    ]
+    counters = FakeCounters(heartbeats_received=123456, samples_dropped=7, joins=9,
+                            joins_refused={"wrong_token": 3, "cluster_full": 1, "invalid_node_id": 2})
+    return nodes, counters
+
+
+HOSTILE_HOSTNAMES = (
+    'evil"host\\name\nsecond line} 1\n# HELP fake injected',
+    "cr\rtab\there",
+    "ünïcødé 主机 🚀 \u202eevil",
+    "\\",
+    '"',
+    "",
+    "trailing backslash\\",
+)
+
+
+def hostile_cluster() -> tuple:
+    nodes = [FakeNode(f"n.{index}-x_y", hostname=hostname, address=f"192.0.2.{index + 1}:1",
+                      platform='Linux "quoted" \\ back\nslash', version="0.3.0\n}",
+                      labels={"a.b": 'x"y', "a-b": "back\\slash\n", "a_b": "plain", "a_b_2": "taken",
+                              "node_id": "fake", "hostname": "fake2", "__name__": "boom", "le": "+Inf",
+                              "9lives": "ünï 🚀"})
+             for index, hostname in enumerate(HOSTILE_HOSTNAMES)]
+    counters = {"heartbeats_received": 1, "samples_dropped": 0, "joins": 7,
+                "joins_refused": {'we"ird\\reason\n': 1, "wrong_token": 2}}
+    return nodes, counters
+
+
+# -- a strict reader of the text format, to check what promtool cannot (round trips, duplicates) --
+
+_SAMPLE_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_UNESCAPE = {"\\": "\\", '"': '"', "n": "\n"}
+
+
+def parse_exposition(text: str) -> tuple:
+    """(families {name: (help, type)}, samples [(name, {label: value}, value text)]); AssertionError
+    on anything the format does not allow."""
+    assert text.endswith("\n"), "the page must end with a line feed"
+    families, samples = {}, []
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            name, _, help_text = line[7:].partition(" ")
+            families.setdefault(name, [None, None])[0] = help_text
+        elif line.startswith("# TYPE "):
+            name, _, kind = line[7:].partition(" ")
+            families.setdefault(name, [None, None])[1] = kind
+        else:
+            samples.append(_parse_sample_line(line))
+    return {name: tuple(value) for name, value in families.items()}, samples
+
+
+def _parse_sample_line(line: str) -> tuple:
+    name = _SAMPLE_NAME.match(line).group(0)
+    rest, labels = line[len(name):], {}
+    if rest.startswith("{"):
+        position = 1
+        while rest[position] != "}":
+            label = _LABEL_NAME.match(rest, position)
+            assert label, f"bad label name in {line!r}"
+            position = label.end()
+            assert rest[position:position + 2] == '="', f"expected =\" in {line!r}"
+            position += 2
+            value = []
+            while rest[position] != '"':
+                char = rest[position]
+                assert char != "\n"
+                if char == "\\":
+                    position += 1
+                    assert rest[position] in _UNESCAPE, f"bad escape in {line!r}"
+                    char = _UNESCAPE[rest[position]]
+                value.append(char)
+                position += 1
+            assert label.group(0) not in labels, f"repeated label name in {line!r}"
+            labels[label.group(0)] = "".join(value)
+            position += 1
+            if rest[position] == ",":
+                position += 1
+        rest = rest[position + 1:]
+    assert rest.startswith(" "), f"no value in {line!r}"
+    value = rest[1:]
+    float(value.replace("Inf", "inf"))
+    return name, labels, value
+
+
+def promtool_check_metrics(text: str) -> subprocess.CompletedProcess:
+    return subprocess.run([need_tool("promtool"), "check", "metrics"], input=text.encode("utf-8", "replace"),
+                          capture_output=True, timeout=30)
+
+
+# -- rendering ---------------------------------------------------------------------
+
+class MetricsTextFormatTest(unittest.TestCase):
+
+    def test_label_values_escape_backslash_quote_and_line_feed_only(self):
+        self.assertEqual(cares.escape_label_value('a\\b"c\nd'), 'a\\\\b\\"c\\nd')
+        self.assertEqual(cares.escape_label_value("cr\rtab\t🚀"), "cr\rtab\t🚀")
+        self.assertEqual(cares.escape_label_value("\\n"), "\\\\n")  # a literal backslash-n stays two characters
+
+    def test_sample_values_read_back_as_the_same_float(self):
+        for value in (0.0, 12.5, 8589934592.0, 1764300200.5, 1e-7, 1.5e300, 0.1 + 0.2):
+            self.assertEqual(float(cares.format_sample_value(value)), value)
+        self.assertEqual(cares.format_sample_value(3), "3")
+        self.assertEqual(cares.format_sample_value(float("nan")), "NaN")
+        self.assertEqual(cares.format_sample_value(float("inf")), "+Inf")
+        self.assertEqual(cares.format_sample_value(float("-inf")), "-Inf")
+
+    def test_node_label_names_are_valid_prefixed_and_unique(self):
+        names = cares.node_label_names(tuple(sorted(["a.b", "a-b", "a_b", "a_b_2", "node_id", "9lives", "__name__"])))
+        self.assertEqual(names["a_b"], "label_a_b")  # keys that are valid as they are keep their name
+        self.assertEqual(names["a_b_2"], "label_a_b_2")
+        self.assertEqual(names["node_id"], "label_node_id")
+        self.assertEqual({names["a-b"], names["a.b"]}, {"label_a_b_3", "label_a_b_4"})
+        self.assertEqual(len(set(names.values())), len(names))
+        for name in names.values():
+            self.assertRegex(name, r"^label_[a-zA-Z0-9_]*$")
+
+    def test_every_family_has_help_and_type_in_a_fixed_order(self):
+        nodes, counters = realistic_cluster()
+        families, _ = parse_exposition(cares.render_metrics(nodes, counters, "0.3.0"))
+        empty, _ = parse_exposition(cares.render_metrics([], FakeCounters(), "0.3.0"))
+        self.assertEqual(list(families), list(empty), "the page's shape must not depend on the cluster")
+        expected = (["cares_node_up", "cares_node_info", "cares_node_joined_timestamp_seconds",
+                     "cares_node_last_seen_timestamp_seconds", "cares_node_cpus", "cares_node_memory_total_bytes"]
+                    + [name for _, name, _ in cares.SAMPLE_GAUGES]
+                    + ["cares_nodes", "cares_heartbeats_received_total", "cares_samples_dropped_total",
+                       "cares_joins_total", "cares_joins_refused_total", "cares_build_info"])
+        self.assertEqual(list(families), expected)
+        for name, (help_text, kind) in families.items():
+            self.assertTrue(help_text, name)
+            self.assertEqual(kind, "counter" if name.endswith("_total") else "gauge", name)
+
+    def test_values_per_node(self):
+        nodes, counters = realistic_cluster()
+        _, samples = parse_exposition(cares.render_metrics(nodes, counters, "0.3.0"))
+        by_node = {}
+        for name, labels, value in samples:
+            if "node_id" in labels:
+                by_node.setdefault(labels["node_id"], {})[name] = value
+        self.assertEqual({node: values["cares_node_up"] for node, values in by_node.items()},
+                         {"web-1": "1", "db-1": "1", "old-1": "1", "new-1": "0", "gone-1": "0", "ghost-1": "0"})
+        self.assertEqual(by_node["web-1"]["cares_node_cpu_percent"], "12.5")
+        self.assertEqual(by_node["web-1"]["cares_node_load15"], "0.31")
+        self.assertEqual(by_node["web-1"]["cares_node_memory_total_bytes"], "8589934592.0")
+        self.assertEqual(by_node["web-1"]["cares_node_last_seen_timestamp_seconds"], "1764300200.5")
+        # An old worker: what it did not send is absent, not 0.
+        self.assertEqual(by_node["old-1"]["cares_node_memory_total_bytes"], "10000000000.0")
+        self.assertNotIn("cares_node_load1", by_node["old-1"])
+        self.assertNotIn("cares_node_swap_percent", by_node["old-1"])
+        # No sample yet: no measurement, no last-seen time, no unknown memory or CPU count.
+        self.assertEqual(set(by_node["new-1"]), {"cares_node_up", "cares_node_info",
+                                                 "cares_node_joined_timestamp_seconds"})
+        # Gone: its last sample is not exported as if current; when it was last seen is.
+        self.assertNotIn("cares_node_cpu_percent", by_node["gone-1"])
+        self.assertIn("cares_node_last_seen_timestamp_seconds", by_node["gone-1"])
+
+    def test_node_labels_and_info(self):
+        nodes, counters = realistic_cluster()
+        _, samples = parse_exposition(cares.render_metrics(nodes, counters, "0.3.0"))
+        up = next(labels for name, labels, _ in samples if name == "cares_node_up" and labels["node_id"] == "web-1")
+        self.assertEqual(list(up), ["node_id", "hostname", "label_role", "label_topology_zone"])
+        self.assertEqual(up["label_topology_zone"], "a")
+        info = next(labels for name, labels, _ in samples if name == "cares_node_info" and labels["node_id"] == "db-1")
+        self.assertEqual(info, {"node_id": "db-1", "hostname": "db-1", "label_role": "db",
+                                "platform": "Linux-6.1-x86_64", "version": "0.3.0"})
+
+    def test_cluster_families(self):
+        nodes, counters = realistic_cluster()
+        _, samples = parse_exposition(cares.render_metrics(nodes, counters, "1.2.3"))
+        values = {(name, tuple(labels.items())): value for name, labels, value in samples if "node_id" not in labels}
+        self.assertEqual(values[("cares_nodes", (("status", "Active"),))], "3")
+        self.assertEqual(values[("cares_nodes", (("status", "Joining"),))], "1")
+        self.assertEqual(values[("cares_nodes", (("status", "Disconnected"),))], "1")
+        self.assertEqual(values[("cares_nodes", (("status", "Missing"),))], "1")
+        self.assertEqual(values[("cares_heartbeats_received_total", ())], "123456")
+        self.assertEqual(values[("cares_samples_dropped_total", ())], "7")
+        self.assertEqual(values[("cares_joins_total", ())], "9")
+        refused = [labels["reason"] for name, labels, _ in samples if name == "cares_joins_refused_total"]
+        self.assertEqual(refused, ["cluster_full", "invalid_node_id", "wrong_token"])
+        self.assertEqual(values[("cares_build_info", (("version", "1.2.3"),))], "1")
+
+    def test_output_is_stable_whatever_the_snapshot_order(self):
+        nodes, counters = realistic_cluster()
+        self.assertEqual(cares.render_metrics(nodes, counters, "0.3.0"),
+                         cares.render_metrics(list(reversed(nodes)), counters, "0.3.0"))
+
+    def test_hostile_text_round_trips_and_series_are_unique(self):
+        nodes, counters = hostile_cluster()
+        _, samples = parse_exposition(cares.render_metrics(nodes, counters, "0.3.0"))
+        hostnames = {labels["hostname"] for name, labels, _ in samples if name == "cares_node_up"}
+        self.assertEqual(hostnames, set(HOSTILE_HOSTNAMES))
+        info = next(labels for name, labels, _ in samples if name == "cares_node_info")
+        self.assertEqual(info["platform"], 'Linux "quoted" \\ back\nslash')
+        self.assertEqual(info["label_a_b"], "plain")
+        self.assertEqual(info["label_a_b_2"], "taken")
+        self.assertEqual({info["label_a_b_3"], info["label_a_b_4"]}, {'x"y', "back\\slash\n"})
+        self.assertEqual(info["label_node_id"], "fake")
+        series = [(name, tuple(sorted(labels.items()))) for name, labels, _ in samples]
+        self.assertEqual(len(series), len(set(series)), "a series appears twice")
+
+    def test_unencodable_text_does_not_break_the_page(self):
+        node = FakeNode("lone", hostname="surrogate \ud800 here")
+        page = cares.render_metrics([node], FakeCounters(), "0.3.0").encode("utf-8", "replace")
+        parse_exposition(page.decode("utf-8"))
+
+
+class PromtoolTest(unittest.TestCase):
+
+    def assert_promtool_accepts(self, text: str):
+        result = promtool_check_metrics(text)
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, b""))
+
+    def test_realistic_page(self):
+        self.assert_promtool_accepts(cares.render_metrics(*realistic_cluster(), "0.3.0"))
+
+    def test_empty_cluster(self):
+        self.assert_promtool_accepts(cares.render_metrics([], {}, "0.3.0"))
+
+    def test_hostile_ids_hostnames_and_labels(self):
+        self.assert_promtool_accepts(cares.render_metrics(*hostile_cluster(), "0.3.0\"\\\n"))
+
+    def test_promtool_does_reject_what_we_escape(self):
+        """The check above means something: promtool refuses an unescaped line feed."""
+        result = promtool_check_metrics('# HELP a x\n# TYPE a gauge\na{b="x\ny"} 1\n')
+        self.assertNotEqual(result.returncode, 0)
+
+
+class ServiceDiscoveryTest(unittest.TestCase):
+
+    def test_active_workers_only_hosts_with_the_port(self):
+        nodes, _ = realistic_cluster()
+        self.assertEqual(cares.sd_targets(nodes, 9100), [
+            {"targets": ["[2001:db8::5]:9100"], "labels": {"cares_node_id": "db-1", "cares_hostname": "db-1"}},
+            {"targets": ["192.0.2.7:9100"], "labels": {"cares_node_id": "old-1", "cares_hostname": "old"}},
+            {"targets": ["10.0.0.5:9100"], "labels": {"cares_node_id": "web-1", "cares_hostname": "web-1.example.com"}},
+        ])
+
+    def test_empty_list_without_active_workers(self):
+        self.assertEqual(cares.sd_targets([], 9100), [])
+        self.assertEqual(cares.sd_targets([FakeNode("x", status=cares.NodeStatus.DISCONNECTED)], 9100), [])
+        self.assertEqual(cares.sd_targets([FakeNode("x", address="")], 9100), [])
+
+    def test_hosts(self):
+        self.assertEqual(cares.sd_host("10.1.2.3:5"), "10.1.2.3")
+        self.assertEqual(cares.sd_host("[fe80::1%eth0]:5"), "fe80::1%eth0")
+        self.assertEqual(cares.sd_host("[::ffff:10.1.2.3]:5"), "10.1.2.3")
+        self.assertEqual(cares.sd_host("worker.example:5"), "worker.example")
+
+    def test_json_chunks_make_one_array(self):
+        for count in (0, 1, cares.RENDER_BLOCK, cares.RENDER_BLOCK * 2 + 1):
+            nodes = make_nodes(count)
+            nodes[0:1] = [dataclasses.replace(nodes[0], hostname='q"\\\n🚀')] if count else []
+            page = b"".join(cares.render_sd_chunks(nodes, 9100))
+            self.assertEqual(json.loads(page), cares.sd_targets(nodes, 9100), count)
+
+    def test_port_parameter(self):
+        self.assertEqual(cares.parse_sd_port("", 9100), 9100)
+        self.assertEqual(cares.parse_sd_port("port=9200", 9100), 9200)
+        for bad in ("port=0", "port=65536", "port=x", "port=", "port=1&port=2", "port=%D9%A3"):
+            with self.assertRaises(ValueError, msg=bad):
+                cares.parse_sd_port(bad, 9100)
+
+
+class MetricsRequestPartsTest(unittest.TestCase):
+
+    def test_parse_request_head(self):
+        request = cares.parse_request_head(b"GET /sd?port=1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n"
+                                        b"authorization: second\r\n\r\n")
+        self.assertEqual((request.method, request.path, request.query), ("GET", "/sd", "port=1"))
+        self.assertEqual(request.headers["authorization"], "Bearer t")
+        for bad in (b"GET /\r\n\r\n", b"GET / HTTP/2\r\n\r\n", b"GET  / HTTP/1.1\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nno colon\r\n\r\n", b"GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n"):
+            with self.assertRaises(ValueError, msg=bad):
+                cares.parse_request_head(bad)
+
+    def test_bearer_token(self):
+        self.assertTrue(cares.bearer_token_matches("Bearer abc", "abc"))
+        self.assertTrue(cares.bearer_token_matches("bearer abc", "abc"))
+        for wrong in (None, "", "abc", "Bearer abd", "Bearer abcd", "Basic abc", "Bearer", "Bearer \xff"):
+            self.assertFalse(cares.bearer_token_matches(wrong, "abc"), wrong)
+
+    def test_accepts_gzip(self):
+        self.assertTrue(cares.accepts_gzip("gzip"))
+        self.assertTrue(cares.accepts_gzip("identity, GZIP;q=0.5"))
+        self.assertFalse(cares.accepts_gzip("gzip;q=0"))
+        self.assertFalse(cares.accepts_gzip("deflate"))
+        self.assertFalse(cares.accepts_gzip(None))
+
+
+# -- the live server ----------------------------------------------------------------
+
+def request(server, method: str = "GET", path: str = "/metrics", headers: dict | None = None,
+            context: ssl.SSLContext | None = None, timeout: float = 10) -> tuple:
+    """(status, headers, body) of one request to server."""
+    if context is None:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    else:
+        connection = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=timeout, context=context)
+    try:
+        connection.request(method, path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def start_server(test: unittest.TestCase, nodes_and_counters=None, **options) -> cares.MetricsServer:
+    nodes, counters = nodes_and_counters or realistic_cluster()
+    logged = []
+    options.setdefault("log", lambda level, text: logged.append((level, text)))
+    server = cares.MetricsServer("127.0.0.1", 0, lambda: (nodes, counters), "0.3.0", **options)
+    server.start()
+    server.logged = logged
+    test.addCleanup(server.stop)
+    return server
+
+
+def make_certificate(folder: str) -> tuple:
+    """A self-signed certificate for 127.0.0.1 (Go and Python both want the IP in subjectAltName)."""
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run([need_tool("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+def read_until_closed(sock: socket.socket, limit_s: float) -> tuple:
+    """Bytes read until the peer closes (or resets), and how long that took; None if it never did."""
+    started, data = time.monotonic(), b""
+    sock.settimeout(0.2)
+    while time.monotonic() - started < limit_s:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            return data, time.monotonic() - started
+        if not chunk:
+            return data, time.monotonic() - started
+        data += chunk
+    return data, None
+
+
+class MetricsHttpTest(unittest.TestCase):
+
+    def setUp(self):
+        self.server = start_server(self, token=TOKEN)
+
+    def test_metrics_with_the_token(self):
+        status, headers, body = request(self.server, headers=BEARER)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
+        self.assertEqual(body.decode(), cares.render_metrics(*realistic_cluster(), "0.3.0"))
+
+    def test_large_pages_arrive_whole(self):
+        nodes = make_nodes(4000)  # a 13 MB page
+        server = start_server(self, (nodes, FakeCounters()), open_access=True)
+        expected = cares.render_metrics(nodes, FakeCounters(), "0.3.0").encode()
+        for _ in range(3):
+            self.assertEqual(request(server)[2], expected)
+        status, headers, body = request(server, headers={"Accept-Encoding": "gzip"})
+        self.assertEqual(gzip.decompress(body), expected)
+
+    def test_gzip_when_asked(self):
+        status, headers, body = request(self.server, headers={**BEARER, "Accept-Encoding": "gzip"})
+        self.assertEqual((status, headers["Content-Encoding"]), (200, "gzip"))
+        self.assertEqual(gzip.decompress(body).decode(), cares.render_metrics(*realistic_cluster(), "0.3.0"))
+
+    def test_without_or_with_a_wrong_token_401(self):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+                        {"Authorization": TOKEN}, {"Authorization": f"Bearer {TOKEN}x"}):
+            for path in ("/metrics", "/sd"):
+                status, response_headers, body = request(self.server, path=path, headers=headers)
+                self.assertEqual(status, 401, (path, headers))
+                self.assertTrue(response_headers["WWW-Authenticate"].startswith("Bearer"))
+                self.assertNotIn(b"cares_", body)
+        self.assertTrue(any("authorization.type: Bearer" in text for _, text in self.server.logged),
+                        "a bare token is explained in the log")
+
+    def test_other_paths_404_other_methods_405(self):
+        for path in ("/", "/metrics/", "/metricsx", "/Metrics", "//metrics", "/sd/x", "/../metrics"):
+            self.assertEqual(request(self.server, path=path, headers=BEARER)[0], 404, path)
+        for method in ("POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"):
+            status, headers, _ = request(self.server, method, headers=BEARER)
+            self.assertEqual((status, headers["Allow"]), (405, "GET, HEAD"), method)
+
+    def test_head(self):
+        status, headers, body = request(self.server, "HEAD", headers=BEARER)
+        self.assertEqual((status, body), (200, b""))
+        self.assertEqual(int(headers["Content-Length"]),
+                         len(cares.render_metrics(*realistic_cluster(), "0.3.0").encode()))
+
+    def test_sd(self):
+        status, headers, body = request(self.server, path="/sd", headers=BEARER)
+        self.assertEqual((status, headers["Content-Type"]), (200, "application/json"))
+        self.assertEqual(json.loads(body), cares.sd_targets(realistic_cluster()[0], 9100))
+        status, _, body = request(self.server, path="/sd?port=9200", headers=BEARER)
+        self.assertEqual({target for group in json.loads(body) for target in group["targets"]},
+                         {"[2001:db8::5]:9200", "192.0.2.7:9200", "10.0.0.5:9200"})
+        self.assertEqual(request(self.server, path="/sd?port=70000", headers=BEARER)[0], 400)
+
+    def test_sd_empty_cluster(self):
+        server = start_server(self, ([], {}), open_access=True)
+        status, _, body = request(server, path="/sd")
+        self.assertEqual((status, body), (200, b"[]"))
+
+    def test_open_access(self):
+        server = start_server(self, token=TOKEN, open_access=True)
+        self.assertEqual(request(server)[0], 200)
+        self.assertEqual(request(server, path="/sd")[0], 200)
+
+    def test_malformed_requests_400(self):
+        for raw in (b"GARBAGE\r\n\r\n", b"GET /metrics HTTP/9.9\r\n\r\n", b"\x16\x03\x01\x00\xff\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", self.server.port), timeout=5) as sock:
+                sock.sendall(raw)
+                data, _ = read_until_closed(sock, 5)
+                self.assertTrue(data.startswith(b"HTTP/1.1 400 "), (raw, data))
+
+    def test_render_failure_is_500_and_logged(self):
+        def broken():
+            raise RuntimeError("registry on fire")
+        logged = []
+        server = cares.MetricsServer("127.0.0.1", 0, broken, "0.3.0", log=lambda *entry: logged.append(entry))
+        server.start()
+        self.addCleanup(server.stop)
+        self.assertEqual(request(server)[0], 500)
+        self.assertEqual(logged, [(cares.Level.ERROR, "/metrics could not be rendered: RuntimeError: registry on fire")])
+
+    def test_too_many_requests_under_way_503(self):
+        release = threading.Event()
+        nodes, counters = realistic_cluster()
+
+        def slow_snapshot():
+            release.wait(10)
+            return nodes, counters
+        server = cares.MetricsServer("127.0.0.1", 0, slow_snapshot, "0.3.0")
+        server.start()
+        self.addCleanup(server.stop)
+        with mock.patch.object(cares, "HTTP_MAX_BUSY", 1):
+            first = threading.Thread(target=request, args=(server,))
+            first.start()
+            time.sleep(0.3)
+            status, headers, _ = request(server)
+            release.set()
+            first.join(10)
+        self.assertEqual((status, headers["Retry-After"]), (503, "1"))
+
+    def test_port_in_use_is_a_one_line_start_error(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            server = cares.MetricsServer("127.0.0.1", taken.getsockname()[1], lambda: ([], {}), "0.3.0")
+            with self.assertRaises(cares.StartError) as caught:
+                server.start()
+        self.assertIn("already in use", str(caught.exception))
+        self.assertNotIn("\n", str(caught.exception))
+
+    def test_stop_frees_the_port_and_the_thread(self):
+        server = cares.MetricsServer("127.0.0.1", 0, lambda: ([], {}), "0.3.0")
+        threads = threading.active_count()
+        server.start()
+        self.assertEqual(request(server)[0], 200)
+        server.stop()
+        server.stop()  # twice is fine
+        self.assertLessEqual(threading.active_count(), threads + 1)  # the render thread may take a moment
+        with socket.socket() as probe:
+            self.assertNotEqual(probe.connect_ex(("127.0.0.1", server.port)), 0)
+
+    def test_dual_stack_listen(self):
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6")
+        server = cares.MetricsServer("::", 0, lambda: ([], {}), "0.3.0")
+        try:
+            server.start()
+        except cares.StartError as error:
+            self.skipTest(f"no IPv6 here: {error}")
+        self.addCleanup(server.stop)
+        self.assertEqual(request(server)[0], 200)  # 127.0.0.1 reaches a [::] listener
+
+
+class MetricsHostileClientTest(unittest.TestCase):
+    """Slow, oversized and idle clients are cut off, and never keep a scrape from being answered."""
+
+    def setUp(self):
+        self.server = start_server(self, token=TOKEN)
+
+    def test_oversized_head_431(self):
+        with socket.create_connection(("127.0.0.1", self.server.port), timeout=5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nX-Filler: " + b"a" * cares.HTTP_HEAD_LIMIT + b"\r\n\r\n")
+            data, elapsed = read_until_closed(sock, 5)
+        self.assertTrue(data.startswith(b"HTTP/1.1 431 "), data)
+
+    def test_slowloris_cut_off_at_the_deadline(self):
+        with mock.patch.object(cares, "HTTP_HEAD_TIMEOUT_S", 1.0):
+            with socket.create_connection(("127.0.0.1", self.server.port), timeout=5) as sock:
+                started, closed = time.monotonic(), False
+                for char in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 100:  # one byte every 0.1 s
+                    try:
+                        sock.sendall(bytes([char]))
+                    except (BrokenPipeError, ConnectionResetError):
+                        closed = True
+                        break
+                    time.sleep(0.1)
+                    if time.monotonic() - started > 4:
+                        break
+                data, _ = read_until_closed(sock, 3)
+                elapsed = time.monotonic() - started
+        self.assertTrue(closed or data.startswith(b"HTTP/1.1 408 "), data)
+        self.assertLess(elapsed, 3.5, "a trickling client must not extend its deadline")
+
+    def test_a_client_that_does_not_read_is_dropped(self):
+        server = start_server(self, (make_nodes(4000), FakeCounters()), open_access=True)  # a ~13 MB page
+        with mock.patch.object(cares, "HTTP_WRITE_TIMEOUT_S", 1.0):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            with sock:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                time.sleep(0.5)
+                status, _, body = request(server, headers=BEARER, path="/sd")  # others are served meanwhile
+                self.assertEqual(status, 200)
+                time.sleep(2.5)  # past the write deadline
+                data, elapsed = read_until_closed(sock, 5)
+        self.assertIsNotNone(elapsed, "the server should have closed the connection")
+        length = int(re.search(rb"Content-Length: (\d+)", data).group(1))
+        self.assertLess(len(data.partition(b"\r\n\r\n")[2]), length)
+
+    def test_many_idle_sockets_do_not_stop_a_scrape_nor_add_threads(self):
+        count = 1000
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < count + 500:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1000), hard))
+        self.assertEqual(request(self.server, headers=BEARER)[0], 200)  # the render thread exists now
+        threads = threading.active_count()
+        idle = []
+        try:
+            opening = time.monotonic()
+            for index in range(count):
+                sock = socket.create_connection(("127.0.0.1", self.server.port), timeout=5)
+                idle.append(sock)
+                if index % 2:
+                    with contextlib.suppress(OSError):
+                        sock.send(b"GET /metrics HTTP/1.1\r\n")  # a head that never ends
+            # A burst this size fits the listen backlog: no connection waits for a SYN to be resent (1 s).
+            self.assertLess(time.monotonic() - opening, 3.0)
+            time.sleep(0.5)
+            started = time.monotonic()
+            status, _, body = request(self.server, headers=BEARER, timeout=5)
+            elapsed = time.monotonic() - started
+            # No thread per connection (the count may drop: earlier tests' render threads wind down).
+            self.assertLessEqual(threading.active_count(), threads)
+        finally:
+            for sock in idle:
+                sock.close()
+        self.assertEqual(status, 200)
+        self.assertLess(elapsed, 2.0)
+        self.assertTrue(any("too many open connections" in text for _, text in self.server.logged))
+
+
+class MetricsTlsTest(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.folder = tempfile.mkdtemp(prefix="cares-prom-tls-")
+        cls.addClassCleanup(shutil.rmtree, cls.folder, True)  # also when making the certificate fails
+        cls.cert, cls.key = make_certificate(cls.folder)
+        cls.context = ssl.create_default_context(cafile=cls.cert)
+
+    def test_https_with_the_same_certificate(self):
+        server = start_server(self, token=TOKEN, tls_cert=self.cert, tls_key=self.key)
+        self.assertEqual(server.scheme, "https")
+        status, headers, body = request(server, headers=BEARER, context=self.context)
+        self.assertEqual((status, headers["Content-Type"]), (200, cares.METRICS_CONTENT_TYPE))
+        self.assertEqual(request(server, path="/sd", headers=BEARER, context=self.context)[0], 200)
+        self.assertEqual(request(server, context=self.context)[0], 401)
+        with self.assertRaises((http.client.HTTPException, ConnectionError)):
+            request(server, headers=BEARER)  # plain HTTP to the TLS port gets no page
+
+    def test_idle_tcp_without_a_handshake_does_not_stop_a_scrape(self):
+        server = start_server(self, token=TOKEN, tls_cert=self.cert, tls_key=self.key)
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(200)]
+        try:
+            started = time.monotonic()
+            self.assertEqual(request(server, headers=BEARER, context=self.context)[0], 200)
+            self.assertLess(time.monotonic() - started, 2.0)
+        finally:
+            for sock in idle:
+                sock.close()
+
+    def test_unusable_certificate_is_a_one_line_start_error(self):
+        for cert, key in ((os.path.join(self.folder, "missing.pem"), self.key), (self.key, self.key)):
+            server = cares.MetricsServer("127.0.0.1", 0, lambda: ([], {}), "0.3.0", tls_cert=cert, tls_key=key)
+            with self.assertRaises(cares.StartError) as caught:
+                server.start()
+            self.assertNotIn("\n", str(caught.exception))
+
+
+_CHILD = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import cares
+calls = []
+def snapshot():
+    calls.append(1)
+    if len(calls) % 2 == 0:
+        raise RuntimeError("every other render fails")
+    return [], {}
+tls = sys.argv[2:4] if len(sys.argv) > 3 else (None, None)
+server = cares.MetricsServer("127.0.0.1", 0, snapshot, "0.3.0", token="t", tls_cert=tls[0], tls_key=tls[1])
+server.start()
+print(server.port, flush=True)
+sys.stdin.read()
+server.stop()
+print("stopped", flush=True)
+"""
+
+
+class MetricsNoTracebackTest(unittest.TestCase):
+    """Whatever clients do, the server writes nothing to stderr (the orchestrator's screen)."""
+
+    def run_child(self, *tls) -> tuple:
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, HERE, *tls], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: child.poll() is None and child.kill())
+        port = int(child.stdout.readline())
+        return child, port
+
+    def abuse(self, port: int) -> None:
+        for raw in (b"\x00\xff" * 100 + b"\r\n\r\n", b"GET /metrics HTTP/1.1\r\n\r\n",
+                    b"GET /metrics HTTP/1.1\r\nAuthorization: Bearer t\r\n\r\n" * 3,
+                    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(300), b"G"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                with contextlib.suppress(OSError):
+                    sock.sendall(raw)
+                    time.sleep(0.05)  # then reset the connection mid-answer
+
+    def finish(self, child) -> None:
+        out, err = child.communicate(b"", timeout=15)
+        self.assertEqual(err, b"")
+        self.assertTrue(out.endswith(b"stopped\n"), out)
+
+    def test_plain(self):
+        child, port = self.run_child()
+        self.abuse(port)
+        for _ in range(2):
+            with contextlib.suppress(Exception):
+                urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                                              headers={"Authorization": "Bearer t"}), timeout=5)
+        self.finish(child)
+
+    def test_stop_during_a_render(self):
+        started, release = threading.Event(), threading.Event()
+
+        def slow_snapshot():
+            started.set()
+            release.wait(5)
+            return realistic_cluster()
+        server = cares.MetricsServer("127.0.0.1", 0, slow_snapshot, "0.3.0")
+        server.start()
+        captured = io.StringIO()
+        with contextlib.redirect_stderr(captured):
+            def scrape():
+                with contextlib.suppress(Exception):  # the connection is dropped: that is expected
+                    request(server)
+            client = threading.Thread(target=scrape)
+            client.start()
+            started.wait(5)
+            server.stop()
+            release.set()
+            client.join(10)
+            time.sleep(0.3)  # the render thread finishes after the loop is gone
+        self.assertEqual(captured.getvalue(), "")
+
+    def test_tls(self):
+        folder = tempfile.mkdtemp(prefix="cares-prom-tls-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        cert, key = make_certificate(folder)
+        child, port = self.run_child(cert, key)
+        self.abuse(port)
+        context = ssl.create_default_context(cafile=cert)
+        with contextlib.suppress(Exception):
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", timeout=5, context=context)
+        with contextlib.suppress(Exception):  # a client that distrusts the certificate
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", timeout=5)
+        self.finish(child)
+
+
+# -- the real thing: Prometheus scraping and discovering -------------------------------
+
+PROMETHEUS_YML = """\
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: cares
+    scheme: https
+    tls_config: {{ca_file: cert.pem}}
+    authorization: {{credentials_file: token}}
+    static_configs: [{{targets: ["{metrics}"]}}]
+  - job_name: cares-nodes
+    http_sd_configs:
+      - url: https://{metrics}/sd?port={node_port}
+        refresh_interval: 1s
+        tls_config: {{ca_file: cert.pem}}
+        authorization: {{type: Bearer, credentials_file: token}}
+"""
+
+
+class PrometheusEndToEndTest(unittest.TestCase):
+    """A real Prometheus scrapes /metrics over HTTPS every second and discovers workers through /sd."""
+
+    def setUp(self):
+        self.prometheus = need_tool("prometheus")
+        self.folder = tempfile.mkdtemp(prefix="cares-prom-e2e-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        cert, key = make_certificate(self.folder)
+        with open(os.path.join(self.folder, "token"), "w") as file:
+            file.write(TOKEN)
+        with open(cert, "rb") as cert_file, open(key, "rb") as key_file:
+            cert_pem, key_pem = cert_file.read(), key_file.read()
+        self.orchestrator = cares.Orchestrator("127.0.0.1:0", token=TOKEN, tls_cert=cert_pem, tls_key=key_pem,
+                                               heartbeat_ms=200, metrics_listen="127.0.0.1:0",
+                                               tls_files=(cert, key))
+        self.orchestrator.start()
+        self.addCleanup(self.orchestrator.stop, 0.2)
+        self.server = self.orchestrator.metrics
+        self.node_port = free_port()  # nothing listens there: the discovered targets are down, but listed
+        self.workers = {}
+        for index in range(3):  # real worker processes, each with a label whose key needs renaming
+            self.workers[f"worker-{index}"] = subprocess.Popen(
+                [sys.executable, CARES_PY, "worker", f"127.0.0.1:{self.orchestrator.port}", "--node-id",
+                 f"worker-{index}", "--label", f"rack.row=r{index}", "--tls-ca", cert, "--headless"],
+                env={**os.environ, "CARES_TOKEN": TOKEN}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+        for process in self.workers.values():
+            self.addCleanup(process.wait, 10)
+            self.addCleanup(process.kill)
+
+    def start_prometheus(self) -> None:
+        config = os.path.join(self.folder, "prometheus.yml")
+        with open(config, "w") as file:
+            file.write(PROMETHEUS_YML.format(metrics=f"127.0.0.1:{self.server.port}", node_port=self.node_port))
+        self.api = f"http://127.0.0.1:{free_port()}"
+        self.log_path = os.path.join(self.folder, "prometheus.log")
+        log = open(self.log_path, "wb")
+        self.addCleanup(log.close)
+        process = subprocess.Popen([self.prometheus, f"--config.file={config}",
+                                    f"--storage.tsdb.path={os.path.join(self.folder, 'data')}",
+                                    f"--web.listen-address={self.api.removeprefix('http://')}",
+                                    f"--web.console.templates={self.folder}", f"--web.console.libraries={self.folder}",
+                                    "--storage.tsdb.retention.time=1h"],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.folder)
+
+        def stop():
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        self.addCleanup(stop)
+
+    def api_get(self, path: str, **query):
+        url = f"{self.api}{path}" + ("?" + urllib.parse.urlencode(query) if query else "")
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return json.load(response)["data"]
+
+    def wait_for(self, what: str, check, limit_s: float):
+        """Poll check() every 0.1 s until it returns something true; fail after limit_s."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            try:
+                result = check()
+            except OSError:
+                result = None
+            if result:
+                return result
+            time.sleep(0.1)
+        with open(self.log_path, errors="replace") as log:
+            self.fail(f"{what}: not within {limit_s} s. Prometheus' log:\n{log.read()[-3000:]}")
+
+    def up_values(self) -> dict:
+        return {series["metric"]["node_id"]: series["value"][1]
+                for series in self.api_get("/api/v1/query", query="cares_node_up")["result"]}
+
+    def discovered(self) -> set:
+        return {target["labels"].get("cares_node_id") for target in self.api_get("/api/v1/targets")["activeTargets"]
+                if target["labels"]["job"] == "cares-nodes"}
+
+    def test_scrape_discover_and_see_a_worker_go(self):
+        self.start_prometheus()
+        self.wait_for("Prometheus ready", lambda: urllib.request.urlopen(f"{self.api}/-/ready", timeout=1), 10)
+        # Prometheus hands new targets to its scrapers at most every 5 s: the first scrape comes ~6 s in.
+        self.wait_for("cares_node_up == 1 for the three workers",
+                      lambda: self.up_values() == {"worker-0": "1", "worker-1": "1", "worker-2": "1"}, 20)
+        self.assertEqual(self.wait_for("the three /sd targets", lambda: self.discovered() or None, 10),
+                         {"worker-0", "worker-1", "worker-2"})
+        targets = self.api_get("/api/v1/targets")["activeTargets"]
+        scraped = next(target for target in targets if target["labels"]["job"] == "cares")
+        self.assertEqual((scraped["health"], scraped["lastError"]), ("up", ""))
+        addresses = {target["labels"]["instance"] for target in targets if target["labels"]["job"] == "cares-nodes"}
+        self.assertEqual(addresses, {f"127.0.0.1:{self.node_port}"})
+        series = self.api_get("/api/v1/query", query='cares_node_info{node_id="worker-0"}')["result"]
+        self.assertEqual((series[0]["metric"]["label_rack_row"], series[0]["metric"]["version"]), ("r0", cares.VERSION))
+        cpu = self.api_get("/api/v1/query", query='cares_node_cpu_percent{node_id="worker-2"}')["result"]
+        self.assertTrue(0 <= float(cpu[0]["value"][1]) <= 100)
+
+        self.workers["worker-1"].kill()  # a worker dies
+        self.wait_for("worker-1's cares_node_up at 0", lambda: self.up_values().get("worker-1") == "0", 5)
+        self.wait_for("worker-1 gone from the /sd targets", lambda: self.discovered() == {"worker-0", "worker-2"}, 10)
+        with open(self.log_path, errors="replace") as log:
+            complaints = [line for line in log if "level=error" in line or "level=warn" in line]
+        self.assertEqual(complaints, [], "Prometheus complained")
+
+
+class PrometheusConfigSnippetTest(unittest.TestCase):
+    """The prometheus.yml and alert rule the README gives are valid for promtool."""
+
+    def snippet(self, first_line: str) -> str:
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as notes:
+            blocks = re.findall(r"```yaml\n(.*?)```", notes.read(), re.S)
+        return next(block for block in blocks if block.startswith(first_line))
+
+    def test_config_and_rules(self):
+        promtool = need_tool("promtool")
+        with tempfile.TemporaryDirectory() as folder:
+            files = {"prometheus.yml": self.snippet("# prometheus.yml"),
+                     "cares-alerts.yml": self.snippet("# cares-alerts.yml"),
+                     "alert-test.yml": ALERT_TEST, "cares-ca.pem": "", "cares-token": ""}
+            for name, text in files.items():
+                with open(os.path.join(folder, name), "w") as file:
+                    file.write(text)
+            for command in (["check", "config", "prometheus.yml"], ["check", "rules", "cares-alerts.yml"],
+                            ["test", "rules", "alert-test.yml"]):
+                result = subprocess.run([promtool, *command], cwd=folder, capture_output=True, timeout=30)
+                self.assertEqual(result.returncode, 0, (command, result.stdout + result.stderr))
+
+
+# A node down for 30 s is pending; down for over a minute, the alert fires.
+ALERT_TEST = """\
+rule_files: [cares-alerts.yml]
+evaluation_interval: 15s
+tests:
+  - interval: 15s
+    input_series:
+      - series: 'cares_node_up{job="cares",instance="orch:50052",node_id="w1",hostname="h1"}'
+        values: '1 1 0x10'
+      - series: 'cares_node_up{job="cares",instance="orch:50052",node_id="w2",hostname="h2"}'
+        values: '1x12'
+    alert_rule_test:
+      - eval_time: 60s
+        alertname: CaresNodeDown
+        exp_alerts: []
+      - eval_time: 2m
+        alertname: CaresNodeDown
+        exp_alerts:
+          - exp_labels: {severity: warning, job: cares, instance: "orch:50052", node_id: w1, hostname: h1}
+            exp_annotations:
+              summary: "cares node w1 (h1) is not Active"
+              description: "No accepted heartbeat from w1 for over a minute: it left, was lost or is still joining."
+"""
 
 
 # ---------------------------------------------------------------------------
