@@ -1472,8 +1472,23 @@ def grpc_loop() -> asyncio.AbstractEventLoop:
     with _grpc_loop_lock:
         if _grpc_loop is None:
             _grpc_loop = asyncio.new_event_loop()
+            _grpc_loop.set_exception_handler(_report_loop_error)
             threading.Thread(target=_grpc_loop.run_forever, name="cares-grpc", daemon=True).start()
         return _grpc_loop
+
+
+def _report_loop_error(loop, context: dict) -> None:
+    """asyncio's report of an error no task handled: one line, never a traceback on the terminal.
+    grpc's completion-queue poller failing with EBADF is its own teardown at process exit (its
+    descriptor closed under a pending callback): nothing to say."""
+    error = context.get("exception")
+    if isinstance(error, OSError) and error.errno == errno.EBADF:
+        return
+    if os.environ.get("CARES_DEBUG"):
+        loop.default_exception_handler(context)
+        return
+    detail = f": {type(error).__name__}: {error}" if error is not None else ""
+    say_error(sanitize_text(f"internal error on the gRPC loop ({context.get('message', 'unknown')}){detail}", 300))
 
 
 def run_on_grpc_loop(coroutine, timeout: float | None = None):
@@ -1844,9 +1859,10 @@ class HookRunner:
         while True:
             self._wake.wait(0.1 if running else None)
             self._wake.clear()
+            # Reap first, then start: started after a reap, the queue waits for no one's event.
+            running = [entry for entry in running if entry[0] is not None and not self._finished(*entry)]
             while self._queue and len(running) < HOOK_CONCURRENCY:
                 running.append(self._start(self._queue.popleft()))
-            running = [entry for entry in running if entry[0] is not None and not self._finished(*entry)]
             if self.dropped != reported:
                 self._events.add(Level.WARN, f"Event hook too slow: {self.dropped - reported} event(s) dropped "
                                              f"(at most {HOOK_QUEUE_EVENTS} wait).")

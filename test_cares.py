@@ -1712,7 +1712,7 @@ class CommandLineTest(ClusterTestCase):
             self.assertAlmostEqual(node["last_seen"], time.time(), delta=5)
             self.assertEqual(set(node), {"node_id", "address", "status", "cpu_percent", "memory_percent",
                                          "last_seen", "hostname", "joined_at", "labels", "platform", "version",
-                                         "cpu_count", "memory_total_bytes", "metrics"})
+                                         "cpu_count", "memory_total_bytes", "metrics", "left", "alerts"})
             self.assertEqual(node["hostname"], socket.gethostname()[:cares.HOSTNAME_LIMIT])
             self.assertEqual(node["version"], cares.VERSION)
             self.assertLessEqual(node["joined_at"], node["last_seen"])
