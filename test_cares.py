@@ -23,6 +23,7 @@ import threading
 import time
 import unicodedata
 import unittest
+import zipfile
 import zipimport
 from unittest import mock
 
@@ -1640,28 +1641,78 @@ class BuildToolsTest(unittest.TestCase):
 
     # -- pins --------------------------------------------------------------
 
-    def test_read_pins(self):
-        parsed = pyz_build.parse_requirements(
-            "# Run time\ngrpcio==1.85.1 ; python_version >= '3.10'\nprotobuf === 7.36.2  # a comment\n"
-            "asciimatics[extra] == 1.15.0\nTyping.Extensions==4.16.0\npillow>=1\n--only-binary :all:\n")
-        self.assertEqual(parsed, {"grpcio": "1.85.1", "protobuf": "7.36.2", "asciimatics": "1.15.0",
-                                  "typing_extensions": "4.16.0"})
+    PINS = """# Run time
+grpcio==1.85.1 ; python_version >= "3.10"
+protobuf === 7.36.2; python_version>='3.10'  # a comment
+psutil==7.2.2
+asciimatics[extra] == 1.15.0
+Typing.Extensions==4.16.0
+wcwidth==0.9.4
+pillow>=1
+--only-binary :all:
+grpcio-tools==1.85.1 ; python_version >= "3.10"
+grpcio==1.80.1 ; python_version < "3.10"
+protobuf==6.33.6 ; python_version < "3.10"
+grpcio_tools==1.80.1 ; python_version >= "3.9" and python_version < "3.10"
+"""
+
+    def test_requirements_lines_and_markers(self):
+        parsed = pyz_build.parse_requirements(self.PINS)
+        self.assertEqual(parsed[:4], [("grpcio", "1.85.1", 'python_version >= "3.10"'),
+                                      ("protobuf", "7.36.2", "python_version>='3.10'"),
+                                      ("psutil", "7.2.2", None), ("asciimatics", "1.15.0", None)])
+        self.assertIn(("typing_extensions", "4.16.0", None), parsed)
+        self.assertNotIn("pillow", [name for name, _, _ in parsed])  # not an exact pin
+        self.assertEqual(len(parsed), 10)
+        py39, py310, py314 = (pyz_build.pins_for(parsed, v) for v in ("3.9", "3.10", "3.14"))
+        self.assertEqual((py39["grpcio"], py39["protobuf"], py39["grpcio_tools"]), ("1.80.1", "6.33.6", "1.80.1"))
+        self.assertEqual((py310["grpcio"], py310["protobuf"], py310["grpcio_tools"]), ("1.85.1", "7.36.2", "1.85.1"))
+        self.assertEqual(py310, py314)
+        self.assertEqual(py39["psutil"], py310["psutil"])
+        self.assertNotIn("grpcio_tools", pyz_build.pins_for(parsed, "3.8"))  # neither line applies
+        for marker, v, holds in (('python_version < "3.10"', "3.9", True), ('python_version < "3.10"', "3.10", False),
+                                 ("python_version <= '3.9'", "3.9", True), ('python_version == "3.11"', "3.11", True),
+                                 ('python_version != "3.11"', "3.11", False), ('python_version > "3.9"', "3.10", True),
+                                 ('python_version >= "3.9" and python_version < "3.10"', "3.10", False)):
+            self.assertEqual(pyz_build.marker_applies(marker, v), holds, (marker, v))
+        for bad in ('sys_platform == "linux"', 'python_version < "3.10" or python_version > "3.12"',
+                    'python_full_version < "3.10.1"'):
+            with self.assertRaises(pyz_build.BuildError):
+                pyz_build.marker_applies(bad, "3.10")
+        with self.assertRaisesRegex(pyz_build.BuildError, "two pins of grpcio apply to Python 3.9"):
+            pyz_build.pins_for(pyz_build.parse_requirements("grpcio==1.80.1\ngrpcio==1.85.1\n"), "3.9")
+
+    def test_read_pins_needs_every_package_for_every_python(self):
         path = os.path.join(self.tmpdir(), "requirements.txt")
         with open(path, "w") as f:
-            f.write("grpcio==1.85.1\npsutil==7.2.2\n")
-        with self.assertRaisesRegex(pyz_build.BuildError, "must pin with == each of: asciimatics, protobuf, "
-                                                          "typing_extensions, wcwidth$"):
-            pyz_build.read_pins(path)
+            f.write(self.PINS)
+        pins = pyz_build.read_pins(path, ["3.9", "3.12"])
+        self.assertEqual(set(pins["3.9"]), set(pyz_build.RUNTIME_PACKAGES) | {"grpcio_tools"})
+        self.assertEqual(pyz_build.stub_tools(dict(pins, **{pyz_build.PYTHONS[-1]: pins["3.12"]})),
+                         {"3.9": "1.80.1", "3.12": None, pyz_build.PYTHONS[-1]: None})
+        with self.assertRaisesRegex(pyz_build.BuildError, "for Python 3.8; missing: grpcio_tools$"):
+            pyz_build.read_pins(path, ["3.8"])
         with self.assertRaisesRegex(pyz_build.BuildError, "cannot read"):
             pyz_build.read_pins(path + ".missing")
 
     def test_the_real_pins(self):
         pins = pyz_build.read_pins(os.path.join(HERE, "requirements.txt"))
-        self.assertEqual(sorted(pins), sorted(pyz_build.RUNTIME_PACKAGES))
+        self.assertEqual(list(pins), pyz_build.PYTHONS)
         self.assertEqual(pyz_build.PYTHONS[0], "%d.%d" % pyz_bootstrap.MIN_PYTHON)
-        # The builder reads the file as pip does: the pins are what pip installed here.
-        for name, version in pins.items():
-            self.assertEqual(importlib.metadata.version(name), version, name)
+        # The builder reads the file as pip does: for this interpreter, the pins are what pip installed.
+        mine = pins.get("%d.%d" % sys.version_info[:2])
+        if mine is not None:
+            for name, version in mine.items():
+                self.assertEqual(importlib.metadata.version(name), version, name)
+        # A Python whose grpcio or protobuf differs from the newest's must get stubs made for it:
+        # the checked-in stubs refuse other major versions.
+        tools = pyz_build.stub_tools(pins)
+        newest = pins[pyz_build.PYTHONS[-1]]
+        for py, p in pins.items():
+            if (p["grpcio"], p["protobuf"]) != (newest["grpcio"], newest["protobuf"]):
+                self.assertEqual(tools[py], p["grpcio_tools"], py)
+            else:
+                self.assertIsNone(tools[py], py)
 
     # -- wheels ------------------------------------------------------------
 
@@ -1956,6 +2007,25 @@ class ZipappTest(unittest.TestCase):
                 found[path] = (major, minor, out[1])
         return found
 
+    def _carried_interpreters(self):
+        """The interpreters found whose Python this pyz carries a build for (see _interpreters)."""
+        with zipfile.ZipFile(self.pyz) as zf:
+            layout = json.loads(zf.read(pyz_build.BUILD_DATA))["layout"]
+        target = pyz_bootstrap.host_target(sys.platform, os.uname().machine, sys.maxsize)
+        carried = {(int(tag[2]), int(tag[3:])) for tag in layout.get(target, {})}
+        pythons = {p: v for p, v in self._interpreters().items() if v[:2] in carried}
+        self.assertIn(sys.executable, pythons)
+        if IN_CI and (3, 9) in carried:
+            # The cp39 subtree runs other grpcio and protobuf releases and stubs made at build time.
+            self.assertIn((3, 9), {v[:2] for v in pythons.values()},
+                          "CI needs a CPython 3.9 (e.g. pyenv install 3.9) to run the pyz's cp39 subtree")
+        return pythons
+
+    @staticmethod
+    def _bundled_version(entry, module):
+        with open(os.path.join(entry, *module.split("/"))) as f:
+            return re.search(r"""^__version__ = ['"]+([^'"]+)""", f.read(), re.M).group(1)
+
     def _expected_version_line(self):
         # The pyz must carry the current source: compare with cares.py itself.
         if not os.path.isfile(self.source):
@@ -1983,8 +2053,8 @@ class ZipappTest(unittest.TestCase):
 
     def test_version_under_every_python(self):
         expected = self._expected_version_line()
-        pythons = {p: v for p, v in self._interpreters().items() if v[:2] >= (3, 10)}
-        self.assertIn(sys.executable, pythons)
+        pythons = self._carried_interpreters()
+        pins = pyz_build.read_pins(os.path.join(HERE, "requirements.txt"))
         for python, (major, minor, full) in sorted(pythons.items()):
             with self.subTest(python=python, version=full):
                 cache = self._dir("cache-%s" % full)
@@ -2002,13 +2072,18 @@ class ZipappTest(unittest.TestCase):
                 self.assertEqual(len(cygrpc), 1, cygrpc)
                 self.assertTrue(os.path.basename(cygrpc[0]).startswith("cygrpc.cpython-%d%d-" % (major, minor)),
                                 cygrpc)
+                # ... and the grpcio and protobuf that requirements.txt pins for this Python.
+                entry = os.path.join(cache, entries[0])
+                mine = pins["%d.%d" % (major, minor)]
+                self.assertEqual(self._bundled_version(entry, "grpc/_grpcio_metadata.py"), mine["grpcio"])
+                self.assertEqual(self._bundled_version(entry, "google/protobuf/__init__.py"), mine["protobuf"])
                 # Second run: served from the cache, same answer.
                 r2 = self._run([python, self.pyz, "--version"], self._env(CARES_CACHE_DIR=cache))
                 self.assertEqual((r2.returncode, r2.stdout), (0, r.stdout), r2.stderr)
                 self.assertEqual(self._entries(cache), entries)
 
     def test_cluster_runs_from_the_pyz_under_every_python(self):
-        pythons = sorted(p for p, v in self._interpreters().items() if v[:2] >= (3, 10))
+        pythons = sorted(self._carried_interpreters())
         for python in pythons:
             with self.subTest(python=python):
                 env = self._env(CARES_CACHE_DIR=self._dir(f"cache-run-{len(os.listdir(self.tmp))}"))
@@ -2111,9 +2186,10 @@ class ZipappTest(unittest.TestCase):
         self.assertEqual(len(self._entries(cache)), 3)  # ours + recent + keep-me
 
     def test_too_old_python_gets_one_line_error(self):
-        old = {p: v for p, v in self._interpreters().items() if (3, 6) <= v[:2] < (3, 10)}
+        floor = pyz_bootstrap.MIN_PYTHON
+        old = {p: v for p, v in self._interpreters().items() if (3, 6) <= v[:2] < floor}
         if not old:
-            self.skipTest("no CPython 3.6-3.9 found (looked at sys.executable and pyenv)")
+            self.skipTest("no CPython from 3.6 to below %d.%d found (looked at sys.executable and pyenv)" % floor)
         for python, (_, _, full) in sorted(old.items()):
             with self.subTest(python=python, version=full):
                 cache = self._dir("cache-%s" % full)
@@ -2122,7 +2198,7 @@ class ZipappTest(unittest.TestCase):
                 self.assertEqual(r.stdout, "")
                 self.assertNotIn("Traceback", r.stderr)
                 self.assertEqual(len(r.stderr.splitlines()), 1, r.stderr)
-                self.assertIn("3.10", r.stderr)
+                self.assertIn("needs Python %d.%d or newer" % floor, r.stderr)
                 self.assertIn(full, r.stderr)
                 self.assertEqual(os.listdir(cache), [], "an unsupported Python unpacked files")
 

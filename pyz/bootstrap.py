@@ -20,7 +20,7 @@ import sys
 
 # Oldest Python that cares and this bootstrap run on. pyz/build.py builds for
 # this version and newer only.
-MIN_PYTHON = (3, 10)
+MIN_PYTHON = (3, 9)
 
 VENDOR = "_cares_vendor/"        # archive folder holding the unpackable files
 BUILD_DATA = VENDOR + "BUILD.json"

@@ -10,9 +10,10 @@ contents of the pinned wheels for every Python and target asked for. C
 extensions cannot be imported from a zip, so the bootstrap unpacks only what
 the running interpreter needs into a per-user cache on first run.
 
-The steps, one function each: read_pins, app_files, ensure_wheels (download,
-cached), assemble_trees (one file tree per target and Python), group_files
-(store each distinct file once), build_data, write_zip. The output is byte-for-byte reproducible from the same
+The steps, one function each: read_pins, app_files / stubs_for (the stubs each
+Python gets), ensure_wheels (download, cached), assemble_trees (one file tree
+per target and Python), group_files (store each distinct file once),
+build_data, write_zip. The output is byte-for-byte reproducible from the same
 sources and wheels.
 """
 
@@ -25,6 +26,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import zipfile
 
 from pyz import bootstrap
@@ -37,10 +40,13 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 RUNTIME_PACKAGES = ["asciimatics", "grpcio", "protobuf", "psutil", "typing_extensions", "wcwidth"]
 # asciimatics declares Pillow and pyfiglet too, but only its renderers and
 # sprites import them and cares does not use those.
+STUB_TOOL = "grpcio_tools"  # makes the stubs; pinned in requirements.txt too
 APP_FILES = ["cares.py"]
 PROTO = "cluster.proto"
 STUB_FILES = ["cluster_pb2.py", "cluster_pb2_grpc.py"]
-PYTHONS = ["3.10", "3.11", "3.12", "3.13", "3.14"]  # grpcio 1.85 has no cp39
+# grpcio 1.80 is the last with cp39 wheels: 3.9 gets its own pins (the marked
+# section of requirements.txt) and stubs made for them at build time.
+PYTHONS = ["3.9", "3.10", "3.11", "3.12", "3.13", "3.14"]
 
 # Oldest glibc we accept wheels for: manylinux2014 (CentOS 7 era).
 GLIBC_FLOOR = 17
@@ -119,14 +125,19 @@ def parse_args(argv):
         "file, run as `python3 cares.pyz ARGS`." % (PYTHONS[0], PYTHONS[-1]),
         epilog="""targets: %s (default: %s)
 
-Pins come from the == lines of SRC/requirements.txt for
-  %s.
+Pins: the == lines of SRC/requirements.txt for
+  %s (run time) and %s (stubs);
+environment markers (python_version only) say which Python a line is for.
+A Python whose %s pin differs from the newest Python's gets its own
+stubs, made from SRC/%s at build time; the others get the checked-in ones.
 Wheels are fetched from the package index with pip (only when not cached)
-and kept in the cache dir, by default SRC/.build/pyz (git-ignore .build/). The output is byte-for-byte reproducible from the same
+and kept, with the made stubs, in the cache dir, by default SRC/.build/pyz
+(git-ignore .build/). The output is byte-for-byte reproducible from the same
 sources and wheels.
 
 environment: PYTHON  interpreter that runs the build (default python3, needs pip)"""
-        % (", ".join(sorted(TARGETS)), DEFAULT_TARGET, " ".join(RUNTIME_PACKAGES)),
+        % (", ".join(sorted(TARGETS)), DEFAULT_TARGET, " ".join(RUNTIME_PACKAGES), STUB_TOOL,
+           STUB_TOOL, PROTO),
     )
     p.add_argument("-o", "--output", metavar="PATH",
                    help="where to write the zipapp (default: SRC/cares.pyz)")
@@ -136,14 +147,14 @@ environment: PYTHON  interpreter that runs the build (default python3, needs pip
                    help="CPython version to include; repeat for several (default: all of %s)"
                    % " ".join(PYTHONS))
     p.add_argument("--src", metavar="DIR", default=HERE,
-                   help="folder holding cares.py, the stubs and requirements.txt "
-                   "(default: this script's folder)")
+                   help="folder holding cares.py, %s, the stubs and requirements.txt "
+                   "(default: this script's folder)" % PROTO)
     p.add_argument("--requirements", metavar="FILE",
                    help="pins file (default: SRC/requirements.txt)")
     p.add_argument("--cache-dir", metavar="DIR",
-                   help="where downloaded wheels are kept (default: SRC/.build/pyz)")
+                   help="where downloaded wheels and made stubs are kept (default: SRC/.build/pyz)")
     p.add_argument("--offline", action="store_true",
-                   help="never run pip; fail if a wheel is not in the cache dir yet")
+                   help="never run pip; fail if a wheel or stub is not in the cache dir yet")
     # 9 is 2.5x slower to build for 0.3% less size.
     p.add_argument("--compresslevel", type=int, default=6, choices=range(0, 10), metavar="0-9",
                    help="deflate level (default 6)")
@@ -169,34 +180,93 @@ environment: PYTHON  interpreter that runs the build (default python3, needs pip
 # Pins
 # ---------------------------------------------------------------------------
 
-PIN_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*===?\s*([A-Za-z0-9.+!_-]+)")
+PIN_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*===?\s*([A-Za-z0-9.+!_-]+)\s*(?:;(.*))?$")
+MARKER_RE = re.compile(r"""\s*python_version\s*(<=|>=|==|!=|<|>)\s*(["'])(\d+(?:\.\d+)*)\2\s*$""")
 
 
 def parse_requirements(text):
-    """{normalized name: version} of the name==version lines of a requirements file.
+    """The name==version lines of a requirements file: [(normalized name, version, marker or None)].
 
-    Lines that pin nothing (options, comments, unpinned names) are skipped;
-    environment markers are ignored.
+    Lines that pin nothing (options, comments, unpinned names) are skipped.
     """
-    pins = {}
+    pins = []
     for line in text.splitlines():
-        m = PIN_RE.match(line.split("#", 1)[0].split(";", 1)[0].strip())
+        m = PIN_RE.match(line.split("#", 1)[0].strip())
         if m:
-            pins[norm(m.group(1))] = m.group(2)
+            marker = m.group(3).strip() if m.group(3) else None
+            pins.append((norm(m.group(1)), m.group(2), marker or None))
     return pins
 
 
-def read_pins(path):
-    """Exact pins (name==version) of the runtime packages, from a requirements file."""
+def marker_applies(marker, python):
+    """Does an environment marker hold for CPython `python` ("3.9")?
+
+    Only what a pins file needs to tell Pythons apart: python_version
+    comparisons, joined by `and`. Anything else is an error, not a guess.
+    """
+    if marker is None:
+        return True
+    ops = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
+           ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+    for clause in re.split(r"\s+and\s+", marker.strip()):
+        m = MARKER_RE.match(clause)
+        if not m:
+            raise BuildError("cannot evaluate the marker %r: only python_version comparisons "
+                             "joined by `and` are understood" % marker)
+        if not ops[m.group(1)](version_key(python), version_key(m.group(3))):
+            return False
+    return True
+
+
+def pins_for(requirements, python):
+    """{name: version} of the parsed pins whose marker holds for `python`."""
+    found = {}
+    for name, version, marker in requirements:
+        if marker_applies(marker, python):
+            if found.get(name, version) != version:
+                raise BuildError("two pins of %s apply to Python %s: %s and %s"
+                                 % (name, python, found[name], version))
+            found[name] = version
+    return found
+
+
+def read_pins(path, pythons=PYTHONS):
+    """{python: {package: version}} of the runtime packages and STUB_TOOL, from a requirements file."""
     try:
         with open(path, encoding="utf-8") as f:
-            found = parse_requirements(f.read())
+            requirements = parse_requirements(f.read())
     except OSError as e:
         raise BuildError("cannot read %s: %s" % (path, e.strerror or e))
-    missing = [name for name in RUNTIME_PACKAGES if name not in found]
-    if missing:
-        raise BuildError("%s must pin with == each of: %s" % (path, ", ".join(missing)))
-    return {name: found[name] for name in RUNTIME_PACKAGES}
+    out = {}
+    for py in pythons:
+        pins = pins_for(requirements, py)
+        missing = [name for name in RUNTIME_PACKAGES + [STUB_TOOL] if name not in pins]
+        if missing:
+            raise BuildError("%s must pin with == each of %s for Python %s; missing: %s"
+                             % (path, ", ".join(RUNTIME_PACKAGES + [STUB_TOOL]), py, ", ".join(missing)))
+        out[py] = {name: pins[name] for name in RUNTIME_PACKAGES + [STUB_TOOL]}
+    return out
+
+
+def stub_tools(pins):
+    """{python: None (the checked-in stubs serve) or the grpcio-tools version to make its stubs with}.
+
+    pins: read_pins() of every Python in PYTHONS. The checked-in stubs are
+    what CI checks against the grpcio-tools pin of the newest Python; a Python
+    with another pin needs stubs of its own (the stubs check the grpcio and
+    protobuf they run with).
+    """
+    main = pins[PYTHONS[-1]][STUB_TOOL]
+    return {py: (None if p[STUB_TOOL] == main else p[STUB_TOOL]) for py, p in pins.items()}
+
+
+def describe_pins(pins):
+    """One line per distinct pin set: "Python 3.10 3.11: a==1 b==2"."""
+    by_set = {}
+    for py in sorted(pins, key=version_key):
+        line = " ".join("%s==%s" % kv for kv in sorted(pins[py].items()))
+        by_set.setdefault(line, []).append(py)
+    return ["Python %s: %s" % (" ".join(pys), line) for line, pys in by_set.items()]
 
 
 # ---------------------------------------------------------------------------
@@ -358,11 +428,79 @@ def app_files(src):
     return app
 
 
+def made_stubs(args, tools_version):
+    """{stub name: bytes} made from SRC/cluster.proto by grpcio-tools tools_version, cached."""
+    proto = os.path.join(args.src, PROTO)
+    try:
+        proto_sha = file_sha256(proto)
+    except OSError as e:
+        raise BuildError("cannot read %s: %s" % (proto, e.strerror or e))
+    inputs = ["%s==%s" % (STUB_TOOL, tools_version), "%s sha256=%s" % (PROTO, proto_sha)]
+    folder = os.path.join(args.cache_dir, "stubs", sha256(" ".join(inputs).encode())[:12])
+    paths = cached_files(folder, inputs)
+    if paths is None:
+        # grpcio-tools runs here, so it is the wheel for this interpreter.
+        host = "build-host/%s-%s" % (sys.implementation.cache_tag, sysconfig.get_platform())
+        try:
+            tools = ensure_wheels(args.cache_dir, host, [], {STUB_TOOL: tools_version}, args.offline)
+        except BuildError as e:
+            raise BuildError("%s; grpcio-tools %s runs on the build's own Python, so it needs a wheel "
+                             "for it (is PYTHON too old or too new for that release?)" % (e, tools_version))
+        say("making the stubs with grpcio-tools %s ..." % tools_version)
+        paths = fill_cache(folder, inputs, lambda tmp: run_protoc(tools[0], args.src, tmp))
+    stubs = {}
+    for path in paths:
+        with open(path, "rb") as f:
+            stubs[os.path.basename(path)] = f.read()
+    if sorted(stubs) != STUB_FILES:
+        raise BuildError("grpcio-tools %s made %s, expected %s" % (tools_version, sorted(stubs), STUB_FILES))
+    return stubs
+
+
+# Runs `python -m grpc_tools.protoc` (the README's command) from an unpacked wheel.
+PROTOC = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+          "runpy.run_module('grpc_tools.protoc', run_name='__main__', alter_sys=True)")
+
+
+def run_protoc(tools_wheel, src, out):
+    """Make the stubs of SRC/cluster.proto into out with the grpcio-tools of tools_wheel."""
+    tools = tempfile.mkdtemp(prefix="cares-grpcio-tools-")
+    try:
+        for name, data in wheel_files(tools_wheel).items():
+            path = os.path.join(tools, *name.split("/"))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        res = subprocess.run([sys.executable, "-I", "-c", PROTOC, tools, "-I.", "--python_out=" + out,
+                              "--grpc_python_out=" + out, PROTO], cwd=src, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, universal_newlines=True)
+    finally:
+        shutil.rmtree(tools, ignore_errors=True)
+    if res.returncode != 0:
+        say(res.stdout.rstrip())
+        raise BuildError("grpcio-tools could not make the stubs of %s (output above)" % PROTO)
+
+
+def stubs_for(args, tools, app):
+    """{python: {stub name: bytes}} for the Pythons built, per stub_tools()."""
+    made = {}
+    out = {}
+    for py in args.python:
+        version = tools[py]
+        if version is None:
+            out[py] = {f: app[f] for f in STUB_FILES}
+        else:
+            if version not in made:
+                made[version] = made_stubs(args, version)
+            out[py] = made[version]
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Trees, groups, build data, the archive
 # ---------------------------------------------------------------------------
 
-def assemble_trees(args, pins, app):
+def assemble_trees(args, pins, app, stubs):
     """One complete site-packages-like tree per (target, cpXY), with what the bootstrap needs to know.
 
     Returns trees {(target, cpXY): {path: bytes}}, wheel_info (for humans)
@@ -372,8 +510,10 @@ def assemble_trees(args, pins, app):
     for t in args.target:
         for py in args.python:
             combo = (t, cp_tag(py))
-            tree = dict(app)
-            wheels = ensure_wheels(args.cache_dir, "%s/%s" % combo, pip_options(t, py), pins, args.offline)
+            tree = {f: app[f] for f in APP_FILES}
+            tree.update(stubs[py])
+            runtime = {name: pins[py][name] for name in RUNTIME_PACKAGES}
+            wheels = ensure_wheels(args.cache_dir, "%s/%s" % combo, pip_options(t, py), runtime, args.offline)
             for w in wheels:
                 merge_files(tree, wheel_files(w), os.path.basename(w))
                 g = min_glibc(os.path.basename(w))
@@ -482,17 +622,25 @@ def write_zip(path, entries, compresslevel):
 
 
 def build(args):
-    pins = read_pins(args.requirements)
-    say("pins: " + " ".join("%s==%s" % kv for kv in sorted(pins.items())))
+    all_pins = read_pins(args.requirements)
+    tools = stub_tools(all_pins)
+    pins = {py: all_pins[py] for py in args.python}
+    for line in describe_pins(pins):
+        say("pins for " + line)
     app = app_files(args.src)
-    trees, wheel_info, glibc = assemble_trees(args, pins, app)
+    stubs = stubs_for(args, tools, app)
+    trees, wheel_info, glibc = assemble_trees(args, pins, app, stubs)
     members, blobs, groups, layout = group_files(trees)
 
     with open(bootstrap.__file__, "rb") as f:
         main_py = f.read()
     ident = build_id(main_py.decode("utf-8"), layout, glibc, members)
-    about = {"pins": pins, "targets": sorted(args.target), "pythons": args.python,
-             "app": {f: sha256(app[f]) for f in APP_FILES + STUB_FILES}, "wheels": wheel_info}
+    about = {"pins": {cp_tag(py): pins[py] for py in args.python},
+             "targets": sorted(args.target), "pythons": args.python,
+             "app": {f: sha256(app[f]) for f in APP_FILES + STUB_FILES},
+             "made_stubs": {cp_tag(py): dict({f: sha256(stubs[py][f]) for f in STUB_FILES}, grpcio_tools=tools[py])
+                            for py in args.python if tools[py]},
+             "wheels": wheel_info}
     entries = [("__main__.py", main_py),
                (BUILD_DATA, build_data(ident, layout, groups, glibc, top_level_names(trees), about))]
     entries += [(name, blobs[h]) for name, h in sorted(members.items())]
