@@ -444,6 +444,8 @@ def made_stubs(args, tools_version):
         try:
             tools = ensure_wheels(args.cache_dir, host, [], {STUB_TOOL: tools_version}, args.offline)
         except BuildError as e:
+            if args.offline:
+                raise
             raise BuildError("%s; grpcio-tools %s runs on the build's own Python, so it needs a wheel "
                              "for it (is PYTHON too old or too new for that release?)" % (e, tools_version))
         say("making the stubs with grpcio-tools %s ..." % tools_version)
