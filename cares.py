@@ -104,6 +104,10 @@ STALL_REPORT_S = 0.5
 # Repeated refusals are logged once, then summed up once per window per source and reason.
 REFUSAL_SUMMARY_S = 10.0
 WORKER_REPEAT_SUMMARY_S = 60.0
+# Orchestrator commands a worker reads per second at most (and in one burst).
+COMMANDS_PER_S = 20
+# Throttled for this long in one stream, a worker leaves it and waits REJECTED_TOKEN_BACKOFF_S.
+COMMAND_FLOOD_S = 3.0
 HOUSEKEEPING_S = 1.0
 # Token guessing: free tries (typos), then doubling delays, then a lockout, per source address.
 TOKEN_FREE_FAILURES = 3
@@ -1526,6 +1530,8 @@ class TokenGuard:
         now = time.monotonic()
         failures = self._failures.get(source)
         if failures is not None and failures[2] > now:
+            # Refused without looking at the token, and not at line rate either.
+            await asyncio.sleep(token_failure_delay(TOKEN_LOCKOUT_FAILURES))
             raise Refusal(grpc.StatusCode.UNAUTHENTICATED, RefusalReason.THROTTLED,
                           f"too many wrong tokens from {source}; try again in {math.ceil(failures[2] - now)} s")
         if hmac.compare_digest(_metadata_value(context, TOKEN_METADATA_KEY).encode(), self.token.encode()):
@@ -2835,6 +2841,10 @@ class OrchestratorShutdown(Exception):
     pass
 
 
+class CommandFlood(Exception):
+    """The orchestrator kept sending commands faster than a worker reads them."""
+
+
 def backoff_delay(failures: int, rng: random.Random | None = None) -> float:
     """Jittered exponential backoff: 0.5 s, 1 s, 2 s, 4 s, then 5 s, each scaled by 0.5-1.0."""
     ceiling = min(0.5 * (2 ** min(failures, 10)), MAX_BACKOFF_S)
@@ -3102,6 +3112,8 @@ class WorkerClient:
             except OrchestratorShutdown as shutdown:
                 detail = str(shutdown) or "the orchestrator is shutting down"
                 failures, delay, level = 0, backoff_delay(0), Level.INFO
+            except CommandFlood as flood:
+                detail, delay = str(flood), REJECTED_TOKEN_BACKOFF_S
             except grpc.RpcError as error:
                 detail = describe_rpc_error(error)
                 if error.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -3143,15 +3155,33 @@ class WorkerClient:
             try:
                 await self._obey_commands(call)
             finally:
-                self._sender.cancel()
-                self._sender = None
-                self._call = None
+                sender, self._sender, self._call = self._sender, None, None
+                sender.cancel()
+                # Collect its end (a write on a finished call fails), or asyncio reports it as never retrieved.
+                await asyncio.gather(sender, return_exceptions=True)
 
     async def _obey_commands(self, call) -> None:
         """Follow the orchestrator's commands. An interval command only records the interval and
-        wakes the sender, which sends at most one sample per interval: a flood of commands costs
-        a read each, not a sample and a log line each."""
+        wakes the sender, which sends at most one sample per interval. Commands are read at most
+        COMMANDS_PER_S a second (after a burst of as many): past that the worker simply reads
+        later, and HTTP/2 flow control makes a flooding orchestrator wait, so a flood costs
+        neither samples, nor log lines, nor a core."""
+        tokens, refilled, throttled = float(COMMANDS_PER_S), time.monotonic(), 0.0
         while True:
+            now = time.monotonic()
+            tokens = min(tokens + (now - refilled) * COMMANDS_PER_S, float(COMMANDS_PER_S))
+            refilled = now
+            if tokens < 1.0:
+                self._say(Level.WARN, "flood", f"The orchestrator sends commands faster than {COMMANDS_PER_S} a "
+                                               f"second; they are read at that pace.")
+                wait = (1.0 - tokens) / COMMANDS_PER_S
+                throttled += wait
+                if throttled > COMMAND_FLOOD_S:  # not a burst: leave, and come back much later
+                    raise CommandFlood(f"the orchestrator flooded this worker with commands for "
+                                       f"{COMMAND_FLOOD_S:g} s")
+                await asyncio.sleep(wait)
+                continue
+            tokens -= 1.0
             command = await call.read()
             if command is grpc.aio.EOF:
                 return

@@ -1142,13 +1142,17 @@ class LivenessIntegrityTest(ClusterTestCase):
         started = time.monotonic()
         client.start()
         self.addCleanup(client.stop, False, 0.5)
-        self.assertTrue(sick.flooded.wait(20))
-        # The last command wins: the worker ends on 250 ms, however many came before.
-        self.assertIsNotNone(wait_until(lambda: client.state.heartbeat_interval == 0.25, 5))
-        # At most one sample per 100 ms (the shortest interval) whatever the commands say.
+        self.assertIsNotNone(wait_until(lambda: sick.samples >= 3, 10))
+        time.sleep(2.0)
+        # At most one sample per 100 ms (the shortest interval) whatever the commands say, and the
+        # commands are read at COMMANDS_PER_S, said once.
         self.assertLessEqual(sick.samples, (time.monotonic() - started) / 0.1 + 2)
         lines = texts(client.events)
         self.assertLessEqual(len([line for line in lines if "interval" in line]), 2, lines)
+        self.assertEqual(sum("faster than 20 a second" in line for line in lines), 1, lines)
+        # A flood that does not stop: the worker leaves that stream and comes back much later.
+        self.assertIsNotNone(wait_until(lambda: "flooded" in client.state.detail, cares.COMMAND_FLOOD_S + 3))
+        self.assertGreater(client.state.retry_at - time.monotonic(), cares.REJECTED_TOKEN_BACKOFF_S - 5)
 
     def test_every_worker_ends_on_the_current_interval(self):
         orchestrator = self.start_orchestrator(heartbeat_ms=1000)
