@@ -104,10 +104,9 @@ STALL_REPORT_S = 0.5
 # Repeated refusals are logged once, then summed up once per window per source and reason.
 REFUSAL_SUMMARY_S = 10.0
 WORKER_REPEAT_SUMMARY_S = 60.0
-# Orchestrator commands a worker reads per second at most (and in one burst).
-COMMANDS_PER_S = 20
-# Throttled for this long in one stream, a worker leaves it and waits REJECTED_TOKEN_BACKOFF_S.
-COMMAND_FLOOD_S = 3.0
+# More orchestrator commands than this within the window is a flood: the worker leaves the stream.
+FLOOD_COMMANDS = 50
+FLOOD_WINDOW_S = 5.0
 HOUSEKEEPING_S = 1.0
 # Token guessing: free tries (typos), then doubling delays, then a lockout, per source address.
 TOKEN_FREE_FAILURES = 3
@@ -3162,29 +3161,19 @@ class WorkerClient:
 
     async def _obey_commands(self, call) -> None:
         """Follow the orchestrator's commands. An interval command only records the interval and
-        wakes the sender, which sends at most one sample per interval. Commands are read at most
-        COMMANDS_PER_S a second (after a burst of as many): past that the worker simply reads
-        later, and HTTP/2 flow control makes a flooding orchestrator wait, so a flood costs
-        neither samples, nor log lines, nor a core."""
-        tokens, refilled, throttled = float(COMMANDS_PER_S), time.monotonic(), 0.0
+        wakes the sender, which sends at most one sample per interval, so a burst costs a read
+        each. An orchestrator that keeps sending (more than FLOOD_COMMANDS in FLOOD_WINDOW_S; a
+        person pressing +/- sends a few) is left, and tried again REJECTED_TOKEN_BACKOFF_S later:
+        reading a flood, even without acting on it, took a worker a third of a core."""
+        recent: collections.deque[float] = collections.deque(maxlen=FLOOD_COMMANDS)
         while True:
-            now = time.monotonic()
-            tokens = min(tokens + (now - refilled) * COMMANDS_PER_S, float(COMMANDS_PER_S))
-            refilled = now
-            if tokens < 1.0:
-                self._say(Level.WARN, "flood", f"The orchestrator sends commands faster than {COMMANDS_PER_S} a "
-                                               f"second; they are read at that pace.")
-                wait = (1.0 - tokens) / COMMANDS_PER_S
-                throttled += wait
-                if throttled > COMMAND_FLOOD_S:  # not a burst: leave, and come back much later
-                    raise CommandFlood(f"the orchestrator flooded this worker with commands for "
-                                       f"{COMMAND_FLOOD_S:g} s")
-                await asyncio.sleep(wait)
-                continue
-            tokens -= 1.0
             command = await call.read()
             if command is grpc.aio.EOF:
                 return
+            recent.append(time.monotonic())
+            if len(recent) == FLOOD_COMMANDS and recent[-1] - recent[0] < FLOOD_WINDOW_S:
+                raise CommandFlood(f"the orchestrator flooded this worker with commands "
+                                   f"({FLOOD_COMMANDS} in under {FLOOD_WINDOW_S:g} s)")
             kind = command.WhichOneof("command")
             if kind == "set_heartbeat_interval_ms":
                 interval = clamp_heartbeat_ms(command.set_heartbeat_interval_ms) / 1000.0

@@ -1139,20 +1139,15 @@ class LivenessIntegrityTest(ClusterTestCase):
         sick = SickOrchestrator(commands=10_000)
         port = self.serve(sick)
         client = cares.WorkerClient(f"127.0.0.1:{port}", "steady", cares.LocalSampler())
-        started = time.monotonic()
         client.start()
         self.addCleanup(client.stop, False, 0.5)
-        self.assertIsNotNone(wait_until(lambda: sick.samples >= 3, 10))
-        time.sleep(2.0)
-        # At most one sample per 100 ms (the shortest interval) whatever the commands say, and the
-        # commands are read at COMMANDS_PER_S, said once.
-        self.assertLessEqual(sick.samples, (time.monotonic() - started) / 0.1 + 2)
-        lines = texts(client.events)
-        self.assertLessEqual(len([line for line in lines if "interval" in line]), 2, lines)
-        self.assertEqual(sum("faster than 20 a second" in line for line in lines), 1, lines)
-        # A flood that does not stop: the worker leaves that stream and comes back much later.
-        self.assertIsNotNone(wait_until(lambda: "flooded" in client.state.detail, cares.COMMAND_FLOOD_S + 3))
+        # A worker that keeps reading a flood spends a core on it: it leaves, and comes back much later.
+        self.assertIsNotNone(wait_until(lambda: "flooded" in client.state.detail, 10))
         self.assertGreater(client.state.retry_at - time.monotonic(), cares.REJECTED_TOKEN_BACKOFF_S - 5)
+        self.assertLessEqual(len(sick.joins), 1)
+        self.assertLessEqual(sick.samples, 3)  # at most one sample per interval, never one per command
+        lines = texts(client.events)
+        self.assertLessEqual(len(lines), 3, lines)  # joined, (an interval,) left: never a line per command
 
     def test_every_worker_ends_on_the_current_interval(self):
         orchestrator = self.start_orchestrator(heartbeat_ms=1000)
