@@ -3354,7 +3354,6 @@ class ServiceUnitTest(TempRoot):
                 self.install(role, token="t")
                 done = self.analyze(False, "security", "--offline=yes", self.disk(self.system.unit_file(role)))
                 score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", done.stdout).group(1))
-                print(f"\n  systemd-analyze security: cares-{role}.service {score}", file=sys.stderr)
                 self.assertLessEqual(score, MAX_SYSTEM_EXPOSURE, done.stdout)
 
 
