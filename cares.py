@@ -30,6 +30,7 @@ import errno
 import fcntl
 import filecmp
 import functools
+import gc
 import hashlib
 import hmac
 import ipaddress
@@ -108,6 +109,7 @@ WORKER_REPEAT_SUMMARY_S = 60.0
 FLOOD_COMMANDS = 50
 FLOOD_WINDOW_S = 5.0
 HOUSEKEEPING_S = 1.0
+GIL_SWITCH_INTERVAL_S = 0.001
 # Token guessing: free tries (typos), then doubling delays, then a lockout, per source address.
 TOKEN_FREE_FAILURES = 3
 TOKEN_LOCKOUT_FAILURES = 10
@@ -422,6 +424,21 @@ def format_bytes(count: float) -> str:
         if abs(count) < 1024:
             return f"{count:.1f} {unit}"
     return f"{count / 1024.0:.1f} TiB"
+
+
+@contextlib.contextmanager
+def collection_deferred():
+    """Run a burst that makes many short-lived objects (a registry snapshot, a /metrics page)
+    with the cyclic garbage collector paused: they die by reference counting at the end, instead
+    of being promoted while still in use and then scanned. Measured at 3,000 nodes scraped once a
+    second: full collections of the whole heap stalled the gRPC loop for up to 120 ms."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 _wcwidth = None
@@ -2497,7 +2514,8 @@ class MetricsServer:
 
     @staticmethod
     def _build(page, gzipped: bool) -> list:
-        chunks = page()
+        with collection_deferred():
+            chunks = page()
         return gzip_chunks(chunks) if gzipped else chunks
 
     def _metrics_page(self) -> list:
@@ -2592,6 +2610,10 @@ class Orchestrator:
 
     def start(self) -> None:
         """Listen and serve on a background thread; StartError if the address cannot be used."""
+        # Other threads (the dashboard, /metrics renders, the state writer) hold the GIL for up to
+        # the switch interval before the gRPC loop gets it back: 5 ms by default, paid by every
+        # heartbeat that arrives meanwhile. 1 ms keeps the loop's tail short for a little switching.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         if not run_on_grpc_loop(self._start(), timeout=10):
             # Asked here, not on the event loop: finding out why may mean a DNS lookup.
             raise StartError(explain_bind_failure(self.listen_host, self.port))
@@ -4187,7 +4209,9 @@ def _define_tui():
                 # shared by the header and the table; graphs only for the rows shown.
                 now = time.monotonic()
                 if now - self._snapshot_at > SNAPSHOT_MAX_AGE_S:
-                    self._snapshot, self._snapshot_at = orchestrator.registry.snapshot(with_history=False), now
+                    with collection_deferred():
+                        self._snapshot = orchestrator.registry.snapshot(with_history=False)
+                    self._snapshot_at = now
                 layout = table_layout(self.canvas.width)
                 table = prepare_table(self._snapshot, self.app.table, self._table.rows)
                 if layout.width_of(Column.SPARK):
