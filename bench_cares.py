@@ -63,6 +63,9 @@ import traceback
 
 # gRPC's C core logs to stderr; cares silences it the same way.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+# The bench starts processes while its own gRPC channels are busy; gRPC's fork handlers then can
+# hang fork() for good (grpc/grpc#37259: a quick bench hung in CI at 'scenario footprint').
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CARES_PY = os.path.join(HERE, "cares.py")
@@ -614,21 +617,14 @@ class LoadGenerator:
 # the bench's to handle), killed by Linux if the bench dies, and all reaped on exit.
 # ---------------------------------------------------------------------------
 
-_PRCTL = []  # libc's prctl, looked up in the bench before its first fork (never in a child)
+# Children die with the bench (PR_SET_PDEATHSIG) through util-linux's setpriv, which sets it and
+# execs the command: no Python runs between fork and exec (no preexec_fn), so subprocess can use
+# vfork, and no gRPC fork handler or lock held by a bench thread can stall the start of a child.
+SETPRIV = shutil.which("setpriv")
 
 
-def _find_prctl() -> None:
-    if not _PRCTL:
-        try:
-            import ctypes
-            _PRCTL.append(ctypes.CDLL(None, use_errno=True).prctl)
-        except (OSError, AttributeError):
-            _PRCTL.append(None)
-
-
-def _die_with_bench() -> None:
-    if _PRCTL and _PRCTL[0] is not None:
-        _PRCTL[0](1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def dies_with_bench(argv: list[str]) -> list[str]:
+    return [SETPRIV, "--pdeathsig", "KILL", "--", *argv] if SETPRIV else list(argv)
 
 
 class Child:
@@ -637,10 +633,9 @@ class Child:
     def __init__(self, name: str, argv: list[str], workdir: str, *, talk: bool = False, env=None):
         self.name = name
         self.stderr_path = os.path.join(workdir, f"{name}.stderr")
-        _find_prctl()
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(
-                argv, cwd=HERE, env=env, stderr=stderr, start_new_session=True, preexec_fn=_die_with_bench,
+                dies_with_bench(argv), cwd=HERE, env=env, stderr=stderr, start_new_session=True,
                 stdin=subprocess.PIPE if talk else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if talk else subprocess.DEVNULL, text=True, bufsize=1)
         self.replies: queue.Queue = queue.Queue()
@@ -1315,8 +1310,12 @@ class TmuxOrchestrator:
         self.socket = f"cares-bench-{os.getpid()}-{secrets.token_hex(3)}"
         TMUX_SOCKETS.append(self.socket)
         self.stderr_path = os.path.join(bench.workdir, "tui-orchestrator.stderr")
+        # tmux hands the pane its server's environment, not the bench's children's: the state
+        # directory is named here, or the dashboard would keep its nodes in the runner's home.
+        state_dir = os.path.join(bench.workdir, "state", "cares")
         command = (f"exec env LC_ALL=C.UTF-8 {shlex.quote(PYTHON)} {shlex.quote(CARES_PY)} orchestrator "
-                   f"--listen 127.0.0.1:{port} 2>{shlex.quote(self.stderr_path)}")
+                   f"--listen 127.0.0.1:{port} --state-dir {shlex.quote(state_dir)} "
+                   f"2>{shlex.quote(self.stderr_path)}")
         self.tmux("new-session", "-d", "-s", "bench", "-x", "120", "-y", "40", command)
         self.pid = int(self.tmux("display-message", "-p", "-t", "bench", "#{pane_pid}").strip() or 0)
         if not self.pid:
@@ -1839,17 +1838,6 @@ def scrape_scenario(bench: Bench) -> tuple[list, list, dict]:
 
 
 # ---------------------------------------------------------------------------
-# Planned scenarios, named here so that --scenario knows them; each fails (exit 1)
-# until cares has what it measures.
-# ---------------------------------------------------------------------------
-
-def planned_scenario(needs: str):
-    def run(bench: Bench) -> tuple[list, list, dict]:
-        raise BenchError(f"not written yet: it needs {needs}")
-    return run
-
-
-# ---------------------------------------------------------------------------
 # Report: one markdown table per scenario on stdout, raw numbers in --json.
 # ---------------------------------------------------------------------------
 
@@ -1858,7 +1846,6 @@ class Scenario:
     name: str
     title: str
     run: object  # Bench -> (rows, notes, raw)
-    default: bool = True  # run without --scenario
 
 
 # In the order they run.
@@ -1903,7 +1890,7 @@ def machine_description() -> dict:
 def run_bench(args) -> int:
     workdir = tempfile.mkdtemp(prefix="cares-bench-")
     bench = Bench(quick=args.quick, max_workers=args.max_workers, pyz=args.pyz, workdir=workdir)
-    chosen = args.scenario or [scenario.name for scenario in SCENARIOS if scenario.default]
+    chosen = args.scenario or list(SCENARIO_NAMES)
     results = {"machine": machine_description(), "quick": args.quick, "max_workers": args.max_workers,
                "scenarios": {}}
     started = time.monotonic()
@@ -1957,16 +1944,15 @@ def run_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark cares: orchestrator capacity (vs a bare grpc.aio server), worker footprint "
-                    "(vs node_exporter), dashboard cost, start-up and failure detection.")
+                    "(vs node_exporter), dashboard cost, start-up, failure detection, the Prometheus scrape and "
+                    "the dashboard's filter.")
     parser.add_argument("--quick", action="store_true",
                         help="every scenario small (N <= 100, short windows), under a minute; what CI runs")
     parser.add_argument("--json", metavar="FILE", help="write the raw numbers here")
     parser.add_argument("--max-workers", type=int, default=max(CAPACITY_SIZES), metavar="N",
                         help="skip capacity and dashboard sizes above N simulated workers (default %(default)s)")
     parser.add_argument("--scenario", nargs="+", choices=SCENARIO_NAMES, metavar="NAME",
-                        help=f"run only these, of: {', '.join(SCENARIO_NAMES)} (default: all but "
-                             f"{', '.join(scenario.name for scenario in SCENARIOS if not scenario.default)}, "
-                             "which are planned)")
+                        help=f"run only these, of: {', '.join(SCENARIO_NAMES)} (default: all)")
     parser.add_argument("--pyz", metavar="PATH",
                         help="cares.pyz to time (default: build one from the current sources with "
                              "build_zipapp.sh, else use ./cares.pyz)")

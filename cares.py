@@ -65,6 +65,10 @@ from typing import Optional
 # gRPC's C core logs to stderr, which would both leak internals to users and
 # scribble over a full-screen UI. Users can still ask for it with GRPC_VERBOSITY.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+# gRPC's fork handlers serve children that go on using gRPC after fork(); cares has none (its only
+# children are hooks, exec'd at once). With them on, a fork() while gRPC threads are busy can hang
+# or abort the parent (grpc/grpc#37259), and Python 3.9 forks for every hook it starts.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
