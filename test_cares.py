@@ -2716,16 +2716,24 @@ class HostileInputTest(ClusterTestCase):
         self.assert_becomes(orchestrator.registry, "target", cares.NodeStatus.DISCONNECTED, 2)
         self.assertIn("Node 'target' lost", orchestrator.registry.events.tail(1)[0].text)
 
-    def test_a_flood_of_heartbeats_keeps_the_latest_in_bounded_memory(self):
+    def test_a_burst_of_heartbeats_keeps_the_latest_and_a_flood_ends_the_stream(self):
         orchestrator = self.start_orchestrator()
-        _, session, stream = self.joined(orchestrator)
-        for sequence in range(2, 3002):
+        _, session, stream = self.joined(orchestrator)  # sent sample 1
+        burst = cares.FLOOD_SAMPLES - 1
+        for sequence in range(2, burst + 1):
             stream.send(metrics("target", session, sequence, cpu=sequence % 100))
-        self.assertIsNotNone(wait_until(lambda: orchestrator.registry.get("target").last_sequence == 3001, 10))
+        self.assertIsNotNone(wait_until(lambda: orchestrator.registry.get("target").last_sequence == burst, 10))
         node = orchestrator.registry.get("target")
-        self.assertEqual((node.status, node.metrics.cpu_percent), (cares.NodeStatus.ACTIVE, 3001 % 100))
+        self.assertEqual((node.status, node.metrics.cpu_percent), (cares.NodeStatus.ACTIVE, burst % 100))
         self.assertLessEqual(len(node.history.cpu), 6)  # one point per heartbeat interval, not per message
-        self.assertLess(len(orchestrator.registry.events.tail(10_000)), 10)
+        for sequence in range(burst + 1, burst + 3001):  # what a broken peer sends at line rate
+            stream.send(metrics("target", session, sequence))
+        self.assertEqual(stream.outcome(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assert_becomes(orchestrator.registry, "target", cares.NodeStatus.DISCONNECTED, 5)
+        self.assertEqual(orchestrator.registry.get("target").last_sequence, cares.FLOOD_SAMPLES - 1)
+        said = [text for text in texts(orchestrator.registry.events) if "flood" in text or "refused" in text]
+        self.assertEqual(said, [f"Heartbeat stream from 127.0.0.1 refused: {cares.FLOOD_SAMPLES} samples in under "
+                                "5 s; send one per heartbeat interval.", "Node 'target' lost: it flooded the orchestrator with samples."])
 
     def test_more_nodes_than_max_nodes_are_refused(self):
         orchestrator = self.start_orchestrator(max_nodes=3)
@@ -4198,10 +4206,11 @@ class MetricsRequestPartsTest(unittest.TestCase):
                 cares.parse_request_head(bad)
 
     def test_bearer_token(self):
-        self.assertTrue(cares.bearer_token_matches("Bearer abc", "abc"))
-        self.assertTrue(cares.bearer_token_matches("bearer abc", "abc"))
-        for wrong in (None, "", "abc", "Bearer abd", "Bearer abcd", "Basic abc", "Bearer", "Bearer \xff"):
-            self.assertFalse(cares.bearer_token_matches(wrong, "abc"), wrong)
+        self.assertEqual(cares.bearer_token("Bearer abc"), "abc")
+        self.assertEqual(cares.bearer_token("bearer  abc "), "abc")
+        self.assertEqual(cares.bearer_token("Bearer \xff"), "\xff")
+        for none in (None, "", "abc", "Basic abc", "Bearer"):
+            self.assertEqual(cares.bearer_token(none), "", none)
 
     def test_accepts_gzip(self):
         self.assertTrue(cares.accepts_gzip("gzip"))
@@ -4214,10 +4223,11 @@ class MetricsRequestPartsTest(unittest.TestCase):
 # -- the live server ----------------------------------------------------------------
 
 def request(server, method: str = "GET", path: str = "/metrics", headers: dict | None = None,
-            context: ssl.SSLContext | None = None, timeout: float = 10) -> tuple:
-    """(status, headers, body) of one request to server."""
+            context: ssl.SSLContext | None = None, timeout: float = 10, source: str = "127.0.0.1") -> tuple:
+    """(status, headers, body) of one request to server, sent from the source address."""
     if context is None:
-        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout,
+                                                source_address=(source, 0))
     else:
         connection = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=timeout, context=context)
     try:
@@ -4291,15 +4301,29 @@ class MetricsHttpTest(unittest.TestCase):
         self.assertEqual(gzip.decompress(body).decode(), cares.render_metrics(*realistic_cluster(), "0.3.0"))
 
     def test_without_or_with_a_wrong_token_401(self):
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
-                        {"Authorization": TOKEN}, {"Authorization": f"Bearer {TOKEN}x"}):
-            for path in ("/metrics", "/sd"):
-                status, response_headers, body = request(self.server, path=path, headers=headers)
-                self.assertEqual(status, 401, (path, headers))
-                self.assertTrue(response_headers["WWW-Authenticate"].startswith("Bearer"))
-                self.assertNotIn(b"cares_", body)
+        for path, headers in (("/metrics", {}), ("/metrics", {"Authorization": "Bearer wrong"}),
+                              ("/metrics", {"Authorization": f"Basic {TOKEN}"}), ("/sd", {"Authorization": TOKEN}),
+                              ("/sd", {"Authorization": f"Bearer {TOKEN}x"})):
+            status, response_headers, body = request(self.server, path=path, headers=headers)
+            self.assertEqual(status, 401, (path, headers))
+            self.assertTrue(response_headers["WWW-Authenticate"].startswith("Bearer"))
+            self.assertNotIn(b"cares_", body)
         self.assertTrue(any("authorization.type: Bearer" in text for _, text in self.server.logged),
                         "a bare token is explained in the log")
+
+    def test_guessing_the_token_locks_that_address_out(self):
+        # Guesses sent together all count: the lockout cannot be outrun by asking in parallel.
+        guesses = [threading.Thread(target=request, args=(self.server,),
+                                    kwargs={"headers": {"Authorization": f"Bearer guess-{number}"}})
+                   for number in range(cares.TOKEN_LOCKOUT_FAILURES)]
+        for guess in guesses:
+            guess.start()
+        for guess in guesses:
+            guess.join(30)
+        status, headers, body = request(self.server, headers=BEARER)  # even the right token, for a while
+        self.assertEqual((status, headers["Retry-After"]), (429, "60"))
+        self.assertIn(b"too many wrong tokens from 127.0.0.1", body)
+        self.assertEqual(request(self.server, headers=BEARER, source="127.0.0.2")[0], 200)  # other hosts scrape
 
     def test_other_paths_404_other_methods_405(self):
         for path in ("/", "/metrics/", "/metricsx", "/Metrics", "//metrics", "/sd/x", "/../metrics"):
