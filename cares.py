@@ -1124,6 +1124,8 @@ class NodeRegistry:
             self.changes += 1
             node.heard_at, node.last_sequence = self.clock.now(), 0
             node.dropped_samples, node.drop_reason = 0, ""
+            # What it measured before it went away is not how it is now: blank until its first sample.
+            node.metrics = None
             return replaced
 
     def _evict_one_locked(self) -> bool:
@@ -1394,10 +1396,46 @@ class NodeRegistry:
             return len(self._nodes)
 
 
+def replace_file(path: str, write, mode: int = 0o600) -> None:
+    """Put a file at path, all or nothing, even across a power cut: write(file) fills a
+    temporary file in the same directory, created 0600 (so a secret is never readable by others,
+    even for a moment), which gets its final mode, goes to disk, and is renamed over path; then
+    the directory's new entry goes to disk too. OSError when that fails (nothing is left behind)."""
+    directory = os.path.dirname(path) or "."
+    descriptor, temporary = tempfile.mkstemp(prefix=".cares-", dir=directory)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            write(file)
+            file.flush()
+            if mode != 0o600:
+                os.fchmod(file.fileno(), mode)
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename in directory last (best effort: not every file system can)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 class StateFile:
-    """The orchestrator's inventory on disk: one JSON file per listen address, written atomically
-    (a 0600 temporary file renamed over the old one) by its own thread, so a slow or full disk
-    never reaches the gRPC loop. A file that cannot be read is kept aside as .corrupt."""
+    """The orchestrator's inventory on disk: one JSON file per listen address, replaced whole
+    (replace_file) by its own thread, so a slow or full disk never reaches the gRPC loop. A file
+    that cannot be read is kept aside as .corrupt."""
 
     FORMAT = 1
 
@@ -1464,17 +1502,10 @@ class StateFile:
                 self._last_error = error
 
     def _write(self, records: list[dict]) -> str:
-        temporary = f"{self.path}.{os.getpid()}.tmp"
+        document = json.dumps({"format": self.FORMAT, "saved_at": time.time(), "nodes": records})
         try:
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-                json.dump({"format": self.FORMAT, "saved_at": time.time(), "nodes": records}, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
+            replace_file(self.path, lambda file: file.write(document.encode("utf-8")))
         except OSError as error:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
             return (error.strerror or str(error)).lower()
         return ""
 
@@ -2916,6 +2947,10 @@ class CommandFlood(Exception):
     """The orchestrator kept sending commands faster than a worker reads them."""
 
 
+class SamplingFailed(Exception):
+    """This machine's metrics could not be read (psutil raised): the session ends and is retried."""
+
+
 def backoff_delay(failures: int, rng: random.Random | None = None) -> float:
     """Jittered exponential backoff: 0.5 s, 1 s, 2 s, 4 s, then 5 s, each scaled by 0.5-1.0."""
     ceiling = min(0.5 * (2 ** min(failures, 10)), MAX_BACKOFF_S)
@@ -3005,26 +3040,30 @@ def claim_identity(requested: str | None, state_dir: str | None) -> NodeIdentity
     base = requested or default_node_id(socket.gethostname(), machine_identity(), user_name())
     directory = usable_state_dir(state_dir)
     if directory is None:
-        note = (f"no writable state directory ({state_dir}): the node secret lasts only as long as this process"
-                if state_dir else "")
-        return NodeIdentity(base, secrets.token_hex(16), note)
+        note = (f"no writable state directory ({state_dir}): joining without a node secret, so the orchestrator "
+                f"does not reserve this node ID for this worker" if state_dir else "")
+        return NodeIdentity(base, "", note)
     for ordinal in range(1, 100):
         node_id = base if ordinal == 1 else f"{base[:60]}-{ordinal}"
         lock = _try_lock(os.path.join(directory, f"worker-{node_id}.lock"))
         if lock is not None:
-            return NodeIdentity(node_id, _node_secret(os.path.join(directory, f"worker-{node_id}.secret")),
-                                lock=lock)
+            secret, problem = _node_secret(os.path.join(directory, f"worker-{node_id}.secret"))
+            note = f"{problem}: joining without one, so the orchestrator does not reserve this node ID" \
+                if problem else ""
+            return NodeIdentity(node_id, secret, note, lock=lock)
         if requested:
             raise StartError(f"another cares worker on this host already runs as node '{requested}'")
     raise StartError("99 cares workers already run on this host; pass --node-id")
 
 
 def _try_lock(path: str):
-    """An open file holding an exclusive lock on path, or None when another process holds it."""
+    """An open file holding an exclusive lock on path, or None when another process holds it;
+    StartError when the file cannot be opened at all (another user's, from a run under sudo)."""
     try:
         file = open(path, "a+")
-    except OSError:
-        return None
+    except OSError as error:
+        raise StartError(f"cannot use {path}: {(error.strerror or str(error)).lower()}; remove it, or pass "
+                         f"--state-dir") from None
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -3033,25 +3072,24 @@ def _try_lock(path: str):
     return file
 
 
-def _node_secret(path: str) -> str:
-    """The secret stored at path, or a new one stored there (created 0600, never readable by others)."""
+def _node_secret(path: str) -> tuple[str, str]:
+    """The secret stored at path, or a new one stored there (0600, never readable by others),
+    and "" or why none could be kept. A secret that would not outlive this process is not used
+    ("" is sent): the orchestrator would hold the ID for it, and this worker, restarted with a
+    new one, would be refused its own ID."""
     try:
         with open(path, encoding="ascii") as file:
             secret = file.read(100).strip()
         if re.fullmatch(r"[0-9a-f]{32}", secret):
-            return secret
+            return secret, ""
     except (OSError, ValueError):
         pass
     secret = secrets.token_hex(16)
     try:
-        temporary = f"{path}.{os.getpid()}.tmp"
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(secret + "\n")
-        os.replace(temporary, path)
-    except OSError:
-        pass  # a full or read-only disk: the secret lasts for this process only
-    return secret
+        replace_file(path, lambda file: file.write((secret + "\n").encode("ascii")))
+    except OSError as error:  # a full or read-only disk
+        return "", f"cannot keep a node secret in {path} ({(error.strerror or str(error)).lower()})"
+    return secret, ""
 
 
 # -- the worker ------------------------------------------------------------
@@ -3072,7 +3110,6 @@ class WorkerClient:
         self._interval = DEFAULT_HEARTBEAT_MS / 1000.0
         self._state = ConnectionState(ConnectionPhase.CONNECTING, target)
         self._state_lock = threading.Lock()
-        self._state_listeners: list = []
         self._main_task = None
         self._call = None
         self._sender = None
@@ -3090,19 +3127,10 @@ class WorkerClient:
         with self._state_lock:
             return self._state
 
-    def on_state_change(self, listener) -> None:
-        """listener(state) after every change of phase or interval, on the gRPC loop: must not block."""
-        self._state_listeners.append(listener)
-
     def _set_state(self, phase: ConnectionPhase, detail: str = "", retry_at: float = 0.0) -> None:
         state = ConnectionState(phase, self.target, detail, retry_at, self._interval)
         with self._state_lock:
             self._state = state
-        for listener in self._state_listeners:
-            try:
-                listener(state)
-            except Exception:
-                pass
 
     def start(self) -> None:
         run_on_grpc_loop(self._begin())
@@ -3185,6 +3213,8 @@ class WorkerClient:
                 failures, delay, level = 0, backoff_delay(0), Level.INFO
             except CommandFlood as flood:
                 detail, delay = str(flood), REJECTED_TOKEN_BACKOFF_S
+            except SamplingFailed as failure:
+                detail = str(failure)
             except grpc.RpcError as error:
                 detail = describe_rpc_error(error)
                 if error.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -3223,13 +3253,25 @@ class WorkerClient:
             self._set_state(ConnectionPhase.CONNECTED)
             text = f"Joined {self.target} as '{self.node_id}'."
             self._say(Level.INFO, text, text)
+            commands, sender = asyncio.ensure_future(self._obey_commands(call)), self._sender
             try:
-                await self._obey_commands(call)
+                # Either side ends the session: a sender that failed (a sample that raised) must
+                # not leave a worker that looks connected and sends nothing.
+                await asyncio.wait((commands, sender), return_when=asyncio.FIRST_COMPLETED)
+                if sender.done() and not sender.cancelled() and isinstance(sender.exception(), SamplingFailed):
+                    sender.result()  # the reason, whatever the orchestrator then says about the silence
+                if not commands.done():
+                    # If the call itself ended, its read says why in a moment, in gRPC's words.
+                    await asyncio.wait((commands,), timeout=2.0)
+                    if not commands.done():
+                        sender.result()
+                commands.result()
             finally:
-                sender, self._sender, self._call = self._sender, None, None
-                sender.cancel()
-                # Collect its end (a write on a finished call fails), or asyncio reports it as never retrieved.
-                await asyncio.gather(sender, return_exceptions=True)
+                self._sender = self._call = None
+                for task in (commands, sender):
+                    task.cancel()
+                # Collect their ends (a write on a finished call fails), or asyncio reports them as never retrieved.
+                await asyncio.gather(commands, sender, return_exceptions=True)
 
     async def _obey_commands(self, call) -> None:
         """Follow the orchestrator's commands. An interval command only records the interval and
@@ -3261,7 +3303,14 @@ class WorkerClient:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(self.sampler.warmup_left())
         while True:
-            await call.write(self._next_metrics(self.sampler.sample()))
+            # On a thread: psutil reads /proc and statvfs()s the root file system, which a hung
+            # mount can hold for seconds, and the TUI may be holding the sampler's lock.
+            try:
+                sample = await loop.run_in_executor(None, self.sampler.sample)
+            except Exception as error:
+                raise SamplingFailed(sanitize_text(f"cannot read this machine's metrics "
+                                                   f"({type(error).__name__}: {error})", ERROR_TEXT_LIMIT)) from None
+            await call.write(self._next_metrics(sample))
             sent_at = loop.time()
             if sent_at - self._stream_opened_at >= WORKER_REPEAT_SUMMARY_S:
                 self._say_repeats()
@@ -3286,7 +3335,8 @@ class WorkerConfig:
     tls_ca: bytes | None = None
     node_id: str | None = None  # --node-id; None for this host's default
     labels: dict = dataclasses.field(default_factory=dict)
-    state_dir: str | None = dataclasses.field(default_factory=default_state_dir)  # None: keep nothing on disk
+    # Where the inventory is kept, as on the command line; None keeps nothing on disk.
+    state_dir: str | None = dataclasses.field(default_factory=lambda: default_state_dir())
 
     def create(self, sampler: LocalSampler) -> WorkerClient:
         """The worker, under its claimed identity; StartError when that ID already runs here."""
@@ -5359,28 +5409,20 @@ def _ensure_dir(path: str, paths: ServicePaths, created: list[str]) -> None:
 
 
 def _write_atomically(target: str, shown: str, mode: int, data: bytes | None = None, source: str | None = None) -> bool:
-    """Put data (or a copy of the file source) at target, all or nothing: a temporary file in the
-    same directory, created 0600 (mkstemp) so a secret is never readable by others even for a
-    moment, given its final mode, flushed to disk, then renamed over target. False when target
-    already held exactly that with that mode (nothing written)."""
+    """Put data (or a copy of the file source) at target with that mode, all or nothing
+    (replace_file). False when target already held exactly that with that mode (nothing written)."""
     if _already(target, mode, data, source):
         return False
-    directory = os.path.dirname(target)
-    descriptor, temporary = tempfile.mkstemp(prefix=".cares-", dir=directory)
+
+    def write(file):
+        if source is None:
+            file.write(data)
+        else:
+            with open(source, "rb") as original:
+                shutil.copyfileobj(original, file, 1 << 20)
     try:
-        with os.fdopen(descriptor, "wb") as file:
-            if source is None:
-                file.write(data)
-            else:
-                with open(source, "rb") as original:
-                    shutil.copyfileobj(original, file, 1 << 20)
-            file.flush()
-            os.fchmod(file.fileno(), mode)
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-        _fsync_dir(directory)
+        replace_file(target, write, mode)
     except OSError as error:
-        _remove_quietly(temporary)
         raise ServiceError(f"cannot write {shown}: {(error.strerror or str(error)).lower()}") from None
     return True
 
@@ -5395,19 +5437,6 @@ def _already(target: str, mode: int, data: bytes | None, source: str | None) -> 
             return file.read(len(data) + 1) == data
     except OSError:
         return False
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def _remove_quietly(path: str) -> None:

@@ -1075,6 +1075,26 @@ class LivenessIntegrityTest(ClusterTestCase):
         restarted.terminate()
         self.assertEqual(restarted.wait(10), 0)
 
+    def test_a_worker_that_cannot_keep_its_secret_claims_nothing_and_rejoins_after_a_restart(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        state = tempfile.mkdtemp(prefix="cares-test-nosecret-")
+        self.addCleanup(shutil.rmtree, state, True)
+        os.mkdir(os.path.join(state, "worker-web.secret"))  # neither readable nor replaceable as a file
+        identity = cares.claim_identity("web", state)
+        identity.lock.close()
+        self.assertEqual(identity.secret, "")
+        self.assertIn("cannot keep a node secret in", identity.note)
+        address = f"127.0.0.1:{orchestrator.port}"
+        for _ in range(2):  # with a secret that died with the first process, the second was refused
+            worker = self.spawn("worker", address, "--node-id", "web", "--state-dir", state, "--headless")
+            self.assert_becomes(orchestrator.registry, "web", cares.NodeStatus.ACTIVE, 10)
+            worker.kill()
+            worker.wait(5)
+            self.assert_becomes(orchestrator.registry, "web", cares.NodeStatus.DISCONNECTED, 5)
+        os.mkdir(os.path.join(state, "worker-db.lock"))
+        with self.assertRaisesRegex(cares.StartError, r"cannot use .*worker-db\.lock: is a directory"):
+            cares.claim_identity("db", state)
+
     def test_stream_less_joins_do_not_fill_max_nodes(self):
         orchestrator = self.start_orchestrator(max_nodes=5, heartbeat_ms=200)
         stub = raw_stub(self, orchestrator.port)
@@ -2808,6 +2828,28 @@ class HostileInputTest(ClusterTestCase):
 # ---------------------------------------------------------------------------
 
 class FaultTest(ClusterTestCase):
+    def test_a_worker_whose_sampling_fails_says_so_and_rejoins(self):
+        class FailingSampler(FixedSampler):
+            """Samples once, then fails until told to recover: a /proc that went away."""
+            failing = threading.Event()
+
+            def sample(self):
+                if self.failing.is_set():
+                    raise RuntimeError("sensor gone")
+                return super().sample()
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        sampler = FailingSampler(10.0, 20.0)
+        worker = self.start_worker(orchestrator, "flaky", sampler)
+        self.assert_becomes(orchestrator.registry, "flaky", cares.NodeStatus.ACTIVE, 10)
+        sampler.failing.set()
+        told = lambda: [text for text in texts(worker.events) if "sensor gone" in text]
+        self.assertIsNotNone(wait_until(told, 10), "a failing sampler went unnoticed")
+        said = told()
+        self.assertIn("Disconnected: cannot read this machine's metrics (RuntimeError: sensor gone); retrying.",
+                      said[0])
+        sampler.failing.clear()
+        self.assert_becomes(orchestrator.registry, "flaky", cares.NodeStatus.ACTIVE, 15)
+
     def test_stopped_worker_is_lost_then_back_after_sigcont(self):
         orchestrator = self.start_orchestrator(heartbeat_ms=200)
         worker = self.spawn("worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "sleepy", "--headless")
