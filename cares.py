@@ -392,10 +392,6 @@ def clamp_heartbeat_ms(milliseconds: int) -> int:
     return min(max(int(milliseconds or DEFAULT_HEARTBEAT_MS), MIN_HEARTBEAT_MS), MAX_HEARTBEAT_MS)
 
 
-def is_valid_percent(value: float) -> bool:
-    return math.isfinite(value) and 0.0 <= value <= 100.0
-
-
 def clamp_percent(value: float) -> float:
     """Any number to 0-100 for drawing; NaN draws as 0."""
     if math.isnan(value):
@@ -438,14 +434,28 @@ def collection_deferred():
     """Run a burst that makes many short-lived objects (a registry snapshot, a /metrics page)
     with the cyclic garbage collector paused: they die by reference counting at the end, instead
     of being promoted while still in use and then scanned. Measured at 3,000 nodes scraped once a
-    second: full collections of the whole heap stalled the gRPC loop for up to 120 ms."""
-    enabled = gc.isenabled()
-    gc.disable()
+    second: full collections of the whole heap stalled the gRPC loop for up to 120 ms.
+    The collector is one switch for the whole process and bursts run on several threads (a
+    scrape during a redraw): it is paused while any burst runs, and switched back on, if it was
+    on, when the last one ends."""
+    global _deferring_bursts, _collector_was_enabled
+    with _deferring_lock:
+        if _deferring_bursts == 0:
+            _collector_was_enabled = gc.isenabled()
+            gc.disable()
+        _deferring_bursts += 1
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        with _deferring_lock:
+            _deferring_bursts -= 1
+            if _deferring_bursts == 0 and _collector_was_enabled:
+                gc.enable()
+
+
+_deferring_lock = threading.Lock()
+_deferring_bursts = 0
+_collector_was_enabled = True
 
 
 _wcwidth = None
@@ -939,7 +949,10 @@ class Node:
 
     def copy(self, with_history: bool = True) -> "Node":
         """A detached, read-only copy for another thread, with a copy of its graphs or none.
-        One dict copy (a single step under the GIL, so the fields are those of one moment):
+        One dict copy, a single step under the GIL, taken without the registry's lock: the fields
+        are those of one moment, but that moment may fall between two assignments of a heartbeat
+        (its metrics new, its last-seen time not yet), and the graphs, copied a step later, may
+        hold one sample more. Good enough to draw and to scrape: the next copy is whole again.
         dataclasses.replace took 4 us a node, this under 1."""
         clone = object.__new__(Node)
         fields = self.__dict__.copy()
@@ -1354,8 +1367,8 @@ class NodeRegistry:
 
     def snapshot(self, with_history: bool = True) -> list[Node]:
         """Copies of every node, safe to read on another thread. Only the list is taken under the
-        lock; the copies are made outside it (each node's fields still come from one moment, see
-        Node.copy), so the heartbeats of 10,000 nodes never wait the 10-20 ms the copies take."""
+        lock; the copies are made outside it (Node.copy says how consistent each one is), so the
+        heartbeats of 10,000 nodes never wait the 10-20 ms the copies take."""
         with self._lock:
             nodes = list(self._nodes.values())
         return [node.copy(with_history) for node in nodes]
@@ -1551,8 +1564,16 @@ def _report_loop_error(loop, context: dict) -> None:
     if os.environ.get("CARES_DEBUG"):
         loop.default_exception_handler(context)
         return
+    global _loop_error_log
+    if _loop_error_log is None:  # only ever called on the gRPC loop: no race to make two
+        # Its own writer thread: the loop must not wait on a stderr nobody reads.
+        _loop_error_log = LineWriter(2, capacity=100)
     detail = f": {type(error).__name__}: {error}" if error is not None else ""
-    say_error(sanitize_text(f"internal error on the gRPC loop ({context.get('message', 'unknown')}){detail}", 300))
+    _loop_error_log.put("cares: " + sanitize_text(
+        f"internal error on the gRPC loop ({context.get('message', 'unknown')}){detail}", 300))
+
+
+_loop_error_log = None
 
 
 def run_on_grpc_loop(coroutine, timeout: float | None = None):
@@ -1903,6 +1924,8 @@ def explain_bind_failure(host: str, port: int) -> str:
     return f"cannot listen on {address}"
 
 
+HOOK_HIDDEN_VARIABLES = frozenset({"CARES_TOKEN", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
+                                   "LISTEN_FDS", "LISTEN_PID", "CREDENTIALS_DIRECTORY"})
 # The events --on-event runs its command for.
 HOOK_EVENTS = frozenset({EventKind.JOINED, EventKind.REJOINED, EventKind.LEFT, EventKind.LOST, EventKind.THRESHOLD,
                          EventKind.RECOVERED, EventKind.MISSING})
@@ -1940,7 +1963,10 @@ class HookRunner:
         def text(value, limit=200):
             return "" if value is None else sanitize_text(str(value).replace("\n", " "), limit)
         values = event.values
-        return {**os.environ, "CARES_EVENT": event.kind.value, "CARES_NODE_ID": event.node_id,
+        # The hook inherits cares' environment, but not its secrets or its systemd plumbing: a
+        # command that posts to a webhook must never carry the cluster token along.
+        inherited = {key: value for key, value in os.environ.items() if key not in HOOK_HIDDEN_VARIABLES}
+        return {**inherited, "CARES_EVENT": event.kind.value, "CARES_NODE_ID": event.node_id,
                 "CARES_HOSTNAME": text(values.get("hostname")), "CARES_ADDRESS": text(values.get("address")),
                 "CARES_CPU_PERCENT": text(values.get("cpu_percent")),
                 "CARES_MEMORY_PERCENT": text(values.get("memory_percent")), "CARES_MESSAGE": text(event.text, 500)}
@@ -1948,20 +1974,32 @@ class HookRunner:
     def _run_forever(self) -> None:
         running: list[tuple] = []  # (process, event, started at, stderr file)
         reported = 0
+        failures = 0
         while True:
             self._wake.wait(0.1 if running else None)
             self._wake.clear()
-            # Reap first, then start: started after a reap, the queue waits for no one's event.
-            running = [entry for entry in running if entry[0] is not None and not self._finished(*entry)]
-            while self._queue and len(running) < HOOK_CONCURRENCY:
-                running.append(self._start(self._queue.popleft()))
+            try:
+                # Reap first, then start: started after a reap, the queue waits for no one's event.
+                running = [entry for entry in running if entry[0] is not None and not self._finished(*entry)]
+                while self._queue and len(running) < HOOK_CONCURRENCY:
+                    running.append(self._start(self._queue.popleft()))
+            except Exception as error:  # a full temp dir, no file descriptors left: say so, go on
+                failures += 1
+                if _is_power_of_ten(failures):
+                    self._events.add(Level.ERROR, sanitize_text(f"Event hooks failed ({failures} time(s) so far): "
+                                                                f"{type(error).__name__}: {error}", ERROR_TEXT_LIMIT))
             if self.dropped != reported:
                 self._events.add(Level.WARN, f"Event hook too slow: {self.dropped - reported} event(s) dropped "
                                              f"(at most {HOOK_QUEUE_EVENTS} wait).")
                 reported = self.dropped
 
     def _start(self, event: Event) -> tuple:
-        errors = tempfile.TemporaryFile()
+        try:
+            errors = tempfile.TemporaryFile()
+        except OSError as error:
+            self._events.add(Level.WARN, f"Event hook for {event.kind.value} of '{event.node_id}' not run: "
+                                         f"no temporary file ({error.strerror or error}).")
+            return (None, event, 0.0, None)
         try:
             process = subprocess.Popen(self.command, env=self.environment(event), stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
@@ -1983,8 +2021,8 @@ class HookRunner:
             process.wait()
             problem = f"killed after {HOOK_TIMEOUT_S:g} s"
         elif code != 0:
-            errors.seek(0)
-            tail = errors.read()[-200:].decode("utf-8", "replace").strip().splitlines()
+            errors.seek(max(errors.seek(0, os.SEEK_END) - 200, 0))
+            tail = errors.read(200).decode("utf-8", "replace").strip().splitlines()
             problem = f"exited with {code}" + (f": {sanitize_text(tail[-1], 120)}" if tail else "")
         else:
             problem = ""
@@ -2657,7 +2695,9 @@ class Orchestrator:
         self.state_dir = state_dir
         self.state: StateFile | None = None
         self._saved_changes, self._saved_at = -1, -math.inf
-        self.hooks = HookRunner(on_event, self.registry.events) if on_event else None
+        self.on_event = on_event
+        self.hooks: HookRunner | None = None  # started with the orchestrator
+        guard = TokenGuard(token)
         self.metrics: MetricsServer | None = None
         if metrics_listen:
             host, metrics_port = parse_address(metrics_listen, allow_port_zero=True)
@@ -2669,7 +2709,6 @@ class Orchestrator:
         self.tls = (tls_key, tls_cert) if tls_cert else None
         self.port = port
         self.forget_after_s = forget_after_s
-        guard = TokenGuard(token)
         self.servicer = ClusterServicer(self.registry, guard, heartbeat_ms)
         self._asked_ms = heartbeat_ms
         self._status = StatusServicer(self.registry, guard)
@@ -2695,30 +2734,38 @@ class Orchestrator:
         # the switch interval before the gRPC loop gets it back: 5 ms by default, paid by every
         # heartbeat that arrives meanwhile. 1 ms keeps the loop's tail short for a little switching.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        if not run_on_grpc_loop(self._start(), timeout=10):
+        raise_open_file_limit()
+        if not run_on_grpc_loop(self._bind(), timeout=10):
             # Asked here, not on the event loop: finding out why may mean a DNS lookup.
             raise StartError(explain_bind_failure(self.listen_host, self.port))
-        self.join_hosts = join_addresses(self.listen_host, self.port, psutil.net_if_addrs())
-        self.registry.events.add(Level.INFO, f"Orchestrator listening on {self.address}.")
-        self._open_state(self.address)  # the bound address: port 0 becomes the port it got
-        if self.metrics is not None:
-            try:
+        try:
+            # The known nodes come back before the first worker is served: one that rejoins at
+            # once must find its row (and its owner's claim), not make a new one.
+            self._open_state(self.address)  # the bound address: port 0 becomes the port it got
+            if self.on_event:
+                self.hooks = HookRunner(self.on_event, self.registry.events)
+            run_on_grpc_loop(self._serve(), timeout=10)
+            self.join_hosts = join_addresses(self.listen_host, self.port, psutil.net_if_addrs())
+            self.registry.events.add(Level.INFO, f"Orchestrator listening on {self.address}.")
+            if self.metrics is not None:
                 self.metrics.start()
-            except StartError:
-                self.stop(0.1)
-                raise
-            access = "Bearer token required" if self.metrics.needs_token else "open"
-            self.registry.events.add(Level.INFO, f"Prometheus metrics on {self.metrics.scheme}://"
-                                                 f"{self.metrics.address}/metrics and /sd ({access}).")
+                access = "Bearer token required" if self.metrics.needs_token else "open"
+                self.registry.events.add(Level.INFO, f"Prometheus metrics on {self.metrics.scheme}://"
+                                                     f"{self.metrics.address}/metrics and /sd ({access}).")
+        except BaseException:  # /metrics cannot listen, SIGTERM mid-start: leave no port held
+            self.stop(0.1)
+            raise
 
     def metrics_snapshot(self) -> tuple[list[Node], dict]:
         """What /metrics renders: the nodes and the counters in the names it exports. Called on the
         metrics server's render thread."""
         counters = self.registry.counters()
-        refused = dict.fromkeys((reason.value for reason in RefusalReason if reason is not RefusalReason.JOIN_EXPIRED), 0)
+        # A node is refused at its join or when its stream is bound (the cluster is full, the ID
+        # is taken, the join expired): both count as refused joins.
+        refused = dict.fromkeys((reason.value for reason in JOIN_REFUSALS), 0)
         for (what, reason), count in counters["refusals"].items():
-            if what == "join":
-                refused[reason.value] = refused.get(reason.value, 0) + count
+            if what in ("join", "heartbeat stream") and reason in JOIN_REFUSALS:
+                refused[reason.value] += count
         return self.registry.snapshot(with_history=False), {
             "heartbeats_received": counters["heartbeats_received"], "samples_dropped": counters["samples_dropped"],
             "joins": counters["joins_accepted"], "joins_refused": refused}
@@ -2738,8 +2785,8 @@ class Orchestrator:
             self.registry.events.add(Level.INFO, f"{restored} known node(s) from {self.state.path} are Missing "
                                                  f"until they rejoin.")
 
-    async def _start(self) -> bool:
-        """Bind and serve; False when the address cannot be bound."""
+    async def _bind(self) -> bool:
+        """Bind the gRPC server (not serving yet); False when the address cannot be bound."""
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_ClusterServiceServicer_to_server(self.servicer, server)
         pb_grpc.add_StatusServiceServicer_to_server(self._status, server)
@@ -2754,14 +2801,16 @@ class Orchestrator:
             await server.stop(None)
             return False
         self.port = port
-        await server.start()
         self._server = server
+        return True
+
+    async def _serve(self) -> None:
+        await self._server.start()
         self._interval_lock = asyncio.Lock()
         self._tasks = [asyncio.ensure_future(self._every(lambda: self.registry.heartbeat_interval / 2,
                                                          self._sweep, "liveness sweep")),
                        asyncio.ensure_future(self._every(lambda: HOUSEKEEPING_S, self._housekeeping,
                                                          "housekeeping"))]
-        return True
 
     async def _every(self, period, step, name: str) -> None:
         """Run step every period() seconds for as long as the orchestrator runs. An exception in a
@@ -2769,9 +2818,10 @@ class Orchestrator:
         ends silently, or the sweep's death would leave silent nodes Active forever."""
         failures = 0
         while True:
-            await asyncio.sleep(period())
+            slept = period()
+            await asyncio.sleep(slept)
             try:
-                step()
+                step(slept)
             except Exception as error:
                 failures += 1
                 if _is_power_of_ten(failures):
@@ -2779,15 +2829,17 @@ class Orchestrator:
                         f"The {name} failed ({failures} time(s) so far), and keeps running: "
                         f"{type(error).__name__}: {error}", ERROR_TEXT_LIMIT))
 
-    def _sweep(self) -> None:
-        stall = self.registry.clock.tick(self.registry.heartbeat_interval / 2)
+    def _sweep(self, period: float) -> None:
+        # The period this sweep slept, not the one in force now: after a shorter interval was
+        # asked, the old sleep's length is no stall.
+        stall = self.registry.clock.tick(period)
         if stall >= STALL_REPORT_S and time.monotonic() - self._stall_reported_at > 60.0:
             self._stall_reported_at = time.monotonic()
             self.registry.events.add(Level.WARN, f"The orchestrator was stalled for {stall:.1f} s; "
                                                  f"nodes were given that much more time to be heard from.")
         self.servicer.end_expired_streams(self.registry.expire())
 
-    def _housekeeping(self) -> None:
+    def _housekeeping(self, period: float) -> None:
         self.registry.flush_refusals()
         self.registry.announce_missing()
         if self.forget_after_s:
@@ -2858,7 +2910,8 @@ class OrchestratorConfig:
     heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
     max_nodes: int = DEFAULT_MAX_NODES
     forget_after_s: float | None = DEFAULT_FORGET_AFTER_S
-    state_dir: str | None = None  # None: keep nothing on disk
+    # Where the inventory is kept, as on the command line; None keeps nothing on disk.
+    state_dir: str | None = dataclasses.field(default_factory=lambda: default_state_dir())
     on_event: list | None = None  # the --on-event command, split
     alerts: tuple = ()
     metrics_listen: str | None = None
@@ -4745,11 +4798,8 @@ def watchdog_interval_from(environ, pid: int) -> float | None:
 
 
 def status_line(text: str, limit: int = STATUS_LIMIT) -> str:
-    """text as one line of printable characters: a newline would end the STATUS= assignment
-    and start another (cares.py's sanitize_text does the same job)."""
-    cleaned = "".join(" " if unicodedata.category(char)[0] in "CZ" else char for char in text)
-    cleaned = " ".join(cleaned.split())
-    return cleaned if len(cleaned) <= limit else cleaned[:limit - 3] + "..."
+    """text as one line for systemd: a newline would end the STATUS= assignment and start another."""
+    return sanitize_text(" ".join(str(text).split()), limit)
 
 
 class SdNotifier:
@@ -4857,7 +4907,6 @@ def serve_headless(orchestrator: Orchestrator, style: LogStyle = LogStyle.TEXT) 
     signals = StopSignals()
     notifier = SdNotifier()
     try:
-        raise_open_file_limit()
         orchestrator.start()
         events.add(Level.INFO, "Workers can join with: cares worker " + " | ".join(orchestrator.join_hosts))
         if not orchestrator.token:

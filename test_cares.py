@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import dataclasses
 import fcntl
+import gc
 import glob
 import gzip
 import http.client
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import textwrap
 import time
 import unicodedata
 import unittest
@@ -261,7 +263,8 @@ class ClusterTestCase(unittest.TestCase):
     def exit_code(self, *args):
         """cares.main() run in this process, for commands whose exit code is all that is checked;
         returns (code, what it wrote to stderr)."""
-        with tempfile.TemporaryFile() as sink, contextlib.redirect_stdout(open(os.devnull, "w")):
+        with tempfile.TemporaryFile() as sink, open(os.devnull, "w") as devnull, \
+                contextlib.redirect_stdout(devnull):
             saved = os.dup(2)
             sys.stderr.flush()
             os.dup2(sink.fileno(), 2)
@@ -305,16 +308,29 @@ class PureFunctionTest(unittest.TestCase):
         self.assertEqual(cares.bar_level(85), "high")
         self.assertEqual(cares.bar_level(float("nan")), "low")
 
-    def test_clamp_and_validate_percent(self):
+    def test_overlapping_bursts_pause_the_collector_until_the_last_ends(self):
+        self.assertTrue(gc.isenabled())
+        scrape, redraw = cares.collection_deferred(), cares.collection_deferred()
+        scrape.__enter__()
+        redraw.__enter__()
+        scrape.__exit__(None, None, None)
+        self.assertFalse(gc.isenabled())  # the redraw still runs
+        redraw.__exit__(None, None, None)
+        self.assertTrue(gc.isenabled())
+        gc.disable()  # switched off by someone else: the bursts leave it off
+        try:
+            with cares.collection_deferred():
+                pass
+            self.assertFalse(gc.isenabled())
+        finally:
+            gc.enable()
+
+    def test_clamp_percent(self):
         self.assertEqual(cares.clamp_percent(-3), 0.0)
         self.assertEqual(cares.clamp_percent(101), 100.0)
         self.assertEqual(cares.clamp_percent(float("nan")), 0.0)
         self.assertEqual(cares.clamp_percent(float("-inf")), 0.0)
         self.assertEqual(cares.clamp_percent(42.5), 42.5)
-        for good in (0, 0.1, 50, 100):
-            self.assertTrue(cares.is_valid_percent(good), good)
-        for bad in (-0.1, 100.1, float("nan"), float("inf"), float("-inf")):
-            self.assertFalse(cares.is_valid_percent(bad), bad)
 
     def test_parse_address_accepts(self):
         cases = {
@@ -733,7 +749,7 @@ class NodeRegistryTest(unittest.TestCase):
         self.assertEqual(lines, ["Join from 10.0.0.9 refused: missing or wrong token.",
                                  "Status request from 10.0.0.8 refused: missing or wrong token.",
                                  lines[2]])
-        self.assertRegex(lines[2], r"^411 joins refused from 10\.0\.0\.9 in the last 0 s: missing or wrong token\.$")
+        self.assertRegex(lines[2], r"^411 joins refused from 10\.0\.0\.9 in the last \d+ s: missing or wrong token\.$")
         self.assertEqual(registry.counters()["refusals"][("join", cares.RefusalReason.WRONG_TOKEN)], 412)
 
     def test_forget_gone_nodes_after_a_while(self):
@@ -1410,6 +1426,42 @@ class RoutineOperationsTest(ClusterTestCase):
         self.assertEqual(process.wait(10), 0)
         self.assertNotIn("Traceback", log.text())
 
+    def test_an_unhandled_loop_error_with_stderr_unread_never_stalls_the_loop(self):
+        script = textwrap.dedent("""
+            import asyncio, os, sys, time
+            import cares
+            read_end, write_end = os.pipe()
+            os.set_blocking(write_end, False)
+            try:  # fill the pipe: stderr now blocks, like a log nobody reads
+                while True:
+                    os.write(write_end, b"x" * 4096)
+            except BlockingIOError:
+                pass
+            os.set_blocking(write_end, True)
+            os.dup2(write_end, 2)
+            loop = cares.grpc_loop()
+            for number in range(300):
+                loop.call_soon_threadsafe(loop.call_exception_handler,
+                                          {"message": "probe", "exception": ValueError(number)})
+            cares.run_on_grpc_loop(asyncio.sleep(0), timeout=10)  # the loop still runs
+            print("loop runs", flush=True)
+            os.set_blocking(read_end, False)
+            seen, deadline = b"", time.monotonic() + 10
+            while b"ValueError: 99" not in seen and time.monotonic() < deadline:
+                try:
+                    seen += os.read(read_end, 65536)
+                except BlockingIOError:
+                    time.sleep(0.01)
+            print(seen.decode(errors="replace").replace("x", ""), flush=True)
+        """)
+        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True,
+                                timeout=60, stdin=subprocess.DEVNULL)
+        self.assertEqual(result.returncode, 0, result.stdout[-500:])
+        self.assertIn("loop runs", result.stdout)
+        # Once read again, the log gets the first lines (100 wait; the rest are counted as dropped).
+        self.assertIn("cares: internal error on the gRPC loop (probe): ValueError: 0\n", result.stdout)
+        self.assertIn("log line(s) were dropped", result.stdout)
+
     def test_a_full_log_disk_never_stops_serving(self):
         folder = tempfile.mkdtemp(prefix="cares-test-full-")
         self.addCleanup(shutil.rmtree, folder, True)
@@ -1450,7 +1502,8 @@ class RoutineOperationsTest(ClusterTestCase):
         self.assert_still_serving(address)
         worker.send_signal(signal.SIGTERM)
         self.assertEqual(worker.wait(10), 0)
-        self.assertIsNotNone(wait_until(lambda: "Node 'hangup' has left the cluster." in orchestrator_log.text(), 5))
+        self.assertIsNotNone(wait_until(lambda: "Node 'hangup' has left the cluster." in orchestrator_log.text(), 5),
+                             f"orchestrator:\n{orchestrator_log.text()}\nworker:\n{worker_log.text()}")
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(10), 0)
 
@@ -2989,7 +3042,8 @@ class EventHookTest(ClusterTestCase):
         for number in range(cares.HOOK_QUEUE_EVENTS + 50):  # a burst the queue cannot hold
             events.add(cares.Level.WARN, f"Node 'n{number}' lost: test.", cares.EventKind.LOST, f"n{number}")
         events.add(cares.Level.INFO, "not a node event")
-        self.assertIsNotNone(wait_until(lambda: runner.dropped >= 50 and any(
+        # Up to HOOK_CONCURRENCY events may leave the queue for a command while the burst goes in.
+        self.assertIsNotNone(wait_until(lambda: runner.dropped >= 50 - cares.HOOK_CONCURRENCY and any(
             "Event hook too slow" in text for text in texts(events)), 5))
         self.assertIsNotNone(wait_until(lambda: len(hook_records(path)) >= 8, 20))
         records = hook_records(path)
@@ -3470,7 +3524,7 @@ class SdNotifyTest(unittest.TestCase):
         receiver, value = self.receiver(False)
         notifier = self.notifier({"NOTIFY_SOCKET": value})
         notifier.status("connected to 10.0.0.5:50051\nREADY=1\x1b[31m\u202e")
-        self.assertEqual(receiver.receive()[0], "STATUS=connected to 10.0.0.5:50051 READY=1 [31m")
+        self.assertEqual(receiver.receive()[0], "STATUS=connected to 10.0.0.5:50051 READY=1?[31m?")
         notifier.status("connected to 10.0.0.5:50051\nREADY=1\x1b[31m\u202e")
         self.assertEqual(notifier.sent, 1)
         notifier.status("x" * 500)
