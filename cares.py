@@ -3862,11 +3862,15 @@ REDRAW_FRAMES = 20
 SNAPSHOT_MAX_AGE_S = 0.25
 # Ctrl-C arrives as a key because the screen is opened with catch_interrupt.
 QUIT_KEYS = (ord("q"), ord("Q"), 3)
+# What reading or writing a terminal fails with once its pty or ssh session is gone.
+TERMINAL_GONE_ERRORS = frozenset({errno.EIO, errno.ENXIO, errno.EBADF, errno.ENOTTY})
 ENTER_KEYS = (10, 13)
 
 
-class TerminationRequested(Exception):
-    """SIGTERM or SIGHUP while the screen is up: leave it the same way q does."""
+class TerminationRequested(BaseException):
+    """SIGTERM or SIGHUP while the screen is up: leave it the same way q does. Raised by the
+    signal handler wherever the main thread is, so not an Exception: the `except Exception`
+    that keeps a redraw alive must not swallow it."""
 
 
 def _raise_termination(signum, frame):
@@ -3957,7 +3961,8 @@ class TuiApp:
         try:
             while True:
                 try:
-                    scenes.Screen.wrapper(lambda screen: scenes.play(self, screen), catch_interrupt=True)
+                    scenes.Screen.wrapper(lambda screen: scenes.play(self, screen), catch_interrupt=True,
+                                          unicode_aware=locale_is_utf8())
                     return 0
                 except scenes.ResizeScreenError:
                     continue
@@ -3965,13 +3970,34 @@ class TuiApp:
             return 0
         except scenes.curses_error as error:
             raise RuntimeFailure(f"this terminal cannot show the dashboard ({error}); run with --headless") from None
-        except OSError:
+        except OSError as error:
+            if error.errno not in TERMINAL_GONE_ERRORS:
+                raise
             # The terminal went away under the screen (EIO on a closed pty): leave cleanly all the same.
             return 0
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self.shutdown()
+
+
+def locale_is_utf8(environment=os.environ, python_chose_utf8: bool | None = None) -> bool:
+    """Whether the user's locale says the terminal takes UTF-8 (else the screen is drawn in ASCII).
+
+    The locale variables are read in POSIX order (LC_ALL, LC_CTYPE, LANG). Python itself turns a C
+    or POSIX locale into UTF-8 (PEP 538 and 540: UTF-8 mode comes on unasked, LC_CTYPE=C.UTF-8 is
+    set for children), which says nothing about the terminal; asciimatics, asking Python, would
+    draw block glyphs on a terminal whose locale is LANG=C."""
+    if python_chose_utf8 is None:
+        asked = environment.get("PYTHONUTF8") or sys._xoptions.get("utf8") not in (None, "0")
+        python_chose_utf8 = bool(sys.flags.utf8_mode) and not asked
+    for name in ("LC_ALL", "LC_CTYPE", "LANG"):
+        value = environment.get(name, "")
+        if name == "LC_CTYPE" and python_chose_utf8 and value == "C.UTF-8":
+            continue  # Python's coercion, not the user's
+        if value:
+            return value.replace("-", "").lower().split("@")[0].endswith(".utf8")
+    return False
 
 
 _tui_scenes = None
@@ -4332,6 +4358,8 @@ def _define_tui():
                 selected = table.first + row == table.selected_index
                 self.put_segments(segments, 1 + row, style="selected" if selected else None)
 
+    _REORDERED = object()  # a DashboardFrame's rows were reordered or filtered since they were shown
+
     class DashboardFrame(AppFrame):
         """The orchestrator's live view: header, node table, event log, key line."""
 
@@ -4340,6 +4368,10 @@ def _define_tui():
             log_height = max(4, screen.height // 4)
             self._table = NodeTable(screen.height - 3 - log_height - 1)
             self._snapshot, self._snapshot_at = [], -math.inf
+            self._summary = summarize([])
+            # Selection moves asked since the last redraw: applied there, to the view they were
+            # asked of (_moved_in), so a held arrow key moves every step without a redraw per key.
+            self._moves, self._moved_in = 0, None
             layout = self.column
             layout.add_widget(DashboardHeader(3))
             layout.add_widget(self._table)
@@ -4364,7 +4396,9 @@ def _define_tui():
                 if now - self._snapshot_at > SNAPSHOT_MAX_AGE_S:
                     with collection_deferred():
                         self._snapshot = orchestrator.registry.snapshot(with_history=False)
+                        self._summary = summarize(self._snapshot)
                     self._snapshot_at = now
+                self._apply_moves()
                 layout = table_layout(self.canvas.width)
                 table = prepare_table(self._snapshot, self.app.table, self._table.rows)
                 if layout.width_of(Column.SPARK):
@@ -4374,39 +4408,34 @@ def _define_tui():
                     rows = table.rows
                 wall = time.time()
                 self.shown = DashboardShown(
-                    summarize(self._snapshot), layout, table,
+                    self._summary, layout, table,
                     [node_row(node, layout, wall, self.glyphs, bool(node.alerting)) for node in rows],
                     orchestrator.registry.events.tail(self.canvas.height), wall)
             super()._update(frame_no)
-
-        def _refresh(self) -> None:
-            """Prepare again now, from the same snapshot: a key changed what is shown."""
-            self._update(0)
 
         def on_key(self, key: int) -> bool:
             app, table = self.app, self.app.table
             if table.editing_query:
                 return self._edit_query(key)
-            view = self.shown.table if self.shown else None
             page = max(self._table.rows - 1, 1)
             moves = {Screen.KEY_UP: -1, Screen.KEY_DOWN: 1, Screen.KEY_PAGE_UP: -page, Screen.KEY_PAGE_DOWN: page,
                      Screen.KEY_HOME: -10**9, Screen.KEY_END: 10**9}
-            if key in moves and view is not None:
-                move_selection(table, view, moves[key])
-            elif key in ENTER_KEYS and table.selected:
+            if key in moves:
+                self._move(moves[key])
+            elif key in ENTER_KEYS and self._settle_selection():
                 app.detail_node = table.selected
                 self.show(View.DETAIL)
             elif key == ord("/"):
                 table.editing_query = True
             elif key == Screen.KEY_ESCAPE and table.query:
-                table.query = ""
+                self._reorder(query="")
             elif key == ord("?"):
                 app.help_returns_to = View.DASHBOARD
                 self.show(View.HELP)
             elif key in SORT_KEYS:
-                table.sort_key = SORT_KEYS[key]
+                self._reorder(sort_key=SORT_KEYS[key])
             elif key == ord("r"):
-                table.reverse = not table.reverse
+                self._reorder(reverse=not table.reverse)
             elif key == ord("x") and app.orchestrator is not None:
                 app.orchestrator.forget_gone()
                 self._snapshot_at = -math.inf
@@ -4416,25 +4445,53 @@ def _define_tui():
                     app.orchestrator.set_heartbeat_interval(step)
             else:
                 return False
-            self._refresh()
-            return True
+            return True  # asciimatics redraws after the keys it was given: _update shows the change
+
+        def _move(self, step: int) -> None:
+            """Ask for a selection move of step rows, in the view on screen or, after a key that
+            reordered or filtered the rows, in that new order (built once, here)."""
+            if self._moved_in is None:
+                if self.shown is None:
+                    return
+                self._moved_in = self.shown.table
+            elif self._moved_in is _REORDERED:
+                self._moved_in = prepare_table(self._snapshot, self.app.table, self._table.rows)
+            self._moves += step
+
+        def _apply_moves(self) -> None:
+            if self._moves and self._moved_in not in (None, _REORDERED):
+                move_selection(self.app.table, self._moved_in, self._moves)
+            self._moves, self._moved_in = 0, None
+
+        def _settle_selection(self) -> str:
+            """The selected node once the moves asked so far are made (Enter acts on it at once)."""
+            moved = bool(self._moves)
+            self._apply_moves()
+            if moved and not self.app.table.selected:  # moved off screen: the rebuilt view picks it
+                prepare_table(self._snapshot, self.app.table, self._table.rows)
+            return self.app.table.selected
+
+        def _reorder(self, **change) -> None:
+            """Change the sort or the filter: moves asked before it happen in the order they were asked in."""
+            self._apply_moves()
+            for name, value in change.items():
+                setattr(self.app.table, name, value)
+            self._moved_in = _REORDERED
 
         def _edit_query(self, key: int) -> bool:
             table = self.app.table
             if key in ENTER_KEYS:
                 table.editing_query = False
             elif key == Screen.KEY_ESCAPE:
-                table.query, table.editing_query = "", False
+                self._reorder(query="", editing_query=False)
             elif key in (Screen.KEY_BACK, 127, 8):
-                table.query = table.query[:-1]
+                self._reorder(query=table.query[:-1])
             elif key in (Screen.KEY_UP, Screen.KEY_DOWN):
-                move_selection(table, self.shown.table, -1 if key == Screen.KEY_UP else 1)
+                self._move(-1 if key == Screen.KEY_UP else 1)
             elif 32 <= key <= sys.maxunicode and sanitize_text(chr(key)) == chr(key) and len(table.query) < 100:
-                table.query += chr(key)
-                table.scroll = 0
+                self._reorder(query=table.query + chr(key), scroll=0)
             elif key == 3:
                 return False  # Ctrl-C still quits
-            self._refresh()
             return True
 
         def on_mouse(self, event) -> bool:
@@ -4445,7 +4502,7 @@ def _define_tui():
             if not (0 <= row < len(self.shown.table.rows)) or not event.buttons:
                 return False
             self.app.table.selected = self.shown.table.rows[row].node_id
-            self._refresh()
+            self._moves, self._moved_in = 0, None  # a click wins over arrow presses not yet shown
             if event.buttons & MouseEvent.DOUBLE_CLICK:
                 self.app.detail_node = self.app.table.selected
                 self.show(View.DETAIL)

@@ -2003,6 +2003,16 @@ class TableLayoutTest(unittest.TestCase):
         self.assertIsNone(cares.next_heartbeat_ms(5000, longer=True))
         self.assertIsNone(cares.next_heartbeat_ms(cares.HEARTBEAT_STEPS_MS[0], longer=False))
 
+    def test_the_locale_as_the_user_set_it_decides_utf8(self):
+        cases = [({"LANG": "en_US.UTF-8"}, False, True), ({"LANG": "de_DE.utf8@euro"}, False, True),
+                 ({"LANG": "C"}, False, False), ({}, False, False), ({"LANG": "POSIX"}, False, False),
+                 ({"LC_ALL": "C", "LANG": "C.UTF-8"}, False, False),  # LC_ALL wins
+                 ({"LC_CTYPE": "C.UTF-8", "LANG": "C"}, False, True),  # set by the user
+                 ({"LC_CTYPE": "C.UTF-8", "LANG": "C"}, True, False),  # set by Python's coercion
+                 ({"LC_CTYPE": "C.UTF-8", "LANG": "en_GB.UTF-8"}, True, True)]
+        for environment, python_chose_utf8, expected in cases:
+            self.assertIs(cares.locale_is_utf8(environment, python_chose_utf8), expected, environment)
+
     def test_colour_modes(self):
         self.assertIs(cares.colour_mode(256, {"NO_COLOR": "1"}), cares.ColourMode.NONE)
         self.assertIs(cares.colour_mode(256, {"NO_COLOR": ""}), cares.ColourMode.EXTENDED)
@@ -2285,10 +2295,11 @@ class TuiSceneTest(ClusterTestCase):
         active(registry, "detailed", cpu=42.5, memory=33.0, hostname="db7", labels={"rack": "b12"}, version=cares.VERSION)
         render(frame)
         press(frame, "n", Screen.KEY_DOWN)
+        self.assertIsNotNone(line_with(render(frame), "node-1 "))
         self.assertEqual(app.table.selected, "node-1")
-        press(frame, Screen.KEY_UP)
-        self.assertEqual(app.table.selected, "detailed")
+        press(frame, Screen.KEY_UP, Screen.KEY_UP, Screen.KEY_DOWN)  # keys faster than redraws count too
         self.assert_shows(cares.View.DETAIL, lambda: press(frame, 13))
+        self.assertEqual(app.table.selected, "detailed")
         detail = TUI.DetailFrame(make_canvas(), app)
         lines = render(detail)
         self.assertIn("Node detailed", lines[0])
@@ -2538,8 +2549,9 @@ class TmuxEndToEndTest(ClusterTestCase):
         self.assertIn("rack=r2,role=db", self.node_rows(text)["db-2"])
         self.keys("orch", "/")
         self.keys("orch", "role=db", literal=True)
-        text = self.wait_for("orch", lambda text: "1 of 3 shown" in text, 5, "the filtered table")
-        self.assertEqual(list(self.node_rows(text)), ["db-2"])
+        # A capture can fall between tmux drawing the header and the rows: wait for both.
+        self.wait_for("orch", lambda text: "1 of 3 shown" in text and list(self.node_rows(text)) == ["db-2"], 5,
+                      "the filtered table, db-2 alone")
         self.keys("orch", "Enter", "Enter")  # keep the filter, then open the selected node
         text = self.wait_for("orch", lambda text: "Node db-2" in text, 5, "the detail view")
         for expected in ("rack=r2 role=db", "Root FS", "CPU 60s", "Mem 60s", "Net in", cares.VERSION,
@@ -2592,6 +2604,22 @@ class TmuxEndToEndTest(ClusterTestCase):
         self.assertTrue([code for code in light if code[0] == "fg"], "no colour at all with colours allowed")
         self.assertEqual(self.colours_used(self.screen("nocolor", escapes=True)), set())
         for name in ("light", "nocolor"):
+            self.keys(name, "q")
+            self.assertEqual(self.exit_code(name)[0], 0)
+
+    def test_a_c_locale_gets_an_ascii_screen(self):
+        orchestrator = self.start_orchestrator()
+        address = f"127.0.0.1:{orchestrator.port}"
+        self.open_pane("utf8", "worker", address, "--node-id", "utf8-view")
+        # LANG=C as a user's profile sets it: Python would quietly switch itself to UTF-8.
+        self.open_pane("ascii", "worker", address, "--node-id", "ascii-view",
+                       environment="env -u LC_ALL -u LC_CTYPE -u PYTHONUTF8 LANG=C")
+        screens = {name: self.wait_for(name, lambda text: "heartbeat every" in text and "MiB" in text, 15,
+                                       "a connected worker view with its bars")
+                   for name in ("utf8", "ascii")}
+        self.assertTrue([char for char in screens["utf8"] if ord(char) > 127], "the UTF-8 view drew no bar glyphs")
+        self.assertEqual([char for char in screens["ascii"] if ord(char) > 127], [], screens["ascii"])
+        for name in ("utf8", "ascii"):
             self.keys(name, "q")
             self.assertEqual(self.exit_code(name)[0], 0)
 
