@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import math
 import os
 import random
 import re
@@ -1512,9 +1513,14 @@ class RoutineOperationsTest(ClusterTestCase):
         registry = orchestrator.registry
         registry.refusal_summary.window_s = 0.5
         stub = raw_stub(self, orchestrator.port)
-        calls = [stub.JoinCluster.future(pb.NodeInfo(node_id=f"bad id {n}"), timeout=10) for n in range(2000)]
-        for call in calls:
-            self.assertEqual(call.exception().code(), grpc.StatusCode.INVALID_ARGUMENT)
+        # 250 in flight at a time: 2,000 at once on one connection made gRPC itself cancel a few
+        # (CANCELLED) on a loaded machine, before cares saw them.
+        started = time.monotonic()
+        for batch in range(0, 2000, 250):
+            calls = [stub.JoinCluster.future(pb.NodeInfo(node_id=f"bad id {n}"), timeout=10)
+                     for n in range(batch, batch + 250)]
+            for call in calls:
+                self.assertEqual(call.exception().code(), grpc.StatusCode.INVALID_ARGUMENT)
         def refusals():
             return [text for text in texts(registry.events) if "refused" in text]
 
@@ -1522,7 +1528,9 @@ class RoutineOperationsTest(ClusterTestCase):
             return sum(int(text.split()[0]) for text in refusals()[1:])
         # The first refusal is logged at once; the other 1,999 only as counts in summary lines.
         self.assertIsNotNone(wait_until(lambda: summed() == 1999, 5), refusals())
-        self.assertLessEqual(len(refusals()), 6, refusals())
+        # The first line, then at most one summary per window while they came in (and one after).
+        windows = (time.monotonic() - started) / registry.refusal_summary.window_s
+        self.assertLessEqual(len(refusals()), 2 + math.ceil(windows), refusals())
         self.assertIn("Join from 127.0.0.1 refused: invalid node ID 'bad id ", refusals()[0])
         self.assertRegex(refusals()[1], r"^\d+ joins refused from 127\.0\.0\.1 in the last \d+ s: invalid join\.$")
         self.assertEqual(registry.counters()["refusals"][("join", cares.RefusalReason.INVALID_JOIN)], 2000)
