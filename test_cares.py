@@ -1781,7 +1781,8 @@ class CommandLineTest(ClusterTestCase):
         process.stdout.readline()
         process.stdout.close()  # `cares status | head -1`
         self.assertEqual(process.wait(20), 0)
-        self.assertEqual(process.stderr.read(), b"")
+        with process.stderr:
+            self.assertEqual(process.stderr.read(), b"")
 
     def test_status_json_shows_what_each_worker_sent(self):
         orchestrator = self.start_orchestrator(heartbeat_ms=200)
