@@ -1169,15 +1169,19 @@ def capacity_rows(workers: int, cares_run: dict, bare_run: dict) -> list:
     rows.append((f"{label}: RSS at the end, cares / bare", "—",
                  f"{cares_run['rss_bytes'] / MB:.0f} MB / {bare_run['rss_bytes'] / MB:.0f} MB "
                  f"(x{ratio_text(cares_run['rss_bytes'], bare_run['rss_bytes'])})", "—"))
-    failed_target = workers == 10000
+    rows.append(failed_streams_row(label, cares_run, bare_run, target=workers == 10000))
+    return rows
+
+
+def failed_streams_row(label: str, cares_run: dict, bare_run: dict, target: bool) -> tuple:
+    """Streams that failed to join or broke, per server: the other rows hold for the rest only."""
     failed = cares_run["failed_streams"]
     detail = ", ".join(f"{name}: {count}" for name, count in sorted(cares_run["errors"].items()))
     last_phase = cares_run.get("steady") or cares_run["filling"]
-    rows.append((f"{label}: failed streams, cares / bare", "0 (cares)" if failed_target else "—",
-                 f"{failed} / {bare_run['failed_streams']}" + (f" ({detail})" if detail else "")
-                 + f"; {last_phase['streams']:,} nodes Active in cares at the end",
-                 met(failed == 0) if failed_target else "—"))
-    return rows
+    return (f"{label}: failed streams, cares / bare", "0 (cares)" if target else "—",
+            f"{failed} / {bare_run['failed_streams']}" + (f" ({detail})" if detail else "")
+            + f"; {last_phase['streams']:,} nodes Active in cares at the end",
+            met(failed == 0) if target else "—")
 
 
 # ---------------------------------------------------------------------------
@@ -1656,6 +1660,7 @@ def loop_jitter_rows(workers: int, cares_run: dict, bare_run: dict) -> list:
                      f"{fmt(floor['max_ms'], '.0f')} ms); {ours['samples']:,} ticks over "
                      f"{cares_run[phase]['probe_s']:.0f} s, cares full GCs {gen2['count']} "
                      f"(longest {gen2['max_ms']:.0f} ms)", "—"))
+    rows.append(failed_streams_row(label, cares_run, bare_run, target=False))
     return rows
 
 
