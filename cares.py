@@ -419,6 +419,11 @@ def format_percent(value: float | None, unicode: bool = True) -> str:
     return f"{clamp_percent(value):.1f}%"
 
 
+def os_error_text(error: OSError) -> str:
+    """An OSError as the end of a one-line message: "no space left on device"."""
+    return (error.strerror or str(error)).lower()
+
+
 def format_bytes(count: float) -> str:
     if abs(count) < 1024:
         return f"{count:.0f} B"
@@ -1519,7 +1524,7 @@ class StateFile:
         try:
             replace_file(self.path, lambda file: file.write(document.encode("utf-8")))
         except OSError as error:
-            return (error.strerror or str(error)).lower()
+            return os_error_text(error)
         return ""
 
 
@@ -1597,12 +1602,13 @@ class TokenGuard:
     """Checks the cluster token and slows guessing at it. After a few wrong tokens from one
     address, each further answer waits longer; past a limit that address is refused outright
     for a while, whatever it sends. Other addresses are not slowed, and the waits are
-    asyncio sleeps, so nothing else on the loop waits with them."""
+    asyncio sleeps, so nothing else on the loop waits with them. A guard serves one event loop
+    (the gRPC servicers share one; /metrics has its own): no await falls between reading and
+    updating an address's count, so no lock is needed."""
 
     def __init__(self, token: str | None):
         self.token = token
         self._failures: dict[str, list] = {}  # source -> [wrong tokens, first at, locked until] (monotonic)
-        self._lock = threading.Lock()
 
     async def check(self, context, source: str) -> None:
         """A gRPC request's token (cares-token metadata): see verify()."""
@@ -1613,26 +1619,23 @@ class TokenGuard:
         count goes up before any wait, so concurrent guesses cannot slip past the lockout."""
         if not self.token:
             return
-        with self._lock:  # the gRPC loop and the /metrics thread both ask
-            now = time.monotonic()
-            failures = self._failures.get(source)
-            locked_for = failures[2] - now if failures is not None else 0.0
-            if locked_for <= 0 and hmac.compare_digest(hashlib.sha256(given.encode("utf-8", "replace")).digest(),
-                                                       hashlib.sha256(self.token.encode()).digest()):
-                self._failures.pop(source, None)
-                return
-            if locked_for <= 0:
-                if failures is None or now - failures[1] > TOKEN_FAILURE_WINDOW_S:
-                    failures = self._remember(source, now)
-                failures[0] += 1
-                if failures[0] >= TOKEN_LOCKOUT_FAILURES:
-                    failures[2] = now + TOKEN_LOCKOUT_S
-                delay = token_failure_delay(failures[0])
-        if locked_for > 0:
+        now = time.monotonic()
+        failures = self._failures.get(source)
+        if failures is not None and failures[2] > now:
             # Refused without looking at the token, and not at line rate either.
             await asyncio.sleep(token_failure_delay(TOKEN_LOCKOUT_FAILURES))
             raise Refusal(grpc.StatusCode.UNAUTHENTICATED, RefusalReason.THROTTLED,
-                          f"too many wrong tokens from {source}; try again in {math.ceil(locked_for)} s")
+                          f"too many wrong tokens from {source}; try again in {math.ceil(failures[2] - now)} s")
+        if hmac.compare_digest(hashlib.sha256(given.encode("utf-8", "replace")).digest(),
+                               hashlib.sha256(self.token.encode()).digest()):
+            self._failures.pop(source, None)
+            return
+        if failures is None or now - failures[1] > TOKEN_FAILURE_WINDOW_S:
+            failures = self._remember(source, now)
+        failures[0] += 1
+        if failures[0] >= TOKEN_LOCKOUT_FAILURES:
+            failures[2] = now + TOKEN_LOCKOUT_S
+        delay = token_failure_delay(failures[0])
         if delay:
             await asyncio.sleep(delay)
         raise Refusal(grpc.StatusCode.UNAUTHENTICATED, RefusalReason.WRONG_TOKEN, "missing or wrong join token")
@@ -2416,10 +2419,9 @@ class MetricsServer:
                  sd_port: int = DEFAULT_SD_PORT, log=None):
         self.host, self.port = host, port
         self._snapshot, self._version = snapshot, version
-        self._token = None if open_access else token
         # Its own guard, so guessing here is as slow as over gRPC, but a Prometheus scraping with
         # a stale token every second does not lock the workers on its host out of joining.
-        self._guard = TokenGuard(token)
+        self._guard = TokenGuard(None if open_access else token)
         self._tls_files = (tls_cert, tls_key) if tls_cert else None
         self._sd_port = sd_port
         self._log = log
@@ -2441,7 +2443,7 @@ class MetricsServer:
 
     @property
     def needs_token(self) -> bool:
-        return self._token is not None
+        return self._guard.token is not None
 
     def start(self) -> None:
         """Listen and serve on a background thread; StartError (one line) if that cannot be done."""
@@ -2585,7 +2587,7 @@ class MetricsServer:
             return _error(404, "not found: cares serves /metrics and /sd", head_only=head_only)
         if request.method not in ("GET", "HEAD"):
             return _error(405, f"method not allowed: use {_ALLOWED_METHODS}", (f"Allow: {_ALLOWED_METHODS}",))
-        if self._token is not None:
+        if self.needs_token:
             authorization = request.headers.get("authorization")
             try:
                 await self._guard.verify(bearer_token(authorization), peer_host_of(writer))
@@ -3115,7 +3117,7 @@ def _try_lock(path: str):
     try:
         file = open(path, "a+")
     except OSError as error:
-        raise StartError(f"cannot use {path}: {(error.strerror or str(error)).lower()}; remove it, or pass "
+        raise StartError(f"cannot use {path}: {os_error_text(error)}; remove it, or pass "
                          f"--state-dir") from None
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -3141,7 +3143,7 @@ def _node_secret(path: str) -> tuple[str, str]:
     try:
         replace_file(path, lambda file: file.write((secret + "\n").encode("ascii")))
     except OSError as error:  # a full or read-only disk
-        return "", f"cannot keep a node secret in {path} ({(error.strerror or str(error)).lower()})"
+        return "", f"cannot keep a node secret in {path} ({os_error_text(error)})"
     return secret, ""
 
 
@@ -3388,7 +3390,7 @@ class WorkerConfig:
     tls_ca: bytes | None = None
     node_id: str | None = None  # --node-id; None for this host's default
     labels: dict = dataclasses.field(default_factory=dict)
-    # Where the inventory is kept, as on the command line; None keeps nothing on disk.
+    # Where the node secret and the ID lock are kept, as on the command line; None keeps nothing.
     state_dir: str | None = dataclasses.field(default_factory=lambda: default_state_dir())
 
     def create(self, sampler: LocalSampler) -> WorkerClient:
@@ -4784,7 +4786,7 @@ class LineWriter:
             while data:
                 data = data[os.write(self._fd, data):]
         except OSError as error:
-            return (error.strerror or str(error)).lower()
+            return os_error_text(error)
         return None
 
 
@@ -5378,7 +5380,7 @@ def read_token_file(path: str, stdin=None) -> str:
             with open(path, encoding="utf-8", errors="strict") as file:
                 data = file.read(TOKEN_FILE_LIMIT + 1)
     except OSError as error:
-        raise ServiceError(f"cannot read token file {path}: {(error.strerror or str(error)).lower()}") from None
+        raise ServiceError(f"cannot read token file {path}: {os_error_text(error)}") from None
     except UnicodeDecodeError:
         raise ServiceError(f"token file {path}: {TOKEN_RULE}", usage=True) from None
     token = data[:-1] if data.endswith("\n") else data
@@ -5510,7 +5512,7 @@ def _ensure_dir(path: str, paths: ServicePaths, created: list[str]) -> None:
         except FileExistsError:
             continue
         except OSError as error:
-            raise ServiceError(f"cannot create {directory}: {(error.strerror or str(error)).lower()}") from None
+            raise ServiceError(f"cannot create {directory}: {os_error_text(error)}") from None
         created.append(directory)
 
 
@@ -5529,7 +5531,7 @@ def _write_atomically(target: str, shown: str, mode: int, data: bytes | None = N
     try:
         replace_file(target, write, mode)
     except OSError as error:
-        raise ServiceError(f"cannot write {shown}: {(error.strerror or str(error)).lower()}") from None
+        raise ServiceError(f"cannot write {shown}: {os_error_text(error)}") from None
     return True
 
 
@@ -5543,13 +5545,6 @@ def _already(target: str, mode: int, data: bytes | None, source: str | None) -> 
             return file.read(len(data) + 1) == data
     except OSError:
         return False
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _read_text(path: str) -> str | None:
@@ -5698,7 +5693,7 @@ def _remove(path: str, paths: ServicePaths, lines: list[str]) -> bool:
     except FileNotFoundError:
         return True
     except OSError as error:
-        lines.append(f"cannot remove {path}: {(error.strerror or str(error)).lower()}")
+        lines.append(f"cannot remove {path}: {os_error_text(error)}")
         return False
     lines.append(f"removed {path}")
     return True
