@@ -1036,6 +1036,17 @@ class PendingJoin:
     expires_at: float  # LoopClock time
 
 
+def stored_field(record: dict, key: str, kind, default=None):
+    """record[key] if it has the type kind (default when absent and a default is given); TypeError
+    otherwise. bool is refused where a number belongs: True is an int to Python, not to a file."""
+    if key not in record and default is not None:
+        return default
+    value = record[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise TypeError(f"{key} is a {type(value).__name__}")
+    return value
+
+
 class NodeRegistry:
     """Every worker that joined, keyed by node ID, behind one lock.
 
@@ -1326,20 +1337,26 @@ class NodeRegistry:
 
     def restore(self, records: list[dict]) -> int:
         """Add the nodes a state file remembers as Missing (until they rejoin); returns how many.
-        A record that does not hold together is skipped, never trusted."""
+        A record that does not hold together is skipped, never trusted: each field must have the
+        type the file was written with (a number where a name belongs, from a hand edit or another
+        program's file, is refused like any other bad record, never coerced)."""
         restored = []
         for record in records:
             try:
-                node = Node(str(record["node_id"]), address=sanitize_text(record.get("address", ""), 64),
-                            hostname=sanitize_text(record.get("hostname", ""), HOSTNAME_LIMIT),
-                            labels={str(key): str(value) for key, value in dict(record.get("labels", {})).items()},
-                            platform=sanitize_text(record.get("platform", ""), PLATFORM_LIMIT),
-                            version=sanitize_text(record.get("version", ""), 32),
-                            cpu_count=int(record.get("cpu_count", 0)),
-                            memory_total_bytes=int(record.get("memory_total_bytes", 0)),
-                            status=NodeStatus.MISSING, joined_at=float(record.get("joined_at", 0.0)),
-                            last_seen=float(record.get("last_seen", 0.0)),
-                            owner_digest=bytes.fromhex(record.get("owner", "")))
+                labels = stored_field(record, "labels", dict, {})
+                if not all(isinstance(key, str) and isinstance(value, str) for key, value in labels.items()):
+                    continue
+                node = Node(stored_field(record, "node_id", str),
+                            address=sanitize_text(stored_field(record, "address", str, ""), 64),
+                            hostname=sanitize_text(stored_field(record, "hostname", str, ""), HOSTNAME_LIMIT),
+                            labels=labels,
+                            platform=sanitize_text(stored_field(record, "platform", str, ""), PLATFORM_LIMIT),
+                            version=sanitize_text(stored_field(record, "version", str, ""), 32),
+                            cpu_count=stored_field(record, "cpu_count", int, 0),
+                            memory_total_bytes=stored_field(record, "memory_total_bytes", int, 0),
+                            status=NodeStatus.MISSING, joined_at=float(stored_field(record, "joined_at", (int, float), 0.0)),
+                            last_seen=float(stored_field(record, "last_seen", (int, float), 0.0)),
+                            owner_digest=bytes.fromhex(stored_field(record, "owner", str, "")))
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue
             if is_valid_node_id(node.node_id) and labels_problem(node.labels) is None:

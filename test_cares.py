@@ -846,6 +846,22 @@ class NodeRegistryTest(unittest.TestCase):
         self.assertEqual(seen, [("a", 5, 1234)])
         self.assertEqual(registry.get("a").metrics.cpu_percent, 6)
 
+    def test_restore_refuses_records_of_the_wrong_types(self):
+        registry = cares.NodeRegistry()
+        good = {"node_id": "12345", "hostname": "web", "labels": {"role": "db"}, "cpu_count": 4,
+                "memory_total_bytes": 1 << 30, "joined_at": 1.5, "last_seen": 2, "owner": "ab"}
+        wrong = [{"node_id": 12345}, {"node_id": True}, {"node_id": None}, {"node_id": ["a"]},
+                 dict(good, node_id="n1", labels={"role": 7}), dict(good, node_id="n2", labels={1: "x"}),
+                 dict(good, node_id="n3", labels=["role"]), dict(good, node_id="n4", hostname=42),
+                 dict(good, node_id="n5", cpu_count="4"), dict(good, node_id="n6", cpu_count=True),
+                 dict(good, node_id="n7", last_seen="yesterday"), dict(good, node_id="n8", owner=171),
+                 {"hostname": "no id"}]
+        self.assertEqual(registry.restore(wrong + [good]), 1)
+        self.assertEqual([node.node_id for node in registry.snapshot()], ["12345"])
+        node = registry.get("12345")
+        self.assertEqual((node.status, node.hostname, node.labels, node.cpu_count, node.last_seen, node.owner_digest),
+                         (cares.NodeStatus.MISSING, "web", {"role": "db"}, 4, 2.0, b"\xab"))
+
 
 # ---------------------------------------------------------------------------
 # 4-5. Orchestrator and worker over real gRPC on loopback
