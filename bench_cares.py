@@ -744,6 +744,7 @@ class Bench:
     max_workers: int
     pyz: str | None
     workdir: str
+    before: str | None = None  # a folder with an earlier cares.py, to compare with in the same run
     failures: list[str] = dataclasses.field(default_factory=list)
 
     def fail(self, text: str) -> None:
@@ -753,8 +754,8 @@ class Bench:
     def spawn_role(self, role: str, name: str, extra: list[str]) -> Child:
         return Child(name, [PYTHON, os.path.abspath(__file__), role, *extra], self.workdir, talk=True)
 
-    def spawn_cares(self, name: str, args: list[str]) -> Child:
-        return Child(name, [PYTHON, CARES_PY, *args], self.workdir, env=self.cares_env())
+    def spawn_cares(self, name: str, args: list[str], cares_py: str = CARES_PY) -> Child:
+        return Child(name, [PYTHON, cares_py, *args], self.workdir, env=self.cares_env())
 
     def cares_env(self) -> dict:
         """The environment of the cares processes the bench starts: a worker keeps its node secret
@@ -868,13 +869,14 @@ def start_headless_orchestrator(bench: Bench, name: str, port: int) -> Child:
 
 
 def start_server(bench: Bench, kind: str, workers: int, heartbeat_ms: int, loop_lag: bool = False,
-                 metrics_port: int = 0) -> tuple:
+                 metrics_port: int = 0, cares_dir: str | None = None) -> tuple:
     """The _server child (cares or bare) on a port picked here, once it serves: (child, address).
     With metrics_port, cares also serves /metrics there."""
     address = f"127.0.0.1:{free_port()}"
     server = bench.spawn_role("_server", f"server-{kind}-{workers}", [
         "--kind", kind, "--listen", address, "--max-nodes", str(workers), "--heartbeat-ms", str(heartbeat_ms),
-        "--loop-lag-ms", str(LOOP_LAG_PERIOD_MS if loop_lag else 0), "--metrics-port", str(metrics_port)])
+        "--loop-lag-ms", str(LOOP_LAG_PERIOD_MS if loop_lag else 0), "--metrics-port", str(metrics_port),
+        *(["--cares-dir", cares_dir] if cares_dir else [])])
     try:
         wait_serving(address, server.name, server.alive, server.stderr_tail)
     except BaseException:
@@ -947,6 +949,16 @@ class LoadGenerators:
         for child in self.children:
             child.stop(timeout=15.0)
         return self._total(replies)
+
+
+def ramped_load(bench: Bench, address: str, workers: int, prefix: str) -> LoadGenerators:
+    """Simulated workers joined to address; those that failed to join are a noted failure (the
+    figures would describe fewer nodes than their rows say)."""
+    load = LoadGenerators(bench, address, workers, prefix)
+    ramped = load.wait_ramped()
+    if ramped["failed"]:
+        bench.fail(f"{prefix}: {ramped['failed']} of {workers} simulated workers failed ({ramped['errors']})")
+    return load
 
 
 # ---------------------------------------------------------------------------
@@ -1418,6 +1430,122 @@ def dashboard_scenario(bench: Bench) -> tuple[list, list, dict]:
 
 
 # ---------------------------------------------------------------------------
+# Scenario: on-demand detail. What a cluster nobody looks into pays (against the cares
+# of --before DIR, same run), and what one open detail view costs orchestrator and worker.
+# ---------------------------------------------------------------------------
+
+DETAIL_NODES = 10_000
+
+
+def detail_scenario(bench: Bench) -> tuple[list, list, dict]:
+    workers = 100 if bench.quick else min(DETAIL_NODES, bench.max_workers)
+    heartbeat_ms = 1000 if workers < 1000 else 5000
+    settle_s, window_s, windows = (1.0, 3.0, 1) if bench.quick else (5.0, 10.0, 3)
+    kinds = ["after"] + (["before"] if bench.before else [])
+    raw = {"workers": workers, "heartbeat_ms": heartbeat_ms, "window_s": window_s, "windows": windows,
+           "before_dir": bench.before}
+    for kind in kinds:
+        cares_dir = bench.before if kind == "before" else None
+        server, address = start_server(bench, "cares", workers, heartbeat_ms, cares_dir=cares_dir)
+        load = worker = None
+        try:
+            load = ramped_load(bench, address, workers, f"detail-{kind}")
+            worker = bench.spawn_cares(f"detail-worker-{kind}", ["worker", address, "--headless", "--no-state",
+                                                                 "--node-id", "bench-detail"],
+                                       cares_py=os.path.join(cares_dir, "cares.py") if cares_dir else CARES_PY)
+            poller = StatusPoller(address)
+            try:
+                if poller.wait(lambda statuses: statuses.get("bench-detail") == wire_status("ACTIVE"), 30.0) is None:
+                    raise BenchError(f"detail {kind}: the real worker never turned Active{worker.stderr_tail()}")
+            finally:
+                poller.close()
+            time.sleep(settle_s)
+            log(f"detail {kind}: {workers} nodes at {heartbeat_ms} ms, nobody looking: measuring "
+                f"{windows} x {window_s:.0f} s")
+            idle = cpu_windows({"server": [server.pid], "worker": [worker.pid]}, window_s, windows)
+            entry = {"idle_server_cpu": median(idle["server"]), "idle_worker_cpu": median(idle["worker"]),
+                     "idle_worker_rss": rss_bytes(worker.pid), "windows": idle}
+            if kind == "after":
+                entry.update(watched_detail(bench, address, server, worker, window_s, windows))
+            raw[kind] = entry
+        finally:
+            if worker is not None:
+                worker.stop()
+            if load is not None:
+                load.stop()
+            server.stop(timeout=15.0)
+    after = raw["after"]
+    label = f"{workers:,} nodes at {heartbeat_ms / 1000:g} s"
+    rows = [(f"{label}, nobody looking: orchestrator CPU", "within noise of before",
+             f"{after['idle_server_cpu']:.1f} %", "—"),
+            ("nobody looking: real worker CPU / RSS", "within noise of before",
+             f"{after['idle_worker_cpu']:.2f} % / {after['idle_worker_rss'] / MB:.1f} MB", "—")]
+    if "before" in raw:
+        before = raw["before"]
+        server_ratio = after["idle_server_cpu"] / before["idle_server_cpu"] if before["idle_server_cpu"] else None
+        rows[0] = (rows[0][0], rows[0][1], f"{after['idle_server_cpu']:.1f} % (before {before['idle_server_cpu']:.1f} "
+                   f"%, x{ratio_text(after['idle_server_cpu'], before['idle_server_cpu'])})",
+                   met(server_ratio is not None and server_ratio <= 1.10))
+        rows[1] = (rows[1][0], rows[1][1], f"{after['idle_worker_cpu']:.2f} % / {after['idle_worker_rss'] / MB:.1f} MB "
+                   f"(before {before['idle_worker_cpu']:.2f} % / {before['idle_worker_rss'] / MB:.1f} MB)",
+                   met(after["idle_worker_cpu"] <= before["idle_worker_cpu"] + 0.1 and
+                       after["idle_worker_rss"] <= before["idle_worker_rss"] * 1.05))
+    rows += [("one open detail view: orchestrator CPU added", "—",
+              f"{after['watched_server_cpu'] - after['idle_server_cpu']:+.2f} % of a core", "—"),
+             ("one open detail view: worker CPU added / RSS", "—",
+              f"{after['watched_worker_cpu'] - after['idle_worker_cpu']:+.2f} % of a core / "
+              f"{after['watched_worker_rss'] / MB:.1f} MB", "—"),
+             ("snapshots received / size", "one per heartbeat (at most 1/s), < 64 KiB",
+              f"{after['snapshots_per_s']:.2f}/s, median {after['snapshot_bytes'] / 1024:.1f} KiB",
+              met(after["snapshot_bytes"] < 64 * 1024 and after["snapshots_per_s"] > 0))]
+    notes = [f"A _server cares orchestrator fed by {workers:,} simulated workers plus one real `cares.py worker "
+             f"--headless`; CPU of each pid, median of {windows} x {window_s:.0f} s windows. The open view is "
+             "`status NODE --top` asked back to back from the bench (each answer waits for a fresh snapshot): "
+             "the same watch a detail view keeps while open."]
+    if "before" in raw:
+        notes.append(f"Before: the orchestrator and worker of {bench.before} (the same load, the same run).")
+    else:
+        notes.append("No --before DIR: the idle figures have nothing to compare with in this run.")
+    return rows, notes, raw
+
+
+def watched_detail(bench: Bench, address: str, server: Child, worker: Child, window_s: float,
+                   windows: int) -> dict:
+    """CPU of orchestrator and worker while one client keeps asking for the worker's detail."""
+    cares = cares_module()
+    stop, sizes, errors = threading.Event(), [], []
+
+    def keep_looking():
+        while not stop.is_set():
+            try:
+                reply = cares.fetch_node_detail(address, "bench-detail", timeout=15.0)
+                if reply.detail is not None:
+                    sizes.append(reply.detail.ByteSize())
+            except Exception as error:  # counted, and the figure below says how many
+                errors.append(repr(error))
+                stop.wait(0.5)
+
+    looker = threading.Thread(target=keep_looking, daemon=True)
+    looker.start()
+    time.sleep(3.0)  # the first snapshots: the worker's sampler starts and primes
+    log(f"detail: one view open: measuring {windows} x {window_s:.0f} s")
+    counted = len(sizes)
+    started = time.monotonic()
+    cpu = cpu_windows({"server": [server.pid], "worker": [worker.pid]}, window_s, windows)
+    elapsed = time.monotonic() - started
+    received = len(sizes) - counted
+    stop.set()
+    looker.join(20.0)
+    if errors:
+        bench.fail(f"detail: {len(errors)} `status --top` calls failed: {errors[0]}")
+    if not sizes:
+        raise BenchError("detail: no snapshot arrived while a view was open")
+    return {"watched_server_cpu": median(cpu["server"]), "watched_worker_cpu": median(cpu["worker"]),
+            "watched_worker_rss": rss_bytes(worker.pid), "watched_windows": cpu,
+            "snapshots_per_s": received / elapsed, "snapshot_bytes": median(sizes), "failed_calls": len(errors)}
+
+
+# ---------------------------------------------------------------------------
 # Scenario 4: start-up of the zipapp, cold and warm.
 # ---------------------------------------------------------------------------
 
@@ -1800,10 +1928,7 @@ def scrape_load_rows(bench: Bench) -> tuple[list, dict]:
     server, address = start_server(bench, "cares", workers, heartbeat_ms, metrics_port=metrics_port)
     load = scraper = None
     try:
-        load = LoadGenerators(bench, address, workers, f"scrape{workers}")
-        ramped = load.wait_ramped()
-        if ramped["failed"]:
-            bench.fail(f"scrape: {ramped['failed']} of {workers} simulated workers failed ({ramped['errors']})")
+        load = ramped_load(bench, address, workers, f"scrape{workers}")
         time.sleep(1.0 if bench.quick else 5.0)
         quiet = measure_phase(server, load, window_s, windows)
         scraper = Scraper(f"http://127.0.0.1:{metrics_port}/metrics")
@@ -1861,6 +1986,7 @@ SCENARIOS = (
     Scenario("dashboard", "Dashboard cost (TUI in tmux vs --headless)", dashboard_scenario),
     Scenario("startup", "Start-up (python cares.pyz --version)", startup_scenario),
     Scenario("detection", "Detection and recovery", detection_scenario),
+    Scenario("detail", "On-demand detail: idle cost and one open view", detail_scenario),
     # GET /metrics at 10,000 nodes (median wall time and server CPU per scrape, against a
     # ListNodes of the same table), and orchestrator CPU at 3,000 nodes scraped once a second
     # against not scraped.
@@ -1894,7 +2020,8 @@ def machine_description() -> dict:
 
 def run_bench(args) -> int:
     workdir = tempfile.mkdtemp(prefix="cares-bench-")
-    bench = Bench(quick=args.quick, max_workers=args.max_workers, pyz=args.pyz, workdir=workdir)
+    bench = Bench(quick=args.quick, max_workers=args.max_workers, pyz=args.pyz, workdir=workdir,
+                  before=os.path.abspath(args.before) if args.before else None)
     chosen = args.scenario or list(SCENARIO_NAMES)
     results = {"machine": machine_description(), "quick": args.quick, "max_workers": args.max_workers,
                "scenarios": {}}
@@ -1958,6 +2085,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip capacity and dashboard sizes above N simulated workers (default %(default)s)")
     parser.add_argument("--scenario", nargs="+", choices=SCENARIO_NAMES, metavar="NAME",
                         help=f"run only these, of: {', '.join(SCENARIO_NAMES)} (default: all)")
+    parser.add_argument("--before", metavar="DIR",
+                        help="detail: also measure the idle cost with the cares.py in DIR (e.g. a git worktree of "
+                             "an earlier commit), in the same run")
     parser.add_argument("--pyz", metavar="PATH",
                         help="cares.pyz to time (default: build one from the current sources with "
                              "build_zipapp.sh, else use ./cares.pyz)")
@@ -1975,7 +2105,11 @@ def main(argv: list[str] | None = None) -> int:
         role.add_argument("--loop-lag-ms", type=float, default=0.0,
                           help="run the loop-lag task at this period (0: do not)")
         role.add_argument("--metrics-port", type=int, default=0, help="cares only: serve /metrics here (0: do not)")
-        return server_main(role.parse_args(argv[1:]))
+        role.add_argument("--cares-dir", help="import cares.py from this folder (an earlier version, to compare)")
+        options = role.parse_args(argv[1:])
+        if options.cares_dir:
+            sys.path.insert(0, options.cares_dir)
+        return server_main(options)
     if argv and argv[0] == "_loadgen":
         role = argparse.ArgumentParser(prog="bench_cares.py _loadgen")
         role.add_argument("--target", required=True)

@@ -76,7 +76,7 @@ import psutil  # noqa: E402
 import cluster_pb2 as pb  # noqa: E402
 import cluster_pb2_grpc as pb_grpc  # noqa: E402
 
-VERSION = "0.3.0"
+VERSION = "0.4.0"
 
 DEFAULT_PORT = 50051
 DEFAULT_LISTEN = f"[::]:{DEFAULT_PORT}"
@@ -654,6 +654,337 @@ def _root_fs_usage() -> tuple[float, int] | None:
     return clamp_percent(usage.percent), usage.total
 
 
+# -- on-demand detail: processes, mounts, interfaces, sensors, containers -------
+# Taken only while an orchestrator asks (a DetailRequest on the Heartbeat stream), at most once
+# per DETAIL_MIN_PERIOD_S whatever the interval, and cut to fit the 64 KiB receive cap.
+
+TOP_PROCESSES = 15  # per order: CPU, memory, disk I/O
+DETAIL_LIST_LIMIT = 32  # mounts, interfaces, sensors, containers each
+COMMAND_LINE_LIMIT = 200
+DETAIL_BYTE_BUDGET = 48 * 1024  # the NodeDetail inside a NodeMetrics that must stay under MAX_MESSAGE_BYTES
+DETAIL_MIN_PERIOD_S = 1.0  # walking /proc costs 10-40 ms: at most one snapshot a second
+DETAIL_STALE_S = 30.0  # readings older than this are no base for a rate: start over
+CGROUP_WALK_LIMIT = 2000  # cgroup directories read per snapshot (a Kubernetes node has thousands)
+ENGINE_SOCKETS = (("docker", "/var/run/docker.sock"), ("podman", "/run/podman/podman.sock"))
+ENGINE_NAMES_MAX_AGE_S = 10.0
+# Pseudo and virtual file systems are not "real" mounts; tmpfs is, where it is not the system's own.
+_SYSTEM_MOUNT_PREFIXES = ("/proc", "/sys", "/dev", "/run", "/snap")
+_CONTAINER_CGROUP = re.compile(r"(?:(docker|libpod|cri-containerd|crio)-)?([0-9a-f]{64})(?:\.scope)?")
+
+
+class DetailSampler:
+    """Builds NodeDetail snapshots of this machine. Rates and CPU percentages are over the time
+    since the previous snapshot, so the first one has none (window_s 0). Thread-safe; it runs on
+    an executor thread, never on the gRPC loop."""
+
+    def __init__(self, share_command_lines: bool = False, share_processes: bool = True,
+                 cgroup_root: str | None = None, engine_sockets=ENGINE_SOCKETS):
+        self.share_command_lines = share_command_lines
+        self.share_processes = share_processes
+        self._lock = threading.Lock()
+        self._previous_at: float | None = None
+        self._processes: dict[int, tuple] = {}  # pid -> (create time, CPU seconds, I/O bytes)
+        self._interfaces: dict[str, tuple] = {}  # name -> (bytes received, bytes sent)
+        self._cgroups: dict[str, int] = {}  # path -> usage_usec
+        self._cgroup_root = cgroup_root if cgroup_root is not None else cgroup2_root()
+        self._engine_sockets = engine_sockets
+        self._engine_names: dict[str, tuple[str, str]] = {}  # container ID -> (engine, name)
+        self._engine_names_at = -math.inf
+        self.taken = 0  # snapshots so far: what a worker spent on being looked at
+
+    def prime(self) -> None:
+        """Take a reading to measure the next snapshot's rates from (the worker's first request)."""
+        try:
+            self.snapshot()
+        except Exception:  # the snapshot that follows says why, where someone reads it
+            pass
+
+    def snapshot(self) -> pb.NodeDetail:
+        with self._lock:
+            now = time.monotonic()
+            window = now - self._previous_at if self._previous_at is not None else 0.0
+            if window > DETAIL_STALE_S:
+                window = 0.0
+            self._previous_at = now
+            self.taken += 1
+            detail = pb.NodeDetail(window_s=window)
+            left_out = 0
+            if self.share_processes:
+                processes, count, cut = self._read_processes(window)
+                detail.processes.extend(processes)
+                detail.process_count, left_out = count, left_out + cut
+            for field, entries in (("mounts", read_mounts()), ("interfaces", self._read_interfaces(window)),
+                                   ("sensors", read_sensors()), ("containers", self._read_containers(window))):
+                getattr(detail, field).extend(entries[:DETAIL_LIST_LIMIT])
+                left_out += max(len(entries) - DETAIL_LIST_LIMIT, 0)
+            detail.left_out = left_out + fit_detail(detail, DETAIL_BYTE_BUDGET)
+            return detail
+
+    def _read_processes(self, window: float) -> tuple[list, int, int]:
+        """The union of the top TOP_PROCESSES by CPU, memory and I/O; how many there are; how many were cut."""
+        attrs = ["pid", "name", "username", "cpu_times", "memory_info", "status", "num_threads",
+                 "io_counters", "create_time"] + (["cmdline"] if self.share_command_lines else [])
+        previous, current, rows = self._processes, {}, []
+        for process in psutil.process_iter(attrs, ad_value=None):
+            info = process.info
+            times, memory = info.get("cpu_times"), info.get("memory_info")
+            if times is None or memory is None:
+                continue  # gone between listing and reading
+            cpu_seconds = times.user + times.system
+            io = info.get("io_counters")
+            io_bytes = io.read_bytes + io.write_bytes if io is not None else None
+            created = info.get("create_time") or 0.0
+            current[info["pid"]] = (created, cpu_seconds, io_bytes)
+            before = previous.get(info["pid"])
+            cpu = io_rate = 0.0
+            if window > 0 and before is not None and before[0] == created:
+                cpu = max(cpu_seconds - before[1], 0.0) / window * 100.0
+                if io_bytes is not None and before[2] is not None:
+                    io_rate = max(io_bytes - before[2], 0) / window
+            rows.append((info, cpu, memory.rss, io_rate, io_bytes is None))
+        self._processes = current
+        chosen: dict[int, tuple] = {}
+        for index in (1, 2, 3):
+            for row in heapq_largest(rows, TOP_PROCESSES, index):
+                chosen[row[0]["pid"]] = row
+        samples = []
+        for info, cpu, rss, io_rate, io_unknown in sorted(chosen.values(), key=lambda row: -row[1]):
+            command_line = " ".join(info.get("cmdline") or ()) if self.share_command_lines else ""
+            samples.append(pb.ProcessSample(
+                pid=info["pid"], user=(info.get("username") or "")[:32], name=(info.get("name") or "")[:64],
+                command_line=command_line[:COMMAND_LINE_LIMIT], cpu_percent=round(cpu, 1), rss_bytes=rss,
+                io_bytes_per_s=round(io_rate, 1), state=str(info.get("status") or "")[:16],
+                threads=info.get("num_threads") or 0, io_unknown=io_unknown))
+        return samples, len(rows), 0
+
+    def _read_interfaces(self, window: float) -> list:
+        counters = psutil.net_io_counters(pernic=True, nowrap=True) or {}
+        stats = psutil.net_if_stats()
+        previous, current, samples = self._interfaces, {}, []
+        for name in sorted(non_loopback_interfaces() & set(counters)):
+            io, stat = counters[name], stats.get(name)
+            current[name] = (io.bytes_recv, io.bytes_sent)
+            before = previous.get(name)
+            receive = transmit = 0.0
+            if window > 0 and before is not None:
+                receive = max(io.bytes_recv - before[0], 0) / window
+                transmit = max(io.bytes_sent - before[1], 0) / window
+            samples.append(pb.InterfaceSample(
+                name=name[:32], receive_bytes_per_s=round(receive, 1), transmit_bytes_per_s=round(transmit, 1),
+                errors_in=io.errin, errors_out=io.errout, drops_in=io.dropin, drops_out=io.dropout,
+                up=bool(stat and stat.isup), speed_mbps=max(stat.speed, 0) if stat else 0))
+        self._interfaces = current
+        return samples
+
+    def _read_containers(self, window: float) -> list:
+        """cgroup v2 groups that hold processes, busiest first: containers (named by the Docker or
+        Podman API when its socket is readable), services and any other group."""
+        if not self._cgroup_root:
+            return []
+        previous, current, found = self._cgroups, {}, []
+        for path in cgroups_with_processes(self._cgroup_root, CGROUP_WALK_LIMIT):
+            usage = _read_cgroup_usage_usec(path)
+            if usage is None:
+                continue
+            current[path] = usage
+            before = previous.get(path)
+            cpu = max(usage - before, 0) / 1e6 / window * 100.0 if window > 0 and before is not None else 0.0
+            found.append((path, cpu))
+        self._cgroups = current
+        found.sort(key=lambda entry: -entry[1])
+        names = self._container_names() if any(_CONTAINER_CGROUP.fullmatch(os.path.basename(path))
+                                               for path, _ in found) else {}
+        samples = []
+        for path, cpu in found:
+            relative = os.path.relpath(path, self._cgroup_root)
+            engine, container_id, name = cgroup_identity(relative, names)
+            samples.append(pb.ContainerSample(id=container_id[:64], name=name[:64], cpu_percent=round(cpu, 1),
+                                              memory_bytes=_read_int(os.path.join(path, "memory.current")) or 0,
+                                              pids=_count_lines(os.path.join(path, "cgroup.procs")), engine=engine))
+        return samples
+
+    def _container_names(self) -> dict:
+        if time.monotonic() - self._engine_names_at >= ENGINE_NAMES_MAX_AGE_S:
+            names = {}
+            for engine, path in self._engine_sockets:
+                for container_id, name in engine_container_names(path).items():
+                    names[container_id] = (engine, name)
+            self._engine_names, self._engine_names_at = names, time.monotonic()
+        return self._engine_names
+
+
+def heapq_largest(rows: list, count: int, index: int) -> list:
+    return sorted(rows, key=lambda row: row[index], reverse=True)[:count] if len(rows) > count else list(rows)
+
+
+def fit_detail(detail: pb.NodeDetail, budget: int) -> int:
+    """Cut entries off the longest list until detail serialises to at most budget bytes; how many
+    were cut. Each entry is bounded, so this only cuts with absurd numbers of them."""
+    fields = ("processes", "mounts", "interfaces", "sensors", "containers")
+    total, cut = detail.ByteSize(), 0
+    if total <= budget:
+        return 0
+    sizes = {field: [entry.ByteSize() + 3 for entry in getattr(detail, field)] for field in fields}  # + tag, length
+    while total > budget:
+        field = max(fields, key=lambda name: len(sizes[name]))
+        if not sizes[field]:
+            break
+        total -= sizes[field].pop()
+        cut += 1
+    for field in fields:
+        del getattr(detail, field)[len(sizes[field]):]
+    return cut + fit_detail(detail, budget)  # in case the estimate of the framing was short
+
+
+def read_mounts() -> list:
+    """Every device-backed mount and every tmpfs outside the system's own places, as df shows them."""
+    seen, samples = set(), []
+    try:
+        partitions = psutil.disk_partitions(all=True)
+    except OSError:
+        return []
+    physical = {part.mountpoint for part in psutil.disk_partitions(all=False)}
+    for part in partitions:
+        system_tmpfs = part.fstype == "tmpfs" and part.mountpoint.startswith(_SYSTEM_MOUNT_PREFIXES)
+        if part.mountpoint in seen or not (part.mountpoint in physical or (part.fstype == "tmpfs" and not system_tmpfs)):
+            continue
+        seen.add(part.mountpoint)
+        try:
+            usage = psutil.disk_usage(part.mountpoint)
+        except OSError:  # gone, or not ours to read
+            continue
+        samples.append(pb.MountUsage(mountpoint=part.mountpoint[:128], device=part.device[:64],
+                                     fstype=part.fstype[:16], used_bytes=usage.used, total_bytes=usage.total,
+                                     used_percent=clamp_percent(usage.percent)))
+    return samples
+
+
+def read_sensors() -> list:
+    """Temperatures and fans, where psutil can read them (Linux hwmon; nothing in most VMs)."""
+    samples = []
+    for kind, read in ((pb.TEMPERATURE_CELSIUS, getattr(psutil, "sensors_temperatures", None)),
+                       (pb.FAN_RPM, getattr(psutil, "sensors_fans", None))):
+        try:
+            chips = read() if read is not None else {}
+        except (OSError, RuntimeError):
+            chips = {}
+        for chip, readings in sorted(chips.items()):
+            for reading in readings:
+                samples.append(pb.SensorReading(kind=kind, chip=chip[:32], label=(reading.label or "")[:32],
+                                                value=float(reading.current or 0.0),
+                                                high=float(getattr(reading, "high", None) or 0.0),
+                                                critical=float(getattr(reading, "critical", None) or 0.0)))
+    return samples
+
+
+def cgroup2_root() -> str:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or .../unified on a hybrid host); '' if nowhere."""
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == "cgroup2":
+                    return fields[1]
+    except OSError:
+        pass
+    return ""
+
+
+def cgroups_with_processes(root: str, limit: int) -> list[str]:
+    """cgroup directories below root that hold processes of their own, visiting at most limit directories."""
+    found, pending, visited = [], [root], 0
+    while pending and visited < limit:
+        path = pending.pop()
+        visited += 1
+        try:
+            with os.scandir(path) as entries:
+                pending.extend(entry.path for entry in entries if entry.is_dir(follow_symlinks=False))
+        except OSError:
+            continue
+        if path != root and _count_lines(os.path.join(path, "cgroup.procs")):
+            found.append(path)
+    return found
+
+
+def cgroup_identity(relative: str, names: dict) -> tuple[str, str, str]:
+    """(engine, id, name) of a cgroup path relative to the root: a container, a systemd unit or a plain group."""
+    base = os.path.basename(relative)
+    match = _CONTAINER_CGROUP.fullmatch(base)
+    if match:
+        container_id = match.group(2)
+        engine, name = names.get(container_id, ({"libpod": "podman", "cri-containerd": "containerd",
+                                                 "crio": "cri-o"}.get(match.group(1) or "", "docker"), ""))
+        return engine, container_id, name or container_id[:12]
+    if base.endswith((".service", ".scope", ".slice")):
+        return "systemd", relative, base
+    return "cgroup", relative, relative
+
+
+def _read_cgroup_usage_usec(path: str) -> int | None:
+    try:
+        with open(os.path.join(path, "cpu.stat")) as file:
+            for line in file:
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as file:
+            return int(file.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _count_lines(path: str) -> int:
+    try:
+        with open(path) as file:
+            return sum(1 for line in file if line.strip())
+    except OSError:
+        return 0
+
+
+def engine_container_names(socket_path: str, timeout: float = 0.5) -> dict[str, str]:
+    """Container ID -> name from a Docker or Podman Engine API on its unix socket (GET
+    /containers/json, stdlib HTTP); {} when there is none or it does not answer in time."""
+    if not os.path.exists(socket_path):
+        return {}
+    import http.client  # here, not at the top: only hosts with a container engine pay for it
+    connection = unix_http_connection_type()(socket_path, timeout)
+    try:
+        connection.request("GET", "/containers/json", headers={"Host": "localhost"})
+        response = connection.getresponse()
+        if response.status != 200:
+            return {}
+        containers = json.loads(response.read(4 * 1024 * 1024))
+        return {str(entry["Id"]): str((entry.get("Names") or [""])[0]).lstrip("/")
+                for entry in containers if isinstance(entry, dict) and "Id" in entry}
+    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException):
+        return {}
+    finally:
+        connection.close()
+
+
+@functools.lru_cache(maxsize=None)
+def unix_http_connection_type() -> type:
+    """http.client.HTTPConnection over a unix socket, where the Docker and Podman APIs listen."""
+    import http.client
+
+    class UnixHTTPConnection(http.client.HTTPConnection):
+        def __init__(self, socket_path: str, timeout: float):
+            super().__init__("localhost", timeout=timeout)
+            self._socket_path = socket_path
+
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            self.sock.connect(self._socket_path)
+    return UnixHTTPConnection
+
+
 # ---------------------------------------------------------------------------
 # 3. Node and NodeRegistry: the orchestrator's state, behind one lock: the gRPC
 #    loop applies joins and heartbeats while the UI thread takes snapshots and edits.
@@ -762,6 +1093,7 @@ class RefusalReason(enum.Enum):
     WRONG_NODE = "wrong_node"        # samples for another node than the stream's
     JOIN_EXPIRED = "join_expired"    # joined but never opened its stream within the silence limit
     SAMPLE_FLOOD = "sample_flood"    # samples far faster than one per heartbeat interval
+    UNKNOWN_NODE = "unknown_node"    # `status NODE --top` for a node the orchestrator does not know
 
     @property
     def words(self) -> str:
@@ -780,6 +1112,7 @@ _REFUSAL_WORDS = {
     RefusalReason.WRONG_NODE: "metrics for another node",
     RefusalReason.JOIN_EXPIRED: "no heartbeat stream after the join",
     RefusalReason.SAMPLE_FLOOD: "flooded the orchestrator with samples",
+    RefusalReason.UNKNOWN_NODE: "no such node",
 }
 
 
@@ -789,7 +1122,8 @@ JOIN_REFUSALS = (RefusalReason.WRONG_TOKEN, RefusalReason.THROTTLED, RefusalReas
                  RefusalReason.NO_SESSION, RefusalReason.JOIN_EXPIRED)
 # Refusals about the request itself (which ID, which rule) are logged with the message the peer gets.
 _REFUSALS_TOLD_IN_FULL = frozenset({RefusalReason.INVALID_JOIN, RefusalReason.ID_IN_USE, RefusalReason.ID_OWNED,
-                                    RefusalReason.CLUSTER_FULL, RefusalReason.SAMPLE_FLOOD})
+                                    RefusalReason.CLUSTER_FULL, RefusalReason.SAMPLE_FLOOD,
+                                    RefusalReason.UNKNOWN_NODE})
 
 
 class Refusal(Exception):
@@ -918,6 +1252,15 @@ class JoinInfo:
     version: str = ""
     cpu_count: int = 0
     memory_total_bytes: int = 0
+    detail_offer: DetailOffer | None = None  # None: a worker older than on-demand detail
+
+
+@dataclasses.dataclass(frozen=True)
+class DetailOffer:
+    """What a worker shares when asked for detail (NodeInfo.detail_offer)."""
+
+    processes: bool = True  # false: it runs with --no-processes
+    command_lines: bool = False  # true: it runs with --share-cmdlines
 
 
 @dataclasses.dataclass
@@ -951,6 +1294,11 @@ class Node:
     search_text: str = dataclasses.field(default="", repr=False)
     alerting: frozenset = frozenset()  # the AlertRules it is beyond now (replaced, never mutated)
     alert_since: dict = dataclasses.field(default_factory=dict, repr=False)  # AlertRule -> monotonic start
+    detail_offer: DetailOffer | None = None  # None: its worker cannot send detail (older than 0.4)
+    # The latest NodeDetail it sent while asked, as it came off the wire: made safe where it is
+    # shown (safe_detail), so the gRPC loop pays nothing for it; wall-clock time it arrived.
+    detail: object = dataclasses.field(default=None, repr=False)
+    detail_at: float = 0.0
 
     def copy(self, with_history: bool = True) -> "Node":
         """A detached, read-only copy for another thread, with a copy of its graphs or none.
@@ -1080,6 +1428,9 @@ class NodeRegistry:
         self.changes = 0
         self._restored_at: float | None = None
         self._unannounced: set[str] = set()
+        # Nodes someone looks at in detail (a detail view, `status --top`): node ID -> monotonic
+        # time the asking lapses. Empty in a cluster nobody looks into: then detail costs nothing.
+        self._detail_watch: dict[str, float] = {}
 
     @property
     def silence_limit(self) -> float:
@@ -1144,7 +1495,7 @@ class NodeRegistry:
             info = pending.info
             node.address, node.hostname, node.labels = pending.address, info.hostname, info.labels
             node.platform, node.version, node.cpu_count = info.platform, info.version, info.cpu_count
-            node.memory_total_bytes = info.memory_total_bytes
+            node.memory_total_bytes, node.detail_offer = info.memory_total_bytes, info.detail_offer
             node.search_text = search_text(node)
             node.owner_digest = node.owner_digest or pending.digest
             node.status, node.left = NodeStatus.JOINING, False
@@ -1430,6 +1781,45 @@ class NodeRegistry:
         with self._lock:
             return len(self._nodes)
 
+    # -- on-demand detail ---------------------------------------------------
+
+    def watch_detail(self, node_id: str, seconds: float) -> bool:
+        """Ask for node_id's detail for the next seconds (called again to keep asking). True when
+        it was not asked for before, so the first request can go out at once."""
+        until = time.monotonic() + seconds
+        with self._lock:
+            before = self._detail_watch.get(node_id, 0.0)
+            self._detail_watch[node_id] = max(before, until)
+            return before < time.monotonic()
+
+    def detail_watched(self) -> list[str]:
+        """Nodes whose detail is asked for now and whose workers can send it; lapsed watches are dropped."""
+        now = time.monotonic()
+        with self._lock:
+            if not self._detail_watch:
+                return []
+            for node_id in [node_id for node_id, until in self._detail_watch.items() if until <= now]:
+                del self._detail_watch[node_id]
+            return [node_id for node_id in self._detail_watch
+                    if node_id in self._nodes and self._nodes[node_id].detail_offer is not None]
+
+    def latest_detail(self, node_id: str) -> tuple:
+        """(the node's latest NodeDetail as sent, when it arrived), or (None, 0.0)."""
+        with self._lock:
+            node = self._nodes.get(node_id)
+            return (node.detail, node.detail_at) if node is not None else (None, 0.0)
+
+    def store_detail(self, node_id: str, session_id: str, detail) -> bool:
+        """Keep a NodeDetail a worker sent, if someone asked for it: a worker that sends detail
+        unasked (or a stale session) is ignored, never stored."""
+        with self._lock:
+            node = self._nodes.get(node_id)
+            if (node is None or node.session_id != session_id or node.detail_offer is None
+                    or self._detail_watch.get(node_id, 0.0) <= time.monotonic()):
+                return False
+            node.detail, node.detail_at = detail, time.time()
+            return True
+
 
 def replace_file(path: str, write, mode: int = 0o600) -> None:
     """Put a file at path, all or nothing, even across a power cut: write(file) fills a
@@ -1685,7 +2075,9 @@ def join_info_from_message(request: pb.NodeInfo) -> JoinInfo:
     return JoinInfo(hostname=sanitize_text(request.hostname, HOSTNAME_LIMIT), labels=labels,
                     platform=sanitize_text(request.platform, PLATFORM_LIMIT),
                     version=sanitize_text(request.cares_version, 32), cpu_count=request.cpu_count,
-                    memory_total_bytes=request.memory_total_bytes)
+                    memory_total_bytes=request.memory_total_bytes,
+                    detail_offer=DetailOffer(request.detail_offer.processes, request.detail_offer.command_lines)
+                    if request.HasField("detail_offer") else None)
 
 
 _ADDED_METRICS = tuple(name for name in METRIC_NAMES if name not in FIRST_RELEASE_METRICS)
@@ -1701,6 +2093,56 @@ def metrics_from_message(message: pb.NodeMetrics) -> Metrics:
 
 SHUTDOWN_NOTICE = pb.OrchestratorCommand(
     shutdown=pb.ShutdownNotice(reason="the orchestrator is shutting down"))
+DETAIL_REQUEST = pb.OrchestratorCommand(request_detail=pb.DetailRequest())
+# A detail request holds for this many heartbeat intervals (at least DETAIL_MIN_PERIOD_S each) on
+# both sides: the orchestrator asks again each interval while someone looks, and a worker that
+# stops hearing it stops sending detail on its own.
+DETAIL_LAPSE_INTERVALS = 3
+DETAIL_REPLY_WAIT_S = 10.0  # `status NODE --top` waits at most this long for a fresh snapshot
+
+
+def detail_period(heartbeat_interval: float) -> float:
+    """How often detail is asked and sent: every interval, never faster than DETAIL_MIN_PERIOD_S,
+    so a short interval neither floods the worker with requests nor has it walk /proc ten times a second."""
+    return max(heartbeat_interval, DETAIL_MIN_PERIOD_S)
+
+
+def safe_detail(detail, offer: DetailOffer | None = None) -> pb.NodeDetail:
+    """A NodeDetail from a worker made safe to show and pass on: every text sanitized and cut,
+    every number finite and not negative, every list within its limit; command lines only from
+    a worker that said it shares them."""
+    def number(value: float) -> float:
+        return value if math.isfinite(value) and value > 0 else 0.0
+
+    cmdlines = offer is None or offer.command_lines
+    safe = pb.NodeDetail(process_count=detail.process_count, left_out=detail.left_out, window_s=number(detail.window_s))
+    for process in detail.processes[:3 * TOP_PROCESSES]:
+        safe.processes.add(pid=process.pid, user=sanitize_text(process.user, 32), name=sanitize_text(process.name, 64),
+                           command_line=sanitize_text(process.command_line, COMMAND_LINE_LIMIT) if cmdlines else "",
+                           cpu_percent=number(process.cpu_percent), rss_bytes=process.rss_bytes,
+                           io_bytes_per_s=number(process.io_bytes_per_s), state=sanitize_text(process.state, 16),
+                           threads=process.threads, io_unknown=process.io_unknown)
+    for mount in detail.mounts[:DETAIL_LIST_LIMIT]:
+        safe.mounts.add(mountpoint=sanitize_text(mount.mountpoint, 128), device=sanitize_text(mount.device, 64),
+                        fstype=sanitize_text(mount.fstype, 16), used_bytes=mount.used_bytes,
+                        total_bytes=mount.total_bytes, used_percent=clamp_percent(number(mount.used_percent)))
+    for nic in detail.interfaces[:DETAIL_LIST_LIMIT]:
+        safe.interfaces.add(name=sanitize_text(nic.name, 32), receive_bytes_per_s=number(nic.receive_bytes_per_s),
+                            transmit_bytes_per_s=number(nic.transmit_bytes_per_s), errors_in=nic.errors_in,
+                            errors_out=nic.errors_out, drops_in=nic.drops_in, drops_out=nic.drops_out, up=nic.up,
+                            speed_mbps=nic.speed_mbps)
+    for sensor in detail.sensors[:DETAIL_LIST_LIMIT]:
+        safe.sensors.add(kind=sensor.kind if sensor.kind in (pb.TEMPERATURE_CELSIUS, pb.FAN_RPM) else 0,
+                         chip=sanitize_text(sensor.chip, 32), label=sanitize_text(sensor.label, 32),
+                         value=number(sensor.value), high=number(sensor.high), critical=number(sensor.critical))
+    for container in detail.containers[:DETAIL_LIST_LIMIT]:
+        safe.containers.add(id=sanitize_text(container.id, 64), name=sanitize_text(container.name, 64),
+                            cpu_percent=number(container.cpu_percent), memory_bytes=container.memory_bytes,
+                            pids=container.pids, engine=sanitize_text(container.engine, 16))
+    cut = sum(max(len(getattr(detail, field)) - len(getattr(safe, field)), 0)
+              for field in ("processes", "mounts", "interfaces", "sensors", "containers"))
+    safe.left_out += cut
+    return safe
 
 
 async def refuse(registry: NodeRegistry, context, source: str, what: str, refusal: Refusal):
@@ -1727,6 +2169,7 @@ class _Stream:
     ending: StreamEnding = StreamEnding.NONE
     interval_ms: int = 0  # the interval this stream was last told
     write_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    asking_detail: bool = False  # a DetailRequest write is under way: a stuck stream gets no pile of them
 
 
 class ClusterServicer(pb_grpc.ClusterServiceServicer):
@@ -1800,6 +2243,8 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
                     return
                 self.registry.update(node_id, session_id, metrics_from_message(message), message.sequence,
                                      message.sent_at_ms)
+                if message.HasField("detail"):  # kept only when asked for; a worker that sends it unasked costs this check
+                    self.registry.store_detail(node_id, session_id, message.detail)
                 message = await context.read()
         except Refusal as refusal:
             await refuse(self.registry, context, source, "heartbeat stream", refusal)
@@ -1841,6 +2286,25 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
 
+    def ask_for_detail(self, node_ids) -> None:
+        """Send a DetailRequest on the streams of these nodes (each write its own task, so one
+        stuck stream holds up nothing). Called on the gRPC loop."""
+        for node_id in node_ids:
+            stream = self._streams.get(node_id)
+            if stream is not None and not stream.asking_detail and stream.ending is StreamEnding.NONE:
+                stream.asking_detail = True
+                asyncio.ensure_future(self._ask_for_detail(stream))
+
+    @staticmethod
+    async def _ask_for_detail(stream: _Stream) -> None:
+        try:
+            async with stream.write_lock:
+                await stream.context.write(DETAIL_REQUEST)
+        except Exception:  # the stream is ending; its own handler deals with that
+            pass
+        finally:
+            stream.asking_detail = False
+
     def _end_stream(self, node_id: str, session_id: str, ending: StreamEnding) -> None:
         stream = self._streams.get(node_id)
         if stream is not None and stream.session_id == session_id:
@@ -1863,8 +2327,9 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             await asyncio.wait(tasks, timeout=timeout)
 
 
-def node_status_message(node: Node) -> pb.NodeStatus:
-    """One row of `status`: the node as the registry knows it, values only where they are known."""
+def node_status_message(node: Node, with_detail: bool = False) -> pb.NodeStatus:
+    """One row of `status`: the node as the registry knows it, values only where they are known;
+    with_detail, its latest detail snapshot too, made safe."""
     row = pb.NodeStatus(node_id=node.node_id, address=node.address, status=node.status.value,
                         last_seen_unix_s=node.last_seen, hostname=node.hostname, joined_at_unix_s=node.joined_at,
                         labels=node.labels, platform=node.platform, cares_version=node.version,
@@ -1874,6 +2339,12 @@ def node_status_message(node: Node) -> pb.NodeStatus:
         row.cpu_percent = node.metrics.cpu_percent
         row.memory_percent = node.metrics.memory_percent
         row.latest.CopyFrom(metrics_message(node.metrics))
+    if node.detail_offer is not None:
+        row.detail_offer.CopyFrom(pb.DetailOffer(processes=node.detail_offer.processes,
+                                                 command_lines=node.detail_offer.command_lines))
+    if with_detail and node.detail is not None:
+        row.detail.CopyFrom(safe_detail(node.detail, node.detail_offer))
+        row.detail_at_unix_s = node.detail_at
     return row
 
 
@@ -1887,11 +2358,43 @@ def metrics_message(metrics: Metrics, **identity) -> pb.NodeMetrics:
 
 
 class StatusServicer(pb_grpc.StatusServiceServicer):
-    """The read-only node table behind `cares status`, a page at a time."""
+    """The read-only node table behind `cares status`, a page at a time, and one node's detail
+    (`status NODE --top`), asked of its worker for the occasion."""
 
-    def __init__(self, registry: NodeRegistry, guard: TokenGuard):
+    def __init__(self, registry: NodeRegistry, guard: TokenGuard, watch_detail=None):
         self.registry = registry
         self._guard = guard
+        self._watch_detail = watch_detail  # Orchestrator.watch_detail: asks the worker at once
+
+    async def GetNodeDetail(self, request, context):
+        source = peer_host(context.peer())
+        try:
+            await self._guard.check(context, source)
+            node = self.registry.get(request.node_id)
+            if node is None:
+                raise Refusal(grpc.StatusCode.NOT_FOUND, RefusalReason.UNKNOWN_NODE,
+                              f"no node '{sanitize_text(request.node_id, 64)}' is known to this orchestrator")
+        except Refusal as refusal:
+            await refuse(self.registry, context, source, "status request", refusal)
+        loop = asyncio.get_running_loop()
+        if node.detail_offer is not None and node.status.live and self._watch_detail is not None:
+            # A snapshot newer than this request, with rates (its worker's second one): within
+            # two or three intervals, or whatever arrived by the deadline.
+            asked_at = time.time()
+            deadline = loop.time() + min(DETAIL_LAPSE_INTERVALS * self.registry.heartbeat_interval + 1.0,
+                                         DETAIL_REPLY_WAIT_S)
+            while loop.time() < deadline:
+                self._watch_detail(request.node_id)
+                detail, detail_at = self.registry.latest_detail(request.node_id)
+                if detail is not None and detail_at > asked_at and detail.window_s > 0:
+                    break
+                await asyncio.sleep(0.05)
+        node = self.registry.get(request.node_id)
+        if node is None:  # forgotten while we waited
+            refusal = Refusal(grpc.StatusCode.NOT_FOUND, RefusalReason.UNKNOWN_NODE,
+                                    f"node '{sanitize_text(request.node_id, 64)}' was forgotten")
+            await refuse(self.registry, context, source, "status request", refusal)
+        return node_status_message(node, with_detail=True)
 
     async def ListNodes(self, request, context):
         source = peer_host(context.peer())
@@ -2730,7 +3233,7 @@ class Orchestrator:
         self.forget_after_s = forget_after_s
         self.servicer = ClusterServicer(self.registry, guard, heartbeat_ms)
         self._asked_ms = heartbeat_ms
-        self._status = StatusServicer(self.registry, guard)
+        self._status = StatusServicer(self.registry, guard, self.watch_detail)
         self._server = None
         self._tasks: list[asyncio.Task] = []
         self._interval_lock: asyncio.Lock | None = None
@@ -2829,7 +3332,9 @@ class Orchestrator:
         self._tasks = [asyncio.ensure_future(self._every(lambda: self.registry.heartbeat_interval / 2,
                                                          self._sweep, "liveness sweep")),
                        asyncio.ensure_future(self._every(lambda: HOUSEKEEPING_S, self._housekeeping,
-                                                         "housekeeping"))]
+                                                         "housekeeping")),
+                       asyncio.ensure_future(self._every(lambda: detail_period(self.registry.heartbeat_interval),
+                                                         self._ask_for_detail, "detail requests"))]
 
     async def _every(self, period, step, name: str) -> None:
         """Run step every period() seconds for as long as the orchestrator runs. An exception in a
@@ -2857,6 +3362,19 @@ class Orchestrator:
             self.registry.events.add(Level.WARN, f"The orchestrator was stalled for {stall:.1f} s; "
                                                  f"nodes were given that much more time to be heard from.")
         self.servicer.end_expired_streams(self.registry.expire())
+
+    def _ask_for_detail(self, period: float) -> None:
+        watched = self.registry.detail_watched()
+        if watched:  # nobody looking: nothing sent, nothing asked of any worker
+            self.servicer.ask_for_detail(watched)
+
+    def watch_detail(self, node_id: str) -> None:
+        """Someone looks at node_id's detail (its detail view, each redraw; `status --top`): keep
+        asking its worker for DETAIL_LAPSE_INTERVALS more periods, and ask at once the first time.
+        Any thread."""
+        seconds = DETAIL_LAPSE_INTERVALS * detail_period(self.registry.heartbeat_interval)
+        if self.registry.watch_detail(node_id, seconds) and self._server is not None:
+            grpc_loop().call_soon_threadsafe(self._ask_for_detail, 0.0)
 
     def _housekeeping(self, period: float) -> None:
         self.registry.flush_refusals()
@@ -3170,7 +3688,8 @@ class WorkerClient:
     """Joins an orchestrator and streams this machine's metrics to it, reconnecting forever."""
 
     def __init__(self, target: str, node_id: str, sampler: LocalSampler, *, token: str | None = None,
-                 tls_ca: bytes | None = None, secret: str = "", labels: dict | None = None):
+                 tls_ca: bytes | None = None, secret: str = "", labels: dict | None = None,
+                 detail_offer: DetailOffer = DetailOffer()):
         self.target = target
         self.node_id = node_id
         self.sampler = sampler
@@ -3193,6 +3712,12 @@ class WorkerClient:
         self._repeats = RepeatSummary(WORKER_REPEAT_SUMMARY_S)
         self._stopping = False
         self.identity: NodeIdentity | None = None  # set by WorkerConfig.create; holds the ID lock
+        # On-demand detail: offered at join, built only once an orchestrator asks (nobody asking,
+        # no DetailSampler and no /proc walks), sent until the asking lapses.
+        self.detail_offer = detail_offer
+        self._detail: DetailSampler | None = None
+        self._detail_until = 0.0  # monotonic time the last request lapses
+        self._detail_sent_at = -math.inf
 
     @property
     def state(self) -> ConnectionState:
@@ -3244,7 +3769,9 @@ class WorkerClient:
             node_id=self.node_id, hostname=socket.gethostname()[:HOSTNAME_LIMIT], cpu_count=self.sampler.cpu_count,
             memory_total_bytes=self.sampler.memory_total_bytes,
             platform=f"{platform.system()}-{platform.release()}-{platform.machine()}"[:PLATFORM_LIMIT],
-            cares_version=VERSION, node_secret=self._secret, labels=self.labels)
+            cares_version=VERSION, node_secret=self._secret, labels=self.labels,
+            detail_offer=pb.DetailOffer(processes=self.detail_offer.processes,
+                                        command_lines=self.detail_offer.command_lines))
 
     def _next_metrics(self, metrics: Metrics | None = None, **fields) -> pb.NodeMetrics:
         """The next message of this session's stream: identity, sequence number and send time filled in."""
@@ -3370,6 +3897,32 @@ class WorkerClient:
                     self._say(Level.INFO, "interval", f"Heartbeat interval is now {interval:.2f} s.")
             elif kind == "shutdown":
                 raise OrchestratorShutdown(sanitize_text(command.shutdown.reason, ERROR_TEXT_LIMIT))
+            elif kind == "request_detail":
+                # However often it is asked, a request only moves the lapse time: the sender takes
+                # at most one snapshot per detail period.
+                now = time.monotonic()
+                self._detail_until = now + DETAIL_LAPSE_INTERVALS * detail_period(self._interval)
+                if self._detail is None:
+                    self._detail = DetailSampler(self.detail_offer.command_lines, self.detail_offer.processes)
+                if now - self._detail_sent_at > DETAIL_STALE_S:
+                    # A first reading now, so the snapshot sent with the next sample has rates.
+                    self._detail_sent_at = now
+                    asyncio.get_running_loop().run_in_executor(None, self._detail.prime)
+
+    async def _detail_if_asked(self, loop) -> pb.NodeDetail | None:
+        """A detail snapshot for this sample, while asked and at most one per detail period;
+        a snapshot that fails costs the detail, never the heartbeat."""
+        now = time.monotonic()
+        if self._detail is None or now >= self._detail_until or \
+                now - self._detail_sent_at < detail_period(self._interval) - 0.05:
+            return None
+        self._detail_sent_at = now
+        try:
+            return await loop.run_in_executor(None, self._detail.snapshot)
+        except Exception as error:
+            self._say(Level.WARN, "detail", sanitize_text(f"Cannot take a detail snapshot "
+                                                          f"({type(error).__name__}: {error}).", ERROR_TEXT_LIMIT))
+            return None
 
     async def _send_metrics(self, call) -> None:
         loop = asyncio.get_running_loop()
@@ -3382,7 +3935,11 @@ class WorkerClient:
             except Exception as error:
                 raise SamplingFailed(sanitize_text(f"cannot read this machine's metrics "
                                                    f"({type(error).__name__}: {error})", ERROR_TEXT_LIMIT)) from None
-            await call.write(self._next_metrics(sample))
+            message = self._next_metrics(sample)
+            detail = await self._detail_if_asked(loop)
+            if detail is not None:
+                message.detail.CopyFrom(detail)
+            await call.write(message)
             sent_at = loop.time()
             if sent_at - self._stream_opened_at >= WORKER_REPEAT_SUMMARY_S:
                 self._say_repeats()
@@ -3409,12 +3966,13 @@ class WorkerConfig:
     labels: dict = dataclasses.field(default_factory=dict)
     # Where the node secret and the ID lock are kept, as on the command line; None keeps nothing.
     state_dir: str | None = dataclasses.field(default_factory=lambda: default_state_dir())
+    detail_offer: DetailOffer = DetailOffer()  # --no-processes, --share-cmdlines
 
     def create(self, sampler: LocalSampler) -> WorkerClient:
         """The worker, under its claimed identity; StartError when that ID already runs here."""
         identity = claim_identity(self.node_id, self.state_dir)
         client = WorkerClient(self.target, identity.node_id, sampler, token=self.token, tls_ca=self.tls_ca,
-                              secret=identity.secret, labels=self.labels)
+                              secret=identity.secret, labels=self.labels, detail_offer=self.detail_offer)
         client.identity = identity  # keeps the lock held for as long as the worker lives
         if identity.note:
             client.events.add(Level.WARN, f"Node '{identity.node_id}': {identity.note}.")
@@ -3452,6 +4010,55 @@ def fetch_status(target: str, *, token: str | None = None, tls_ca: bytes | None 
 
     rows = run_on_grpc_loop(call(), timeout=timeout + 5)
     return [status_row(node) for node in rows]
+
+
+def fetch_node_detail(target: str, node_id: str, *, token: str | None = None, tls_ca: bytes | None = None,
+                      timeout: float = DETAIL_REPLY_WAIT_S + 5) -> NodeDetailReply:
+    """One node's row and a fresh detail snapshot, asked of its worker through the orchestrator."""
+    async def call():
+        async with _channel_for(target, tls_ca, STATUS_CLIENT_OPTIONS) as channel:
+            return await pb_grpc.StatusServiceStub(channel).GetNodeDetail(
+                pb.NodeDetailRequest(node_id=node_id), metadata=token_metadata(token), timeout=timeout)
+
+    reply = run_on_grpc_loop(call(), timeout=timeout + 5)
+    offer = (DetailOffer(reply.detail_offer.processes, reply.detail_offer.command_lines)
+             if reply.HasField("detail_offer") else None)
+    detail = safe_detail(reply.detail, offer) if reply.HasField("detail") else None
+    return NodeDetailReply(status_row(reply), offer, detail, _finite_or_none(reply.detail_at_unix_s, 3) or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeDetailReply:
+    """What `status NODE --top` got: the node's row, what its worker shares and the snapshot (made safe)."""
+
+    row: dict
+    offer: DetailOffer | None  # None: the worker is older than on-demand detail
+    detail: object  # pb.NodeDetail, or None when none arrived
+    detail_at: float | None
+
+
+def detail_json(detail) -> dict:
+    """A NodeDetail (made safe) as `status --top --json` prints it; rates per second, sizes in bytes."""
+    return {"window_s": round(detail.window_s, 3), "process_count": detail.process_count,
+            "left_out": detail.left_out,
+            "processes": [{"pid": p.pid, "user": p.user, "name": p.name, "command_line": p.command_line or None,
+                           "cpu_percent": round(p.cpu_percent, 1), "rss_bytes": p.rss_bytes,
+                           "io_bytes_per_s": None if p.io_unknown else round(p.io_bytes_per_s, 1),
+                           "state": p.state, "threads": p.threads} for p in detail.processes],
+            "mounts": [{"mountpoint": m.mountpoint, "device": m.device, "fstype": m.fstype, "used_bytes": m.used_bytes,
+                        "total_bytes": m.total_bytes, "used_percent": round(m.used_percent, 1)} for m in detail.mounts],
+            "interfaces": [{"name": i.name, "receive_bytes_per_s": round(i.receive_bytes_per_s, 1),
+                            "transmit_bytes_per_s": round(i.transmit_bytes_per_s, 1), "errors_in": i.errors_in,
+                            "errors_out": i.errors_out, "drops_in": i.drops_in, "drops_out": i.drops_out,
+                            "up": i.up, "speed_mbps": i.speed_mbps or None} for i in detail.interfaces],
+            "sensors": [{"kind": SENSOR_KINDS.get(r.kind, "unknown"), "chip": r.chip, "label": r.label,
+                         "value": round(r.value, 1), "high": r.high or None, "critical": r.critical or None}
+                        for r in detail.sensors],
+            "containers": [{"id": c.id, "name": c.name, "engine": c.engine, "cpu_percent": round(c.cpu_percent, 1),
+                            "memory_bytes": c.memory_bytes or None, "pids": c.pids} for c in detail.containers]}
+
+
+SENSOR_KINDS = {pb.TEMPERATURE_CELSIUS: "temperature_celsius", pb.FAN_RPM: "fan_rpm"}
 
 
 def status_row(node: pb.NodeStatus) -> dict:
@@ -3852,6 +4459,161 @@ def colour_mode(colours: int, environment=os.environ) -> ColourMode:
     return ColourMode.EXTENDED if colours >= 256 else ColourMode.BASIC
 
 
+# -- a node's detail: sections, the process table, the other lists -------------
+
+class DetailSection(enum.Enum):
+    """What the lower half of a node's detail view shows; Tab and 1-4 switch."""
+
+    GRAPHS = "graphs"
+    PROCESSES = "processes"
+    DISKS_NETWORK = "disks & network"
+    CONTAINERS_SENSORS = "containers & sensors"
+
+
+class ProcessOrder(enum.Enum):
+    """How the process table is sorted, as in htop and btop: biggest first."""
+
+    CPU = "CPU"
+    MEMORY = "memory"
+    IO = "I/O"
+
+
+_PROCESS_SORT = {ProcessOrder.CPU: lambda p: (p.cpu_percent, p.rss_bytes),
+                 ProcessOrder.MEMORY: lambda p: (p.rss_bytes, p.cpu_percent),
+                 ProcessOrder.IO: lambda p: (p.io_bytes_per_s, p.cpu_percent)}
+
+
+@dataclasses.dataclass
+class DetailState:
+    """Where the user is in a node's detail view; reset when another node is opened."""
+
+    node_id: str = ""
+    section: DetailSection = DetailSection.GRAPHS
+    order: ProcessOrder = ProcessOrder.CPU
+    selected_pid: int = 0  # the selection follows the process, as the node table's follows the node
+    scroll: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessView:
+    rows: list  # the ProcessSamples shown, in order
+    first: int
+    count: int
+    selected_index: int
+
+
+def prepare_processes(detail, state: DetailState, height: int) -> ProcessView:
+    """Sort the snapshot's processes, keep the selection on its PID and in view."""
+    processes = sorted(detail.processes, key=_PROCESS_SORT[state.order], reverse=True) if detail is not None else []
+    index = next((i for i, process in enumerate(processes) if process.pid == state.selected_pid), -1)
+    if index < 0 and processes:
+        index = min(max(state.scroll, 0), len(processes) - 1)
+    state.selected_pid = processes[index].pid if index >= 0 else 0
+    height = max(height, 1)
+    state.scroll = min(max(state.scroll, index - height + 1, 0), index if index >= 0 else 0)
+    state.scroll = max(min(state.scroll, len(processes) - height), 0)
+    return ProcessView(processes[state.scroll:state.scroll + height], state.scroll, len(processes), index)
+
+
+def move_process_selection(state: DetailState, view: ProcessView, step: int, detail) -> None:
+    if view.count == 0 or view.selected_index < 0:
+        return
+    target = min(max(view.selected_index + step, 0), view.count - 1)
+    ordered = sorted(detail.processes, key=_PROCESS_SORT[state.order], reverse=True)
+    state.selected_pid = ordered[target].pid
+
+
+PROCESS_HEADER = f"{'PID':>7} {'USER':<9} {'CPU%':>6} {'RSS':>9} {'I/O/s':>6} S {'THR':>4}  COMMAND"
+_STATE_LETTERS = {"running": "R", "sleeping": "S", "disk-sleep": "D", "stopped": "T", "tracing-stop": "t",
+                  "zombie": "Z", "dead": "X", "idle": "I", "parked": "P", "waking": "W", "locked": "L"}
+
+
+def process_line(process, glyphs: Glyphs = UNICODE_GLYPHS) -> str:
+    """One row of the process table, htop's columns; the command line where the worker shares it."""
+    io = glyphs.dash if process.io_unknown else format_rate(process.io_bytes_per_s, glyphs)
+    state = _STATE_LETTERS.get(process.state, (process.state[:1] or "?").upper())
+    command = process.command_line or process.name
+    return (f"{process.pid:>7} {fit(process.user, 9, glyphs.ellipsis):<9} {process.cpu_percent:>6.1f} "
+            f"{format_bytes(process.rss_bytes):>9} {io:>6} {state} {process.threads:>4}  {command}")
+
+
+MOUNT_HEADER = f"{'MOUNTED ON':<24} {'DEVICE':<18} {'TYPE':<6} {'USED':>9} {'SIZE':>9} {'USE%':>6}"
+INTERFACE_HEADER = f"{'INTERFACE':<14} {'LINK':<5} {'RX/s':>6} {'TX/s':>6} {'ERR IN/OUT':>12} {'DROP IN/OUT':>12}"
+CONTAINER_HEADER = f"{'CONTAINER / GROUP':<32} {'ENGINE':<10} {'CPU%':>6} {'MEMORY':>9} {'PIDS':>5}"
+
+
+def mount_line(mount, glyphs: Glyphs = UNICODE_GLYPHS) -> str:
+    return (f"{fit(mount.mountpoint, 24, glyphs.ellipsis):<24} {fit(mount.device, 18, glyphs.ellipsis):<18} "
+            f"{fit(mount.fstype, 6, glyphs.ellipsis):<6} {format_bytes(mount.used_bytes):>9} "
+            f"{format_bytes(mount.total_bytes):>9} {format_percent(mount.used_percent, glyphs.unicode):>6}")
+
+
+def interface_line(nic, glyphs: Glyphs = UNICODE_GLYPHS) -> str:
+    link = "up" if nic.up else "down"
+    speed = f"  {nic.speed_mbps} Mb/s" if nic.speed_mbps else ""
+    return (f"{fit(nic.name, 14, glyphs.ellipsis):<14} {link:<5} {format_rate(nic.receive_bytes_per_s, glyphs):>6} "
+            f"{format_rate(nic.transmit_bytes_per_s, glyphs):>6} {f'{nic.errors_in}/{nic.errors_out}':>12} "
+            f"{f'{nic.drops_in}/{nic.drops_out}':>12}{speed}")
+
+
+def sensor_line(sensor, glyphs: Glyphs = UNICODE_GLYPHS) -> str:
+    unit = (" °C" if glyphs.unicode else " C") if sensor.kind == pb.TEMPERATURE_CELSIUS else " RPM"
+    limits = ", ".join(f"{name} {value:.0f}" for name, value in (("high", sensor.high), ("critical", sensor.critical))
+                       if value)
+    return f"{fit(f'{sensor.chip} {sensor.label}'.strip(), 32, glyphs.ellipsis):<32} {sensor.value:>7.1f}{unit}" + \
+        (f"  ({limits})" if limits else "")
+
+
+def container_line(container, glyphs: Glyphs = UNICODE_GLYPHS) -> str:
+    memory = format_bytes(container.memory_bytes) if container.memory_bytes else glyphs.dash
+    return (f"{fit(container.name or container.id, 32, glyphs.ellipsis):<32} {container.engine:<10} "
+            f"{container.cpu_percent:>6.1f} {memory:>9} {container.pids:>5}")
+
+
+def detail_notice(version: str, offer: DetailOffer | None, status: NodeStatus, detail, detail_at: float,
+                  now: float) -> str:
+    """The one line above the detail sections: where the data comes from, or why there is none."""
+    if offer is None:
+        return (f"This node runs cares {version or 'older than 0.4'}, which cannot send processes, disks or "
+                f"containers on demand (0.4 and later can).")
+    if detail is None:
+        return ("Asking the worker for processes, disks and containers..." if status.live
+                else f"No detail: the node is {status.value}.")
+    age = "" if status.live else f" (from {format_age(now - detail_at)}, the node is {status.value})"
+    processes = ("processes not shared (--no-processes)" if not offer.processes else
+                 f"{detail.process_count} processes, command lines "
+                 + ("shared (--share-cmdlines)" if offer.command_lines else "not shared (names only)"))
+    cut = f", {detail.left_out} entries left out to fit" if detail.left_out else ""
+    return f"Snapshot {format_age(now - detail_at)}{age}: {processes}{cut}."
+
+
+def detail_section_lines(detail, section: DetailSection, glyphs: Glyphs = UNICODE_GLYPHS) -> list[tuple[str, str]]:
+    """(text, style) lines of the sections that are plain lists: disks & network, containers & sensors."""
+    lines: list[tuple[str, str]] = []
+
+    def block(title: str, header: str, entries, line, empty: str):
+        if lines:
+            lines.append(("", "text"))
+        lines.append((title, "bold"))
+        if not entries:
+            lines.append((f"  {empty}", "dim"))
+            return
+        if header:
+            lines.append((header, "header"))
+        lines.extend((line(entry, glyphs), "text") for entry in entries)
+
+    if detail is None:
+        return lines
+    if section is DetailSection.DISKS_NETWORK:
+        block("Mounts", MOUNT_HEADER, detail.mounts, mount_line, "none reported")
+        block("Interfaces", INTERFACE_HEADER, detail.interfaces, interface_line, "none but loopback")
+    elif section is DetailSection.CONTAINERS_SENSORS:
+        block("Containers and services (cgroup v2, busiest first)", CONTAINER_HEADER, detail.containers,
+              container_line, "none (no cgroup v2 groups with processes, or not readable)")
+        block("Sensors", "", detail.sensors, sensor_line, "none reported (common in virtual machines)")
+    return lines
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyHelp:
     keys: str
@@ -3870,6 +4632,7 @@ DASHBOARD_KEYS = (
     KeyHelp("?", "this help"),
     KeyHelp("q, Ctrl-C", "quit: workers are told the orchestrator is shutting down"),
 )
+PROCESS_ORDER_KEYS = {ord("c"): ProcessOrder.CPU, ord("m"): ProcessOrder.MEMORY, ord("i"): ProcessOrder.IO}
 SORT_KEYS = {ord("n"): SortKey.NODE_ID, ord("h"): SortKey.HOST, ord("s"): SortKey.STATUS, ord("c"): SortKey.CPU,
              ord("m"): SortKey.MEMORY, ord("l"): SortKey.LOAD}
 
@@ -3928,6 +4691,7 @@ class TuiApp:
                       View.JOIN: FormState(self.configs[View.JOIN].target, self.configs[View.JOIN].token or "")}
         self.table = TableState()
         self.detail_node = ""  # node ID the detail view shows
+        self.detail = DetailState()  # its section, process order and selection
         self.help_returns_to = View.DASHBOARD
         self.local_history = NodeHistory()
 
@@ -4534,9 +5298,16 @@ def _define_tui():
         node: Node | None
         events: list
         now: float
+        state: DetailState
+        notice: str = ""
+        processes: ProcessView | None = None  # the process section's rows
+        lines: list = dataclasses.field(default_factory=list)  # the list sections' (text, style) lines
+
+    SECTION_TOP = 12  # the row a section starts at, below the join lines and the metrics
 
     class DetailPane(Pane):
-        """Everything the node said at join, every metric, and 60 s graphs."""
+        """Everything the node said at join, every metric, then one section: 60 s graphs, its
+        processes, its disks and interfaces, or its containers and sensors."""
 
         def render(self):
             node, glyphs = self.shown.node, self.glyphs
@@ -4556,7 +5327,29 @@ def _define_tui():
                                                                max(min(self._w - half - 44, 20), 6))):
                 x = self.put(f"{name:<9}", half, 2 + row, "bold")
                 self.put_segments(segments, 2 + row, x)
-            self._graphs(node, 11)
+            x = 0
+            for index, section in enumerate(DetailSection, 1):
+                chosen = section is self.shown.state.section
+                x = self.put(f" {index} {section.value.capitalize()} ", x, 10, "selected" if chosen else "dim") + 1
+            if self.shown.state.section is DetailSection.GRAPHS:
+                self._graphs(node, SECTION_TOP)
+                return
+            self.put(self.shown.notice, 0, SECTION_TOP - 1, "dim")
+            if self.shown.state.section is DetailSection.PROCESSES:
+                self._processes(SECTION_TOP)
+            else:
+                for row, (text, style) in enumerate(self.shown.lines[:self._h - SECTION_TOP]):
+                    self.put(text.ljust(self._w) if style == "header" else text, 0, SECTION_TOP + row, style)
+
+        def _processes(self, top: int) -> None:
+            view, state = self.shown.processes, self.shown.state
+            if view is None or not view.count:
+                return
+            self.put(PROCESS_HEADER.ljust(self._w), 0, top, "header")
+            self.put(f" sorted by {state.order.value} ", max(self._w - 20, 0), top, "header")
+            for row, process in enumerate(view.rows):
+                style = "selected" if process.pid == state.selected_pid else "text"
+                self.put(process_line(process, self.glyphs).ljust(self._w), 0, top + 1 + row, style)
 
         def _graphs(self, node: Node, top: int) -> None:
             history, glyphs = node.history or NodeHistory(), self.glyphs
@@ -4580,23 +5373,83 @@ def _define_tui():
         def __init__(self, screen, app: TuiApp):
             super().__init__(screen, app, View.DETAIL)
             events = max(3, screen.height - 27)
-            self.column.add_widget(DetailPane(screen.height - events - 1))
+            self._pane = DetailPane(screen.height - events - 1)
+            self.column.add_widget(self._pane)
             self.column.add_widget(EventPane(events))
-            self.column.add_widget(KeyLine("Esc back to the table  q quit"))
+            self.column.add_widget(KeyLine("Esc back  Tab or 1-4 section  c m i sort processes  "
+                                           "Up/Down select  q quit"))
+            self._safe = (None, None)  # (the NodeDetail as sent, made safe): made safe once per snapshot
             self.fix()
 
         def _update(self, frame_no):
             orchestrator = self.app.orchestrator
             if orchestrator is not None:
-                node_id = self.app.detail_node
-                self.shown = DetailShown(orchestrator.registry.get(node_id),
-                                         orchestrator.registry.events.tail(self.canvas.height, node_id), time.time())
+                node_id, state = self.app.detail_node, self.app.detail
+                if state.node_id != node_id:
+                    state = self.app.detail = DetailState(node_id=node_id, section=state.section)
+                node = orchestrator.registry.get(node_id)
+                # Looking is asking: the worker sends detail while this view is open, and stops
+                # on its own a few intervals after it closes.
+                if node is not None:
+                    orchestrator.watch_detail(node_id)
+                detail = None
+                if node is not None and node.detail is not None:
+                    if self._safe[0] is not node.detail:
+                        self._safe = (node.detail, safe_detail(node.detail, node.detail_offer))
+                    detail = self._safe[1]
+                now = time.time()
+                shown = DetailShown(node, orchestrator.registry.events.tail(self.canvas.height, node_id), now, state)
+                if node is not None:
+                    shown.notice = detail_notice(node.version, node.detail_offer, node.status, detail,
+                                                 node.detail_at, now)
+                    if state.section is DetailSection.PROCESSES:
+                        shown.processes = prepare_processes(detail, state, self._process_rows)
+                    elif state.section is not DetailSection.GRAPHS:
+                        lines = detail_section_lines(detail, state.section, self.glyphs)
+                        state.scroll = min(state.scroll, max(len(lines) - (self._pane._h - SECTION_TOP), 0))
+                        shown.lines = lines[state.scroll:]
+                self.shown = shown
             super()._update(frame_no)
 
+        @property
+        def _process_rows(self) -> int:
+            return max(self._pane._h - SECTION_TOP - 1, 1) if self._pane._h else 1
+
         def on_key(self, key: int) -> bool:
+            state = self.app.detail
+            sections = list(DetailSection)
             if key in (Screen.KEY_ESCAPE, Screen.KEY_BACK, ord("b")):
                 self.show(View.DASHBOARD)
-            return False
+                return False
+            if key == Screen.KEY_TAB:
+                state.section = sections[(sections.index(state.section) + 1) % len(sections)]
+            elif key == Screen.KEY_BACK_TAB:
+                state.section = sections[(sections.index(state.section) - 1) % len(sections)]
+            elif ord("1") <= key < ord("1") + len(sections):
+                state.section = sections[key - ord("1")]
+            elif key in PROCESS_ORDER_KEYS:
+                state.section, state.order = DetailSection.PROCESSES, PROCESS_ORDER_KEYS[key]
+            elif key in (Screen.KEY_UP, Screen.KEY_DOWN, Screen.KEY_PAGE_UP, Screen.KEY_PAGE_DOWN,
+                         Screen.KEY_HOME, Screen.KEY_END):
+                page = max(self._process_rows - 1, 1)
+                step = {Screen.KEY_UP: -1, Screen.KEY_DOWN: 1, Screen.KEY_PAGE_UP: -page, Screen.KEY_PAGE_DOWN: page,
+                        Screen.KEY_HOME: -10**6, Screen.KEY_END: 10**6}[key]
+                self._move(step)
+            else:
+                return False
+            if key not in (Screen.KEY_UP, Screen.KEY_DOWN, Screen.KEY_PAGE_UP, Screen.KEY_PAGE_DOWN,
+                           Screen.KEY_HOME, Screen.KEY_END) and key not in PROCESS_ORDER_KEYS:
+                state.scroll = 0
+            return True
+
+        def _move(self, step: int) -> None:
+            state, shown = self.app.detail, self.shown
+            if shown is None or shown.node is None:
+                return
+            if state.section is DetailSection.PROCESSES and shown.processes is not None:
+                move_process_selection(state, shown.processes, step, self._safe[1])
+            elif state.section is not DetailSection.GRAPHS:
+                state.scroll = max(state.scroll + step, 0)
 
     # -- help -----------------------------------------------------------
 
@@ -5841,12 +6694,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "identity, the same at every start)")
     worker.add_argument("--label", type=_argument(parse_label), action="append", default=[], metavar="KEY=VALUE",
                         help="a label shown with this node and usable in the filter (repeatable, at most 16)")
+    worker.add_argument("--share-cmdlines", action="store_true",
+                        help="show its processes' command lines in the orchestrator's detail view and "
+                             "`status NODE --top` (they can hold secrets: off by default, names only)")
+    worker.add_argument("--no-processes", action="store_true",
+                        help="never share its process list (mounts, interfaces, sensors and containers still are)")
 
-    status = commands.add_parser("status", help="print an orchestrator's node table")
+    status = commands.add_parser("status", help="print an orchestrator's node table, or one node's detail")
     status.add_argument("orchestrator_address", type=_argument(parse_target, "address"), metavar="HOST:PORT")
+    status.add_argument("node_id", nargs="?", type=_argument(_node_id), metavar="NODE",
+                        help="with --top: the node to show")
+    status.add_argument("--top", action="store_true",
+                        help="NODE's top processes, mounts, interfaces, sensors and containers, asked of its "
+                             "worker now (it takes up to three heartbeat intervals)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    status.add_argument("--timeout", type=_argument(_number(float, 0.1, 3600.0)), default=5.0, metavar="SECONDS",
-                        help="give up after this long (default 5)")
+    status.add_argument("--timeout", type=_argument(_number(float, 0.1, 3600.0)), default=None, metavar="SECONDS",
+                        help=f"give up after this long (default 5; with --top {DETAIL_REPLY_WAIT_S + 5:g})")
     status.add_argument("--check", action="store_true",
                         help="one line and an exit code for Nagios, Icinga, cron or Uptime Kuma: "
                              "0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
@@ -6014,7 +6877,8 @@ def orchestrator_config(args) -> OrchestratorConfig:
 
 def worker_config(args) -> WorkerConfig:
     return WorkerConfig(target=args.orchestrator_address, token=args.token, tls_ca=load_tls(args).get("tls_ca"),
-                        node_id=args.node_id, labels=dict(args.label), state_dir=state_dir(args))
+                        node_id=args.node_id, labels=dict(args.label), state_dir=state_dir(args),
+                        detail_offer=DetailOffer(processes=not args.no_processes, command_lines=args.share_cmdlines))
 
 
 def run_orchestrator(args) -> int:
@@ -6080,9 +6944,13 @@ def check_status(rows: list[dict], min_active: int, max_lost: int) -> tuple[Chec
 
 
 def run_status(args) -> int:
+    if args.top or args.node_id:
+        if not (args.top and args.node_id) or args.check:
+            raise UsageError("a node's detail is `status HOST:PORT NODE --top [--json]` (not with --check)")
+        return run_status_top(args)
     try:
         rows = fetch_status(args.orchestrator_address, token=args.token, tls_ca=load_tls(args).get("tls_ca"),
-                            timeout=args.timeout)
+                            timeout=args.timeout or 5.0)
     except (grpc.RpcError, RuntimeFailure) as error:
         reason = describe_rpc_error(error) if isinstance(error, grpc.RpcError) else str(error)
         if args.check:
@@ -6098,6 +6966,47 @@ def run_status(args) -> int:
     else:
         print(format_status_table(rows))
     return 0
+
+
+def run_status_top(args) -> int:
+    """`status HOST:PORT NODE --top [--json]`: one node's processes, disks, interfaces, sensors and
+    containers, asked of its worker now."""
+    timeout = args.timeout or DETAIL_REPLY_WAIT_S + 5
+    try:
+        reply = fetch_node_detail(args.orchestrator_address, args.node_id, token=args.token,
+                                  tls_ca=load_tls(args).get("tls_ca"), timeout=timeout)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+            raise RuntimeFailure(f"the orchestrator at {args.orchestrator_address} is older than cares 0.4 and "
+                                 f"cannot fetch a node's detail") from None
+        raise RuntimeFailure(f"cannot get {args.node_id}'s detail from {args.orchestrator_address}: "
+                             f"{describe_rpc_error(error)}") from None
+    row, now = reply.row, time.time()
+    status = NodeStatus(row["status"]) if row["status"] in {s.value for s in NodeStatus} else NodeStatus.DISCONNECTED
+    notice = detail_notice(row["version"], reply.offer, status, reply.detail, reply.detail_at or 0.0, now)
+    if args.json:
+        print(json.dumps({"node": row, "shares": None if reply.offer is None else {
+            "processes": reply.offer.processes, "command_lines": reply.offer.command_lines},
+            "detail_at": reply.detail_at, "notice": notice,
+            "detail": detail_json(reply.detail) if reply.detail is not None else None}, indent=2))
+    else:
+        print(format_detail_text(row, reply.detail, notice))
+    return 0 if reply.detail is not None else 1
+
+
+def format_detail_text(row: dict, detail, notice: str) -> str:
+    glyphs = ASCII_GLYPHS if not (sys.stdout.encoding or "").lower().startswith("utf") else UNICODE_GLYPHS
+    lines = [f"Node {row['node_id']}  {row['status']}  {row['hostname']}", notice]
+    if detail is None:
+        return "\n".join(lines)
+    if detail.processes:
+        lines += ["", f"Processes (the top {TOP_PROCESSES} by CPU, by memory and by I/O; by CPU here)", PROCESS_HEADER]
+        lines += [process_line(process, glyphs) for process in prepare_processes(
+            detail, DetailState(), len(detail.processes)).rows]
+    for section in (DetailSection.DISKS_NETWORK, DetailSection.CONTAINERS_SENSORS):
+        lines.append("")
+        lines += [text for text, _ in detail_section_lines(detail, section, glyphs)]
+    return "\n".join(lines)
 
 
 def ensure_standard_streams() -> None:

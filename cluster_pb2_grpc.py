@@ -185,6 +185,11 @@ class StatusServiceStub:
                 request_serializer=cluster__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=cluster__pb2.NodeList.FromString,
                 _registered_method=True)
+        self.GetNodeDetail = channel.unary_unary(
+                '/cares.v1.StatusService/GetNodeDetail',
+                request_serializer=cluster__pb2.NodeDetailRequest.SerializeToString,
+                response_deserializer=cluster__pb2.NodeStatus.FromString,
+                _registered_method=True)
 
 
 class StatusServiceServicer:
@@ -197,6 +202,15 @@ class StatusServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetNodeDetail(self, request, context):
+        """Added in cares 0.4: one node's row with a fresh detail snapshot (processes, mounts,
+        interfaces, sensors, containers), asked of its worker on demand. An older orchestrator
+        answers UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StatusServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +218,11 @@ def add_StatusServiceServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=cluster__pb2.ListNodesRequest.FromString,
                     response_serializer=cluster__pb2.NodeList.SerializeToString,
+            ),
+            'GetNodeDetail': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNodeDetail,
+                    request_deserializer=cluster__pb2.NodeDetailRequest.FromString,
+                    response_serializer=cluster__pb2.NodeStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -234,6 +253,33 @@ class StatusService:
             '/cares.v1.StatusService/ListNodes',
             cluster__pb2.ListNodesRequest.SerializeToString,
             cluster__pb2.NodeList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNodeDetail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cares.v1.StatusService/GetNodeDetail',
+            cluster__pb2.NodeDetailRequest.SerializeToString,
+            cluster__pb2.NodeStatus.FromString,
             options,
             channel_credentials,
             insecure,

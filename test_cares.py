@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import pwd
 import random
 import re
 import resource
@@ -51,6 +52,7 @@ from unittest import mock
 
 import cares  # first: it quiets gRPC's C-core logging before grpc is imported
 import grpc
+import psutil
 import cluster_pb2 as pb
 import cluster_pb2_grpc as pb_grpc
 from asciimatics.event import KeyboardEvent
@@ -1280,18 +1282,25 @@ def old_messages():
             for name in ("NodeInfo", "Acknowledgement", "NodeMetrics", "OrchestratorCommand")}
 
 
+def old_worker_calls(test, port, old, commands=None):
+    """JoinCluster and Heartbeat as a 0.2.0 worker calls them (its messages); the commands it
+    receives are read as the given class (by default the 0.2.0 one, as that worker reads them)."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    test.addCleanup(channel.close)
+    join = channel.unary_unary("/cares.v1.ClusterService/JoinCluster",
+                               request_serializer=old["NodeInfo"].SerializeToString,
+                               response_deserializer=old["Acknowledgement"].FromString)
+    heartbeat = channel.stream_stream("/cares.v1.ClusterService/Heartbeat",
+                                      request_serializer=old["NodeMetrics"].SerializeToString,
+                                      response_deserializer=(commands or old["OrchestratorCommand"]).FromString)
+    return join, heartbeat
+
+
 class CompatibilityTest(ClusterTestCase):
     def test_an_old_worker_joins_a_new_orchestrator(self):
         old = old_messages()
         orchestrator = self.start_orchestrator(heartbeat_ms=200)
-        channel = grpc.insecure_channel(f"127.0.0.1:{orchestrator.port}")
-        self.addCleanup(channel.close)
-        join = channel.unary_unary("/cares.v1.ClusterService/JoinCluster",
-                                   request_serializer=old["NodeInfo"].SerializeToString,
-                                   response_deserializer=old["Acknowledgement"].FromString)
-        heartbeat = channel.stream_stream("/cares.v1.ClusterService/Heartbeat",
-                                          request_serializer=old["NodeMetrics"].SerializeToString,
-                                          response_deserializer=old["OrchestratorCommand"].FromString)
+        join, heartbeat = old_worker_calls(self, orchestrator.port, old)
         ack = join(old["NodeInfo"](node_id="veteran", hostname="old-host", cpu_count=4, memory_total_bytes=8 << 30,
                                    platform="Linux-5.10-x86_64", cares_version="0.2.0"), timeout=5)
         done = threading.Event()
@@ -1358,6 +1367,374 @@ class CompatibilityTest(ClusterTestCase):
         self.assertEqual([message.sequence for message in received], list(range(1, len(received) + 1)))
         client.stop()
         self.assertIsNotNone(wait_until(lambda: received[-1].leaving, 5), "no goodbye")
+
+
+# ---------------------------------------------------------------------------
+# On-demand detail (issue 17): processes, mounts, interfaces, sensors and
+# containers of the real machine, asked over the Heartbeat stream only while
+# someone looks, bounded both ways.
+# ---------------------------------------------------------------------------
+
+BUSY_LOOP = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass"
+
+
+def busy_process(test, seconds=60, marker="cares-busy-marker"):
+    """A real process that keeps one CPU busy (ended on cleanup, or after seconds on its own)."""
+    process = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(seconds), marker], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    test.addCleanup(process.wait, 10)
+    test.addCleanup(process.kill)
+    return process
+
+
+def top_pid(detail, key=lambda process: process.cpu_percent):
+    if detail is None or not detail.processes:
+        return None
+    return max(detail.processes, key=key).pid
+
+
+def pids_in(detail):
+    return {process.pid for process in detail.processes} if detail is not None else set()
+
+
+class DetailSamplerTest(unittest.TestCase):
+    def test_a_busy_process_tops_the_cpu_order_and_leaves_when_it_ends(self):
+        busy = busy_process(self)
+        sampler = cares.DetailSampler()
+        first = sampler.snapshot()
+        self.assertEqual(first.window_s, 0)  # rates need two readings: none are invented
+        self.assertTrue(all(process.cpu_percent == 0 for process in first.processes))
+        snapshots = []
+        self.assertIsNotNone(wait_until(lambda: snapshots.append(sampler.snapshot()) or
+                                        top_pid(snapshots[-1]) == busy.pid, 10, interval=0.3),
+                             [(p.pid, p.name, p.cpu_percent) for p in snapshots[-1].processes[:5]])
+        process = next(p for p in snapshots[-1].processes if p.pid == busy.pid)
+        self.assertGreater(process.cpu_percent, 40)
+        self.assertEqual(process.user, pwd.getpwuid(os.getuid()).pw_name)
+        self.assertEqual(process.command_line, "")  # names only unless the worker shares command lines
+        self.assertTrue(process.name.startswith("python"), process.name)
+        self.assertGreaterEqual(process.threads, 1)
+        self.assertGreater(process.rss_bytes, 1 << 20)  # a Python process holds a few MiB at least
+        self.assertGreaterEqual(snapshots[-1].process_count, len(snapshots[-1].processes))
+        self.assertLessEqual(len(snapshots[-1].processes), 3 * cares.TOP_PROCESSES)
+        # The top by memory is there too, whatever its CPU.
+        biggest = max(psutil.process_iter(["memory_info"], ad_value=None),
+                      key=lambda p: p.info["memory_info"].rss if p.info["memory_info"] else 0)
+        self.assertIn(biggest.pid, pids_in(sampler.snapshot()))
+        busy.kill()
+        busy.wait(10)
+        self.assertNotIn(busy.pid, pids_in(sampler.snapshot()))
+        self.assertEqual(sampler.taken, len(snapshots) + 3)
+
+    def test_command_lines_only_when_shared_and_no_processes_when_off(self):
+        busy = busy_process(self, marker="cares-secret-in-argv")
+        shared = cares.DetailSampler(share_command_lines=True).snapshot()
+        mine = next(p for p in shared.processes if p.pid == os.getpid() or p.pid == busy.pid)
+        self.assertTrue(mine.command_line, mine)
+        busy_line = [p.command_line for p in shared.processes if p.pid == busy.pid]
+        if busy_line:  # among the top by memory or I/O it may not be, with no CPU window yet
+            self.assertIn("cares-secret-in-argv", busy_line[0])
+        self.assertLessEqual(max(len(p.command_line) for p in shared.processes), cares.COMMAND_LINE_LIMIT)
+        hidden = cares.DetailSampler(share_processes=False).snapshot()
+        self.assertEqual((len(hidden.processes), hidden.process_count), (0, 0))
+        self.assertIn("/", [mount.mountpoint for mount in hidden.mounts])  # the rest is still shared
+
+    def test_mounts_and_interfaces_are_the_machines_own(self):
+        detail = cares.DetailSampler().snapshot()
+        root = next(mount for mount in detail.mounts if mount.mountpoint == "/")
+        usage = psutil.disk_usage("/")
+        self.assertEqual(root.total_bytes, usage.total)
+        self.assertAlmostEqual(root.used_percent, usage.percent, delta=1.0)
+        expected = {name for name in psutil.net_if_stats() if name != "lo"}
+        self.assertEqual({nic.name for nic in detail.interfaces}, expected)
+        for nic in detail.interfaces:
+            self.assertEqual(nic.up, psutil.net_if_stats()[nic.name].isup)
+        kinds = {pb.TEMPERATURE_CELSIUS: "temperatures", pb.FAN_RPM: "fans"}
+        reported = sum(len(readings) for name in kinds.values()
+                       for readings in (getattr(psutil, f"sensors_{name}", lambda: {})() or {}).values())
+        self.assertEqual(len(detail.sensors), min(reported, cares.DETAIL_LIST_LIMIT))
+
+    def test_a_tmpfs_mounted_here_shows_with_its_size(self):
+        folder = tempfile.mkdtemp(prefix="cares-test-tmpfs-")
+        self.addCleanup(os.rmdir, folder)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", folder], capture_output=True,
+                                 text=True) if shutil.which("mount") else None
+        if mounted is None or mounted.returncode != 0:
+            self.skipTest(f"cannot mount a tmpfs here: {mounted.stderr.strip() if mounted else 'no mount(8)'}")
+        self.addCleanup(subprocess.run, ["umount", folder], capture_output=True)
+        with open(os.path.join(folder, "filler"), "wb") as file:
+            file.write(os.urandom(1 << 20))
+        mount = next((m for m in cares.read_mounts() if m.mountpoint == folder), None)
+        self.assertIsNotNone(mount, [m.mountpoint for m in cares.read_mounts()])
+        self.assertEqual((mount.fstype, mount.total_bytes), ("tmpfs", 8 << 20))
+        self.assertGreaterEqual(mount.used_bytes, 1 << 20)
+        self.assertAlmostEqual(mount.used_percent, 12.5, delta=1.0)
+
+    def test_a_cgroup_with_a_busy_process_shows_with_its_cpu(self):
+        root = cares.cgroup2_root()
+        if not root:
+            self.skipTest("no cgroup v2 hierarchy is mounted here")
+        name = f"cares-test-{os.getpid()}"
+        path = os.path.join(root, name)
+        try:
+            os.mkdir(path)
+        except OSError as error:
+            self.skipTest(f"cannot create a cgroup under {root}: {error.strerror}")
+        self.addCleanup(lambda: wait_until(lambda: _try_rmdir(path), 5))
+        busy = busy_process(self)
+        with open(os.path.join(path, "cgroup.procs"), "w") as procs:
+            procs.write(str(busy.pid))
+        sampler = cares.DetailSampler()
+        found = []
+
+        def busy_group():
+            found[:] = [c for c in sampler.snapshot().containers if c.id == name]
+            return found and found[0].cpu_percent > 40
+        self.assertIsNotNone(wait_until(busy_group, 10, interval=0.3), found)
+        self.assertEqual((found[0].name, found[0].engine, found[0].pids), (name, "cgroup", 1))
+        busy.kill()
+        busy.wait(10)
+        self.assertIsNotNone(wait_until(lambda: not [c for c in sampler.snapshot().containers if c.id == name], 5))
+
+    def test_container_names_come_from_the_engine_api_on_its_socket(self):
+        container_id = "ab" * 32
+        self.assertEqual(cares.cgroup_identity(f"system.slice/docker-{container_id}.scope", {}),
+                         ("docker", container_id, container_id[:12]))
+        self.assertEqual(cares.cgroup_identity(f"machine.slice/libpod-{container_id}.scope", {}),
+                         ("podman", container_id, container_id[:12]))
+        self.assertEqual(cares.cgroup_identity("system.slice/nginx.service", {}),
+                         ("systemd", "system.slice/nginx.service", "nginx.service"))
+        # An HTTP server on a unix socket answering the Engine API's /containers/json, as dockerd does.
+        folder = tempfile.mkdtemp(prefix="cares-test-engine-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "docker.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(4)
+        self.addCleanup(listener.close)
+        body = json.dumps([{"Id": container_id, "Names": ["/web-frontend"]}, {"Id": 7}, "junk"]).encode()
+
+        def serve():
+            connection, _ = listener.accept()
+            with connection:
+                request = connection.recv(65536)
+                ok = request.startswith(b"GET /containers/json ")
+                connection.sendall((b"HTTP/1.1 200 OK\r\n" if ok else b"HTTP/1.1 404 Not Found\r\n") +
+                                   b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        threading.Thread(target=serve, daemon=True).start()
+        self.assertEqual(cares.engine_container_names(path), {container_id: "web-frontend", "7": ""})
+        self.assertEqual(cares.cgroup_identity(f"system.slice/docker-{container_id}.scope",
+                                               {container_id: ("docker", "web-frontend")}),
+                         ("docker", container_id, "web-frontend"))
+        self.assertEqual(cares.engine_container_names(os.path.join(folder, "absent.sock")), {})
+        listener.close()
+        os.unlink(path)
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # accepts and never answers
+        silent.bind(path)
+        silent.listen(1)
+        self.addCleanup(silent.close)
+        self.assertEqual(cares.engine_container_names(path, timeout=0.2), {})
+
+    def test_any_number_of_entries_fits_under_the_receive_cap(self):
+        detail = pb.NodeDetail()
+        for number in range(3000):
+            detail.processes.add(pid=number, name="n" * 64, user="u" * 32, command_line="c" * 200)
+            detail.mounts.add(mountpoint="/m" * 64, device="d" * 64)
+            detail.containers.add(id="i" * 64, name="n" * 64)
+        cut = cares.fit_detail(detail, cares.DETAIL_BYTE_BUDGET)
+        self.assertLessEqual(detail.ByteSize(), cares.DETAIL_BYTE_BUDGET)
+        self.assertEqual(cut, 9000 - len(detail.processes) - len(detail.mounts) - len(detail.containers))
+        message = metrics("n", "s" * 32, 1, detail=detail, **{name: 1.0 for name in (
+            "swap_percent", "load_average_1m", "disk_read_bytes_per_s", "net_receive_bytes_per_s")})
+        self.assertLess(message.ByteSize(), cares.MAX_MESSAGE_BYTES)
+        real = cares.DetailSampler(share_command_lines=True).snapshot()
+        self.assertLessEqual(real.ByteSize(), cares.DETAIL_BYTE_BUDGET)
+
+
+def _try_rmdir(path):
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class DetailOverHeartbeatTest(ClusterTestCase):
+    def test_the_orchestrator_sees_a_busy_process_within_three_intervals_and_then_sees_it_go(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=1000)
+        worker = self.start_worker(orchestrator, "looked-at")
+        registry = orchestrator.registry
+        self.assert_becomes(registry, "looked-at", cares.NodeStatus.ACTIVE, 5)
+        self.assertEqual(registry.get("looked-at").detail_offer, cares.DetailOffer(processes=True, command_lines=False))
+        self.assertIsNone(worker._detail)  # nobody asked: no sampler, no /proc walks
+        busy = busy_process(self)
+
+        def watched(predicate):
+            def check():
+                orchestrator.watch_detail("looked-at")  # what an open detail view does each redraw
+                return predicate(registry.get("looked-at").detail)
+            return check
+        interval = 1.0
+        # Its first request primes the worker's reading; the snapshot after it carries the rates.
+        self.assertIsNotNone(wait_until(watched(lambda detail: top_pid(detail) == busy.pid), 3 * interval + 0.5),
+                             "the busy process was not at the top within three intervals")
+        busy.kill()
+        busy.wait(10)
+        self.assertIsNotNone(wait_until(watched(lambda detail: busy.pid not in pids_in(detail)), 3 * interval + 0.5),
+                             "the ended process was still listed after three intervals")
+        # Nobody looks any more: the asking lapses on both sides and the worker stops on its own.
+        self.assertIsNotNone(wait_until(lambda: not registry.detail_watched() and
+                                        worker._detail_until < time.monotonic(), 10))
+        taken = worker._detail.taken
+        time.sleep(1.5 * interval)  # proving nothing happens takes waiting: longer than a detail period
+        self.assertEqual(worker._detail.taken, taken)
+
+    def test_a_worker_asked_far_too_often_snapshots_once_a_period_and_stays(self):
+        received, asked = [], threading.Event()
+
+        class Asker(pb_grpc.ClusterServiceServicer):
+            def JoinCluster(self, request, context):
+                return pb.Acknowledgement(accepted=True, session_id="s", heartbeat_interval_ms=100)
+
+            def Heartbeat(self, request_iterator, context):
+                def read():
+                    with contextlib.suppress(grpc.RpcError):  # the call ends when the test does
+                        for message in request_iterator:
+                            received.append(message)
+                threading.Thread(target=read, daemon=True).start()
+                for _ in range(40):  # a burst below the flood limit, all at once
+                    yield pb.OrchestratorCommand(request_detail=pb.DetailRequest())
+                asked.set()
+                while context.is_active() and len(received) < 25:
+                    time.sleep(0.05)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        pb_grpc.add_ClusterServiceServicer_to_server(Asker(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self.addCleanup(server.stop, None)
+        client = cares.WorkerClient(f"127.0.0.1:{port}", "asked", FixedSampler(1.0, 2.0))
+        client.start()
+        self.addCleanup(client.stop, False, 0.5)
+        self.assertIsNotNone(wait_until(lambda: len(received) >= 25, 15), len(received))
+        with_detail = [message for message in received if message.HasField("detail")]
+        span = (received[-1].sent_at_ms - received[0].sent_at_ms) / 1000.0
+        # One snapshot per DETAIL_MIN_PERIOD_S at most (the prime is never sent), whatever was asked.
+        self.assertGreaterEqual(len(with_detail), 1)
+        self.assertLessEqual(len(with_detail), span / cares.DETAIL_MIN_PERIOD_S + 1, (len(with_detail), span))
+        self.assertLessEqual(client._detail.taken, len(with_detail) + 1)
+        self.assertEqual(client.state.phase, cares.ConnectionPhase.CONNECTED)
+
+    def test_detail_unasked_or_hostile_is_ignored_or_made_safe(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        stub = raw_stub(self, orchestrator.port)
+        offer = pb.DetailOffer(processes=True, command_lines=False)
+        session = stub.JoinCluster(pb.NodeInfo(node_id="liar", detail_offer=offer), timeout=5).session_id
+        stream = OpenStream(self, stub, "liar", session)
+        hostile = pb.NodeDetail(window_s=float("nan"), process_count=3)
+        hostile.processes.add(pid=1, name="evil\x1b[2Jname", user="\x07root", command_line="--password=hunter2",
+                              cpu_percent=float("inf"), io_bytes_per_s=-5.0)
+        for number in range(200):
+            hostile.mounts.add(mountpoint=f"/m{number}\n", used_percent=float("nan"))
+        hostile.sensors.add(kind=99, chip="x", value=float("-inf"))
+        stream.send(metrics("liar", session, 1, detail=hostile))
+        registry = orchestrator.registry
+        self.assertIsNotNone(wait_until(lambda: cpu_of(registry, "liar") == 10.0, 5))
+        self.assertIsNone(registry.get("liar").detail)  # nobody asked: not even stored
+        orchestrator.watch_detail("liar")
+        stream.send(metrics("liar", session, 2, detail=hostile))
+        self.assertIsNotNone(wait_until(lambda: registry.get("liar").detail is not None, 5))
+        safe = cares.safe_detail(registry.get("liar").detail, registry.get("liar").detail_offer)
+        process = safe.processes[0]
+        self.assertEqual((process.name, process.user, process.command_line), ("evil?[2Jname", "?root", ""))
+        self.assertEqual((process.cpu_percent, process.io_bytes_per_s, safe.window_s), (0.0, 0.0, 0.0))
+        self.assertEqual(len(safe.mounts), cares.DETAIL_LIST_LIMIT)
+        self.assertEqual(safe.left_out, 200 - cares.DETAIL_LIST_LIMIT)
+        self.assertEqual(safe.mounts[0].mountpoint, "/m0?")
+        self.assertEqual((safe.sensors[0].kind, safe.sensors[0].value), (0, 0.0))
+        # More than the receive cap: that stream is refused, the orchestrator serves on.
+        flood = pb.NodeDetail()
+        for number in range(2000):
+            flood.processes.add(pid=number, command_line="x" * 200)
+        stream.send(metrics("liar", session, 3, detail=flood))
+        self.assertEqual(stream.outcome(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertEqual([row["node_id"] for row in cares.fetch_status(f"127.0.0.1:{orchestrator.port}")], ["liar"])
+
+
+class DetailStatusCommandTest(ClusterTestCase):
+    def test_status_top_prints_the_workers_detail_as_json_and_as_text(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        self.start_worker(orchestrator, "inspected")
+        self.assert_becomes(orchestrator.registry, "inspected", cares.NodeStatus.ACTIVE, 5)
+        address = f"127.0.0.1:{orchestrator.port}"
+        result = self.run_cares("status", address, "inspected", "--top", "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        reply = json.loads(result.stdout)
+        self.assertEqual((reply["node"]["node_id"], reply["shares"]), ("inspected", {"processes": True,
+                                                                                    "command_lines": False}))
+        detail = reply["detail"]
+        self.assertGreater(detail["window_s"], 0)
+        self.assertIn(os.getpid(), [process["pid"] for process in detail["processes"]])  # this test is big enough
+        self.assertTrue(all(process["command_line"] is None for process in detail["processes"]))
+        self.assertIn("/", [mount["mountpoint"] for mount in detail["mounts"]])
+        self.assertEqual({nic["name"] for nic in detail["interfaces"]},
+                         {name for name in psutil.net_if_stats() if name != "lo"})
+        self.assertIn("names only", reply["notice"])
+        text = self.run_cares("status", address, "inspected", "--top")
+        self.assertEqual(text.returncode, 0, text.stderr)
+        for expected in ("Node inspected  Active", "PID USER", "MOUNTED ON", "INTERFACE", "Sensors",
+                         "Containers and services"):
+            self.assertIn(expected, text.stdout)
+        unknown = self.run_cares("status", address, "nobody", "--top")
+        self.assert_one_line_error(unknown, 1)
+        self.assertIn("no node 'nobody' is known", unknown.stderr)
+        usage = self.run_cares("status", address, "inspected")
+        self.assert_one_line_error(usage, 2)
+
+
+class DetailCompatibilityTest(ClusterTestCase):
+    def test_an_old_worker_is_never_asked_and_status_says_so_in_one_line(self):
+        old = old_messages()
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        # Commands read as today's messages: a DetailRequest would show, where the old worker would skip it.
+        join, heartbeat = old_worker_calls(self, orchestrator.port, old, commands=pb.OrchestratorCommand)
+        ack = join(old["NodeInfo"](node_id="veteran", cares_version="0.2.0"), timeout=5)
+        done = threading.Event()
+        self.addCleanup(done.set)
+
+        def samples():
+            for sequence in range(1, 200):
+                yield old["NodeMetrics"](node_id="veteran", session_id=ack.session_id, cpu_percent=1.0,
+                                         memory_percent=2.0, sequence=sequence)
+                if done.wait(0.2):
+                    return
+        replies = heartbeat(samples(), timeout=30, metadata=((cares.NODE_METADATA_KEY, "veteran"),
+                                                             (cares.SESSION_METADATA_KEY, ack.session_id)))
+        commands = []
+        threading.Thread(target=lambda: commands.extend(replies), daemon=True).start()
+        self.assert_becomes(orchestrator.registry, "veteran", cares.NodeStatus.ACTIVE, 5)
+        result = self.run_cares("status", f"127.0.0.1:{orchestrator.port}", "veteran", "--top")
+        self.assertEqual(result.returncode, 1, result)
+        self.assertIn("runs cares 0.2.0, which cannot send processes", result.stdout)
+        self.assertNotIn("Traceback", result.stderr)
+        done.set()
+        self.assertIsNotNone(wait_until(lambda: commands and not replies.running(), 10))
+        self.assertEqual({command.WhichOneof("command") for command in commands}, {"set_heartbeat_interval_ms"})
+
+    def test_status_top_against_an_orchestrator_older_than_detail(self):
+        handler = grpc.method_handlers_generic_handler("cares.v1.StatusService", {
+            "ListNodes": grpc.unary_unary_rpc_method_handler(
+                lambda request, context: pb.NodeList(), request_deserializer=pb.ListNodesRequest.FromString,
+                response_serializer=pb.NodeList.SerializeToString)})
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self.addCleanup(server.stop, None)
+        result = self.run_cares("status", f"127.0.0.1:{port}", "anyone", "--top")
+        self.assert_one_line_error(result, 1)
+        self.assertIn("older than cares 0.4 and cannot fetch a node's detail", result.stderr)
 
 
 # ---------------------------------------------------------------------------
@@ -2657,6 +3034,40 @@ class TmuxEndToEndTest(ClusterTestCase):
         self.tmux("kill-server")  # the terminal goes away: SIGHUP
         self.assert_becomes(orchestrator.registry, "hangup-tui", cares.NodeStatus.DISCONNECTED, 10)
         self.assertIn("Node 'hangup-tui' has left the cluster.", texts(orchestrator.registry.events))
+
+    def test_a_nodes_processes_disks_and_containers_in_its_detail_view(self):
+        address = f"127.0.0.1:{free_port()}"
+        self.open_pane("orch", "orchestrator", "--listen", address, "--heartbeat-ms", "500", "--no-state",
+                       width=140, height=40)
+        self.wait_for("orch", lambda text: "Waiting for workers" in text, 15, "an empty dashboard")
+        self.spawn("worker", address, "--node-id", "hot-node", "--headless", "--no-state", "--share-cmdlines")
+        self.wait_for("orch", lambda text: "hot-node" in self.node_rows(text), 15, "the worker's row")
+        busy = busy_process(self)
+        self.keys("orch", "Enter")
+        self.wait_for("orch", lambda text: "Node hot-node" in text and "1 Graphs" in text, 5, "the detail view")
+        self.keys("orch", "2")
+        def top_row(text):
+            return text.split("sorted by CPU")[1].splitlines()[1] if "sorted by CPU" in text else ""
+        text = self.wait_for("orch", lambda text: top_row(text).startswith(f"{busy.pid:>7} ") and
+                             "python -c import sys" in top_row(text), 10,
+                             "the busy process, its command line shared, at the top of the process table")
+        self.assertIn("command lines shared (--share-cmdlines)", text)
+        self.keys("orch", "m")
+        self.wait_for("orch", lambda text: "sorted by memory" in text, 5, "the table sorted by memory")
+        self.keys("orch", "Down")
+        self.keys("orch", "3")
+        text = self.wait_for("orch", lambda text: "MOUNTED ON" in text and "INTERFACE" in text, 5,
+                             "disks and network")
+        self.assertIsNotNone(re.search(r"^/\s+\S+\s+\S+\s+[0-9.]+ [KMGT]?i?B", text, re.MULTILINE), text)
+        self.keys("orch", "Tab")
+        self.wait_for("orch", lambda text: "Containers and services" in text and "Sensors" in text, 5,
+                      "containers and sensors")
+        self.keys("orch", "Tab")
+        self.wait_for("orch", lambda text: "CPU 60s" in text, 5, "the graphs again")
+        self.keys("orch", "Escape")
+        self.wait_for("orch", lambda text: "hot-node" in self.node_rows(text), 5, "the table again")
+        self.keys("orch", "q")
+        self.assertEqual(self.exit_code("orch")[0], 0)
 
 
 # ---------------------------------------------------------------------------
