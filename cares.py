@@ -713,6 +713,8 @@ class DetailSampler:
                 processes, count, cut = self._read_processes(window)
                 detail.processes.extend(processes)
                 detail.process_count, left_out = count, left_out + cut
+                # PID 1 is always there, unless /proc shows this user's processes only.
+                detail.own_processes_only = not os.path.exists("/proc/1") and os.path.isdir("/proc/self")
             for field, entries in (("mounts", read_mounts()), ("interfaces", self._read_interfaces(window)),
                                    ("sensors", read_sensors()), ("containers", self._read_containers(window))):
                 getattr(detail, field).extend(entries[:DETAIL_LIST_LIMIT])
@@ -2115,7 +2117,8 @@ def safe_detail(detail, offer: DetailOffer | None = None) -> pb.NodeDetail:
         return value if math.isfinite(value) and value > 0 else 0.0
 
     cmdlines = offer is None or offer.command_lines
-    safe = pb.NodeDetail(process_count=detail.process_count, left_out=detail.left_out, window_s=number(detail.window_s))
+    safe = pb.NodeDetail(process_count=detail.process_count, left_out=detail.left_out, window_s=number(detail.window_s),
+                         own_processes_only=detail.own_processes_only)
     for process in detail.processes[:3 * TOP_PROCESSES]:
         safe.processes.add(pid=process.pid, user=sanitize_text(process.user, 32), name=sanitize_text(process.name, 64),
                            command_line=sanitize_text(process.command_line, COMMAND_LINE_LIMIT) if cmdlines else "",
@@ -4040,7 +4043,7 @@ class NodeDetailReply:
 def detail_json(detail) -> dict:
     """A NodeDetail (made safe) as `status --top --json` prints it; rates per second, sizes in bytes."""
     return {"window_s": round(detail.window_s, 3), "process_count": detail.process_count,
-            "left_out": detail.left_out,
+            "own_processes_only": detail.own_processes_only, "left_out": detail.left_out,
             "processes": [{"pid": p.pid, "user": p.user, "name": p.name, "command_line": p.command_line or None,
                            "cpu_percent": round(p.cpu_percent, 1), "rss_bytes": p.rss_bytes,
                            "io_bytes_per_s": None if p.io_unknown else round(p.io_bytes_per_s, 1),
@@ -4581,8 +4584,9 @@ def detail_notice(version: str, offer: DetailOffer | None, status: NodeStatus, d
                 else f"No detail: the node is {status.value}.")
     age = "" if status.live else f" (from {format_age(now - detail_at)}, the node is {status.value})"
     processes = ("processes not shared (--no-processes)" if not offer.processes else
-                 f"{detail.process_count} processes, command lines "
-                 + ("shared (--share-cmdlines)" if offer.command_lines else "not shared (names only)"))
+                 f"{detail.process_count} processes"
+                 + (" (its own user's only: the worker's sandbox hides the rest)" if detail.own_processes_only else "")
+                 + ", command lines " + ("shared (--share-cmdlines)" if offer.command_lines else "not shared (names only)"))
     cut = f", {detail.left_out} entries left out to fit" if detail.left_out else ""
     return f"Snapshot {format_age(now - detail_at)}{age}: {processes}{cut}."
 
@@ -6277,12 +6281,17 @@ def unprivileged_port_start(read=None) -> int:
         return 1024
 
 
-def worker_exec_args(target: str, node_id: str | None = None, labels=()) -> list[str]:
+def worker_exec_args(target: str, node_id: str | None = None, labels=(),
+                     detail_offer: DetailOffer = DetailOffer()) -> list[str]:
     args = ["worker", target, "--headless"]
     if node_id:
         args += ["--node-id", node_id]
     for label in labels:
         args += ["--label", label]
+    if detail_offer.command_lines:
+        args.append("--share-cmdlines")
+    if not detail_offer.processes:
+        args.append("--no-processes")
     return args
 
 
@@ -6752,6 +6761,8 @@ def add_service_commands(commands) -> None:
     worker.add_argument("--node-id", type=_argument(_node_id), metavar="ID",
                         help="default: this host's stable ID (see `cares worker --help`)")
     worker.add_argument("--label", type=_argument(_label_text), action="append", default=[], metavar="KEY=VALUE")
+    worker.add_argument("--share-cmdlines", action="store_true", help="see `cares worker --help`")
+    worker.add_argument("--no-processes", action="store_true", help="see `cares worker --help`")
     worker.add_argument("--tls-ca", metavar="FILE")
     orchestrator = roles.add_parser("orchestrator", help="install cares-orchestrator.service")
     orchestrator.add_argument("--listen", type=_argument(_listen_address, "listen address"), metavar="HOST:PORT")
@@ -6801,7 +6812,8 @@ def _install_from_args(args, environ, paths: ServicePaths, runner) -> ServiceRep
         if token is not None and not is_valid_token(token):
             raise ServiceError(f"bad token in $CARES_TOKEN: {TOKEN_RULE}", usage=True)
     if args.service_role == "worker":
-        exec_args = worker_exec_args(args.orchestrator_address, args.node_id, args.label)
+        exec_args = worker_exec_args(args.orchestrator_address, args.node_id, args.label,
+                                     DetailOffer(processes=not args.no_processes, command_lines=args.share_cmdlines))
         tls_files = {"--tls-ca": args.tls_ca} if args.tls_ca else {}
         ports = []
     else:

@@ -1551,6 +1551,49 @@ class DetailSamplerTest(unittest.TestCase):
         self.assertLessEqual(real.ByteSize(), cares.DETAIL_BYTE_BUDGET)
 
 
+class DetailTextTest(unittest.TestCase):
+    def test_the_notice_says_where_the_data_comes_from_or_why_there_is_none(self):
+        offer, now = cares.DetailOffer(processes=True, command_lines=False), 1000.0
+        detail = pb.NodeDetail(process_count=212, window_s=1.0)
+        active, gone = cares.NodeStatus.ACTIVE, cares.NodeStatus.DISCONNECTED
+        self.assertEqual(cares.detail_notice("0.3.0", None, active, None, 0.0, now),
+                         "This node runs cares 0.3.0, which cannot send processes, disks or containers on demand "
+                         "(0.4 and later can).")
+        self.assertIn("Asking the worker", cares.detail_notice("0.4.0", offer, active, None, 0.0, now))
+        self.assertEqual(cares.detail_notice("0.4.0", offer, gone, None, 0.0, now), "No detail: the node is Disconnected.")
+        self.assertEqual(cares.detail_notice("0.4.0", offer, active, detail, 998.0, now),
+                         "Snapshot 2s ago: 212 processes, command lines not shared (names only).")
+        detail.own_processes_only, detail.left_out = True, 7
+        text = cares.detail_notice("0.4.0", cares.DetailOffer(True, True), gone, detail, 880.0, now)
+        self.assertEqual(text, "Snapshot 2m ago (from 2m ago, the node is Disconnected): 212 processes (its own "
+                               "user's only: the worker's sandbox hides the rest), command lines shared "
+                               "(--share-cmdlines), 7 entries left out to fit.")
+        self.assertIn("processes not shared (--no-processes)",
+                      cares.detail_notice("0.4.0", cares.DetailOffer(False, False), active, detail, now, now))
+
+    def test_rows_sort_like_htop_and_the_selection_follows_the_process(self):
+        detail = pb.NodeDetail()
+        for pid, cpu, rss, io in ((10, 5.0, 300, 0.0), (11, 90.0, 100, 5.0), (12, 1.0, 900, 2.0), (13, 0.0, 50, 9.0)):
+            detail.processes.add(pid=pid, cpu_percent=cpu, rss_bytes=rss, io_bytes_per_s=io, name=f"p{pid}",
+                                 user="root", state="running", threads=1)
+        state = cares.DetailState()
+        orders = {cares.ProcessOrder.CPU: [11, 10, 12, 13], cares.ProcessOrder.MEMORY: [12, 10, 11, 13],
+                  cares.ProcessOrder.IO: [13, 11, 12, 10]}
+        for order, pids in orders.items():
+            state.order = order
+            self.assertEqual([p.pid for p in cares.prepare_processes(detail, state, 10).rows], pids, order)
+        state.order, state.selected_pid = cares.ProcessOrder.CPU, 12
+        view = cares.prepare_processes(detail, state, 2)  # two rows: the selection is kept in view
+        self.assertEqual(([p.pid for p in view.rows], view.selected_index), ([10, 12], 2))
+        cares.move_process_selection(state, view, -2, detail)
+        self.assertEqual(state.selected_pid, 11)
+        self.assertEqual([p.pid for p in cares.prepare_processes(detail, state, 2).rows], [11, 10])
+        line = cares.process_line(detail.processes[1])
+        self.assertEqual(line.split()[:7], ["11", "root", "90.0", "100", "B", "5B", "R"])
+        self.assertEqual(cares.worker_exec_args("10.0.0.5:50051", detail_offer=cares.DetailOffer(False, True)),
+                         ["worker", "10.0.0.5:50051", "--headless", "--share-cmdlines", "--no-processes"])
+
+
 def _try_rmdir(path):
     try:
         os.rmdir(path)
