@@ -1573,8 +1573,8 @@ class DetailTextTest(unittest.TestCase):
 
     def test_rows_sort_like_htop_and_the_selection_follows_the_process(self):
         detail = pb.NodeDetail()
-        for pid, cpu, rss, io in ((10, 5.0, 300, 0.0), (11, 90.0, 100, 5.0), (12, 1.0, 900, 2.0), (13, 0.0, 50, 9.0)):
-            detail.processes.add(pid=pid, cpu_percent=cpu, rss_bytes=rss, io_bytes_per_s=io, name=f"p{pid}",
+        for pid, cpu, rss, rate in ((10, 5.0, 300, 0.0), (11, 90.0, 100, 5.0), (12, 1.0, 900, 2.0), (13, 0.0, 50, 9.0)):
+            detail.processes.add(pid=pid, cpu_percent=cpu, rss_bytes=rss, io_bytes_per_s=rate, name=f"p{pid}",
                                  user="root", state="running", threads=1)
         state = cares.DetailState()
         orders = {cares.ProcessOrder.CPU: [11, 10, 12, 13], cares.ProcessOrder.MEMORY: [12, 10, 11, 13],
