@@ -1096,6 +1096,7 @@ class RefusalReason(enum.Enum):
     JOIN_EXPIRED = "join_expired"    # joined but never opened its stream within the silence limit
     SAMPLE_FLOOD = "sample_flood"    # samples far faster than one per heartbeat interval
     UNKNOWN_NODE = "unknown_node"    # `status NODE --top` for a node the orchestrator does not know
+    BAD_REQUEST = "bad_request"      # a status request asking for what cannot be (a history range)
 
     @property
     def words(self) -> str:
@@ -1115,6 +1116,7 @@ _REFUSAL_WORDS = {
     RefusalReason.JOIN_EXPIRED: "no heartbeat stream after the join",
     RefusalReason.SAMPLE_FLOOD: "flooded the orchestrator with samples",
     RefusalReason.UNKNOWN_NODE: "no such node",
+    RefusalReason.BAD_REQUEST: "bad request",
 }
 
 
@@ -1125,7 +1127,7 @@ JOIN_REFUSALS = (RefusalReason.WRONG_TOKEN, RefusalReason.THROTTLED, RefusalReas
 # Refusals about the request itself (which ID, which rule) are logged with the message the peer gets.
 _REFUSALS_TOLD_IN_FULL = frozenset({RefusalReason.INVALID_JOIN, RefusalReason.ID_IN_USE, RefusalReason.ID_OWNED,
                                     RefusalReason.CLUSTER_FULL, RefusalReason.SAMPLE_FLOOD,
-                                    RefusalReason.UNKNOWN_NODE})
+                                    RefusalReason.UNKNOWN_NODE, RefusalReason.BAD_REQUEST})
 
 
 class Refusal(Exception):
@@ -1424,6 +1426,10 @@ class NodeRegistry:
         # The hook for tools that watch cares from inside the process (the bench): called on the
         # gRPC loop after each accepted sample, outside the lock, as on_sample(node_id, metrics, sent_at_ms).
         self.on_sample = None
+        # History (HistoryStore.add): called the same way with (node_id, metrics); and the IDs of
+        # forgotten nodes go to on_forget, so their history goes with them.
+        self.history_sink = None
+        self.on_forget = None
         self.alert_rules: tuple = ()
         # Inventory bookkeeping: a change count the state file follows, and the nodes restored
         # from it that have not been announced missing yet.
@@ -1567,6 +1573,8 @@ class NodeRegistry:
             else:
                 self.events.add(Level.INFO, f"Node '{node_id}' recovered: no longer {rule.describe()} "
                                             f"(now {shown}).", EventKind.RECOVERED, node_id, values)
+        if self.history_sink is not None:
+            self.history_sink(node_id, metrics)
         if self.on_sample is not None:
             try:
                 self.on_sample(node_id, metrics, sent_at_ms)
@@ -1675,6 +1683,8 @@ class NodeRegistry:
         if gone:
             when = "" if older_than_s is None else f" gone for over {format_duration(older_than_s)}"
             self.events.add(Level.INFO, f"Forgot {len(gone)} node(s){when}.")
+            if self.on_forget is not None:
+                self.on_forget(gone)
         return len(gone)
 
     # -- the inventory that survives a restart ------------------------------
@@ -1935,6 +1945,400 @@ class StateFile:
         except OSError as error:
             return os_error_text(error)
         return ""
+
+
+# -- history: downsampled metrics in SQLite, written by their own thread ------------
+# Each accepted sample is appended to a deque on the gRPC loop (tens of nanoseconds); the
+# history thread folds the deque into per-minute sums and maxima and, every HISTORY_FLUSH_S,
+# adds them to every tier in one transaction. Buckets hold sums, counts and maxima, so a partial
+# bucket written before a restart and the rest written after it add up exactly.
+
+@dataclasses.dataclass(frozen=True)
+class HistoryTier:
+    bucket_s: int
+    keep_s: int
+
+
+HISTORY_TIERS = (HistoryTier(60, 3600), HistoryTier(600, 86400), HistoryTier(3600, 7 * 86400),
+                 HistoryTier(21600, 30 * 86400))
+DEFAULT_HISTORY_DAYS = 30
+# What history keeps of a sample, and the integer scale it is stored at (a tenth of a percent,
+# a hundredth of a load, a byte per second): integers add up exactly and store in 1-8 bytes.
+HISTORY_METRICS = (("cpu_percent", 10), ("memory_percent", 10), ("swap_percent", 10), ("load_average_1m", 100),
+                   ("root_fs_used_percent", 10), ("disk_read_bytes_per_s", 1), ("disk_write_bytes_per_s", 1),
+                   ("net_receive_bytes_per_s", 1), ("net_transmit_bytes_per_s", 1))
+_HISTORY_INDEXES = tuple(METRIC_NAMES.index(name) for name, _ in HISTORY_METRICS)
+_HISTORY_SCALES = tuple(scale for _, scale in HISTORY_METRICS)
+HISTORY_FLUSH_S = 30.0
+HISTORY_PENDING_LIMIT = 500_000  # samples waiting for the history thread (a stuck disk must not eat memory)
+HISTORY_NODE_EVENTS = frozenset({EventKind.JOINED, EventKind.REJOINED, EventKind.LEFT, EventKind.LOST,
+                                 EventKind.THRESHOLD, EventKind.RECOVERED, EventKind.MISSING})
+_HISTORY_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS nodes (id INTEGER PRIMARY KEY, node_id TEXT NOT NULL UNIQUE)",
+    "CREATE TABLE IF NOT EXISTS buckets (node INTEGER NOT NULL, tier INTEGER NOT NULL, start INTEGER NOT NULL, "
+    "samples INTEGER NOT NULL, " + ", ".join(f"{name}_sum INTEGER, {name}_max INTEGER" for name, _ in HISTORY_METRICS)
+    + ", PRIMARY KEY (node, tier, start)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS events (node INTEGER NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS events_by_node ON events (node, at)",
+)
+_BUCKET_UPSERT = (
+    "INSERT INTO buckets VALUES (?, ?, ?, ?, " + ", ".join("?, ?" for _ in HISTORY_METRICS) + ") "
+    "ON CONFLICT (node, tier, start) DO UPDATE SET samples = samples + excluded.samples, "
+    + ", ".join(f"{name}_sum = coalesce({name}_sum, 0) + coalesce(excluded.{name}_sum, 0), "
+                f"{name}_max = max(coalesce({name}_max, excluded.{name}_max), coalesce(excluded.{name}_max, {name}_max))"
+                for name, _ in HISTORY_METRICS))
+
+
+class HistoryRange(enum.Enum):
+    """The spans a node's graphs can show: the live 60 s kept in memory, or history from SQLite."""
+
+    LIVE = "60s"
+    HOUR = "1h"
+    DAY = "24h"
+    WEEK = "7d"
+    MONTH = "30d"
+
+    @property
+    def seconds(self) -> int:
+        return {"60s": 60, "1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}[self.value]
+
+    @property
+    def tier(self) -> int:
+        """The finest tier that keeps the whole span."""
+        return next(index for index, tier in enumerate(HISTORY_TIERS) if tier.keep_s >= self.seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryBucket:
+    start: int  # Unix seconds
+    samples: int
+    averages: dict  # metric name -> average, only metrics the node sent
+    maxima: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class HistorySeries:
+    node_id: str
+    span: HistoryRange
+    bucket_s: int
+    first: int  # the start of the span (Unix seconds, a bucket boundary)
+    end: int  # its end
+    buckets: list  # HistoryBucket, oldest first; a bucket with no samples is absent: a gap, never zeros
+    events: list  # (at, EventKind value, text) of the node, in the span
+
+    def column(self, at: float, width: int) -> int:
+        """The column of width columns across the span that time at falls in."""
+        return min(max(int((at - self.first) * width / max(self.end - self.first, 1)), 0), width - 1)
+
+    def values(self, metric: str, width: int) -> list[float]:
+        """The span in width columns, each the sample-weighted average of its buckets, NaN where
+        there were none (a gap, never a zero)."""
+        totals, samples = [0.0] * width, [0] * width
+        for bucket in self.buckets:
+            if metric in bucket.averages:
+                index = self.column(bucket.start, width)
+                totals[index] += bucket.averages[metric] * bucket.samples
+                samples[index] += bucket.samples
+        return [total / count if count else math.nan for total, count in zip(totals, samples)]
+
+    def summary(self, metric: str) -> tuple | None:
+        """(min of the bucket averages, sample-weighted average, max of the maxima), or None."""
+        chosen = [bucket for bucket in self.buckets if metric in bucket.averages]
+        if not chosen:
+            return None
+        samples = sum(bucket.samples for bucket in chosen)
+        return (min(bucket.averages[metric] for bucket in chosen),
+                sum(bucket.averages[metric] * bucket.samples for bucket in chosen) / samples,
+                max(bucket.maxima[metric] for bucket in chosen))
+
+
+class HistoryStore:
+    """Per-node history in an SQLite database (WAL) in the state directory. Everything that
+    touches the file runs on its own thread; the gRPC loop only appends to a deque. A full disk or
+    a locked database costs that batch (one WARN line, one INFO when writes work again); a file
+    that is not a readable database is kept aside as .corrupt and a new one started."""
+
+    def __init__(self, directory: str, listen: str, events: EventLog, days: int = DEFAULT_HISTORY_DAYS,
+                 clock=time.time):
+        import sqlite3  # here: only an orchestrator with history pays for the module
+        self._sqlite3 = sqlite3
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", listen)
+        self.path = os.path.join(directory, f"history-{name}.sqlite")
+        self.days = days
+        self._keep_s = days * 86400
+        self._tiers = [(index, tier) for index, tier in enumerate(HISTORY_TIERS)]
+        self._events = events
+        self._clock = clock
+        self._pending: collections.deque = collections.deque()
+        self._pending_events: collections.deque = collections.deque()
+        self._forget: collections.deque = collections.deque()
+        self.dropped = 0  # samples lost to a full queue or a failed write
+        # The history thread's sums of the minute being filled, read by series() too.
+        self._lock = threading.Lock()
+        self._minutes: dict = {}  # (node_id, minute start) -> [samples, sums, maxima]
+        self._node_keys: dict[str, int] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._flushed = threading.Event()
+        self._last_error = ""
+        self._db = None
+        self._last_error = self._open()
+        if self._last_error:
+            self._report(self._last_error)
+        events.subscribe(self._on_event)
+        self._thread = threading.Thread(target=self._run, name="cares-history", daemon=True)
+        self._thread.start()
+
+    # -- the gRPC loop's side: hand over, never wait ---------------------------
+
+    def add(self, node_id: str, metrics: Metrics) -> None:
+        if len(self._pending) >= HISTORY_PENDING_LIMIT:
+            self.dropped += 1
+            return
+        self._pending.append((node_id, self._clock(), metrics))
+
+    def _on_event(self, event: Event) -> None:
+        if event.node_id and event.kind in HISTORY_NODE_EVENTS and len(self._pending_events) < 10_000:
+            self._pending_events.append(event)
+
+    def forget(self, node_ids) -> None:
+        """Drop the history of forgotten nodes (on the history thread)."""
+        self._forget.extend(node_ids)
+        self._wake.set()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Write what is pending now and wait for it (the orchestrator stopping, tests)."""
+        self._flushed.clear()
+        self._wake.set()
+        self._flushed.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self.flush(timeout)
+
+    # -- the history thread ----------------------------------------------------
+
+    def _open(self) -> str:
+        """Open (or create) the database: "" or why not. A file that is not a database is moved
+        aside (with one WARN line) and a new one started."""
+        sqlite3 = self._sqlite3
+        for attempt in (1, 2):
+            db = None
+            try:
+                # Created 0600 before SQLite opens it: its -wal and -shm files take the same mode.
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+                db = sqlite3.connect(self.path, timeout=0.5, isolation_level=None, check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                for statement in _HISTORY_SCHEMA:
+                    db.execute(statement)
+                self._node_keys = dict(db.execute("SELECT node_id, id FROM nodes"))
+                self._db = db
+                return ""
+            except OSError as error:
+                return os_error_text(error)
+            except sqlite3.Error as error:
+                if db is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.close()
+                if attempt == 2 or not _is_corrupt(error):
+                    return _sqlite_error_text(error)
+                kept = self.path + ".corrupt"
+                try:
+                    os.replace(self.path, kept)
+                    for suffix in ("-wal", "-shm"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(self.path + suffix)
+                except OSError:
+                    kept = "left in place"
+                self._events.add(Level.WARN, f"The history database {self.path} is unreadable "
+                                             f"({sanitize_text(str(error), 80)}); kept as {kept}, starting "
+                                             f"a new one; still serving.")
+        return "the database cannot be opened"
+
+    def _run(self) -> None:
+        next_prune, next_write = 0.0, time.monotonic() + HISTORY_FLUSH_S
+        while True:
+            # Fold every second (the graphs read the folded minutes), write every HISTORY_FLUSH_S.
+            asked = self._wake.wait(1.0)
+            self._wake.clear()
+            try:
+                self._fold()
+                if not asked and time.monotonic() < next_write:
+                    continue
+                next_write = time.monotonic() + HISTORY_FLUSH_S
+                error = self._write()
+                if self._clock() >= next_prune and not error:
+                    error = self._prune()
+                    next_prune = self._clock() + 3600
+            except Exception as failure:  # whatever SQLite or the disk did: the thread goes on
+                error = sanitize_text(f"{type(failure).__name__}: {failure}", 120)
+            if error != self._last_error:
+                if error:
+                    self._report(error)
+                else:
+                    self._events.add(Level.INFO, f"The history database {self.path} is written again.")
+                self._last_error = error
+            self._flushed.set()
+
+    def _report(self, error: str) -> None:
+        self._events.add(Level.WARN, f"Cannot write the history database {self.path}: {error}; still serving, "
+                                     f"history is not kept meanwhile.")
+
+    def _fold(self) -> None:
+        """Sum the pending samples into their minutes (under the lock: series() reads them)."""
+        pending, scales, indexes = self._pending, _HISTORY_SCALES, _HISTORY_INDEXES
+        with self._lock:
+            minutes = self._minutes
+            while pending:
+                node_id, at, metrics = pending.popleft()
+                key = (node_id, int(at // 60 * 60))
+                entry = minutes.get(key)
+                if entry is None:
+                    entry = minutes[key] = [0, [None] * len(indexes), [None] * len(indexes)]
+                entry[0] += 1
+                sums, maxima = entry[1], entry[2]
+                for slot, (index, scale) in enumerate(zip(indexes, scales)):
+                    value = metrics[index]
+                    if value is None:
+                        continue
+                    value = int(round(value * scale))
+                    sums[slot] = value if sums[slot] is None else sums[slot] + value
+                    if maxima[slot] is None or value > maxima[slot]:
+                        maxima[slot] = value
+
+    def _write(self) -> str:
+        """Add the folded minutes to every tier, the events and the forgetting, in one transaction."""
+        with self._lock:
+            minutes, self._minutes = self._minutes, {}
+        events = [self._pending_events.popleft() for _ in range(len(self._pending_events))]
+        forget = [self._forget.popleft() for _ in range(len(self._forget))]
+        if not (minutes or events or forget):
+            return ""
+        if self._db is None:
+            error = self._open()
+            if error:
+                self.dropped += sum(entry[0] for entry in minutes.values())
+                return error
+        db, sqlite3 = self._db, self._sqlite3
+        try:
+            db.execute("BEGIN")
+            rows = []
+            for (node_id, minute), (samples, sums, maxima) in minutes.items():
+                node = self._node_key(node_id)
+                values = [value for pair in zip(sums, maxima) for value in pair]
+                for index, tier in self._tiers:
+                    rows.append((node, index, minute // tier.bucket_s * tier.bucket_s, samples, *values))
+            db.executemany(_BUCKET_UPSERT, rows)
+            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
+                           [(self._node_key(event.node_id), event.at, event.kind.value, event.text[:300])
+                            for event in events])
+            for node_id in forget:
+                node = self._node_keys.pop(node_id, None)
+                if node is not None:
+                    for table in ("buckets", "events"):
+                        db.execute(f"DELETE FROM {table} WHERE node = ?", (node,))
+                    db.execute("DELETE FROM nodes WHERE id = ?", (node,))
+            db.execute("COMMIT")
+        except sqlite3.Error as error:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            self._node_keys = {}  # rolled back with the transaction; read again on the next write
+            with contextlib.suppress(sqlite3.Error):
+                self._node_keys = dict(db.execute("SELECT node_id, id FROM nodes"))
+            self.dropped += sum(entry[0] for entry in minutes.values())
+            if _is_corrupt(error):  # the next write opens it again, and moves it aside
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+                self._db = None
+            return _sqlite_error_text(error)
+        return ""
+
+    def _node_key(self, node_id: str) -> int:
+        key = self._node_keys.get(node_id)
+        if key is None:
+            self._db.execute("INSERT OR IGNORE INTO nodes (node_id) VALUES (?)", (node_id,))
+            key = self._db.execute("SELECT id FROM nodes WHERE node_id = ?", (node_id,)).fetchone()[0]
+            self._node_keys[node_id] = key
+        return key
+
+    def _prune(self) -> str:
+        """Drop buckets older than their tier keeps (and than --history-days), events older than the days."""
+        if self._db is None:
+            return ""
+        now = int(self._clock())
+        try:
+            with self._db:
+                for index, tier in self._tiers:
+                    self._db.execute("DELETE FROM buckets WHERE tier = ? AND start < ?",
+                                     (index, now - min(tier.keep_s, self._keep_s) - tier.bucket_s))
+                self._db.execute("DELETE FROM events WHERE at < ?", (now - self._keep_s,))
+        except self._sqlite3.Error as error:
+            return _sqlite_error_text(error)
+        return ""
+
+    # -- reading (any thread but the gRPC loop) ---------------------------------
+
+    def series(self, node_id: str, span: HistoryRange) -> HistorySeries:
+        """The node's buckets over span, oldest first, with what is not written yet, and its events."""
+        tier = HISTORY_TIERS[span.tier]
+        now = int(self._clock())
+        end = (now // tier.bucket_s + 1) * tier.bucket_s
+        first = end - max(min(span.seconds, self._keep_s), tier.bucket_s)
+        found: dict[int, list] = {}
+        events = []
+        with contextlib.suppress(self._sqlite3.Error, OSError):
+            # Its own connection: WAL lets it read while the history thread writes.
+            with contextlib.closing(self._sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1.0)) as db:
+                row = db.execute("SELECT id FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+                if row is not None:
+                    for start, samples, *values in db.execute(
+                            "SELECT start, samples, " + ", ".join(f"{name}_sum, {name}_max" for name, _ in HISTORY_METRICS)
+                            + " FROM buckets WHERE node = ? AND tier = ? AND start >= ? ORDER BY start",
+                            (row[0], span.tier, first)):
+                        found[start] = [samples, list(values[0::2]), list(values[1::2])]
+                    events = [(at, kind, text) for at, kind, text in db.execute(
+                        "SELECT at, kind, text FROM events WHERE node = ? AND at >= ? ORDER BY at", (row[0], first))]
+        with self._lock:  # the minutes not written yet
+            pending = [(minute, entry) for (key, minute), entry in self._minutes.items() if key == node_id]
+        for minute, (samples, sums, maxima) in pending:
+            start = minute // tier.bucket_s * tier.bucket_s
+            if start < first:
+                continue
+            entry = found.setdefault(start, [0, [None] * len(sums), [None] * len(sums)])
+            entry[0] += samples
+            for slot in range(len(sums)):
+                if sums[slot] is not None:
+                    entry[1][slot] = sums[slot] + (entry[1][slot] or 0)
+                    entry[2][slot] = maxima[slot] if entry[2][slot] is None else max(entry[2][slot], maxima[slot])
+        buckets = []
+        for start in sorted(found):
+            samples, sums, maxima = found[start]
+            if samples <= 0:
+                continue
+            averages, peaks = {}, {}
+            for (name, scale), total, peak in zip(HISTORY_METRICS, sums, maxima):
+                if total is not None and peak is not None:
+                    averages[name], peaks[name] = total / samples / scale, peak / scale
+            buckets.append(HistoryBucket(start, samples, averages, peaks))
+        # Events not written yet (tuple() copies the deque in one step under the GIL).
+        events += [(event.at, event.kind.value, event.text) for event in tuple(self._pending_events)
+                   if event.node_id == node_id and event.at >= first]
+        return HistorySeries(node_id, span, tier.bucket_s, first, end, buckets, sorted(events))
+
+
+def _is_corrupt(error) -> bool:
+    text = str(error).lower()
+    return "not a database" in text or "malformed" in text or "file is encrypted" in text
+
+
+def _sqlite_error_text(error) -> str:
+    text = str(error).lower()
+    if "full" in text:
+        return "the disk is full (or the file size limit reached)"
+    if "locked" in text or "busy" in text:
+        return "the database is locked by another process"
+    return sanitize_text(text, 80)
 
 
 def _is_power_of_ten(count: int) -> bool:
@@ -2330,6 +2734,17 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             await asyncio.wait(tasks, timeout=timeout)
 
 
+def history_message(series: HistorySeries, days: int) -> pb.NodeHistory:
+    reply = pb.NodeHistory(node_id=series.node_id, kept=True, history_days=days, bucket_s=series.bucket_s,
+                           end_unix_s=series.end)
+    for bucket in series.buckets:
+        reply.buckets.add(start_unix_s=bucket.start, samples=bucket.samples, average=bucket.averages,
+                          maximum=bucket.maxima)
+    for at, kind, text in series.events:
+        reply.events.add(at_unix_s=at, kind=kind, text=text)
+    return reply
+
+
 def node_status_message(node: Node, with_detail: bool = False) -> pb.NodeStatus:
     """One row of `status`: the node as the registry knows it, values only where they are known;
     with_detail, its latest detail snapshot too, made safe."""
@@ -2364,10 +2779,32 @@ class StatusServicer(pb_grpc.StatusServiceServicer):
     """The read-only node table behind `cares status`, a page at a time, and one node's detail
     (`status NODE --top`), asked of its worker for the occasion."""
 
-    def __init__(self, registry: NodeRegistry, guard: TokenGuard, watch_detail=None):
+    def __init__(self, registry: NodeRegistry, guard: TokenGuard, watch_detail=None, history=lambda: None):
         self.registry = registry
         self._guard = guard
         self._watch_detail = watch_detail  # Orchestrator.watch_detail: asks the worker at once
+        self._history = history  # the Orchestrator's HistoryStore, once it has one (or None)
+
+    async def GetNodeHistory(self, request, context):
+        source = peer_host(context.peer())
+        spans = {span.seconds: span for span in HistoryRange if span is not HistoryRange.LIVE}
+        try:
+            await self._guard.check(context, source)
+            if request.range_s not in spans:
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, RefusalReason.BAD_REQUEST,
+                              f"a history range is one of {', '.join(span.value for span in spans.values())}")
+            if self.registry.get(request.node_id) is None:
+                raise Refusal(grpc.StatusCode.NOT_FOUND, RefusalReason.UNKNOWN_NODE,
+                              f"no node '{sanitize_text(request.node_id, 64)}' is known to this orchestrator")
+        except Refusal as refusal:
+            await refuse(self.registry, context, source, "status request", refusal)
+        store = self._history()
+        if store is None:
+            return pb.NodeHistory(node_id=request.node_id, kept=False)
+        # SQLite is read on a worker thread, never on the loop.
+        series = await asyncio.get_running_loop().run_in_executor(
+            None, store.series, request.node_id, spans[request.range_s])
+        return history_message(series, store.days)
 
     async def GetNodeDetail(self, request, context):
         source = peer_host(context.peer())
@@ -3212,13 +3649,15 @@ class Orchestrator:
                  max_nodes: int = DEFAULT_MAX_NODES, forget_after_s: float | None = DEFAULT_FORGET_AFTER_S,
                  state_dir: str | None = None, on_event: list[str] | None = None, alerts: tuple = (),
                  metrics_listen: str | None = None, metrics_open: bool = False,
-                 tls_files: tuple[str, str] | None = None):
+                 tls_files: tuple[str, str] | None = None, history_days: int = DEFAULT_HISTORY_DAYS):
         self.listen_host, port = parse_address(listen, allow_port_zero=True)
         heartbeat_ms = clamp_heartbeat_ms(heartbeat_ms)
         self.registry = NodeRegistry(max_nodes=max_nodes, heartbeat_interval=heartbeat_ms / 1000.0)
         self.registry.alert_rules = tuple(alerts)
         self.state_dir = state_dir
         self.state: StateFile | None = None
+        self.history_days = history_days  # 0: keep none (and none without a state directory)
+        self.history: HistoryStore | None = None
         self._saved_changes, self._saved_at = -1, -math.inf
         self.on_event = on_event
         self.hooks: HookRunner | None = None  # started with the orchestrator
@@ -3236,7 +3675,7 @@ class Orchestrator:
         self.forget_after_s = forget_after_s
         self.servicer = ClusterServicer(self.registry, guard, heartbeat_ms)
         self._asked_ms = heartbeat_ms
-        self._status = StatusServicer(self.registry, guard, self.watch_detail)
+        self._status = StatusServicer(self.registry, guard, self.watch_detail, lambda: self.history)
         self._server = None
         self._tasks: list[asyncio.Task] = []
         self._interval_lock: asyncio.Lock | None = None
@@ -3305,6 +3744,9 @@ class Orchestrator:
                                                  f"known nodes will not survive a restart.")
             return
         self.state = StateFile(directory, listen, self.registry.events)
+        if self.history_days > 0:
+            self.history = HistoryStore(directory, listen, self.registry.events, self.history_days)
+            self.registry.history_sink, self.registry.on_forget = self.history.add, self.history.forget
         restored = self.registry.restore(self.state.load())
         if restored:
             self.registry.events.add(Level.INFO, f"{restored} known node(s) from {self.state.path} are Missing "
@@ -3430,6 +3872,8 @@ class Orchestrator:
         if self.state is not None:
             self._save_state(now=math.inf)
             self.state.flush(timeout=2.0)
+        if self.history is not None:
+            self.history.stop(timeout=5.0)
         self.registry.events.add(Level.INFO, "Orchestrator stopped.")
 
     async def _stop(self, grace: float) -> None:
@@ -3457,13 +3901,14 @@ class OrchestratorConfig:
     metrics_listen: str | None = None
     metrics_open: bool = False
     tls_files: tuple | None = None  # (certificate, key) paths: /metrics serves HTTPS with them
+    history_days: int = DEFAULT_HISTORY_DAYS  # --history-days; 0 keeps none
 
     def create(self) -> Orchestrator:
         return Orchestrator(self.listen, token=self.token, tls_cert=self.tls_cert, tls_key=self.tls_key,
                             heartbeat_ms=self.heartbeat_ms, max_nodes=self.max_nodes,
                             forget_after_s=self.forget_after_s, state_dir=self.state_dir, on_event=self.on_event,
                             alerts=self.alerts, metrics_listen=self.metrics_listen, metrics_open=self.metrics_open,
-                            tls_files=self.tls_files)
+                            tls_files=self.tls_files, history_days=self.history_days)
 
 
 # ---------------------------------------------------------------------------
@@ -4030,6 +4475,29 @@ def fetch_node_detail(target: str, node_id: str, *, token: str | None = None, tl
     return NodeDetailReply(status_row(reply), offer, detail, _finite_or_none(reply.detail_at_unix_s, 3) or None)
 
 
+def fetch_node_history(target: str, node_id: str, span: HistoryRange, *, token: str | None = None,
+                       tls_ca: bytes | None = None, timeout: float = 10.0) -> dict:
+    """One node's history as `status NODE --history RANGE --json` prints it (made safe: what an
+    orchestrator sends is untrusted too)."""
+    async def call():
+        async with _channel_for(target, tls_ca, STATUS_CLIENT_OPTIONS) as channel:
+            return await pb_grpc.StatusServiceStub(channel).GetNodeHistory(
+                pb.NodeHistoryRequest(node_id=node_id, range_s=span.seconds), metadata=token_metadata(token),
+                timeout=timeout)
+
+    reply = run_on_grpc_loop(call(), timeout=timeout + 5)
+    known = {name for name, _ in HISTORY_METRICS}
+    return {"node_id": sanitize_text(reply.node_id, 63), "kept": reply.kept, "history_days": reply.history_days,
+            "range": span.value, "bucket_s": reply.bucket_s, "end": reply.end_unix_s,
+            "buckets": [{"start": bucket.start_unix_s, "samples": bucket.samples,
+                         **{name: {"avg": _finite_or_none(bucket.average[name], 3),
+                                   "max": _finite_or_none(bucket.maximum.get(name, math.nan), 3)}
+                            for name in sorted(bucket.average) if name in known}}
+                        for bucket in reply.buckets[:10_000]],
+            "events": [{"at": _finite_or_none(event.at_unix_s, 3), "kind": sanitize_text(event.kind, 16),
+                        "text": sanitize_text(event.text, 300)} for event in reply.events[:10_000]]}
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeDetailReply:
     """What `status NODE --top` got: the node's row, what its worker shares and the snapshot (made safe)."""
@@ -4495,6 +4963,7 @@ class DetailState:
     order: ProcessOrder = ProcessOrder.CPU
     selected_pid: int = 0  # the selection follows the process, as the node table's follows the node
     scroll: int = 0
+    span: HistoryRange = HistoryRange.LIVE  # what the graphs cover (t / T)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4591,6 +5060,37 @@ def detail_notice(version: str, offer: DetailOffer | None, status: NodeStatus, d
     return f"Snapshot {format_age(now - detail_at)}{age}: {processes}{cut}."
 
 
+EVENT_MARKS = {"joined": "J", "rejoined": "R", "left": "L", "lost": "X", "threshold": "!", "recovered": "+",
+               "missing": "?"}
+EVENT_MARKS_LEGEND = "J joined  R rejoined  L left  X lost  ! threshold  + recovered  ? missing"
+
+
+def history_lines(series: HistorySeries, width: int, height: int, glyphs: Glyphs = UNICODE_GLYPHS) -> list:
+    """A node's history as (text, style) lines: CPU and memory graphs height rows tall, network in
+    and out, min/avg/max of each, and a time axis with the node's events marked where they fell."""
+    label = series.span.value
+    lines = []
+    for name, metric in (("CPU", "cpu_percent"), ("Mem", "memory_percent")):
+        rows = graph_rows(series.values(metric, width), width, height, glyphs, 100.0)
+        for index, row in enumerate(rows):
+            lines.append(((f"{name} {label}" if index == height - 1 else "").ljust(10) + row, "low"))
+        summary = series.summary(metric)
+        lines.append(("".ljust(10) + (f"min {summary[0]:.1f}  avg {summary[1]:.1f}  max {summary[2]:.1f} %"
+                                      if summary else f"no samples in the last {label}"), "dim"))
+    rates = [series.values(metric, width) for metric in ("net_receive_bytes_per_s", "net_transmit_bytes_per_s")]
+    top = max([value for values in rates for value in values if not math.isnan(value)] + [1.0])
+    for name, values in zip(("Net in", "Net out"), rates):
+        lines.append((name.ljust(10) + graph_rows(values, width, 1, glyphs, top)[0], "low"))
+    axis = [" "] * width
+    for at, kind, _ in series.events:
+        axis[series.column(at, width)] = EVENT_MARKS.get(kind, "*")
+    lines.append(("events".ljust(10) + "".join(axis), "bold"))
+    left, right = f"-{label}", "now"
+    lines.append(("".ljust(10) + left + right.rjust(max(width - len(left), 0)), "dim"))
+    lines.append(("".ljust(10) + f"network scale {format_rate(top, glyphs)}/s  {EVENT_MARKS_LEGEND}", "dim"))
+    return lines
+
+
 def detail_section_lines(detail, section: DetailSection, glyphs: Glyphs = UNICODE_GLYPHS) -> list[tuple[str, str]]:
     """(text, style) lines of the sections that are plain lists: disks & network, containers & sensors."""
     lines: list[tuple[str, str]] = []
@@ -4646,6 +5146,8 @@ MIN_WIDTH, MIN_HEIGHT = 70, 18
 REDRAW_FRAMES = 20
 # A redraw forced by a key or a mouse event reuses a snapshot this young.
 SNAPSHOT_MAX_AGE_S = 0.25
+# The detail view's history graphs are read from SQLite again this often.
+HISTORY_REDRAW_S = 5.0
 # Ctrl-C arrives as a key because the screen is opened with catch_interrupt.
 QUIT_KEYS = (ord("q"), ord("Q"), 3)
 # What reading or writing a terminal fails with once its pty or ssh session is gone.
@@ -5306,6 +5808,7 @@ def _define_tui():
         notice: str = ""
         processes: ProcessView | None = None  # the process section's rows
         lines: list = dataclasses.field(default_factory=list)  # the list sections' (text, style) lines
+        history: list | None = None  # the graphs' (text, style) lines over a span beyond the live 60 s
 
     SECTION_TOP = 12  # the row a section starts at, below the join lines and the metrics
 
@@ -5334,9 +5837,15 @@ def _define_tui():
             x = 0
             for index, section in enumerate(DetailSection, 1):
                 chosen = section is self.shown.state.section
-                x = self.put(f" {index} {section.value.capitalize()} ", x, 10, "selected" if chosen else "dim") + 1
+                name = section.value.capitalize() + (f" {self.shown.state.span.value}"
+                                                     if section is DetailSection.GRAPHS else "")
+                x = self.put(f" {index} {name} ", x, 10, "selected" if chosen else "dim") + 1
             if self.shown.state.section is DetailSection.GRAPHS:
-                self._graphs(node, SECTION_TOP)
+                if self.shown.history is not None:
+                    for row, (text, style) in enumerate(self.shown.history[:self._h - SECTION_TOP + 1]):
+                        self.put(text, 0, SECTION_TOP - 1 + row, style)
+                else:
+                    self._graphs(node, SECTION_TOP)
                 return
             self.put(self.shown.notice, 0, SECTION_TOP - 1, "dim")
             if self.shown.state.section is DetailSection.PROCESSES:
@@ -5380,9 +5889,10 @@ def _define_tui():
             self._pane = DetailPane(screen.height - events - 1)
             self.column.add_widget(self._pane)
             self.column.add_widget(EventPane(events))
-            self.column.add_widget(KeyLine("Esc back  Tab or 1-4 section  c m i sort processes  "
+            self.column.add_widget(KeyLine("Esc back  Tab or 1-4 section  t/T graph range  c m i sort processes  "
                                            "Up/Down select  q quit"))
             self._safe = (None, None)  # (the NodeDetail as sent, made safe): made safe once per snapshot
+            self._series, self._series_at = None, -math.inf  # history read from SQLite, reused for a while
             self.fix()
 
         def _update(self, frame_no):
@@ -5406,6 +5916,8 @@ def _define_tui():
                 if node is not None:
                     shown.notice = detail_notice(node.version, node.detail_offer, node.status, detail,
                                                  node.detail_at, now)
+                    if state.section is DetailSection.GRAPHS and state.span is not HistoryRange.LIVE:
+                        shown.history = self._history_lines(orchestrator, node_id, state.span)
                     if state.section is DetailSection.PROCESSES:
                         shown.processes = prepare_processes(detail, state, self._process_rows)
                     elif state.section is not DetailSection.GRAPHS:
@@ -5414,6 +5926,21 @@ def _define_tui():
                         shown.lines = lines[state.scroll:]
                 self.shown = shown
             super()._update(frame_no)
+
+        def _history_lines(self, orchestrator, node_id: str, span: HistoryRange) -> list:
+            store = orchestrator.history
+            if store is None:
+                return [("No history beyond the live 60 s: this orchestrator keeps none (--history-days 0 or "
+                         "--no-state). t returns to 60 s.", "dim")]
+            series = self._series
+            if series is None or (series.node_id, series.span) != (node_id, span) or \
+                    time.monotonic() - self._series_at > HISTORY_REDRAW_S:
+                series, self._series_at = store.series(node_id, span), time.monotonic()
+                self._series = series
+            width = max(min(self.canvas.width - 12, 120), 10)
+            height = max(min((self._pane._h - SECTION_TOP - 8) // 2, 5), 1)
+            return [(f"History {span.value} ({series.bucket_s // 60} min buckets; t/T change the range, "
+                     f"a blank is a gap)", "dim")] + history_lines(series, width, height, self.glyphs)
 
         @property
         def _process_rows(self) -> int:
@@ -5433,6 +5960,10 @@ def _define_tui():
                 state.section = sections[key - ord("1")]
             elif key in PROCESS_ORDER_KEYS:
                 state.section, state.order = DetailSection.PROCESSES, PROCESS_ORDER_KEYS[key]
+            elif key in (ord("t"), ord("T")):
+                spans = list(HistoryRange)
+                state.section = DetailSection.GRAPHS
+                state.span = spans[(spans.index(state.span) + (1 if key == ord("t") else -1)) % len(spans)]
             elif key in (Screen.KEY_UP, Screen.KEY_DOWN, Screen.KEY_PAGE_UP, Screen.KEY_PAGE_DOWN,
                          Screen.KEY_HOME, Screen.KEY_END):
                 page = max(self._process_rows - 1, 1)
@@ -6652,6 +7183,14 @@ def _label_text(text: str) -> str:
     return text
 
 
+def _history_range(text: str) -> HistoryRange:
+    spans = [span for span in HistoryRange if span is not HistoryRange.LIVE]
+    for span in spans:
+        if text.strip().lower() == span.value:
+            return span
+    raise ValueError(f"a history range is one of {', '.join(span.value for span in spans)}")
+
+
 def _listen_address(text: str) -> str:
     return format_address(*parse_address(text, allow_port_zero=True))
 
@@ -6691,6 +7230,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(joined, rejoined, left, lost, threshold, recovered, missing) with CARES_EVENT, "
                                    "CARES_NODE_ID, CARES_HOSTNAME, CARES_ADDRESS, CARES_CPU_PERCENT, "
                                    "CARES_MEMORY_PERCENT and CARES_MESSAGE in its environment")
+    orchestrator.add_argument("--history-days", type=_argument(_number(int, 0, 3650)), default=DEFAULT_HISTORY_DAYS,
+                              metavar="N",
+                              help=f"keep N days of downsampled history per node in an SQLite file in the state "
+                                   f"directory (default {DEFAULT_HISTORY_DAYS}; 0 none; --no-state keeps none)")
     orchestrator.add_argument("--alert", type=_argument(parse_alert), action="append", default=[], metavar="RULE",
                               help="raise a threshold event when a node stays beyond a limit, e.g. cpu>90:60s, "
                                    "memory>95:30s, disk>90:5m, load>8:2m (repeatable)")
@@ -6716,6 +7259,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--top", action="store_true",
                         help="NODE's top processes, mounts, interfaces, sensors and containers, asked of its "
                              "worker now (it takes up to three heartbeat intervals)")
+    status.add_argument("--history", type=_argument(_history_range), metavar="RANGE",
+                        help="NODE's history over 1h, 24h, 7d or 30d: average and maximum per bucket, and its events")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--timeout", type=_argument(_number(float, 0.1, 3600.0)), default=None, metavar="SECONDS",
                         help=f"give up after this long (default 5; with --top {DETAIL_REPLY_WAIT_S + 5:g})")
@@ -6884,7 +7429,8 @@ def orchestrator_config(args) -> OrchestratorConfig:
                               forget_after_s=args.forget_after or None, state_dir=state_dir(args),
                               on_event=args.on_event, alerts=tuple(args.alert), metrics_listen=args.metrics_listen,
                               metrics_open=args.metrics_open,
-                              tls_files=(args.tls_cert, args.tls_key) if args.tls_cert else None)
+                              tls_files=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+                              history_days=args.history_days)
 
 
 def worker_config(args) -> WorkerConfig:
@@ -6956,10 +7502,11 @@ def check_status(rows: list[dict], min_active: int, max_lost: int) -> tuple[Chec
 
 
 def run_status(args) -> int:
-    if args.top or args.node_id:
-        if not (args.top and args.node_id) or args.check:
-            raise UsageError("a node's detail is `status HOST:PORT NODE --top [--json]` (not with --check)")
-        return run_status_top(args)
+    if args.top or args.history or args.node_id:
+        if not args.node_id or args.top == bool(args.history) or args.check:
+            raise UsageError("one node is `status HOST:PORT NODE --top [--json]` or "
+                             "`status HOST:PORT NODE --history 1h|24h|7d|30d [--json]` (not with --check)")
+        return run_status_top(args) if args.top else run_status_history(args)
     try:
         rows = fetch_status(args.orchestrator_address, token=args.token, tls_ca=load_tls(args).get("tls_ca"),
                             timeout=args.timeout or 5.0)
@@ -6983,16 +7530,8 @@ def run_status(args) -> int:
 def run_status_top(args) -> int:
     """`status HOST:PORT NODE --top [--json]`: one node's processes, disks, interfaces, sensors and
     containers, asked of its worker now."""
-    timeout = args.timeout or DETAIL_REPLY_WAIT_S + 5
-    try:
-        reply = fetch_node_detail(args.orchestrator_address, args.node_id, token=args.token,
-                                  tls_ca=load_tls(args).get("tls_ca"), timeout=timeout)
-    except grpc.RpcError as error:
-        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-            raise RuntimeFailure(f"the orchestrator at {args.orchestrator_address} is older than cares 0.4 and "
-                                 f"cannot fetch a node's detail") from None
-        raise RuntimeFailure(f"cannot get {args.node_id}'s detail from {args.orchestrator_address}: "
-                             f"{describe_rpc_error(error)}") from None
+    reply = ask_about_node(args, "detail", "cannot fetch a node's detail", fetch_node_detail,
+                           timeout=args.timeout or DETAIL_REPLY_WAIT_S + 5)
     row, now = reply.row, time.time()
     status = NodeStatus(row["status"]) if row["status"] in {s.value for s in NodeStatus} else NodeStatus.DISCONNECTED
     notice = detail_notice(row["version"], reply.offer, status, reply.detail, reply.detail_at or 0.0, now)
@@ -7004,6 +7543,57 @@ def run_status_top(args) -> int:
     else:
         print(format_detail_text(row, reply.detail, notice))
     return 0 if reply.detail is not None else 1
+
+
+def ask_about_node(args, what: str, older: str, fetch, *extra, timeout: float):
+    """fetch(address, node, *extra) for `status NODE --top/--history`; its gRPC error as one line."""
+    try:
+        return fetch(args.orchestrator_address, args.node_id, *extra, token=args.token,
+                     tls_ca=load_tls(args).get("tls_ca"), timeout=timeout)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+            raise RuntimeFailure(f"the orchestrator at {args.orchestrator_address} is older than cares 0.4 and "
+                                 f"{older}") from None
+        raise RuntimeFailure(f"cannot get {args.node_id}'s {what} from {args.orchestrator_address}: "
+                             f"{describe_rpc_error(error)}") from None
+
+
+def run_status_history(args) -> int:
+    history = ask_about_node(args, "history", "keeps no history", fetch_node_history, args.history,
+                             timeout=args.timeout or 10.0)
+    if args.json:
+        print(json.dumps(history, indent=2))
+    else:
+        print(format_history_text(history))
+    return 0 if history["kept"] else 1
+
+
+def format_history_text(history: dict) -> str:
+    if not history["kept"]:
+        return (f"The orchestrator keeps no history (it runs with --history-days 0 or --no-state); "
+                f"node {history['node_id']} has only its live 60 s.")
+    columns = (("cpu_percent", "CPU %"), ("memory_percent", "MEM %"), ("load_average_1m", "LOAD"),
+               ("root_fs_used_percent", "DISK %"), ("net_receive_bytes_per_s", "NET IN/s"),
+               ("net_transmit_bytes_per_s", "NET OUT/s"))
+    lines = [f"Node {history['node_id']}: {history['range']} in {history['bucket_s'] // 60} min buckets "
+             f"(average / maximum), {len(history['buckets'])} with samples; a missing time is a gap",
+             f"{'BUCKET START':<17} {'SAMPLES':>7}  " + "  ".join(f"{title:>15}" for _, title in columns)]
+
+    def pair(bucket, name):
+        values = bucket.get(name)
+        if not values or values["avg"] is None:
+            return f"{'-':>15}"
+        if name.endswith("_per_s"):
+            return f"{format_rate(values['avg'], ASCII_GLYPHS):>7}/{format_rate(values['max'], ASCII_GLYPHS):<7}"
+        return f"{values['avg']:>7.1f}/{values['max']:<7.1f}"
+    for bucket in history["buckets"]:
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(bucket["start"]))
+        lines.append(f"{stamp:<17} {bucket['samples']:>7}  " + "  ".join(pair(bucket, name) for name, _ in columns))
+    if history["events"]:
+        lines += ["", "Events"]
+        lines += [f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(event['at'] or 0))}  {event['text']}"
+                  for event in history["events"]]
+    return "\n".join(lines)
 
 
 def format_detail_text(row: dict, detail, notice: str) -> str:

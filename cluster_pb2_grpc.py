@@ -190,6 +190,11 @@ class StatusServiceStub:
                 request_serializer=cluster__pb2.NodeDetailRequest.SerializeToString,
                 response_deserializer=cluster__pb2.NodeStatus.FromString,
                 _registered_method=True)
+        self.GetNodeHistory = channel.unary_unary(
+                '/cares.v1.StatusService/GetNodeHistory',
+                request_serializer=cluster__pb2.NodeHistoryRequest.SerializeToString,
+                response_deserializer=cluster__pb2.NodeHistory.FromString,
+                _registered_method=True)
 
 
 class StatusServiceServicer:
@@ -211,6 +216,14 @@ class StatusServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetNodeHistory(self, request, context):
+        """Added in cares 0.4: one node's downsampled history (average and maximum per bucket) from
+        the orchestrator's SQLite file. An older orchestrator answers UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StatusServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +236,11 @@ def add_StatusServiceServicer_to_server(servicer, server):
                     servicer.GetNodeDetail,
                     request_deserializer=cluster__pb2.NodeDetailRequest.FromString,
                     response_serializer=cluster__pb2.NodeStatus.SerializeToString,
+            ),
+            'GetNodeHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNodeHistory,
+                    request_deserializer=cluster__pb2.NodeHistoryRequest.FromString,
+                    response_serializer=cluster__pb2.NodeHistory.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -280,6 +298,33 @@ class StatusService:
             '/cares.v1.StatusService/GetNodeDetail',
             cluster__pb2.NodeDetailRequest.SerializeToString,
             cluster__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNodeHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cares.v1.StatusService/GetNodeHistory',
+            cluster__pb2.NodeHistoryRequest.SerializeToString,
+            cluster__pb2.NodeHistory.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,8 +12,10 @@ Fast inner loop (pure and in-process classes, a few seconds):
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import gc
 import glob
@@ -32,6 +34,7 @@ import resource
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import stat
 import struct
@@ -1387,6 +1390,19 @@ def busy_process(test, seconds=60, marker="cares-busy-marker"):
     return process
 
 
+def mount_tmpfs(test, size):
+    """A real tmpfs of size (e.g. "8m") on a new folder, unmounted on cleanup; the test is skipped,
+    with the reason, where the machine does not allow mounting."""
+    folder = tempfile.mkdtemp(prefix="cares-test-tmpfs-")
+    test.addCleanup(os.rmdir, folder)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], capture_output=True,
+                             text=True) if shutil.which("mount") else None
+    if mounted is None or mounted.returncode != 0:
+        test.skipTest(f"cannot mount a tmpfs here: {mounted.stderr.strip() if mounted else 'no mount(8)'}")
+    test.addCleanup(subprocess.run, ["umount", "-l", folder], capture_output=True)
+    return folder
+
+
 def top_pid(detail, key=lambda process: process.cpu_percent):
     if detail is None or not detail.processes:
         return None
@@ -1455,13 +1471,7 @@ class DetailSamplerTest(unittest.TestCase):
         self.assertEqual(len(detail.sensors), min(reported, cares.DETAIL_LIST_LIMIT))
 
     def test_a_tmpfs_mounted_here_shows_with_its_size(self):
-        folder = tempfile.mkdtemp(prefix="cares-test-tmpfs-")
-        self.addCleanup(os.rmdir, folder)
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", folder], capture_output=True,
-                                 text=True) if shutil.which("mount") else None
-        if mounted is None or mounted.returncode != 0:
-            self.skipTest(f"cannot mount a tmpfs here: {mounted.stderr.strip() if mounted else 'no mount(8)'}")
-        self.addCleanup(subprocess.run, ["umount", folder], capture_output=True)
+        folder = mount_tmpfs(self, "8m")
         with open(os.path.join(folder, "filler"), "wb") as file:
             file.write(os.urandom(1 << 20))
         mount = next((m for m in cares.read_mounts() if m.mountpoint == folder), None)
@@ -1635,7 +1645,8 @@ class DetailOverHeartbeatTest(ClusterTestCase):
         self.assertEqual(worker._detail.taken, taken)
 
     def test_a_worker_asked_far_too_often_snapshots_once_a_period_and_stays(self):
-        received, asked = [], threading.Event()
+        received, asked, finished = [], threading.Event(), threading.Event()
+        self.addCleanup(finished.set)
 
         class Asker(pb_grpc.ClusterServiceServicer):
             def JoinCluster(self, request, context):
@@ -1650,8 +1661,8 @@ class DetailOverHeartbeatTest(ClusterTestCase):
                 for _ in range(40):  # a burst below the flood limit, all at once
                     yield pb.OrchestratorCommand(request_detail=pb.DetailRequest())
                 asked.set()
-                while context.is_active() and len(received) < 25:
-                    time.sleep(0.05)
+                while context.is_active() and not finished.wait(0.05):  # the stream stays open until the test ends
+                    pass
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         pb_grpc.add_ClusterServiceServicer_to_server(Asker(), server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -1778,6 +1789,268 @@ class DetailCompatibilityTest(ClusterTestCase):
         result = self.run_cares("status", f"127.0.0.1:{port}", "anyone", "--top")
         self.assert_one_line_error(result, 1)
         self.assertIn("older than cares 0.4 and cannot fetch a node's detail", result.stderr)
+
+
+# ---------------------------------------------------------------------------
+# History (issue 18): downsampled tiers in SQLite, written by their own thread,
+# surviving restarts, full disks, locks and corruption.
+# ---------------------------------------------------------------------------
+
+class SequenceSampler(cares.LocalSampler):
+    """A worker's sampler that reports a known sequence and records every sample it hands out."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values, self.sent = list(values), []
+
+    def sample(self):
+        cpu = self.values[len(self.sent) % len(self.values)]
+        metrics = cares.Metrics(cpu_percent=cpu, memory_percent=100.0 - cpu, load_average_1m=cpu / 10.0,
+                                net_receive_bytes_per_s=cpu * 1000.0)
+        self.sent.append(metrics)
+        return metrics
+
+
+class ManualClock:
+    def __init__(self, now=1_800_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def history_store(test, clock=None, days=cares.DEFAULT_HISTORY_DAYS, folder=None):
+    folder = folder or tempfile.mkdtemp(prefix="cares-test-history-")
+    test.addCleanup(shutil.rmtree, folder, True)
+    events = cares.EventLog()
+    store = cares.HistoryStore(folder, "127.0.0.1:1", events, days, clock=clock or time.time)
+    test.addCleanup(store.stop, 2.0)
+    return store, events, folder
+
+
+def expected_buckets(samples, bucket_s):
+    """(start -> (count, average, max)) of (time, value) samples, computed here, not by cares."""
+    buckets = collections.defaultdict(list)
+    for at, value in samples:
+        buckets[int(at // bucket_s * bucket_s)].append(value)
+    return {start: (len(values), sum(values) / len(values), max(values)) for start, values in buckets.items()}
+
+
+class HistoryStoreTest(unittest.TestCase):
+    def test_every_tier_holds_the_average_and_maximum_of_what_was_sent(self):
+        clock = ManualClock()
+        store, events, _ = history_store(self, clock)
+        samples = []
+        for step in range(400):  # 400 samples, 5 s apart: 34 minutes, four 10-minute buckets
+            clock.now = 1_800_000_000.0 + step * 5
+            value = round((step * 37) % 1000 / 10.0, 1)
+            samples.append((clock.now, value))
+            store.add("web07", cares.Metrics(cpu_percent=value, memory_percent=50.0))
+        store.flush()
+        for span in (cares.HistoryRange.HOUR, cares.HistoryRange.DAY, cares.HistoryRange.WEEK):
+            series = store.series("web07", span)
+            expected = expected_buckets(samples, series.bucket_s)
+            got = {bucket.start: (bucket.samples, bucket.averages["cpu_percent"], bucket.maxima["cpu_percent"])
+                   for bucket in series.buckets}
+            self.assertEqual(set(got), set(expected), span)
+            for start, (count, average, peak) in expected.items():
+                self.assertEqual(got[start][0], count)
+                self.assertAlmostEqual(got[start][1], average, places=6)
+                self.assertEqual(got[start][2], peak)
+            self.assertNotIn("swap_percent", series.buckets[0].averages)  # never sent: not a zero
+        self.assertEqual([text for text in texts(events) if "history" in text.lower()], [])
+
+    def test_a_gap_is_a_gap_and_old_buckets_are_pruned(self):
+        clock = ManualClock()
+        store, _, folder = history_store(self, clock, days=1)
+        for offset in (0, 5, 1200, 1205):  # nothing for 20 minutes in between
+            clock.now = 1_800_000_000.0 + offset
+            store.add("gappy", cares.Metrics(cpu_percent=40.0, memory_percent=10.0))
+        store.flush()
+        series = store.series("gappy", cares.HistoryRange.HOUR)
+        values = series.values("cpu_percent", 60)
+        self.assertEqual([round(value) for value in values if not math.isnan(value)], [40, 40])
+        self.assertGreaterEqual(sum(math.isnan(value) for value in values), 58)  # blanks, never zeros
+        self.assertNotIn(0.0, values)
+        clock.now += 2 * 3600  # the 1-minute tier keeps an hour; the 10-minute tier a day
+        store.add("gappy", cares.Metrics(cpu_percent=1.0, memory_percent=1.0))
+        store._prune()
+        store.flush()
+        db = sqlite3.connect(os.path.join(folder, "history-127.0.0.1_1.sqlite"))
+        self.addCleanup(db.close)
+        tiers = dict(db.execute("SELECT tier, count(*) FROM buckets WHERE start < ? GROUP BY tier",
+                                (int(clock.now) - 3600,)))
+        self.assertEqual(tiers.get(0), None)
+        self.assertEqual(tiers.get(1), 2)
+        clock.now += 2 * 86400  # --history-days 1: nothing is kept beyond a day, whatever the tier
+        store._prune()
+        self.assertEqual(db.execute("SELECT count(*) FROM buckets").fetchone()[0], 0)
+
+    def test_a_partial_bucket_and_the_rest_after_a_restart_add_up(self):
+        clock = ManualClock()
+        store, _, folder = history_store(self, clock)
+        store.add("n", cares.Metrics(cpu_percent=10.0, memory_percent=1.0))
+        store.stop()
+        again, _, _ = history_store(self, clock, folder=folder)
+        clock.now += 10
+        again.add("n", cares.Metrics(cpu_percent=30.0, memory_percent=1.0))
+        again.flush()
+        bucket = again.series("n", cares.HistoryRange.HOUR).buckets[-1]
+        self.assertEqual((bucket.samples, bucket.averages["cpu_percent"], bucket.maxima["cpu_percent"]),
+                         (2, 20.0, 30.0))
+        again.forget(["n"])
+        again.flush()
+        self.assertEqual(again.series("n", cares.HistoryRange.HOUR).buckets, [])
+
+    def test_a_corrupt_file_is_kept_aside_and_history_starts_again(self):
+        folder = tempfile.mkdtemp(prefix="cares-test-history-")
+        path = os.path.join(folder, "history-127.0.0.1_1.sqlite")
+        with open(path, "wb") as file:
+            file.write(b"this is no database" * 500)
+        store, events, _ = history_store(self, folder=folder)
+        warnings = [text for text in texts(events) if "history database" in text]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn(f"kept as {path}.corrupt, starting a new one; still serving", warnings[0])
+        with open(path + ".corrupt", "rb") as file:
+            self.assertTrue(file.read().startswith(b"this is no database"))
+        store.add("n", cares.Metrics(cpu_percent=5.0, memory_percent=5.0))
+        store.flush()
+        self.assertEqual(store.series("n", cares.HistoryRange.HOUR).buckets[-1].samples, 1)
+
+    def test_a_locked_database_costs_a_batch_and_one_line(self):
+        store, events, folder = history_store(self)
+        holder = sqlite3.connect(os.path.join(folder, "history-127.0.0.1_1.sqlite"), isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN EXCLUSIVE")
+        for _ in range(3):
+            store.add("n", cares.Metrics(cpu_percent=5.0, memory_percent=5.0))
+            store.flush()
+        warnings = [text for text in texts(events) if "Cannot write the history database" in text]
+        self.assertEqual(len(warnings), 1, texts(events))
+        self.assertIn("locked by another process; still serving", warnings[0])
+        self.assertEqual(store.dropped, 3)
+        holder.execute("ROLLBACK")
+        store.add("n", cares.Metrics(cpu_percent=7.0, memory_percent=5.0))
+        store.flush()
+        self.assertIn(f"The history database {store.path} is written again.", texts(events))
+        self.assertEqual([bucket.averages["cpu_percent"] for bucket in store.series("n", cares.HistoryRange.HOUR).buckets],
+                         [7.0])
+
+    def test_a_full_disk_costs_a_batch_and_one_line(self):
+        folder = mount_tmpfs(self, "256k")
+        store, events, _ = history_store(self, folder=folder)
+        filler = os.path.join(folder, "filler")
+        descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:  # the rest of the file system, to the last block
+            while os.write(descriptor, b"\0" * 4096):
+                pass
+        except OSError as error:
+            self.assertEqual(error.errno, errno.ENOSPC)
+        finally:
+            os.close(descriptor)
+        for round_ in range(3):
+            for number in range(300):
+                store.add(f"node-{round_}-{number}", cares.Metrics(cpu_percent=5.0, memory_percent=5.0))
+            store.flush()
+        warnings = [text for text in texts(events) if "Cannot write the history database" in text]
+        self.assertEqual(len(warnings), 1, texts(events))
+        self.assertIn("the disk is full", warnings[0])
+        os.remove(filler)
+        store.add("after", cares.Metrics(cpu_percent=9.0, memory_percent=5.0))
+        store.flush()
+        self.assertIn(f"The history database {store.path} is written again.", texts(events))
+        self.assertEqual(store.series("after", cares.HistoryRange.HOUR).buckets[-1].samples, 1)
+        store.stop()
+
+
+class HistoryAcrossRestartTest(ClusterTestCase):
+    def test_buckets_match_what_the_workers_sent_across_an_orchestrator_restart(self):
+        folder = tempfile.mkdtemp(prefix="cares-test-history-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        port = free_port()
+        sampler = SequenceSampler([12.5, 40.0, 97.5, 3.0, 55.5])
+
+        def session(orchestrator, count):
+            worker = cares.WorkerClient(f"127.0.0.1:{port}", "recorded", sampler, secret="k" * 32)
+            worker.start()
+            self.addCleanup(worker.stop, False, 0.5)
+            self.assertIsNotNone(wait_until(lambda: len(sampler.sent) >= count, 15), len(sampler.sent))
+            worker.stop()  # its goodbye comes after every sample it sent
+            self.assert_becomes(orchestrator.registry, "recorded", cares.NodeStatus.DISCONNECTED, 5)
+
+        first = self.start_orchestrator(f"127.0.0.1:{port}", heartbeat_ms=100, state_dir=folder)
+        session(first, 12)
+        first.stop(0.2)  # writes what history still holds
+        before_restart = len(sampler.sent)
+        second = self.start_orchestrator(f"127.0.0.1:{port}", heartbeat_ms=100, state_dir=folder)
+        session(second, before_restart + 8)
+        second.history.flush()
+        sent = [metrics.cpu_percent for metrics in sampler.sent]
+        series = second.history.series("recorded", cares.HistoryRange.HOUR)
+        self.assertEqual(sum(bucket.samples for bucket in series.buckets), len(sent))
+        low, average, peak = series.summary("cpu_percent")
+        self.assertAlmostEqual(average, sum(sent) / len(sent), places=6)
+        self.assertEqual((low <= min(sent) + 100, peak), (True, max(sent)))
+        self.assertAlmostEqual(series.summary("load_average_1m")[1], sum(sent) / len(sent) / 10.0, places=2)
+        self.assertEqual(series.summary("net_receive_bytes_per_s")[2], max(sent) * 1000.0)
+        kinds = [kind for _, kind, _ in series.events]
+        self.assertEqual(kinds.count("joined") + kinds.count("rejoined"), 2, kinds)
+        self.assertEqual(kinds.count("left"), 2, kinds)
+        # The same through `status NODE --history 1h --json`, as an operator reads it.
+        result = self.run_cares("status", f"127.0.0.1:{port}", "recorded", "--history", "1h", "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        printed = json.loads(result.stdout)
+        self.assertEqual(sum(bucket["samples"] for bucket in printed["buckets"]), len(sent))
+        self.assertEqual(max(bucket["cpu_percent"]["max"] for bucket in printed["buckets"]), max(sent))
+        self.assertIn("left", [event["kind"] for event in printed["events"]])
+        text = self.run_cares("status", f"127.0.0.1:{port}", "recorded", "--history", "24h")
+        self.assertEqual(text.returncode, 0, text.stderr)
+        self.assertIn("24h in 10 min buckets", text.stdout)
+        self.assertIn("has left the cluster", text.stdout)
+
+    def test_no_history_kept_and_bad_ranges_are_said_in_one_line(self):
+        orchestrator = self.start_orchestrator(heartbeat_ms=200)  # no state directory: no history
+        self.start_worker(orchestrator, "unrecorded")
+        self.assert_becomes(orchestrator.registry, "unrecorded", cares.NodeStatus.ACTIVE, 5)
+        address = f"127.0.0.1:{orchestrator.port}"
+        result = self.run_cares("status", address, "unrecorded", "--history", "1h")
+        self.assertEqual(result.returncode, 1, result)
+        self.assertIn("keeps no history", result.stdout)
+        bad_range = self.run_cares("status", address, "unrecorded", "--history", "2h")  # argparse: usage, then one line
+        self.assertEqual(bad_range.returncode, 2)
+        self.assertEqual(bad_range.stderr.strip().splitlines()[-1],
+                         "cares status: error: argument --history: a history range is one of 1h, 24h, 7d, 30d")
+        self.assert_one_line_error(self.run_cares("status", address, "nobody", "--history", "1h"), 1)
+        self.assert_one_line_error(self.run_cares("status", address, "unrecorded", "--history", "1h", "--top"), 2)
+
+    def test_a_file_size_limit_costs_history_not_serving(self):
+        folder = tempfile.mkdtemp(prefix="cares-test-history-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        address = f"127.0.0.1:{free_port()}"
+        limit = 64  # bytes: neither the state file nor the database can grow
+        script = ("import sys, cares; cares.HISTORY_FLUSH_S = 0.3; "
+                  "sys.exit(cares.main(sys.argv[1:]))")
+        process = subprocess.Popen([sys.executable, "-c", script, "orchestrator", "--listen", address, "--headless",
+                                    "--state-dir", folder, "--heartbeat-ms", "200"], cwd=HERE,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                                                                    (limit, limit)))
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.wait, 10)
+        self.addCleanup(process.kill)
+        log = LineCollector(process.stderr)
+        client = cares.WorkerClient(address, "limited", cares.LocalSampler())
+        client.start()
+        self.addCleanup(client.stop, False, 0.5)
+        self.assertIsNotNone(wait_until(lambda: "history database" in log.text(), 15), log.text())
+        self.assertIsNotNone(wait_until(lambda: [row["status"] for row in cares.fetch_status(address)] == ["Active"],
+                                        10))
+        wait_until(lambda: False, 1.5)  # several flush periods: the line must not repeat
+        self.assertEqual(log.text().count("Cannot write the history database"), 1, log.text())
+        self.assertIn("still serving", log.text())
+        self.assertNotIn("Traceback", log.text())
+        process.terminate()
+        self.assertEqual(process.wait(10), 0)
 
 
 # ---------------------------------------------------------------------------
@@ -3109,6 +3382,32 @@ class TmuxEndToEndTest(ClusterTestCase):
         self.wait_for("orch", lambda text: "CPU 60s" in text, 5, "the graphs again")
         self.keys("orch", "Escape")
         self.wait_for("orch", lambda text: "hot-node" in self.node_rows(text), 5, "the table again")
+        self.keys("orch", "q")
+        self.assertEqual(self.exit_code("orch")[0], 0)
+
+    def test_the_graphs_switch_to_history_ranges_with_events_marked(self):
+        address = f"127.0.0.1:{free_port()}"
+        self.open_pane("orch", "orchestrator", "--listen", address, "--heartbeat-ms", "200", "--state-dir",
+                       self.workdir, width=120, height=40)
+        self.wait_for("orch", lambda text: "Waiting for workers" in text, 15, "an empty dashboard")
+        self.spawn("worker", address, "--node-id", "remembered", "--headless", "--no-state")
+        self.wait_for("orch", lambda text: "remembered" in self.node_rows(text), 15, "the worker's row")
+        self.keys("orch", "Enter")
+        self.wait_for("orch", lambda text: "CPU 60s" in text and "1 Graphs 60s" in text, 5, "the live graphs")
+        self.keys("orch", "t")
+        text = self.wait_for("orch", lambda text: all(expected in text for expected in (
+            "1 Graphs 1h", "History 1h (1 min buckets", "CPU 1h", "Mem 1h", "-1h", "J joined")) and
+            re.search(r"^events\s+J\s*$", text, re.MULTILINE), 10, "an hour of history with the join marked")
+        self.assertIsNotNone(re.search(r"min [0-9.]+  avg [0-9.]+  max [0-9.]+ %", text), text)
+        self.keys("orch", "t")
+        self.wait_for("orch", lambda text: "History 24h (10 min buckets" in text and "CPU 24h" in text, 5, "a day")
+        for span in ("7d", "30d"):
+            self.keys("orch", "t")
+            self.wait_for("orch", lambda text: f"CPU {span}" in text, 5, span)
+        self.keys("orch", "t")  # round again to the live graphs
+        self.wait_for("orch", lambda text: "CPU 60s" in text and "History" not in text, 5, "the live graphs again")
+        self.keys("orch", "T")
+        self.wait_for("orch", lambda text: "CPU 30d" in text, 5, "back a step, to 30 days")
         self.keys("orch", "q")
         self.assertEqual(self.exit_code("orch")[0], 0)
 
