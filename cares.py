@@ -5,8 +5,9 @@ One module, read top to bottom as the data flows:
 
 1. text safety and formatting helpers (pure functions),
 2. local metrics sampling (what a worker measures),
-3. Node and NodeRegistry (the orchestrator's state), alerts and the inventory file,
-4. the orchestrator: gRPC servicers on a grpc.aio server, event hooks,
+3. Node and NodeRegistry (the orchestrator's state), alerts, the inventory file and history,
+4. the orchestrator: gRPC servicers on a grpc.aio server, event hooks, /metrics (4b), the
+   Orchestrator itself (4c),
 5. the worker client and the status client,
 6. the TUI: asciimatics scenes for the menu, forms, dashboards, details and help,
 7. running without a screen: log lines, signals, sd_notify,
@@ -163,6 +164,9 @@ WORKER_OPTIONS = _BOTH_SIDES_OPTIONS + [
 
 # ---------------------------------------------------------------------------
 # 1. Text safety and formatting: pure functions, tested without a terminal.
+#    Holds: sanitize_text (every peer's text goes through it), node ID and label
+#    rules, addresses and targets, durations, percent/byte/age formats, fit().
+#    Talks to: nothing; every later section uses it.
 # ---------------------------------------------------------------------------
 
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,63}")
@@ -498,6 +502,10 @@ def fit(text: str, width: int, ellipsis: str = "…") -> str:
 # ---------------------------------------------------------------------------
 # 2. Local metrics sampling: what a worker measures of its machine, for its own
 #    screen and for its heartbeat stream.
+#    Holds: Metrics (one sample), CounterRates, LocalSampler (psutil, every
+#    heartbeat), DetailSampler and its readers (processes, mounts, interfaces,
+#    sensors, cgroups, the Docker/Podman API), only while an orchestrator asks.
+#    Talks to: 1 (text), cluster_pb2 (NodeDetail is built as the message itself).
 # ---------------------------------------------------------------------------
 
 class Metrics(typing.NamedTuple):
@@ -990,6 +998,12 @@ def unix_http_connection_type() -> type:
 # ---------------------------------------------------------------------------
 # 3. Node and NodeRegistry: the orchestrator's state, behind one lock: the gRPC
 #    loop applies joins and heartbeats while the UI thread takes snapshots and edits.
+#    Holds: NodeStatus, events (EventLog), refusals (RefusalReason, Refusal),
+#    NodeHistory (the live 60 s), alert rules, Node, NodeRegistry, the inventory
+#    file (StateFile) and the SQLite history (HistoryStore), each disk writer on
+#    its own thread. Talks to: 1, 2 (Metrics). Later sections reach it only
+#    through the registry's methods and its named hooks (on_sample,
+#    history_sink, on_forget, EventLog.subscribe).
 # ---------------------------------------------------------------------------
 
 class NodeStatus(enum.Enum):
@@ -2350,6 +2364,10 @@ def _is_power_of_ten(count: int) -> bool:
 # ---------------------------------------------------------------------------
 # 4. The orchestrator: gRPC servicers on a grpc.aio server that runs on a
 #    background thread's event loop, so a UI can own the main thread.
+#    Holds: the one gRPC loop, TokenGuard, message conversions, ClusterServicer
+#    (JoinCluster, Heartbeat, the commands sent down streams), StatusServicer
+#    (ListNodes, GetNodeDetail, GetNodeHistory), HookRunner (--on-event).
+#    Talks to: 3 (the registry, refusals, history), 2 (detail limits).
 # ---------------------------------------------------------------------------
 
 _grpc_loop: asyncio.AbstractEventLoop | None = None
@@ -2999,6 +3017,8 @@ class HookRunner:
 # 4b. /metrics and /sd: the registry in Prometheus' text format 0.0.4, and the
 #     Active workers as Prometheus HTTP service discovery targets, served by a
 #     small HTTP server on its own thread and event loop (never the gRPC loop's).
+#     Holds: render_metrics, service discovery, MetricsServer. Talks to: 3 (node
+#     snapshots and counters, handed in by the Orchestrator as a callable).
 # ---------------------------------------------------------------------------
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -3641,6 +3661,12 @@ class MetricsServer:
                                        + (f": {type(error).__name__}: {error}" if error else ""))
 
 
+# ---------------------------------------------------------------------------
+# 4c. The Orchestrator: 3, 4 and 4b put together, and their life (start, the
+#     periodic sweep, housekeeping and detail requests, stop). OrchestratorConfig
+#     is what the command line and the create form fill in.
+# ---------------------------------------------------------------------------
+
 class Orchestrator:
     """The gRPC server, its registry and the liveness sweep, running on the gRPC loop."""
 
@@ -3914,6 +3940,12 @@ class OrchestratorConfig:
 # ---------------------------------------------------------------------------
 # 5. The worker client (join, then stream metrics; reconnect forever) and the
 #    status client.
+#    Holds: how gRPC errors read to a person, the worker's identity (node ID,
+#    secret, ID lock), WorkerClient (join, stream, obey commands, answer detail
+#    requests), WorkerConfig, and the status client (fetch_status,
+#    fetch_node_detail, fetch_node_history). Talks to: 2 (the samplers), 4 (the
+#    one gRPC loop, message conversions, safe_detail: what a peer sends is made
+#    safe the same way on both sides).
 # ---------------------------------------------------------------------------
 
 def describe_rpc_error(error: grpc.RpcError) -> str:
@@ -4564,6 +4596,8 @@ def _finite_or_none(value: float, digits: int) -> float | None:
 #    key help. First the model and the pure parts (glyphs, layout, rows, filter,
 #    sorting, graphs), tested without a terminal; then the scenes, whose frames
 #    prepare what to show in _update and whose widgets only render it.
+#    Talks to: 3 (registry snapshots, events, history), 4c (the Orchestrator it
+#    shows and steers), 5 (the worker it shows). Loaded only with a screen.
 # ---------------------------------------------------------------------------
 
 class View(enum.Enum):
@@ -6088,6 +6122,8 @@ def metric_lines(metrics: Metrics, cpu_count: int, glyphs: Glyphs, bar_width: in
 # ---------------------------------------------------------------------------
 # 7. Running without a screen: log lines written off the serving path, the
 #    signals a headless process answers, and what it tells systemd.
+#    Holds: LineWriter, log styles, StopSignals, SdNotifier, serve_headless and
+#    serve_worker_headless. Talks to: 3 (events), 4c and 5 (what it runs).
 # ---------------------------------------------------------------------------
 
 class LogStyle(enum.Enum):
@@ -6444,6 +6480,9 @@ def serve_worker_headless(client: WorkerClient, style: LogStyle = LogStyle.TEXT)
 # ---------------------------------------------------------------------------
 # 8. Running as a service: the systemd unit install-service writes, and what
 #    uninstall-service removes. Checked by systemd's own parser in the tests.
+#    Holds: where things go, the unit text and its sandbox, the checks before
+#    installing, install and uninstall. Talks to: 1 (addresses, labels), 3
+#    (DetailOffer for the worker's flags); it starts nothing itself but systemctl.
 # ---------------------------------------------------------------------------
 
 class ServiceError(Exception):
@@ -7128,6 +7167,9 @@ def _remove_enable_links(paths: ServicePaths, unit_name: str, unit_file: str, li
 
 # ---------------------------------------------------------------------------
 # 9. The command line and main().
+#    Holds: argument types, build_parser, the config builders, run_* for each
+#    command, the status printers (table, --check, --top, --history) and main's
+#    one-line errors. Talks to every section above; none talks to it.
 # ---------------------------------------------------------------------------
 
 class UsageError(Exception):
