@@ -5280,6 +5280,7 @@ class ZipappTest(unittest.TestCase):
             self.skipTest(msg)
         self.tmp = tempfile.mkdtemp(prefix="cares-pyz-test-")
         self.addCleanup(self._rmtree, self.tmp)
+        self._lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------
 
@@ -5303,9 +5304,11 @@ class ZipappTest(unittest.TestCase):
         env = dict(os.environ)
         for key in ("CARES_CACHE_DIR", "XDG_CACHE_HOME", "CARES_PYZ_DEBUG"):
             env.pop(key, None)
-        self._n = getattr(self, "_n", 0) + 1
-        env["HOME"] = self._dir("home-%d" % self._n)  # never the real HOME or /tmp
-        env["TMPDIR"] = self._dir("tmpdir-%d" % self._n)
+        with self._lock:  # the per-Python checks call this from their threads
+            self._n = getattr(self, "_n", 0) + 1
+            n = self._n
+        env["HOME"] = self._dir("home-%d" % n)  # never the real HOME or /tmp
+        env["TMPDIR"] = self._dir("tmpdir-%d" % n)
         for key, value in changes.items():
             if value is None:
                 env.pop(key, None)
@@ -5318,9 +5321,17 @@ class ZipappTest(unittest.TestCase):
                               stdin=subprocess.DEVNULL, timeout=timeout or self.COLD_TIMEOUT,
                               universal_newlines=True)
 
+    _found = None
+
+    @classmethod
+    def _interpreters(cls):
+        """{path: (major, minor, full version)} of the CPythons we can find (looked for once)."""
+        if cls._found is None:
+            cls._found = cls._find_interpreters()
+        return dict(cls._found)
+
     @staticmethod
-    def _interpreters():
-        """{path: (major, minor, full version)} of the CPythons we can find."""
+    def _find_interpreters():
         paths = [sys.executable]
         root = os.environ.get("PYENV_ROOT")
         if shutil.which("pyenv"):
@@ -5390,64 +5401,88 @@ class ZipappTest(unittest.TestCase):
         return ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o "$1" tmpfs "$2" && shift 2 && exec "$@"',
                 "sh", options, where] + argv
 
+    def _each_python(self, pythons, check):
+        """check(python, (major, minor, full)) for every Python, a few at a time on threads (each
+        is a child process that mostly waits); each one's failure is reported as its own subTest."""
+        with futures.ThreadPoolExecutor(max_workers=3) as pool:
+            running = {python: pool.submit(check, python, version) for python, version in sorted(pythons.items())}
+        for python, outcome in running.items():
+            with self.subTest(python=python, version=pythons[python][2]):
+                outcome.result()  # re-raises what the check raised, in this subTest
+
     # -- tests -----------------------------------------------------------
 
     def test_version_under_every_python(self):
         expected = self._expected_version_line()
         pythons = self._carried_interpreters()
         pins = pyz_build.read_pins(os.path.join(HERE, "requirements.txt"))
-        for python, (major, minor, full) in sorted(pythons.items()):
-            with self.subTest(python=python, version=full):
-                cache = self._dir("cache-%s" % full)
-                r = self._run([python, self.pyz, "--version"], self._env(CARES_CACHE_DIR=cache))
-                self.assertEqual(r.returncode, 0, r.stderr)
-                self.assertRegex(r.stdout, r"^cares \d+\.\d+\.\d+\S*\n$")
-                if expected is not None:
-                    self.assertEqual(r.stdout, expected, "cares.pyz is stale: rebuild it")
-                self.assertEqual(r.stderr, "")
-                # Exactly one entry, for this Python, holding only its own cygrpc.
-                entries = self._entries(cache)
-                self.assertEqual(len(entries), 1, entries)
-                self.assertTrue(entries[0].endswith("-cp%d%d" % (major, minor)), entries)
-                cygrpc = glob.glob(os.path.join(cache, entries[0], "grpc", "_cython", "cygrpc*.so"))
-                self.assertEqual(len(cygrpc), 1, cygrpc)
-                self.assertTrue(os.path.basename(cygrpc[0]).startswith("cygrpc.cpython-%d%d-" % (major, minor)),
-                                cygrpc)
-                # ... and the grpcio and protobuf that requirements.txt pins for this Python.
-                entry = os.path.join(cache, entries[0])
-                mine = pins["%d.%d" % (major, minor)]
-                self.assertEqual(self._bundled_version(entry, "grpc/_grpcio_metadata.py"), mine["grpcio"])
-                self.assertEqual(self._bundled_version(entry, "google/protobuf/__init__.py"), mine["protobuf"])
-                # Second run: served from the cache, same answer.
-                r2 = self._run([python, self.pyz, "--version"], self._env(CARES_CACHE_DIR=cache))
-                self.assertEqual((r2.returncode, r2.stdout), (0, r.stdout), r2.stderr)
-                self.assertEqual(self._entries(cache), entries)
+
+        def check(python, version):
+            major, minor, full = version
+            cache = self._dir("cache-%s" % full)
+            r = self._run([python, self.pyz, "--version"], self._env(CARES_CACHE_DIR=cache))
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertRegex(r.stdout, r"^cares \d+\.\d+\.\d+\S*\n$")
+            if expected is not None:
+                self.assertEqual(r.stdout, expected, "cares.pyz is stale: rebuild it")
+            self.assertEqual(r.stderr, "")
+            # Exactly one entry, for this Python, holding only its own cygrpc.
+            entries = self._entries(cache)
+            self.assertEqual(len(entries), 1, entries)
+            self.assertTrue(entries[0].endswith("-cp%d%d" % (major, minor)), entries)
+            cygrpc = glob.glob(os.path.join(cache, entries[0], "grpc", "_cython", "cygrpc*.so"))
+            self.assertEqual(len(cygrpc), 1, cygrpc)
+            self.assertTrue(os.path.basename(cygrpc[0]).startswith("cygrpc.cpython-%d%d-" % (major, minor)),
+                            cygrpc)
+            # ... and the grpcio and protobuf that requirements.txt pins for this Python.
+            entry = os.path.join(cache, entries[0])
+            mine = pins["%d.%d" % (major, minor)]
+            self.assertEqual(self._bundled_version(entry, "grpc/_grpcio_metadata.py"), mine["grpcio"])
+            self.assertEqual(self._bundled_version(entry, "google/protobuf/__init__.py"), mine["protobuf"])
+            # Second run: served from the cache, same answer.
+            r2 = self._run([python, self.pyz, "--version"], self._env(CARES_CACHE_DIR=cache))
+            self.assertEqual((r2.returncode, r2.stdout), (0, r.stdout), r2.stderr)
+            self.assertEqual(self._entries(cache), entries)
+        self._each_python(pythons, check)
 
     def test_cluster_runs_from_the_pyz_under_every_python(self):
-        pythons = sorted(self._carried_interpreters())
-        for python in pythons:
-            with self.subTest(python=python):
-                env = self._env(CARES_CACHE_DIR=self._dir(f"cache-run-{len(os.listdir(self.tmp))}"))
-                address = f"127.0.0.1:{free_port()}"
-                spawned = []
-                for argv in (["orchestrator", "--listen", address, "--headless"],
-                             ["worker", address, "--node-id", "from-pyz", "--headless"]):
-                    process = subprocess.Popen([python, self.pyz, *argv], env=env, stdin=subprocess.DEVNULL,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                    self.addCleanup(process.communicate)  # cleanups run last-in first-out: kill, then reap
-                    self.addCleanup(process.kill)
-                    spawned.append(process)
+        def check(python, version):
+            # Its own state folder too: workers of the same ID lock it, and the Pythons run at once.
+            env = self._env(CARES_CACHE_DIR=self._dir(f"cache-run-{version[2]}"),
+                            XDG_STATE_HOME=self._dir(f"state-{version[2]}"))
+            address = f"127.0.0.1:{free_port()}"
 
-                def nodes():
-                    result = self._run([python, self.pyz, "status", address, "--json", "--timeout", "2"], env)
-                    return json.loads(result.stdout)["nodes"] if result.returncode == 0 else []
-                self.assertIsNotNone(wait_until(
-                    lambda: [(n["node_id"], n["status"]) for n in nodes()] == [("from-pyz", "Active")],
-                    30, interval=0.3), f"no Active node from the pyz under {python}")
-                for process in reversed(spawned):
-                    process.send_signal(signal.SIGTERM)
-                    self.assertEqual(process.wait(10), 0)
-                    self.assertNotIn("Traceback", process.stderr.read())
+            def active(rows):
+                return [(n["node_id"], n["status"]) for n in rows] == [("from-pyz", "Active")]
+
+            def rows_here():  # cheap polling from this process; the pyz's own status has the last word
+                try:
+                    return cares.fetch_status(address, timeout=2)
+                except grpc.RpcError:
+                    return None
+            spawned = []
+            for argv in (["orchestrator", "--listen", address, "--headless"],
+                         ["worker", address, "--node-id", "from-pyz", "--headless"]):
+                process = subprocess.Popen([python, self.pyz, *argv], env=env, stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                self.addCleanup(process.communicate)  # cleanups run last-in first-out: kill, then reap
+                self.addCleanup(process.kill)
+                spawned.append(process)
+                if len(spawned) == 1:
+                    # The worker starts once the orchestrator answers: a worker that found nobody
+                    # would back off for seconds while a loaded machine unpacks the orchestrator.
+                    self.assertIsNotNone(wait_until(lambda: rows_here() is not None, 30, interval=0.1),
+                                         f"the orchestrator from the pyz under {python} never answered")
+            self.assertIsNotNone(wait_until(lambda: active(rows_here() or []), 30, interval=0.1),
+                                 f"no Active node from the pyz under {python}")
+            result = self._run([python, self.pyz, "status", address, "--json", "--timeout", "2"], env)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertTrue(active(json.loads(result.stdout)["nodes"]), result.stdout)
+            for process in reversed(spawned):
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(10), 0)
+                self.assertNotIn("Traceback", process.stderr.read())
+        self._each_python(self._carried_interpreters(), check)
 
     def test_simultaneous_first_runs(self):
         cache = self._dir("cache")
