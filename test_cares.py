@@ -83,6 +83,37 @@ def wait_until(predicate, timeout, interval=0.02):
     return None
 
 
+def listening(address):
+    """True once address (HOST:PORT) accepts TCP connections. Poll this, not a gRPC call, for a
+    process that is still starting: a failed gRPC connect leaves the address in reconnect backoff
+    for about a second, and every call to it meanwhile fails at once."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def run_side_by_side(commands, timeout=30):
+    """[(argv, Popen keyword arguments)] run to the end at the same time (each mostly waits on its
+    own start-up): a CompletedProcess for each, in order. Text pipes for stdout and stderr unless told."""
+    processes = [subprocess.Popen(argv, **{"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE,
+                                           "stderr": subprocess.PIPE, "text": True, **options})
+                 for argv, options in commands]
+    try:
+        results = []
+        for process in processes:
+            out, err = process.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+        return results
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 def status_of(registry, node_id):
     node = registry.get(node_id)
     return node.status if node is not None else None
@@ -1363,12 +1394,17 @@ def generate_events(test, port, count, prefix="churn"):
 
 
 class RoutineOperationsTest(ClusterTestCase):
-    def headless_orchestrator(self, *extra, stderr=subprocess.PIPE, **kwargs):
+    def headless_orchestrator(self, *extra, stderr=subprocess.PIPE, wait=True, **kwargs):
         address = f"127.0.0.1:{free_port()}"
-        process = self.spawn("orchestrator", "--listen", address, "--headless", "--heartbeat-ms", "200",
+        process = self.spawn("orchestrator", "--listen", address, "--headless", "--heartbeat-ms", "100",
                              "--token", "t0k3n", *extra, stderr=stderr, **kwargs)
-        self.assertIsNotNone(wait_until(lambda: self.answers(address), 10), "the orchestrator never answered")
+        if wait:
+            self.assert_answers(address)
         return process, address
+
+    def assert_answers(self, address):
+        self.assertIsNotNone(wait_until(lambda: listening(address) and self.answers(address), 10),
+                             "the orchestrator never answered")
 
     @staticmethod
     def answers(address, timeout=2.0):
@@ -1398,13 +1434,13 @@ class RoutineOperationsTest(ClusterTestCase):
                              "the liveness sweep no longer ends silent streams")
 
     def test_a_closed_or_broken_stderr_never_stops_serving(self):
-        for mode in ("2>&-", "reader gone"):
+        started = {"2>&-": self.headless_orchestrator(stderr=subprocess.DEVNULL, preexec_fn=lambda: os.close(2),
+                                                      wait=False),
+                   "reader gone": self.headless_orchestrator(wait=False)}  # both start at once
+        for mode, (process, address) in started.items():
             with self.subTest(mode):
-                if mode == "2>&-":
-                    process, address = self.headless_orchestrator(
-                        stderr=subprocess.DEVNULL, preexec_fn=lambda: os.close(2))
-                else:
-                    process, address = self.headless_orchestrator()
+                self.assert_answers(address)
+                if mode == "reader gone":
                     process.stderr.close()  # a `| tee` that exited, a log shipper restarting
                 generate_events(self, int(address.rpartition(":")[2]), 20)
                 self.assert_still_serving(address)
@@ -1542,12 +1578,11 @@ class RoutineOperationsTest(ClusterTestCase):
         base = cares.default_node_id(socket.gethostname(), cares.machine_identity(), cares.user_name())
         expected = [base, f"{base}-2"]
 
-        def start_both():
-            first = self.spawn("worker", address, "--headless")
-            self.assert_becomes(registry, base, cares.NodeStatus.ACTIVE, 10)
-            second = self.spawn("worker", address, "--headless")
-            self.assert_becomes(registry, f"{base}-2", cares.NodeStatus.ACTIVE, 10)
-            return first, second
+        def start_both():  # at once: whichever claims the host's ID first, the other takes the next one
+            both = [self.spawn("worker", address, "--headless") for _ in expected]
+            for node_id in expected:
+                self.assert_becomes(registry, node_id, cares.NodeStatus.ACTIVE, 10)
+            return both
         for _ in range(2):  # two workers on one host, started and killed twice
             for process in start_both():
                 process.kill()
@@ -1570,13 +1605,13 @@ class RoutineOperationsTest(ClusterTestCase):
                              labels={"role": "web", "zone": "eu-west-1a"})
             registry.update(node_id, session, sample, 1)
         address = f"127.0.0.1:{orchestrator.port}"
-        result = self.run_cares("status", address, "--json", "--timeout", "30", timeout=60)
+        result, table = run_side_by_side([([sys.executable, CARES_PY, "status", address, *extra, "--timeout", "30"], {})
+                                          for extra in (["--json"], [])], timeout=60)  # both at once
         self.assertEqual(result.returncode, 0, result.stderr[-500:])
         rows = json.loads(result.stdout)["nodes"]
         self.assertEqual(len(rows), 10_000)
         self.assertEqual(rows[-1]["node_id"], "worker-prod-eu-west-1a-09999")
         self.assertEqual(rows[0]["labels"], {"role": "web", "zone": "eu-west-1a"})
-        table = self.run_cares("status", address, "--timeout", "30", timeout=60)
         self.assertEqual(table.returncode, 0, table.stderr[-500:])
         self.assertEqual(len(table.stdout.splitlines()), 10_001)
         # Every reply stayed within the page budget; what the orchestrator receives keeps its 64 KiB cap.
@@ -1644,29 +1679,33 @@ class RoutineOperationsTest(ClusterTestCase):
                   "code = cares.main(sys.argv[1:])\n"
                   "print(sorted(name for name in ('asciimatics', 'curses', 'wcwidth') if name in sys.modules))\n"
                   "sys.exit(code)\n")
-        for args in (["worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "lean", "--headless"],
-                     ["orchestrator", "--listen", "127.0.0.1:0", "--headless"]):
-            result = subprocess.run([sys.executable, "-c", script, *args], cwd=HERE, capture_output=True, text=True,
-                                    timeout=30, stdin=subprocess.DEVNULL)
+        commands = [([sys.executable, "-c", script, *args], {"cwd": HERE})
+                    for args in (["worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "lean", "--headless"],
+                                 ["orchestrator", "--listen", "127.0.0.1:0", "--headless"])]
+        for result in run_side_by_side(commands):
             self.assertEqual((result.returncode, result.stdout.strip()), (0, "[]"), result.stderr)
         self.assertIn("Node 'lean' has left the cluster.", texts(orchestrator.registry.events))
 
     def test_bad_inputs_get_one_clear_line(self):
-        for args, environment in ((["status", "127.0.0.1:1", "--token", "pässwort"], {}),
-                                  (["worker", "127.0.0.1:1"], {"CARES_TOKEN": "tab\tbed"})):
-            result = self.run_cares(*args, env={**os.environ, **environment})
-            self.assert_one_line_error(result, 2)
-            self.assertIn(cares.TOKEN_RULE, result.stderr)
+        commands = [([sys.executable, CARES_PY, *args], {"env": {**os.environ, **environment}})
+                    for args, environment in ((["status", "127.0.0.1:1", "--token", "pässwort"], {}),
+                                              (["worker", "127.0.0.1:1"], {"CARES_TOKEN": "tab\tbed"}))]
+        terminals = []
         for term in ("dumb", None):
             environment = {key: value for key, value in os.environ.items() if key != "TERM"}
             if term:
                 environment["TERM"] = term
             leader, follower = os.openpty()
             self.addCleanup(os.close, leader)
-            with os.fdopen(follower, "wb", closefd=True) as terminal:
-                result = subprocess.run([sys.executable, CARES_PY, "orchestrator", "--listen", "127.0.0.1:0"],
-                                        stdin=terminal, stdout=terminal, stderr=subprocess.PIPE, text=True,
-                                        env=environment, timeout=30)
+            self.addCleanup(os.close, follower)
+            terminals.append(follower)
+            commands.append(([sys.executable, CARES_PY, "orchestrator", "--listen", "127.0.0.1:0"],
+                             {"stdin": follower, "stdout": follower, "env": environment}))
+        results = run_side_by_side(commands)  # all four at once
+        for result in results[:2]:
+            self.assert_one_line_error(result, 2)
+            self.assertIn(cares.TOKEN_RULE, result.stderr)
+        for result in results[2:]:
             self.assert_one_line_error(result, 1)
             self.assertIn("cannot show the dashboard; run with --headless", result.stderr)
         parser = cares.build_parser()
@@ -5471,7 +5510,8 @@ class ZipappTest(unittest.TestCase):
                 if len(spawned) == 1:
                     # The worker starts once the orchestrator answers: a worker that found nobody
                     # would back off for seconds while a loaded machine unpacks the orchestrator.
-                    self.assertIsNotNone(wait_until(lambda: rows_here() is not None, 30, interval=0.1),
+                    self.assertIsNotNone(wait_until(lambda: listening(address) and rows_here() is not None, 30,
+                                                    interval=0.1),
                                          f"the orchestrator from the pyz under {python} never answered")
             self.assertIsNotNone(wait_until(lambda: active(rows_here() or []), 30, interval=0.1),
                                  f"no Active node from the pyz under {python}")
