@@ -3215,6 +3215,10 @@ class InventoryTest(ClusterTestCase):
         return folder
 
     def test_known_nodes_survive_a_restart_as_missing(self):
+        # A changed inventory is saved at most every STATE_SAVE_S (5 s): the same save, sooner.
+        saving = mock.patch.object(cares, "STATE_SAVE_S", 0.2)
+        saving.start()
+        self.addCleanup(saving.stop)
         folder, port = self.state_dir(), free_port()
         first = cares.Orchestrator(f"127.0.0.1:{port}", heartbeat_ms=200, state_dir=folder)
         first.start()
