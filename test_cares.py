@@ -2486,8 +2486,9 @@ class TmuxEndToEndTest(ClusterTestCase):
     def open_pane(self, name, *args, environment="LC_ALL=C.UTF-8", width=120, height=40):
         """A tmux window running cares (with args, or the menu) that records its exit code."""
         err, rc = (os.path.join(self.workdir, f"{name}.{ext}") for ext in ("err", "rc"))
-        command = (f"{environment} {sys.executable} {CARES_PY} {' '.join(args)} 2>{err}; echo $? >{rc}; "
-                   f"sleep 60")
+        # ESCDELAY: curses otherwise waits a second after Escape, in case a key sequence follows.
+        command = (f"ESCDELAY=25 {environment} {sys.executable} {CARES_PY} {' '.join(args)} 2>{err}; "
+                   f"echo $? >{rc}; sleep 60")
         if not self.session_started:
             self.tmux("new-session", "-d", "-s", "cares", "-x", str(width), "-y", str(height), "-n", name, command)
             self.session_started = True
@@ -2540,9 +2541,10 @@ class TmuxEndToEndTest(ClusterTestCase):
         self.wait_for("orch", lambda text: f"listening on {address}" in text and "Waiting for workers" in text,
                       10, "an empty dashboard")
         node_ids = []
+        for number in range(4):  # the four start at once, then each is driven through its menus
+            self.open_pane(f"w{number}")
         for number in range(4):
             name = f"w{number}"
-            self.open_pane(name)
             self.wait_for(name, lambda text: "pick a role" in text, 15, "the mode menu")
             self.keys(name, "Down", "Enter")
             self.fill_address(name, "Orchestrator address", address)
@@ -2582,8 +2584,9 @@ class TmuxEndToEndTest(ClusterTestCase):
         self.assertEqual(code, 0, err)
         self.assertNotIn("Traceback", err)
         self.wait_for("w0", lambda text: "the orchestrator is shutting down" in text, 5, "the shutdown notice")
-        for name in ("w0", "w2", "w3"):
+        for name in ("w0", "w2", "w3"):  # all three quit at once
             self.keys(name, "q")
+        for name in ("w0", "w2", "w3"):
             code, err = self.exit_code(name)
             self.assertEqual((code, err), (0, ""))
 
@@ -2603,9 +2606,11 @@ class TmuxEndToEndTest(ClusterTestCase):
         self.wait_for("orch", lambda text: "1 of 3 shown" in text and list(self.node_rows(text)) == ["db-2"], 5,
                       "the filtered table, db-2 alone")
         self.keys("orch", "Enter", "Enter")  # keep the filter, then open the selected node
-        text = self.wait_for("orch", lambda text: "Node db-2" in text, 5, "the detail view")
-        for expected in ("rack=r2 role=db", "Root FS", "CPU 60s", "Mem 60s", "Net in", cares.VERSION,
-                         "Node 'db-2' has joined the cluster."):
+        # A capture can fall while the view is being drawn: wait for all of it, then check each.
+        details = ("Node db-2", "rack=r2 role=db", "Root FS", "CPU 60s", "Mem 60s", "Net in", cares.VERSION,
+                   "Node 'db-2' has joined the cluster.")
+        text = self.wait_for("orch", lambda text: all(expected in text for expected in details), 5, "the detail view")
+        for expected in details:
             self.assertIn(expected, text)
         self.assertNotIn("web-0", text)
         self.keys("orch", "Escape")
