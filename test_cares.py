@@ -4012,13 +4012,16 @@ class ServiceProcessTest(ClusterTestCase):
 
     def test_ready_status_watchdog_and_stopping_from_a_worker_and_an_orchestrator(self):
         orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        started = []
         for args, status in ((["worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "unit", "--headless"],
                               f"STATUS=connected to 127.0.0.1:{orchestrator.port}"),
                              (["orchestrator", "--listen", "127.0.0.1:0", "--headless", "--no-state"],
-                              "nodes active")):
+                              "nodes active")):  # both start at once, each with its own socket
+            receiver, path = self.notify_socket()
+            process = self.spawn(*args, env={**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
+            started.append((args, status, receiver, process))
+        for args, status, receiver, process in started:
             with self.subTest(args[0]):
-                receiver, path = self.notify_socket()
-                process = self.spawn(*args, env={**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
                 got = self.messages_until(receiver, "READY=1")
                 self.assertTrue(all(pid == process.pid for _, pid in got), (got, process.pid))
                 self.messages_until(receiver, status)
