@@ -1862,8 +1862,8 @@ class CommandLineTest(ClusterTestCase):
         workers = [self.spawn("worker", address, "--node-id", f"proc-{n}", "--headless") for n in range(4)]
 
         def nodes():
-            try:
-                return cares.fetch_status(address, timeout=2)
+            try:  # gRPC only once it listens: a refused connect would hold gRPC back for a second
+                return cares.fetch_status(address, timeout=2) if listening(address) else []
             except grpc.RpcError:
                 return []
         self.assertIsNotNone(wait_until(
@@ -3014,8 +3014,9 @@ class FaultTest(ClusterTestCase):
             self.spawn("worker", address, "--node-id", name, "--headless")
 
         def statuses():
-            try:
-                return {row["node_id"]: row["status"] for row in cares.fetch_status(address, timeout=1)}
+            try:  # gRPC only once it listens: a refused connect would hold gRPC back for a second
+                return {row["node_id"]: row["status"] for row in cares.fetch_status(address, timeout=1)} \
+                    if listening(address) else {}
             except grpc.RpcError:
                 return {}
         self.assertIsNotNone(wait_until(lambda: statuses() == dict.fromkeys(names, "Active"), 20, 0.2))
@@ -3059,7 +3060,7 @@ class FaultTest(ClusterTestCase):
         ip("addr", "add", f"{subnet}.2/30", "dev", inner, namespace_of=namespace)
         ip("link", "set", inner, "up", namespace_of=namespace)
 
-        orchestrator = self.start_orchestrator(f"{subnet}.1:0")
+        orchestrator = self.start_orchestrator(f"{subnet}.1:0", heartbeat_ms=200)
         worker = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, CARES_PY, "worker",
                                    f"{subnet}.1:{orchestrator.port}", "--node-id", "far", "--headless"],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
