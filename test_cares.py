@@ -2700,13 +2700,23 @@ class TmuxEndToEndTest(ClusterTestCase):
 # ---------------------------------------------------------------------------
 
 class AccessTest(ClusterTestCase):
+    _tls_files = None
+
     def make_tls_files(self):
+        """A certificate and its key, made once for the class (the tests only read them)."""
         if shutil.which("openssl") is None:
             if IN_CI:
                 self.fail("the openssl command is missing")
             self.skipTest("the openssl command is missing")
-        folder = tempfile.mkdtemp(prefix="cares-tls-")
-        self.addCleanup(shutil.rmtree, folder, True)
+        if AccessTest._tls_files is None:
+            folder = tempfile.mkdtemp(prefix="cares-tls-")
+            self.addClassCleanup(shutil.rmtree, folder, True)
+            self.addClassCleanup(setattr, AccessTest, "_tls_files", None)
+            AccessTest._tls_files = self._new_tls_files(folder)
+        return AccessTest._tls_files
+
+    @staticmethod
+    def _new_tls_files(folder):
         cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
                         "-days", "1", "-subj", "/CN=localhost",
@@ -2741,14 +2751,12 @@ class AccessTest(ClusterTestCase):
         worker = self.spawn("worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "env-worker", "--headless",
                             env={**os.environ, "CARES_TOKEN": "from-env"})
         self.assert_becomes(orchestrator.registry, "env-worker", cares.NodeStatus.ACTIVE, 10)
-        run = lambda *extra: subprocess.run(
-            [sys.executable, CARES_PY, "status", f"127.0.0.1:{orchestrator.port}", "--json", *extra],
-            capture_output=True, text=True, timeout=20, env={k: v for k, v in os.environ.items()
-                                                             if k != "CARES_TOKEN"})
-        refused = run()
+        without_token = {k: v for k, v in os.environ.items() if k != "CARES_TOKEN"}
+        refused, allowed = run_side_by_side(  # both at once
+            [([sys.executable, CARES_PY, "status", f"127.0.0.1:{orchestrator.port}", "--json", *extra],
+              {"env": without_token}) for extra in ([], ["--token", "from-env"])], timeout=20)
         self.assertEqual(refused.returncode, 1)
         self.assertIn("rejected", refused.stderr)
-        allowed = run("--token", "from-env")
         self.assertEqual(allowed.returncode, 0, allowed.stderr)
         self.assertEqual([node["node_id"] for node in json.loads(allowed.stdout)["nodes"]], ["env-worker"])
         worker.terminate()
@@ -2775,15 +2783,13 @@ class AccessTest(ClusterTestCase):
 
     def test_tls_file_mistakes_are_one_line_errors(self):
         cert, key = self.make_tls_files()
-        run = lambda *args: subprocess.run([sys.executable, CARES_PY, *args], capture_output=True, text=True,
-                                           timeout=20, stdin=subprocess.DEVNULL)
         listen = ["orchestrator", "--listen", "127.0.0.1:0", "--headless"]
-        for args, code, needle in (
-                ([*listen, "--tls-cert", "/nonexistent.pem", "--tls-key", key], 1, "No such file"),
-                ([*listen, "--tls-cert", key, "--tls-key", cert], 1, "unusable TLS files"),
-                ([*listen, "--tls-cert", cert], 2, "--tls-cert and --tls-key go together"),
-                (["status", "127.0.0.1:1", "--tls-ca", key], 1, "unusable TLS files")):
-            result = run(*args)
+        cases = (([*listen, "--tls-cert", "/nonexistent.pem", "--tls-key", key], 1, "No such file"),
+                 ([*listen, "--tls-cert", key, "--tls-key", cert], 1, "unusable TLS files"),
+                 ([*listen, "--tls-cert", cert], 2, "--tls-cert and --tls-key go together"),
+                 (["status", "127.0.0.1:1", "--tls-ca", key], 1, "unusable TLS files"))
+        results = run_side_by_side([([sys.executable, CARES_PY, *args], {}) for args, _, _ in cases], timeout=20)
+        for (args, code, needle), result in zip(cases, results):  # all four ran at once
             self.assertEqual(result.returncode, code, (args, result.stderr))
             self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
             self.assertIn(needle, result.stderr)
