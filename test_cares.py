@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import py_compile
 import random
 import re
 import resource
@@ -61,6 +62,16 @@ from pyz import bootstrap as pyz_bootstrap, build as pyz_build
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CARES_PY = os.path.join(HERE, "cares.py")
+# Most child processes run cares from bytecode compiled here once, from this very cares.py: the
+# same code, without every child compiling its 6,000 lines again (with PYTHONDONTWRITEBYTECODE
+# nothing caches them). `python cares.pyc` runs it as the main module, as `python cares.py`
+# does. Tests that pass source=True, the tmux panes, Prometheus' workers and the black-holed
+# link run cares.py itself.
+BYTECODE = tempfile.mkdtemp(prefix="cares-test-bytecode-")
+atexit.register(shutil.rmtree, BYTECODE, True)
+for _name in ("cares", "cluster_pb2", "cluster_pb2_grpc"):
+    py_compile.compile(os.path.join(HERE, f"{_name}.py"), cfile=os.path.join(BYTECODE, f"{_name}.pyc"), doraise=True)
+CARES = [sys.executable, os.path.join(BYTECODE, "cares.pyc")]
 # Under CI, anything a test needs must be there: a missing tool fails instead of skipping.
 IN_CI = os.environ.get("CARES_CI") == "1"
 # Workers keep a node secret and an ID lock in their state directory: give the tests their own.
@@ -266,9 +277,11 @@ class ClusterTestCase(unittest.TestCase):
                                      f"(is {status_of(registry, node_id)})")
         return waited
 
-    def spawn(self, *args, stderr=subprocess.PIPE, **kwargs):
-        """cares.py as a process (stdout and stderr piped unless told otherwise)."""
-        process = subprocess.Popen([sys.executable, CARES_PY, *args], stdin=subprocess.DEVNULL,
+    def spawn(self, *args, stderr=subprocess.PIPE, source=False, **kwargs):
+        """cares as a process (stdout and stderr piped unless told otherwise); cares.py itself
+        with source=True, else its bytecode (see CARES)."""
+        command = [sys.executable, CARES_PY] if source else CARES
+        process = subprocess.Popen([*command, *args], stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=stderr, text=True, **kwargs)
 
         def reap():
@@ -287,9 +300,11 @@ class ClusterTestCase(unittest.TestCase):
         self.addCleanup(process.kill)
         return process
 
-    def run_cares(self, *args, timeout=30, **kwargs):
-        """cares.py run to the end as a process: (exit code, stdout, stderr) in a CompletedProcess."""
-        return subprocess.run([sys.executable, CARES_PY, *args], capture_output=True, text=True,
+    def run_cares(self, *args, timeout=30, source=False, **kwargs):
+        """cares run to the end as a process (cares.py itself with source=True, else its
+        bytecode): (exit code, stdout, stderr) in a CompletedProcess."""
+        command = [sys.executable, CARES_PY] if source else CARES
+        return subprocess.run([*command, *args], capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
 
     def exit_code(self, *args):
@@ -1612,7 +1627,7 @@ class RoutineOperationsTest(ClusterTestCase):
                              labels={"role": "web", "zone": "eu-west-1a"})
             registry.update(node_id, session, sample, 1)
         address = f"127.0.0.1:{orchestrator.port}"
-        result, table = run_side_by_side([([sys.executable, CARES_PY, "status", address, *extra, "--timeout", "30"], {})
+        result, table = run_side_by_side([([*CARES, "status", address, *extra, "--timeout", "30"], {})
                                           for extra in (["--json"], [])], timeout=60)  # both at once
         self.assertEqual(result.returncode, 0, result.stderr[-500:])
         rows = json.loads(result.stdout)["nodes"]
@@ -1694,7 +1709,7 @@ class RoutineOperationsTest(ClusterTestCase):
         self.assertIn("Node 'lean' has left the cluster.", texts(orchestrator.registry.events))
 
     def test_bad_inputs_get_one_clear_line(self):
-        commands = [([sys.executable, CARES_PY, *args], {"env": {**os.environ, **environment}})
+        commands = [([*CARES, *args], {"env": {**os.environ, **environment}})
                     for args, environment in ((["status", "127.0.0.1:1", "--token", "pässwort"], {}),
                                               (["worker", "127.0.0.1:1"], {"CARES_TOKEN": "tab\tbed"}))]
         terminals = []
@@ -1706,7 +1721,7 @@ class RoutineOperationsTest(ClusterTestCase):
             self.addCleanup(os.close, leader)
             self.addCleanup(os.close, follower)
             terminals.append(follower)
-            commands.append(([sys.executable, CARES_PY, "orchestrator", "--listen", "127.0.0.1:0"],
+            commands.append(([*CARES, "orchestrator", "--listen", "127.0.0.1:0"],
                              {"stdin": follower, "stdout": follower, "env": environment}))
         results = run_side_by_side(commands)  # all four at once
         for result in results[:2]:
@@ -1785,13 +1800,13 @@ class LineWriterTest(unittest.TestCase):
 class CommandLineTest(ClusterTestCase):
     def test_version_and_help(self):
         self.assertEqual(self.exit_code("--version")[0], 0)
-        result = self.run_cares("--help")
+        result = self.run_cares("--help", source=True)
         self.assertEqual(result.returncode, 0)
         for command in ("orchestrator", "worker", "status"):
             self.assertIn(command, result.stdout)
 
     def test_no_arguments_without_a_terminal_is_a_usage_error(self):
-        result = self.run_cares()
+        result = self.run_cares(source=True)
         self.assertEqual(result.returncode, 2)
         self.assertIn("usage:", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
@@ -1825,7 +1840,7 @@ class CommandLineTest(ClusterTestCase):
         orchestrator = self.start_orchestrator()
         for number in range(300):
             active(orchestrator.registry, f"n{number:03d}")
-        process = subprocess.Popen([sys.executable, CARES_PY, "status", f"127.0.0.1:{orchestrator.port}"],
+        process = subprocess.Popen([*CARES, "status", f"127.0.0.1:{orchestrator.port}"],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         process.stdout.readline()
         process.stdout.close()  # `cares status | head -1`
@@ -1858,8 +1873,10 @@ class CommandLineTest(ClusterTestCase):
 
     def test_headless_orchestrator_and_four_headless_workers(self):
         address = f"127.0.0.1:{free_port()}"
-        orchestrator = self.spawn("orchestrator", "--listen", address, "--headless", "--heartbeat-ms", "200")
-        workers = [self.spawn("worker", address, "--node-id", f"proc-{n}", "--headless") for n in range(4)]
+        orchestrator = self.spawn("orchestrator", "--listen", address, "--headless", "--heartbeat-ms", "200",
+                                  source=True)
+        workers = [self.spawn("worker", address, "--node-id", f"proc-{n}", "--headless", source=True)
+                   for n in range(4)]
 
         def nodes():
             try:  # gRPC only once it listens: a refused connect would hold gRPC back for a second
@@ -2753,7 +2770,7 @@ class AccessTest(ClusterTestCase):
         self.assert_becomes(orchestrator.registry, "env-worker", cares.NodeStatus.ACTIVE, 10)
         without_token = {k: v for k, v in os.environ.items() if k != "CARES_TOKEN"}
         refused, allowed = run_side_by_side(  # both at once
-            [([sys.executable, CARES_PY, "status", f"127.0.0.1:{orchestrator.port}", "--json", *extra],
+            [([*CARES, "status", f"127.0.0.1:{orchestrator.port}", "--json", *extra],
               {"env": without_token}) for extra in ([], ["--token", "from-env"])], timeout=20)
         self.assertEqual(refused.returncode, 1)
         self.assertIn("rejected", refused.stderr)
@@ -2776,7 +2793,7 @@ class AccessTest(ClusterTestCase):
         self.addCleanup(plain.stop, False, 0.5)
         self.assertIsNotNone(wait_until(lambda: plain.state.phase is cares.ConnectionPhase.RETRYING, 3), "a plaintext worker hung")
         self.assertIn("if it uses TLS, pass --tls-ca", plain.state.detail)
-        result = subprocess.run([sys.executable, CARES_PY, "status", f"127.0.0.1:{orchestrator.port}",
+        result = subprocess.run([*CARES, "status", f"127.0.0.1:{orchestrator.port}",
                                  "--tls-ca", cert, "--json"], capture_output=True, text=True, timeout=20)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("secure", result.stdout)
@@ -2788,7 +2805,7 @@ class AccessTest(ClusterTestCase):
                  ([*listen, "--tls-cert", key, "--tls-key", cert], 1, "unusable TLS files"),
                  ([*listen, "--tls-cert", cert], 2, "--tls-cert and --tls-key go together"),
                  (["status", "127.0.0.1:1", "--tls-ca", key], 1, "unusable TLS files"))
-        results = run_side_by_side([([sys.executable, CARES_PY, *args], {}) for args, _, _ in cases], timeout=20)
+        results = run_side_by_side([([*CARES, *args], {}) for args, _, _ in cases], timeout=20)
         for (args, code, needle), result in zip(cases, results):  # all four ran at once
             self.assertEqual(result.returncode, code, (args, result.stderr))
             self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
@@ -2941,7 +2958,7 @@ class HostileInputTest(ClusterTestCase):
         server.start()
         self.addCleanup(server.stop, None)
         for extra in ([], ["--json"]):
-            result = subprocess.run([sys.executable, CARES_PY, "status", f"127.0.0.1:{port}", *extra],
+            result = subprocess.run([*CARES, "status", f"127.0.0.1:{port}", *extra],
                                     capture_output=True, text=True, timeout=20)
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertFalse([c for c in result.stdout if unicodedata.category(c) in ("Cc", "Cf") and c != "\n"],
