@@ -293,8 +293,9 @@ class ClusterTestCase(unittest.TestCase):
         return process
 
     def spawn_script(self, script, *args):
-        """A Python script (using cares from this folder) as a process, killed on cleanup."""
-        process = subprocess.Popen([sys.executable, "-c", script, *args], cwd=HERE, stdin=subprocess.DEVNULL,
+        """A Python script (using cares from this folder, as bytecode: see CARES) as a process,
+        killed on cleanup."""
+        process = subprocess.Popen([sys.executable, "-c", script, *args], cwd=BYTECODE, stdin=subprocess.DEVNULL,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(process.wait, 10)
         self.addCleanup(process.kill)
@@ -1513,7 +1514,7 @@ class RoutineOperationsTest(ClusterTestCase):
                     time.sleep(0.01)
             print(seen.decode(errors="replace").replace("x", ""), flush=True)
         """)
-        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True,
+        result = subprocess.run([sys.executable, "-c", script], cwd=BYTECODE, capture_output=True, text=True,
                                 timeout=60, stdin=subprocess.DEVNULL)
         self.assertEqual(result.returncode, 0, result.stdout[-500:])
         self.assertIn("loop runs", result.stdout)
@@ -1701,7 +1702,7 @@ class RoutineOperationsTest(ClusterTestCase):
                   "code = cares.main(sys.argv[1:])\n"
                   "print(sorted(name for name in ('asciimatics', 'curses', 'wcwidth') if name in sys.modules))\n"
                   "sys.exit(code)\n")
-        commands = [([sys.executable, "-c", script, *args], {"cwd": HERE})
+        commands = [([sys.executable, "-c", script, *args], {"cwd": BYTECODE})
                     for args in (["worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "lean", "--headless"],
                                  ["orchestrator", "--listen", "127.0.0.1:0", "--headless"])]
         for result in run_side_by_side(commands):
@@ -4788,7 +4789,7 @@ class MetricsNoTracebackTest(unittest.TestCase):
     """Whatever clients do, the server writes nothing to stderr (the orchestrator's screen)."""
 
     def run_child(self, *tls) -> tuple:
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, HERE, *tls], stdin=subprocess.PIPE,
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, BYTECODE, *tls], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.addCleanup(lambda: child.poll() is None and child.kill())
         port = int(child.stdout.readline())
