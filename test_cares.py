@@ -972,7 +972,7 @@ class ClusterTest(ClusterTestCase):
         self.assert_becomes(orchestrator.registry, "early", cares.NodeStatus.DISCONNECTED, 1.0)
 
     def test_silent_worker_is_disconnected_after_three_intervals(self):
-        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        orchestrator = self.start_orchestrator(heartbeat_ms=100)
         registry = orchestrator.registry
         stub = raw_stub(self, orchestrator.port)
         session = stub.JoinCluster(pb.NodeInfo(node_id="mute"), timeout=5).session_id
@@ -1193,7 +1193,7 @@ class LivenessIntegrityTest(ClusterTestCase):
         self.assertIn("The orchestrator was stalled for ", "\n".join(texts(registry.events)))
 
     def test_a_node_whose_samples_are_all_rejected_is_lost(self):
-        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        orchestrator = self.start_orchestrator(heartbeat_ms=100)
         registry = orchestrator.registry
         stub = raw_stub(self, orchestrator.port)
         session = stub.JoinCluster(pb.NodeInfo(node_id="jumpy"), timeout=5).session_id
@@ -1211,7 +1211,7 @@ class LivenessIntegrityTest(ClusterTestCase):
         self.assertEqual((node.last_seen, node.metrics.cpu_percent), (seen, 6.0))
         self.assertEqual(stream.outcome(), grpc.StatusCode.DEADLINE_EXCEEDED)
         self.assertRegex("\n".join(texts(registry.events)),
-                         r"Node 'jumpy' lost: no accepted sample for 0\.6 s \(\d+ rejected: sequence number went back\)")
+                         r"Node 'jumpy' lost: no accepted sample for 0\.3 s \(\d+ rejected: sequence number went back\)")
 
     def test_a_worker_backs_off_from_an_orchestrator_that_drops_every_stream(self):
         sick = SickOrchestrator()
@@ -2936,14 +2936,14 @@ class HostileInputTest(ClusterTestCase):
         self.assertEqual(len(orchestrator.registry), 3)
 
     def test_a_stream_that_never_speaks_is_closed(self):
-        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        orchestrator = self.start_orchestrator(heartbeat_ms=100)
         stub = raw_stub(self, orchestrator.port)
         session = stub.JoinCluster(pb.NodeInfo(node_id="mute"), timeout=5).session_id
         stream = OpenStream(self, stub, "mute", session)
         started = time.monotonic()
         self.assertEqual(stream.outcome(), grpc.StatusCode.DEADLINE_EXCEEDED)
         self.assertLess(time.monotonic() - started, 3)
-        self.assertIn("Node 'mute' lost: no heartbeat for 0.6 s.", orchestrator.registry.events.tail(1)[0].text)
+        self.assertIn("Node 'mute' lost: no heartbeat for 0.3 s.", orchestrator.registry.events.tail(1)[0].text)
 
     def test_status_from_a_hostile_orchestrator_stays_clean(self):
         class HostileStatus(pb_grpc.StatusServiceServicer):
@@ -3019,14 +3019,14 @@ class FaultTest(ClusterTestCase):
         self.assert_becomes(orchestrator.registry, "flaky", cares.NodeStatus.ACTIVE, 15)
 
     def test_stopped_worker_is_lost_then_back_after_sigcont(self):
-        orchestrator = self.start_orchestrator(heartbeat_ms=200)
+        orchestrator = self.start_orchestrator(heartbeat_ms=100)
         worker = self.spawn("worker", f"127.0.0.1:{orchestrator.port}", "--node-id", "sleepy", "--headless")
         self.addCleanup(lambda: worker.poll() is None and worker.send_signal(signal.SIGCONT))
         self.assert_streaming(orchestrator.registry, "sleepy")
         worker.send_signal(signal.SIGSTOP)
         bound = cares.MISSED_HEARTBEATS * orchestrator.registry.heartbeat_interval + 1.0
         self.assert_becomes(orchestrator.registry, "sleepy", cares.NodeStatus.DISCONNECTED, bound)
-        self.assertIn("Node 'sleepy' lost: no heartbeat for 0.6 s.", texts(orchestrator.registry.events))
+        self.assertIn("Node 'sleepy' lost: no heartbeat for 0.3 s.", texts(orchestrator.registry.events))
         worker.send_signal(signal.SIGCONT)
         self.assert_becomes(orchestrator.registry, "sleepy", cares.NodeStatus.ACTIVE, 10)
 
