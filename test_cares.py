@@ -1362,7 +1362,7 @@ class CompatibilityTest(ClusterTestCase):
 
         def join(request, context):
             joins.append(request)
-            return old["Acknowledgement"](accepted=True, session_id="old-session", heartbeat_interval_ms=200)
+            return old["Acknowledgement"](accepted=True, session_id="old-session", heartbeat_interval_ms=100)
 
         def heartbeat(request_iterator, context):
             for message in request_iterator:
@@ -2958,9 +2958,9 @@ class HostileInputTest(ClusterTestCase):
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         self.addCleanup(server.stop, None)
-        for extra in ([], ["--json"]):
-            result = subprocess.run([*CARES, "status", f"127.0.0.1:{port}", *extra],
-                                    capture_output=True, text=True, timeout=20)
+        results = run_side_by_side([([*CARES, "status", f"127.0.0.1:{port}", *extra], {})
+                                    for extra in ([], ["--json"])], timeout=20)  # both at once
+        for extra, result in zip(([], ["--json"]), results):
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertFalse([c for c in result.stdout if unicodedata.category(c) in ("Cc", "Cf") and c != "\n"],
                              repr(result.stdout))
