@@ -4652,10 +4652,10 @@ def bar_level(percent: float | None) -> str:
     """'low', 'medium' or 'high', the colour band of a load bar."""
     percent = clamp_percent(percent or 0.0)
     if percent < 60.0:
-        return "low"
+        return Style.LOW
     if percent < 85.0:
-        return "medium"
-    return "high"
+        return Style.MEDIUM
+    return Style.HIGH
 
 
 def sparkline(values, width: int, glyphs: Glyphs = UNICODE_GLYPHS, top: float = 100.0) -> str:
@@ -4792,13 +4792,12 @@ def table_header(layout: TableLayout, sort_key: SortKey, reverse: bool, glyphs: 
 
 def node_row(node: Node, layout: TableLayout, now: float, glyphs: Glyphs = UNICODE_GLYPHS,
              alerting: bool = False) -> list[tuple[str, str]]:
-    """One table row as (text, style) segments. Styles: text, dim, active, joining, gone, alert,
-    low, medium, high. A node gone (Disconnected, Missing) keeps its last values, dimmed."""
+    """One table row as (text, Style) segments. A node gone (Disconnected, Missing) keeps its last
+    values, dimmed."""
     live = node.status is NodeStatus.ACTIVE
-    plain = "text" if node.status.live else "dim"
+    plain = Style.TEXT if node.status.live else Style.DIM
     metrics = node.metrics or Metrics()
-    status_style = {NodeStatus.ACTIVE: "alert" if alerting else "active",
-                    NodeStatus.JOINING: "joining"}.get(node.status, "gone")
+    status_style = Style.for_status(node.status, alerting)
     segments = []
     for column, cells in layout.columns:
         if column is Column.NODE_ID:
@@ -4813,7 +4812,7 @@ def node_row(node: Node, layout: TableLayout, now: float, glyphs: Glyphs = UNICO
             segments.append((fit(status, cells, glyphs.ellipsis), status_style))
         elif column in (Column.CPU, Column.MEMORY):
             value = metrics.cpu_percent if column is Column.CPU else metrics.memory_percent
-            segments.append((bar_text(value or 0.0, layout.bar, glyphs), bar_level(value) if live else "dim"))
+            segments.append((bar_text(value or 0.0, layout.bar, glyphs), bar_level(value) if live else Style.DIM))
             segments.append((format_percent(value, glyphs.unicode).rjust(PERCENT_WIDTH), plain))
         elif column is Column.LOAD:
             segments.append((format_number(metrics.load_average_1m, glyphs).rjust(cells), plain))
@@ -4826,7 +4825,7 @@ def node_row(node: Node, layout: TableLayout, now: float, glyphs: Glyphs = UNICO
                               + format_rate(metrics.net_transmit_bytes_per_s, glyphs)).rjust(cells), plain))
         elif column is Column.SPARK:
             cpu = node.history.cpu if node.history is not None else ()
-            segments.append((sparkline(cpu, cells, glyphs), "low" if live else "dim"))
+            segments.append((sparkline(cpu, cells, glyphs), Style.LOW if live else Style.DIM))
         elif column is Column.SEEN:
             seen = format_age(now - node.last_seen) if node.last_seen else glyphs.dash
             segments.append((fit(seen, cells, glyphs.ellipsis), plain))
@@ -5107,21 +5106,21 @@ def history_lines(series: HistorySeries, width: int, height: int, glyphs: Glyphs
     for name, metric in (("CPU", "cpu_percent"), ("Mem", "memory_percent")):
         rows = graph_rows(series.values(metric, width), width, height, glyphs, 100.0)
         for index, row in enumerate(rows):
-            lines.append(((f"{name} {label}" if index == height - 1 else "").ljust(10) + row, "low"))
+            lines.append(((f"{name} {label}" if index == height - 1 else "").ljust(10) + row, Style.LOW))
         summary = series.summary(metric)
         lines.append(("".ljust(10) + (f"min {summary[0]:.1f}  avg {summary[1]:.1f}  max {summary[2]:.1f} %"
-                                      if summary else f"no samples in the last {label}"), "dim"))
+                                      if summary else f"no samples in the last {label}"), Style.DIM))
     rates = [series.values(metric, width) for metric in ("net_receive_bytes_per_s", "net_transmit_bytes_per_s")]
     top = max([value for values in rates for value in values if not math.isnan(value)] + [1.0])
     for name, values in zip(("Net in", "Net out"), rates):
-        lines.append((name.ljust(10) + graph_rows(values, width, 1, glyphs, top)[0], "low"))
+        lines.append((name.ljust(10) + graph_rows(values, width, 1, glyphs, top)[0], Style.LOW))
     axis = [" "] * width
     for at, kind, _ in series.events:
         axis[series.column(at, width)] = EVENT_MARKS.get(kind, "*")
-    lines.append(("events".ljust(10) + "".join(axis), "bold"))
+    lines.append(("events".ljust(10) + "".join(axis), Style.BOLD))
     left, right = f"-{label}", "now"
-    lines.append(("".ljust(10) + left + right.rjust(max(width - len(left), 0)), "dim"))
-    lines.append(("".ljust(10) + f"network scale {format_rate(top, glyphs)}/s  {EVENT_MARKS_LEGEND}", "dim"))
+    lines.append(("".ljust(10) + left + right.rjust(max(width - len(left), 0)), Style.DIM))
+    lines.append(("".ljust(10) + f"network scale {format_rate(top, glyphs)}/s  {EVENT_MARKS_LEGEND}", Style.DIM))
     return lines
 
 
@@ -5131,14 +5130,14 @@ def detail_section_lines(detail, section: DetailSection, glyphs: Glyphs = UNICOD
 
     def block(title: str, header: str, entries, line, empty: str):
         if lines:
-            lines.append(("", "text"))
-        lines.append((title, "bold"))
+            lines.append(("", Style.TEXT))
+        lines.append((title, Style.BOLD))
         if not entries:
-            lines.append((f"  {empty}", "dim"))
+            lines.append((f"  {empty}", Style.DIM))
             return
         if header:
-            lines.append((header, "header"))
-        lines.extend((line(entry, glyphs), "text") for entry in entries)
+            lines.append((header, Style.HEADER))
+        lines.extend((line(entry, glyphs), Style.TEXT) for entry in entries)
 
     if detail is None:
         return lines
@@ -5152,28 +5151,182 @@ def detail_section_lines(detail, section: DetailSection, glyphs: Glyphs = UNICOD
     return lines
 
 
+class Style(str, enum.Enum):
+    """Every style the TUI draws with; styles_for() gives each one its colours in every colour
+    mode. A str enum, so a row builder's (text, style) pairs still read as their names; a style
+    that is not one of these is a KeyError at its first draw, and the tests draw every view."""
+
+    TEXT = "text"
+    BOLD = "bold"
+    DIM = "dim"
+    HEADER = "header"
+    SELECTED = "selected"
+    ACTIVE = "active"
+    JOINING = "joining"
+    GONE = "gone"
+    ALERT = "alert"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    WARN = "WARN"
+    ERROR = "ERROR"
+    INVALID = "invalid"
+
+    @staticmethod
+    def for_level(level: Level) -> "Style":
+        return {Level.WARN: Style.WARN, Level.ERROR: Style.ERROR}.get(level, Style.TEXT)
+
+    @staticmethod
+    def for_status(status: NodeStatus, alerting: bool = False) -> "Style":
+        if status is NodeStatus.ACTIVE:
+            return Style.ALERT if alerting else Style.ACTIVE
+        return Style.JOINING if status is NodeStatus.JOINING else Style.GONE
+
+
+def styles_for(mode: ColourMode, screen) -> dict:
+    """(foreground, attribute, background) of every Style, with screen's (asciimatics' Screen)
+    colour numbers. Text and backgrounds keep the terminal's own colours, so light themes stay
+    readable; colour only marks levels and states. Rows that are gone are grey where 256 colours
+    allow it, else plain (never bold black, which is invisible where bold is not bright)."""
+    default, normal, bold, reverse = screen.COLOUR_DEFAULT, screen.A_NORMAL, screen.A_BOLD, screen.A_REVERSE
+    if mode is ColourMode.NONE:
+        plain, strong, inverse = (default, normal, default), (default, bold, default), (default, reverse, default)
+        chosen = {Style.BOLD: strong, Style.HEADER: inverse, Style.SELECTED: inverse, Style.ACTIVE: strong,
+                  Style.ALERT: strong, Style.HIGH: strong, Style.WARN: strong, Style.ERROR: strong,
+                  Style.INVALID: strong}
+        return {style: chosen.get(style, plain) for style in Style}
+    grey = 244 if mode is ColourMode.EXTENDED else default
+    red, green, yellow, cyan = screen.COLOUR_RED, screen.COLOUR_GREEN, screen.COLOUR_YELLOW, screen.COLOUR_CYAN
+    return {
+        Style.TEXT: (default, normal, default),
+        Style.BOLD: (default, bold, default),
+        Style.DIM: (grey, normal, default),
+        Style.HEADER: (default, reverse, default),
+        Style.SELECTED: (screen.COLOUR_BLACK, normal, cyan),
+        Style.ACTIVE: (green, bold, default),
+        Style.JOINING: (cyan, normal, default),
+        Style.GONE: (red, normal, default),
+        Style.ALERT: (red, bold, default),
+        Style.LOW: (green, normal, default),
+        Style.MEDIUM: (yellow, normal, default),
+        Style.HIGH: (red, bold, default),
+        Style.WARN: (yellow, normal, default),
+        Style.ERROR: (red, bold, default),
+        Style.INVALID: (red, bold, default),
+    }
+
+
+def widget_palette(styles: dict) -> dict:
+    """asciimatics' own widget colours (the create and join forms) in the same scheme; its
+    palette has many names, which the ones not listed here take plain."""
+    plain, inverse = styles[Style.TEXT], styles[Style.HEADER]
+    return collections.defaultdict(lambda: plain, {
+        "label": styles[Style.BOLD], "focus_edit_text": inverse, "invalid": styles[Style.INVALID],
+        "disabled": styles[Style.DIM], "title": styles[Style.BOLD]})
+
+
+class TerminalKey(enum.Enum):
+    """Keys that are not characters, by asciimatics' names; their codes are asciimatics' own,
+    read from its Screen when the TUI loads (see load_tui), so this module need not import it."""
+
+    UP = "KEY_UP"
+    DOWN = "KEY_DOWN"
+    PAGE_UP = "KEY_PAGE_UP"
+    PAGE_DOWN = "KEY_PAGE_DOWN"
+    HOME = "KEY_HOME"
+    END = "KEY_END"
+    ESCAPE = "KEY_ESCAPE"
+    BACK = "KEY_BACK"
+    TAB = "KEY_TAB"
+    BACK_TAB = "KEY_BACK_TAB"
+
+    @property
+    def code(self) -> int:
+        return _TERMINAL_KEY_CODES[self]
+
+
+_TERMINAL_KEY_CODES: dict = {}  # TerminalKey -> asciimatics' key code, filled by load_tui
+MOVE_KEYS = (TerminalKey.UP, TerminalKey.DOWN, TerminalKey.PAGE_UP, TerminalKey.PAGE_DOWN, TerminalKey.HOME,
+             TerminalKey.END)
+# Ctrl-C arrives as a key because the screen is opened with catch_interrupt.
+QUIT_KEYS = (ord("q"), ord("Q"), 3)
+ENTER_KEYS = (10, 13)
+
+
+def key_code(key) -> int:
+    """The code asciimatics reports for a key: a TerminalKey, a one-character string or a code."""
+    if isinstance(key, TerminalKey):
+        return key.code
+    return ord(key) if isinstance(key, str) else key
+
+
 @dataclasses.dataclass(frozen=True)
-class KeyHelp:
-    keys: str
+class KeyCommand:
+    """One binding: the keys, how the help spells them, what they do, and the frame method
+    (named by action) that does it. The help and the bindings are both read from the tables below."""
+
+    keys: tuple  # TerminalKey, characters or codes
+    shown: str
     does: str
+    action: str = ""  # "" for keys handled outside the frame (q quits in Screen.play's handler)
+    hint: str = ""  # its words on the view's bottom line, if any
 
 
 DASHBOARD_KEYS = (
-    KeyHelp("Up/Down, PgUp/PgDn, Home/End", "select a node (the table scrolls with it); a click selects too"),
-    KeyHelp("Enter, double click", "open the selected node's details (Esc returns)"),
-    KeyHelp("/", "filter: part of an ID, host or label, or KEY=VALUE; Enter keeps it, Esc clears it"),
-    KeyHelp("n h s c m l", "sort by node ID, host, status, CPU, memory, load"),
-    KeyHelp("r", "reverse the sort"),
-    KeyHelp("x", "forget Disconnected and Missing nodes"),
-    KeyHelp("+ / -", f"longer / shorter heartbeat ({HEARTBEAT_STEPS_MS[0] / 1000:g}-"
-                     f"{HEARTBEAT_STEPS_MS[-1] / 1000:g} s), sent to every worker"),
-    KeyHelp("?", "this help"),
-    KeyHelp("q, Ctrl-C", "quit: workers are told the orchestrator is shutting down"),
+    KeyCommand(MOVE_KEYS, "Up/Down, PgUp/PgDn, Home/End",
+               "select a node (the table scrolls with it); a click selects too", "move_by_key", "Up/Down select"),
+    KeyCommand(ENTER_KEYS, "Enter, double click", "open the selected node's details (Esc returns)", "open_detail",
+               "Enter details"),
+    KeyCommand(("/",), "/", "filter: part of an ID, host or label, or KEY=VALUE; Enter keeps it, Esc clears it",
+               "start_filter", "/ filter"),
+    KeyCommand((TerminalKey.ESCAPE,), "Esc", "clear the filter", "clear_filter"),
+    KeyCommand(tuple("nhscml"), "n h s c m l", "sort by node ID, host, status, CPU, memory, load", "sort_by_key",
+               "n h s c m l sort"),
+    KeyCommand(("r",), "r", "reverse the sort", "reverse_sort", "r reverse"),
+    KeyCommand(("x",), "x", "forget Disconnected and Missing nodes", "forget_gone", "x forget gone"),
+    KeyCommand(("+", "-"), "+ / -", f"longer / shorter heartbeat ({HEARTBEAT_STEPS_MS[0] / 1000:g}-"
+                                    f"{HEARTBEAT_STEPS_MS[-1] / 1000:g} s), sent to every worker", "step_heartbeat",
+               "+/- heartbeat"),
+    KeyCommand(("?",), "?", "this help", "open_help", "? help"),
+    KeyCommand(QUIT_KEYS, "q, Ctrl-C", "quit: workers are told the orchestrator is shutting down", "", "q quit"),
 )
-PROCESS_ORDER_KEYS = {ord("c"): ProcessOrder.CPU, ord("m"): ProcessOrder.MEMORY, ord("i"): ProcessOrder.IO}
-SORT_KEYS = {ord("n"): SortKey.NODE_ID, ord("h"): SortKey.HOST, ord("s"): SortKey.STATUS, ord("c"): SortKey.CPU,
-             ord("m"): SortKey.MEMORY, ord("l"): SortKey.LOAD}
+DETAIL_KEYS = (
+    KeyCommand((TerminalKey.TAB, TerminalKey.BACK_TAB, "1", "2", "3", "4"), "Tab, Shift-Tab, 1-4",
+               "show the graphs, the processes, the disks and network, or the containers and sensors",
+               "choose_section", "Tab or 1-4 section"),
+    KeyCommand(("t", "T"), "t / T", "the graphs' range: 60 s live, then 1 h, 24 h, 7 d, 30 d of history",
+               "step_range", "t/T graph range"),
+    KeyCommand(("c", "m", "i"), "c m i", "sort the processes by CPU, memory or disk I/O", "order_processes",
+               "c m i sort processes"),
+    KeyCommand(MOVE_KEYS, "Up/Down, PgUp/PgDn, Home/End", "select a process, scroll a list", "move_by_key",
+               "Up/Down select"),
+    KeyCommand((TerminalKey.ESCAPE, TerminalKey.BACK, "b"), "Esc", "back to the node table", "back", "Esc back"),
+    KeyCommand(QUIT_KEYS, "q, Ctrl-C", "quit", "", "q quit"),
+)
+SORT_KEYS = dict(zip("nhscml", (SortKey.NODE_ID, SortKey.HOST, SortKey.STATUS, SortKey.CPU, SortKey.MEMORY,
+                               SortKey.LOAD)))
+PROCESS_ORDER_KEYS = {"c": ProcessOrder.CPU, "m": ProcessOrder.MEMORY, "i": ProcessOrder.IO}
 
+
+def key_bindings(commands) -> dict:
+    """key code -> KeyCommand for a table (the first command that names a key has it)."""
+    bindings = {}
+    for command in commands:
+        if command.action:
+            for key in command.keys:
+                bindings.setdefault(key_code(key), command)
+    return bindings
+
+
+def key_line(commands, first=("q quit", "Esc back")) -> str:
+    """A view's bottom line, from its key table: the hints of its commands, quit and back first."""
+    hints = [command.hint for command in commands if command.hint]
+    return "  ".join(sorted(hints, key=lambda hint: first.index(hint) if hint in first else len(first)))
+
+
+def key_character(code: int) -> str:
+    """The character of a key code, or "" for keys that are not one."""
+    return chr(code) if 0 <= code <= sys.maxunicode else ""
 
 MIN_WIDTH, MIN_HEIGHT = 70, 18
 # asciimatics ticks at 20 frames a second; redraw live data once a second.
@@ -5182,11 +5335,8 @@ REDRAW_FRAMES = 20
 SNAPSHOT_MAX_AGE_S = 0.25
 # The detail view's history graphs are read from SQLite again this often.
 HISTORY_REDRAW_S = 5.0
-# Ctrl-C arrives as a key because the screen is opened with catch_interrupt.
-QUIT_KEYS = (ord("q"), ord("Q"), 3)
 # What reading or writing a terminal fails with once its pty or ssh session is gone.
 TERMINAL_GONE_ERRORS = frozenset({errno.EIO, errno.ENXIO, errno.EBADF, errno.ENOTTY})
-ENTER_KEYS = (10, 13)
 
 
 class TerminationRequested(BaseException):
@@ -5335,8 +5485,553 @@ def load_tui():
     return _tui_scenes
 
 
+# -- what each pane draws -------------------------------------------------
+# Mixins of the asciimatics Pane widgets that load_tui() defines: each render() draws, with the
+# pane's put() and put_segments(), what its frame prepared in _update (frame.shown).
+
+class KeyLineView:
+    """The bottom line: what the keys do, or what the frame says there (the filter being typed)."""
+
+    def __init__(self, text: str):
+        super().__init__(1)
+        self._text = text
+
+    def render(self):
+        self.put(fit(getattr(self._frame, "bottom_line", "") or self._text, self._w), 0, 0, Style.HEADER)
+
+
+class EventsView:
+    """The newest events that fit, oldest at the top (frame.shown.events)."""
+
+    def render(self):
+        self.put(fit("Events", self._w), 0, 0, Style.HEADER)
+        for row, event in enumerate(self.shown.events[-(self._h - 1):] if self._h > 1 else ()):
+            self.put(format_event(event), 0, 1 + row, Style.for_level(event.level))
+
+
+class MenuView:
+    OPTIONS = ("[1] Create a new cluster (Orchestrator)", "[2] Join an existing cluster (Worker)")
+
+    def render(self):
+        self.put(f"cares {VERSION} - pick a role", 2, 0, Style.BOLD)
+        for index, option in enumerate(self.OPTIONS):
+            chosen = index == self._frame.app.menu_choice
+            self.put((" > " if chosen else "   ") + option + " ", 2, 2 + index, Style.SELECTED if chosen else Style.TEXT)
+        self.put("Up/Down and Enter to choose, 1 or 2 as shortcuts, q to quit", 2, 5, Style.DIM)
+
+
+@dataclasses.dataclass
+class WorkerShown:
+    sample: Metrics
+    state: ConnectionState
+    events: list
+
+
+class WorkerView:
+    """This machine's metrics, as the worker sends them, and the connection to the orchestrator."""
+
+    def render(self):
+        worker, sample, glyphs = self._frame.app.worker, self.shown.sample, self.glyphs
+        self.put(f"cares worker - node {worker.node_id} - orchestrator {worker.target}", 0, 0, Style.BOLD)
+        state = self.shown.state
+        style = {ConnectionPhase.CONNECTED: Style.ACTIVE, ConnectionPhase.RETRYING: Style.WARN}.get(state.phase,
+                                                                                                     Style.TEXT)
+        self.put(state.describe(), 0, 1, style)
+        if worker.labels:
+            self.put("labels: " + " ".join(f"{key}={value}" for key, value in sorted(worker.labels.items())),
+                     0, 2, Style.DIM)
+        bar_width = max(min(self._w - 50, 40), 10)
+        history = self._frame.app.local_history
+        lines = metric_lines(sample, self._frame.app.sampler.cpu_count, glyphs, bar_width)
+        lines.append(("CPU 60s", [(sparkline(history.cpu, min(HISTORY_SAMPLES, bar_width), glyphs), Style.LOW)]))
+        lines.append(("Mem 60s", [(sparkline(history.memory, min(HISTORY_SAMPLES, bar_width), glyphs), Style.LOW)]))
+        for row, (name, segments) in enumerate(lines):
+            x = self.put(f"{name:<9}", 0, 4 + row, Style.BOLD)
+            self.put_segments(segments, 4 + row, x)
+
+
+@dataclasses.dataclass
+class DashboardShown:
+    summary: ClusterSummary
+    layout: TableLayout
+    table: TableView
+    rows: list  # segments of each visible row
+    events: list
+    now: float
+
+
+class DashboardHeaderView:
+    def render(self):
+        orchestrator, shown, glyphs = self._frame.app.orchestrator, self.shown, self.glyphs
+        access = "open cluster (no join token)" if not orchestrator.token else "join token required"
+        self.put(f"cares orchestrator - listening on {orchestrator.address} - heartbeat "
+                 f"{orchestrator.registry.heartbeat_interval:.2f} s - {access}", 0, 0, Style.BOLD)
+        self.put("Join with: cares worker " + "  or  ".join(orchestrator.join_hosts), 0, 1)
+        x = self.put(f"Nodes: {shown.summary.describe()}", 0, 2)
+        table = shown.table
+        if self._frame.app.table.query:
+            x = self.put(f"   {table.matching} of {table.total} shown", x, 2, Style.BOLD)
+        bar_width = max(min((self._w - x - 34) // 2, 20), 5)
+        for label, value in (("   Cluster CPU ", shown.summary.cpu_percent),
+                             ("   Memory ", shown.summary.memory_percent)):
+            x = self.put(label, x, 2)
+            x = self.put(bar_text(value or 0.0, bar_width, glyphs), x, 2, bar_level(value))
+            x = self.put(format_percent(value, glyphs.unicode).rjust(7), x, 2)
+
+
+class NodeTableView:
+    """Column titles, then the rows the frame prepared; the selected one highlighted."""
+
+    @property
+    def rows(self) -> int:
+        return self._height - 1
+
+    def render(self):
+        shown, app = self.shown, self._frame.app
+        header = table_header(shown.layout, app.table.sort_key, app.table.reverse, self.glyphs)
+        table = shown.table
+        if table.matching > len(table.rows):
+            place = f"{table.first + 1}-{table.first + len(table.rows)} of {table.matching}"
+            header = fit(header, self._w - len(place) - 1) + " " + place
+        self.put(fit(header, self._w), 0, 0, Style.HEADER)
+        if not table.rows:
+            hint = ("No node matches the filter - Esc clears it" if app.table.query else
+                    f"Waiting for workers - join with: cares worker {app.orchestrator.join_hosts[0]}")
+            self.put(hint, 2, 2, Style.DIM)
+            return
+        for row, (node, segments) in enumerate(zip(table.rows, shown.rows)):
+            selected = table.first + row == table.selected_index
+            self.put_segments(segments, 1 + row, style=Style.SELECTED if selected else None)
+
+
+@dataclasses.dataclass
+class DetailShown:
+    node: Node | None
+    events: list
+    now: float
+    state: DetailState
+    notice: str = ""
+    processes: ProcessView | None = None  # the process section's rows
+    lines: list = dataclasses.field(default_factory=list)  # the list sections' (text, style) lines
+    history: list | None = None  # the graphs' (text, style) lines over a span beyond the live 60 s
+
+
+SECTION_TOP = 12  # the row a detail section starts at, below the join lines and the metrics
+
+
+class DetailView:
+    """Everything the node said at join, every metric, then one section: graphs (live 60 s or
+    history), its processes, its disks and interfaces, or its containers and sensors."""
+
+    def render(self):
+        node, glyphs = self.shown.node, self.glyphs
+        if node is None:
+            self.put(f"Node '{self._frame.app.detail_node}' is no longer known (forgotten).", 0, 0, Style.BOLD)
+            return
+        x = self.put(f"Node {node.node_id}  ", 0, 0, Style.BOLD)
+        x = self.put(node.status.value, x, 0, Style.for_status(node.status))
+        seen = format_age(self.shown.now - node.last_seen) if node.last_seen else "never"
+        self.put(f"  last sample {seen}", x, 0)
+        half = self._w // 2
+        for row, (name, text) in enumerate(join_lines(node, self.shown.now)):
+            x = self.put(f"{name:<10}", 0, 2 + row, Style.BOLD)
+            self.put(fit(text, half - x - 1, glyphs.ellipsis), x, 2 + row, Style.TEXT)
+        for row, (name, segments) in enumerate(metric_lines(node.metrics or Metrics(), node.cpu_count, glyphs,
+                                                           max(min(self._w - half - 44, 20), 6))):
+            x = self.put(f"{name:<9}", half, 2 + row, Style.BOLD)
+            self.put_segments(segments, 2 + row, x)
+        state = self.shown.state
+        x = 0
+        for index, section in enumerate(DetailSection, 1):
+            name = section.value.capitalize() + (f" {state.span.value}" if section is DetailSection.GRAPHS else "")
+            x = self.put(f" {index} {name} ", x, 10, Style.SELECTED if section is state.section else Style.DIM) + 1
+        if state.section is DetailSection.GRAPHS:
+            if self.shown.history is not None:
+                self._lines(self.shown.history, SECTION_TOP - 1)
+            else:
+                self._graphs(node, SECTION_TOP)
+            return
+        self.put(self.shown.notice, 0, SECTION_TOP - 1, Style.DIM)
+        if state.section is DetailSection.PROCESSES:
+            self._processes(SECTION_TOP)
+        else:
+            self._lines(self.shown.lines, SECTION_TOP)
+
+    def _lines(self, lines: list, top: int) -> None:
+        for row, (text, style) in enumerate(lines[:max(self._h - top, 0)]):
+            self.put(text.ljust(self._w) if style is Style.HEADER else text, 0, top + row, style)
+
+    def _processes(self, top: int) -> None:
+        view, state = self.shown.processes, self.shown.state
+        if view is None or not view.count:
+            return
+        self.put(PROCESS_HEADER.ljust(self._w), 0, top, Style.HEADER)
+        self.put(f" sorted by {state.order.value} ", max(self._w - 20, 0), top, Style.HEADER)
+        for row, process in enumerate(view.rows):
+            style = Style.SELECTED if process.pid == state.selected_pid else Style.TEXT
+            self.put(process_line(process, self.glyphs).ljust(self._w), 0, top + 1 + row, style)
+
+    def _graphs(self, node: Node, top: int) -> None:
+        history, glyphs = node.history or NodeHistory(), self.glyphs
+        width = min(HISTORY_SAMPLES, self._w - 12)
+        net_top = max(list(history.net_receive) + list(history.net_transmit) + [1.0],
+                      key=lambda value: 0.0 if math.isnan(value) else value)
+        rows_left = self._h - top
+        height = max(min((rows_left - 2) // 2, 5), 1)
+        y = top
+        for name, series, scale, rows in (("CPU 60s", history.cpu, 100.0, height),
+                                          ("Mem 60s", history.memory, 100.0, height),
+                                          ("Net in", history.net_receive, net_top, 1),
+                                          ("Net out", history.net_transmit, net_top, 1)):
+            for index, line in enumerate(graph_rows(series, width, rows, glyphs, scale)):
+                self.put(f"{name if index == rows - 1 else '':<10}", 0, y, Style.BOLD)
+                self.put(line, 10, y, Style.LOW)
+                y += 1
+        self.put(f"{'':<10}network scale: {format_rate(net_top, glyphs)}/s", 0, y, Style.DIM)
+
+
+class HelpView:
+    def render(self):
+        y = 0
+        for title, commands in (("Keys in the node table", DASHBOARD_KEYS), ("Keys in a node's details", DETAIL_KEYS)):
+            self.put(title, 0, y, Style.BOLD)
+            for command in commands:
+                y += 1
+                x = self.put(f"  {command.shown:<30}", 0, y, Style.BOLD)
+                self.put(command.does, x, y)
+            y += 2
+        self.put("Rows: Active (green), Joining (cyan), Disconnected and Missing (red, last values kept); "
+                 "bars green < 60 % <= yellow < 85 % <= red.", 0, y, Style.DIM)
+
+
+# -- what each frame does: prepare in _update, act on keys ----------------------
+# Mixins of the asciimatics Frames that load_tui() defines; those add the widgets (in their
+# __init__), app, shown, glyphs and show(view), which leaves for another view.
+
+class MenuLogic:
+    """The first screen: create a cluster or join one."""
+
+    def on_key(self, key: int) -> bool:
+        if key in (TerminalKey.UP.code, TerminalKey.DOWN.code):
+            self.app.menu_choice = 1 - self.app.menu_choice
+            return True
+        if key in (ord("1"), ord("2")):
+            self.app.menu_choice = key - ord("1")
+        elif key not in ENTER_KEYS:
+            return False
+        self.show((View.CREATE, View.JOIN)[self.app.menu_choice])
+
+
+class AddressLogic:
+    """The create and join forms: an address and an optional join token, checked before use."""
+
+    takes_text = True
+
+    def on_key(self, key: int) -> bool:
+        if key in ENTER_KEYS:
+            self.save()
+            if self.app.submit(self.kind, self.data["address"], self.data["token"]):
+                self.show(self.app.view)
+            self._error.text = sanitize_text(self.app.forms[self.kind].error, 200)
+            return True
+        if key == TerminalKey.ESCAPE.code:
+            self.save()
+            self.app.forms[self.kind].address = self.data["address"]
+            self.show(View.MENU)
+        return False
+
+
+class WorkerLogic:
+    ROWS = 4 + 10  # title, state, labels, blank, then the metric lines and two graphs
+
+    def _update(self, frame_no):
+        app = self.app
+        if app.worker is not None:
+            # Redraws come with key presses too: the history keeps one point a second.
+            sample = app.sampler.sample()
+            app.local_history.add(sample, time.monotonic(), 1.0)
+            self.shown = WorkerShown(sample, app.worker.state, app.worker.events.tail(self.canvas.height))
+        super()._update(frame_no)
+
+
+class CommandKeys:
+    """on_key for a frame whose keys are a KeyCommand table (bindings): the command's action
+    method is called with the key; it returns False to pass the key on."""
+
+    bindings: dict = {}
+
+    def on_key(self, key: int) -> bool:
+        command = self.bindings.get(key)
+        if command is None:
+            return False
+        return getattr(self, command.action)(key) is not False
+
+
+_REORDERED = object()  # a dashboard's rows were reordered or filtered since they were shown
+
+
+class DashboardLogic(CommandKeys):
+    """The orchestrator's live view: header, node table, event log, key line. The frame's
+    __init__ sets _table (the NodeTable pane)."""
+
+    def _start(self) -> None:
+        self._snapshot, self._snapshot_at = [], -math.inf
+        self._summary = summarize([])
+        # Selection moves asked since the last redraw: applied there, to the view they were
+        # asked of (_moved_in), so a held arrow key moves every step without a redraw per key.
+        self._moves, self._moved_in = 0, None
+
+    @property
+    def bottom_line(self) -> str:
+        table = self.app.table
+        if table.editing_query:
+            return f"Filter: {table.query}_   (ID, host or label text, or KEY=VALUE; Enter keeps, Esc clears)"
+        return ""
+
+    def _update(self, frame_no):
+        orchestrator = self.app.orchestrator
+        if orchestrator is not None:
+            # One snapshot per redraw (reused for a moment when keys or the mouse force redraws),
+            # shared by the header and the table; graphs only for the rows shown.
+            now = time.monotonic()
+            if now - self._snapshot_at > SNAPSHOT_MAX_AGE_S:
+                with collection_deferred():
+                    self._snapshot = orchestrator.registry.snapshot(with_history=False)
+                    self._summary = summarize(self._snapshot)
+                self._snapshot_at = now
+            self._apply_moves()
+            layout = table_layout(self.canvas.width)
+            table = prepare_table(self._snapshot, self.app.table, self._table.rows)
+            if layout.width_of(Column.SPARK):
+                histories = orchestrator.registry.histories(node.node_id for node in table.rows)
+                rows = [dataclasses.replace(node, history=histories.get(node.node_id)) for node in table.rows]
+            else:
+                rows = table.rows
+            wall = time.time()
+            self.shown = DashboardShown(
+                self._summary, layout, table,
+                [node_row(node, layout, wall, self.glyphs, bool(node.alerting)) for node in rows],
+                orchestrator.registry.events.tail(self.canvas.height), wall)
+        super()._update(frame_no)
+
+    def on_key(self, key: int) -> bool:
+        if self.app.table.editing_query:
+            return self._edit_query(key)
+        return super().on_key(key)  # asciimatics redraws after the keys it was given: _update shows it
+
+    # -- the actions of DASHBOARD_KEYS ---------------------------------------
+
+    def move_by_key(self, key: int) -> None:
+        page = max(self._table.rows - 1, 1)
+        self._move({TerminalKey.UP.code: -1, TerminalKey.DOWN.code: 1, TerminalKey.PAGE_UP.code: -page,
+                    TerminalKey.PAGE_DOWN.code: page, TerminalKey.HOME.code: -10**9,
+                    TerminalKey.END.code: 10**9}[key])
+
+    def open_detail(self, key: int) -> bool:
+        if not self._settle_selection():
+            return False
+        self.app.detail_node = self.app.table.selected
+        self.show(View.DETAIL)
+
+    def start_filter(self, key: int) -> None:
+        self.app.table.editing_query = True
+
+    def clear_filter(self, key: int) -> bool:
+        if not self.app.table.query:
+            return False
+        self._reorder(query="")
+
+    def open_help(self, key: int) -> None:
+        self.app.help_returns_to = View.DASHBOARD
+        self.show(View.HELP)
+
+    def sort_by_key(self, key: int) -> None:
+        self._reorder(sort_key=SORT_KEYS[key_character(key)])
+
+    def reverse_sort(self, key: int) -> None:
+        self._reorder(reverse=not self.app.table.reverse)
+
+    def forget_gone(self, key: int) -> bool:
+        if self.app.orchestrator is None:
+            return False
+        self.app.orchestrator.forget_gone()
+        self._snapshot_at = -math.inf
+
+    def step_heartbeat(self, key: int) -> bool:
+        orchestrator = self.app.orchestrator
+        if orchestrator is None:
+            return False
+        step = next_heartbeat_ms(orchestrator.heartbeat_ms, longer=key == ord("+"))
+        if step is not None:
+            orchestrator.set_heartbeat_interval(step)
+
+    # -- selection, sorting and the filter -------------------------------------
+
+    def _move(self, step: int) -> None:
+        """Ask for a selection move of step rows, in the view on screen or, after a key that
+        reordered or filtered the rows, in that new order (built once, here)."""
+        if self._moved_in is None:
+            if self.shown is None:
+                return
+            self._moved_in = self.shown.table
+        elif self._moved_in is _REORDERED:
+            self._moved_in = prepare_table(self._snapshot, self.app.table, self._table.rows)
+        self._moves += step
+
+    def _apply_moves(self) -> None:
+        if self._moves and self._moved_in not in (None, _REORDERED):
+            move_selection(self.app.table, self._moved_in, self._moves)
+        self._moves, self._moved_in = 0, None
+
+    def _settle_selection(self) -> str:
+        """The selected node once the moves asked so far are made (Enter acts on it at once)."""
+        moved = bool(self._moves)
+        self._apply_moves()
+        if moved and not self.app.table.selected:  # moved off screen: the rebuilt view picks it
+            prepare_table(self._snapshot, self.app.table, self._table.rows)
+        return self.app.table.selected
+
+    def _reorder(self, **change) -> None:
+        """Change the sort or the filter: moves asked before it happen in the order they were asked in."""
+        self._apply_moves()
+        for name, value in change.items():
+            setattr(self.app.table, name, value)
+        self._moved_in = _REORDERED
+
+    def _edit_query(self, key: int) -> bool:
+        table = self.app.table
+        if key in ENTER_KEYS:
+            table.editing_query = False
+        elif key == TerminalKey.ESCAPE.code:
+            self._reorder(query="", editing_query=False)
+        elif key in (TerminalKey.BACK.code, 127, 8):
+            self._reorder(query=table.query[:-1])
+        elif key in (TerminalKey.UP.code, TerminalKey.DOWN.code):
+            self._move(-1 if key == TerminalKey.UP.code else 1)
+        elif 32 <= key <= sys.maxunicode and sanitize_text(chr(key)) == chr(key) and len(table.query) < 100:
+            self._reorder(query=table.query + chr(key), scroll=0)
+        elif key == 3:
+            return False  # Ctrl-C still quits
+        return True
+
+    def on_click(self, y: int, double: bool) -> bool:
+        """A click on a row selects it; a double click opens its details."""
+        if self.shown is None:
+            return False
+        row = y - self._table._y - 1
+        if not 0 <= row < len(self.shown.table.rows):
+            return False
+        self.app.table.selected = self.shown.table.rows[row].node_id
+        self._moves, self._moved_in = 0, None  # a click wins over arrow presses not yet shown
+        if double:
+            self.app.detail_node = self.app.table.selected
+            self.show(View.DETAIL)
+        return True
+
+
+class DetailLogic(CommandKeys):
+    """A node's detail view. The frame's __init__ sets _pane (the DetailPane)."""
+
+    def _start(self) -> None:
+        self._safe = (None, None)  # (the NodeDetail as sent, made safe): made safe once per snapshot
+        self._series, self._series_at = None, -math.inf  # history read from SQLite, reused for a while
+
+    def _update(self, frame_no):
+        orchestrator = self.app.orchestrator
+        if orchestrator is not None:
+            node_id, state = self.app.detail_node, self.app.detail
+            if state.node_id != node_id:
+                state = self.app.detail = DetailState(node_id=node_id, section=state.section)
+            node = orchestrator.registry.get(node_id)
+            # Looking is asking: the worker sends detail while this view is open, and stops on
+            # its own a few intervals after it closes.
+            if node is not None:
+                orchestrator.watch_detail(node_id)
+            detail = None
+            if node is not None and node.detail is not None:
+                if self._safe[0] is not node.detail:
+                    self._safe = (node.detail, safe_detail(node.detail, node.detail_offer))
+                detail = self._safe[1]
+            now = time.time()
+            shown = DetailShown(node, orchestrator.registry.events.tail(self.canvas.height, node_id), now, state)
+            if node is not None:
+                shown.notice = detail_notice(node.version, node.detail_offer, node.status, detail, node.detail_at, now)
+                if state.section is DetailSection.GRAPHS and state.span is not HistoryRange.LIVE:
+                    shown.history = self._history_lines(orchestrator, node_id, state.span)
+                if state.section is DetailSection.PROCESSES:
+                    shown.processes = prepare_processes(detail, state, self._process_rows)
+                elif state.section is not DetailSection.GRAPHS:
+                    lines = detail_section_lines(detail, state.section, self.glyphs)
+                    state.scroll = min(state.scroll, max(len(lines) - (self._pane._h - SECTION_TOP), 0))
+                    shown.lines = lines[state.scroll:]
+            self.shown = shown
+        super()._update(frame_no)
+
+    def _history_lines(self, orchestrator, node_id: str, span: HistoryRange) -> list:
+        store = orchestrator.history
+        if store is None:
+            return [("No history beyond the live 60 s: this orchestrator keeps none (--history-days 0 or "
+                     "--no-state). t returns to 60 s.", Style.DIM)]
+        series = self._series
+        if series is None or (series.node_id, series.span) != (node_id, span) or \
+                time.monotonic() - self._series_at > HISTORY_REDRAW_S:
+            series, self._series_at = store.series(node_id, span), time.monotonic()
+            self._series = series
+        width = max(min(self.canvas.width - 12, 120), 10)
+        height = max(min((self._pane._h - SECTION_TOP - 8) // 2, 5), 1)
+        return [(f"History {span.value} ({series.bucket_s // 60} min buckets; t/T change the range, "
+                 f"a blank is a gap)", Style.DIM)] + history_lines(series, width, height, self.glyphs)
+
+    @property
+    def _process_rows(self) -> int:
+        return max(self._pane._h - SECTION_TOP - 1, 1) if self._pane._h else 1
+
+    # -- the actions of DETAIL_KEYS ----------------------------------------------
+
+    def back(self, key: int) -> bool:
+        self.show(View.DASHBOARD)
+        return False
+
+    def choose_section(self, key: int) -> None:
+        state, sections = self.app.detail, list(DetailSection)
+        if key in (TerminalKey.TAB.code, TerminalKey.BACK_TAB.code):
+            step = 1 if key == TerminalKey.TAB.code else -1
+            state.section = sections[(sections.index(state.section) + step) % len(sections)]
+        else:
+            state.section = sections[int(key_character(key)) - 1]
+        state.scroll = 0
+
+    def step_range(self, key: int) -> None:
+        state, spans = self.app.detail, list(HistoryRange)
+        state.section, state.scroll = DetailSection.GRAPHS, 0
+        state.span = spans[(spans.index(state.span) + (1 if key == ord("t") else -1)) % len(spans)]
+
+    def order_processes(self, key: int) -> None:
+        self.app.detail.section, self.app.detail.order = DetailSection.PROCESSES, PROCESS_ORDER_KEYS[key_character(key)]
+
+    def move_by_key(self, key: int) -> None:
+        state, shown = self.app.detail, self.shown
+        if shown is None or shown.node is None:
+            return
+        page = max(self._process_rows - 1, 1)
+        step = {TerminalKey.UP.code: -1, TerminalKey.DOWN.code: 1, TerminalKey.PAGE_UP.code: -page,
+                TerminalKey.PAGE_DOWN.code: page, TerminalKey.HOME.code: -10**6, TerminalKey.END.code: 10**6}[key]
+        if state.section is DetailSection.PROCESSES and shown.processes is not None:
+            move_process_selection(state, shown.processes, step, self._safe[1])
+        elif state.section is not DetailSection.GRAPHS:
+            state.scroll = max(state.scroll + step, 0)
+
+
+class HelpLogic:
+    def on_key(self, key: int) -> bool:
+        if key in (TerminalKey.ESCAPE.code, ord("?")) + ENTER_KEYS:
+            self.show(self.app.help_returns_to)
+        return False
+
+
 def _define_tui():
-    """Import asciimatics and define the scenes; see load_tui()."""
+    """Import asciimatics and define what must subclass it: the Pane widget, the AppFrame, the
+    scenes' frames (each a mixin from above plus its widgets) and play(); see load_tui()."""
     from asciimatics.effects import Effect
     from asciimatics.event import KeyboardEvent, MouseEvent
     from asciimatics.exceptions import NextScene, ResizeScreenError, StopApplication
@@ -5345,42 +6040,7 @@ def _define_tui():
     from asciimatics.widgets import Frame, Label, Layout, Text, Widget
     from curses import error as curses_error
 
-    default, normal, bold, reverse = Screen.COLOUR_DEFAULT, Screen.A_NORMAL, Screen.A_BOLD, Screen.A_REVERSE
-
-    def styles_for(mode: ColourMode) -> dict:
-        """(foreground, attribute, background) for every style name the row and line builders
-        use. Text and backgrounds keep the terminal's own colours, so light themes stay readable;
-        colour only marks levels and states. Rows that are gone are grey where 256 colours allow
-        it, else plain (never bold black, which is invisible where bold is not bright)."""
-        if mode is ColourMode.NONE:
-            plain, strong, inverse = (default, normal, default), (default, bold, default), (default, reverse, default)
-            return collections.defaultdict(lambda: plain, {
-                "bold": strong, "header": inverse, "selected": inverse, "active": strong, "alert": strong,
-                "high": strong, "WARN": strong, "ERROR": strong, "invalid": strong})
-        grey = 244 if mode is ColourMode.EXTENDED else default
-        return collections.defaultdict(lambda: (default, normal, default), {
-            "bold": (default, bold, default),
-            "dim": (grey, normal, default),
-            "header": (default, reverse, default),
-            "selected": (Screen.COLOUR_BLACK, normal, Screen.COLOUR_CYAN),
-            "active": (Screen.COLOUR_GREEN, bold, default),
-            "joining": (Screen.COLOUR_CYAN, normal, default),
-            "gone": (Screen.COLOUR_RED, normal, default),
-            "alert": (Screen.COLOUR_RED, bold, default),
-            "low": (Screen.COLOUR_GREEN, normal, default),
-            "medium": (Screen.COLOUR_YELLOW, normal, default),
-            "high": (Screen.COLOUR_RED, bold, default),
-            "WARN": (Screen.COLOUR_YELLOW, normal, default),
-            "ERROR": (Screen.COLOUR_RED, bold, default),
-            "invalid": (Screen.COLOUR_RED, bold, default),
-        })
-
-    def widget_palette(styles: dict) -> dict:
-        """asciimatics' own widget colours (the create and join forms) in the same scheme."""
-        plain, inverse = styles["text"], styles["header"]
-        return collections.defaultdict(lambda: plain, {
-            "label": styles["bold"], "focus_edit_text": inverse, "invalid": styles["invalid"],
-            "disabled": styles["dim"], "title": styles["bold"]})
+    _TERMINAL_KEY_CODES.update({key: getattr(Screen, key.value) for key in TerminalKey})
 
     class Pane(Widget):
         """A read-only widget that renders what its frame prepared in _update (frame.shown)."""
@@ -5402,7 +6062,7 @@ def _define_tui():
         def glyphs(self) -> Glyphs:
             return self._frame.glyphs
 
-        def put(self, text: str, x: int, y: int, style: str = "text") -> int:
+        def put(self, text: str, x: int, y: int, style: Style = Style.TEXT) -> int:
             """Draw text at (x, y) inside this pane, clipped to it; return the x after it."""
             if y >= self._h or x >= self._w or y < 0:
                 return x
@@ -5414,7 +6074,7 @@ def _define_tui():
                                         colour, attr, background)
             return x + width
 
-        def put_segments(self, segments, y: int, x: int = 0, style: str | None = None) -> int:
+        def put_segments(self, segments, y: int, x: int = 0, style: Style | None = None) -> int:
             for text, segment_style in segments:
                 x = self.put(text, x, y, style or segment_style)
             return x
@@ -5440,8 +6100,8 @@ def _define_tui():
             return None
 
     class AppFrame(Frame):
-        """A full-screen, borderless, one-column Frame bound to the app model. Subclasses
-        prepare frame.shown in _update; their panes only render it."""
+        """A full-screen, borderless, one-column Frame bound to the app model. Its mixin
+        prepares frame.shown in _update; its panes only render it."""
 
         takes_text = False  # True when the frame has text fields, which must see every key first
 
@@ -5450,7 +6110,7 @@ def _define_tui():
                              name=view.value)
             self.app = app
             self.glyphs = UNICODE_GLYPHS if screen.unicode_aware else ASCII_GLYPHS
-            self.styles = styles_for(colour_mode(screen.colours))
+            self.styles = styles_for(colour_mode(screen.colours), Screen)
             self.palette = widget_palette(self.styles)
             self.shown = None
             self.column = Layout([1], fill_frame=True)
@@ -5468,7 +6128,7 @@ def _define_tui():
             """Act on a key this view uses and return True; False passes it on."""
             return False
 
-        def on_mouse(self, event) -> bool:
+        def on_click(self, y: int, double: bool) -> bool:
             return False
 
         def process_event(self, event):
@@ -5479,7 +6139,8 @@ def _define_tui():
                     return None
                 if not self.takes_text:
                     return event
-            elif isinstance(event, MouseEvent) and self.on_mouse(event):
+            elif isinstance(event, MouseEvent) and event.buttons and \
+                    self.on_click(event.y, bool(event.buttons & MouseEvent.DOUBLE_CLICK)):
                 return None
             return super().process_event(event)
 
@@ -5487,53 +6148,21 @@ def _define_tui():
             self.app.view = view
             raise NextScene(view.value)
 
-    class KeyLine(Pane):
-        """The bottom line: what the keys do, or what the frame says there (the filter being typed)."""
+    # The panes: what each draws is its mixin's; that it is a widget, this.
+    class KeyLine(KeyLineView, Pane): pass  # noqa: E701
+    class EventPane(EventsView, Pane): pass  # noqa: E701
+    class MenuPane(MenuView, Pane): pass  # noqa: E701
+    class WorkerPane(WorkerView, Pane): pass  # noqa: E701
+    class DashboardHeader(DashboardHeaderView, Pane): pass  # noqa: E701
+    class NodeTable(NodeTableView, Pane): pass  # noqa: E701
+    class DetailPane(DetailView, Pane): pass  # noqa: E701
+    class HelpPane(HelpView, Pane): pass  # noqa: E701
 
-        def __init__(self, text: str):
-            super().__init__(1)
-            self._text = text
-
-        def render(self):
-            self.put(fit(getattr(self._frame, "bottom_line", "") or self._text, self._w), 0, 0, "header")
-
-    class EventPane(Pane):
-        """The newest events that fit, oldest at the top (frame.shown.events)."""
-
-        def render(self):
-            self.put(fit("Events", self._w), 0, 0, "header")
-            for row, event in enumerate(self.shown.events[-(self._h - 1):] if self._h > 1 else ()):
-                self.put(format_event(event), 0, 1 + row, event.level.name)
-
-    # -- the mode menu and the create / join forms --------------------------
-
-    class MenuPane(Pane):
-        OPTIONS = ("[1] Create a new cluster (Orchestrator)", "[2] Join an existing cluster (Worker)")
-
-        def render(self):
-            self.put(f"cares {VERSION} - pick a role", 2, 0, "bold")
-            for index, option in enumerate(self.OPTIONS):
-                chosen = index == self._frame.app.menu_choice
-                self.put((" > " if chosen else "   ") + option + " ", 2, 2 + index, "selected" if chosen else "text")
-            self.put("Up/Down and Enter to choose, 1 or 2 as shortcuts, q to quit", 2, 5, "dim")
-
-    class MenuFrame(AppFrame):
-        """The first screen: create a cluster or join one."""
-
+    class MenuFrame(MenuLogic, AppFrame):
         def __init__(self, screen, app: TuiApp):
             super().__init__(screen, app, View.MENU)
             self.column.add_widget(MenuPane(7, live=False))
             self.fix()
-
-        def on_key(self, key: int) -> bool:
-            if key in (Screen.KEY_UP, Screen.KEY_DOWN):
-                self.app.menu_choice = 1 - self.app.menu_choice
-                return True
-            if key in (ord("1"), ord("2")):
-                self.app.menu_choice = key - ord("1")
-            elif key not in ENTER_KEYS:
-                return False
-            self.show((View.CREATE, View.JOIN)[self.app.menu_choice])
 
     class SafeText(Text):
         """A Text field that refuses characters which could rewrite the terminal (bidi overrides and the like)."""
@@ -5544,11 +6173,7 @@ def _define_tui():
                 return None
             return super().process_event(event)
 
-    class AddressFrame(AppFrame):
-        """The create and join forms: an address and an optional join token, checked before use."""
-
-        takes_text = True
-
+    class AddressFrame(AddressLogic, AppFrame):
         def __init__(self, screen, app: TuiApp, kind: View):
             form = app.forms[kind]
             super().__init__(screen, app, kind, data={"address": form.address, "token": form.token})
@@ -5561,57 +6186,13 @@ def _define_tui():
             layout.add_widget(SafeText("Join token (optional): ", name="token", hide_char="*", max_length=256))
             layout.add_widget(Label(""))
             self._error = Label(sanitize_text(form.error, 200))
-            self._error.custom_colour = "invalid"
+            self._error.custom_colour = "invalid"  # asciimatics' palette name, not a Style
             layout.add_widget(self._error)
             layout.add_widget(Label(f"Enter to {action}, Tab to move between fields, Esc for the menu, "
                                     "Ctrl-C to quit"))
             self.fix()
 
-        def on_key(self, key: int) -> bool:
-            if key in ENTER_KEYS:
-                self.save()
-                if self.app.submit(self.kind, self.data["address"], self.data["token"]):
-                    self.show(self.app.view)
-                self._error.text = sanitize_text(self.app.forms[self.kind].error, 200)
-                return True
-            if key == Screen.KEY_ESCAPE:
-                self.save()
-                self.app.forms[self.kind].address = self.data["address"]
-                self.show(View.MENU)
-            return False
-
-    # -- the worker view ---------------------------------------------------
-
-    @dataclasses.dataclass
-    class WorkerShown:
-        sample: Metrics
-        state: ConnectionState
-        events: list
-
-    class WorkerPane(Pane):
-        """This machine's metrics, as the worker sends them, and the connection to the orchestrator."""
-
-        def render(self):
-            worker, sample, glyphs = self._frame.app.worker, self.shown.sample, self.glyphs
-            self.put(f"cares worker - node {worker.node_id} - orchestrator {worker.target}", 0, 0, "bold")
-            state = self.shown.state
-            style = {ConnectionPhase.CONNECTED: "active", ConnectionPhase.RETRYING: "WARN"}.get(state.phase, "text")
-            self.put(state.describe(), 0, 1, style)
-            if worker.labels:
-                self.put("labels: " + " ".join(f"{key}={value}" for key, value in sorted(worker.labels.items())),
-                         0, 2, "dim")
-            bar_width = max(min(self._w - 50, 40), 10)
-            history = self._frame.app.local_history
-            lines = metric_lines(sample, self._frame.app.sampler.cpu_count, glyphs, bar_width)
-            lines.append(("CPU 60s", [(sparkline(history.cpu, min(HISTORY_SAMPLES, bar_width), glyphs), "low")]))
-            lines.append(("Mem 60s", [(sparkline(history.memory, min(HISTORY_SAMPLES, bar_width), glyphs), "low")]))
-            for row, (name, segments) in enumerate(lines):
-                x = self.put(f"{name:<9}", 0, 4 + row, "bold")
-                self.put_segments(segments, 4 + row, x)
-
-    class WorkerFrame(AppFrame):
-        ROWS = 4 + 10  # title, state, labels, blank, then the metric lines and two graphs
-
+    class WorkerFrame(WorkerLogic, AppFrame):
         def __init__(self, screen, app: TuiApp):
             super().__init__(screen, app, View.WORKER)
             self.column.add_widget(WorkerPane(self.ROWS))
@@ -5619,429 +6200,40 @@ def _define_tui():
             self.column.add_widget(KeyLine("q quit (says goodbye to the orchestrator)"))
             self.fix()
 
-        def _update(self, frame_no):
-            app = self.app
-            if app.worker is not None:
-                # Redraws come with key presses too: the history keeps one point a second.
-                sample = app.sampler.sample()
-                app.local_history.add(sample, time.monotonic(), 1.0)
-                self.shown = WorkerShown(sample, app.worker.state, app.worker.events.tail(self.canvas.height))
-            super()._update(frame_no)
-
-    # -- the dashboard -------------------------------------------------------
-
-    @dataclasses.dataclass
-    class DashboardShown:
-        summary: ClusterSummary
-        layout: TableLayout
-        table: TableView
-        rows: list  # segments of each visible row
-        events: list
-        now: float
-
-    class DashboardHeader(Pane):
-        def render(self):
-            orchestrator, shown, glyphs = self._frame.app.orchestrator, self.shown, self.glyphs
-            access = "open cluster (no join token)" if not orchestrator.token else "join token required"
-            self.put(f"cares orchestrator - listening on {orchestrator.address} - heartbeat "
-                     f"{orchestrator.registry.heartbeat_interval:.2f} s - {access}", 0, 0, "bold")
-            self.put("Join with: cares worker " + "  or  ".join(orchestrator.join_hosts), 0, 1)
-            x = self.put(f"Nodes: {shown.summary.describe()}", 0, 2)
-            table = shown.table
-            if self._frame.app.table.query:
-                x = self.put(f"   {table.matching} of {table.total} shown", x, 2, "bold")
-            bar_width = max(min((self._w - x - 34) // 2, 20), 5)
-            for label, value in (("   Cluster CPU ", shown.summary.cpu_percent),
-                                 ("   Memory ", shown.summary.memory_percent)):
-                x = self.put(label, x, 2)
-                x = self.put(bar_text(value or 0.0, bar_width, glyphs), x, 2, bar_level(value))
-                x = self.put(format_percent(value, glyphs.unicode).rjust(7), x, 2)
-
-    class NodeTable(Pane):
-        """Column titles, then the rows the frame prepared; the selected one highlighted."""
-
-        @property
-        def rows(self) -> int:
-            return self._height - 1
-
-        def render(self):
-            shown, app = self.shown, self._frame.app
-            header = table_header(shown.layout, app.table.sort_key, app.table.reverse, self.glyphs)
-            table = shown.table
-            if table.matching > len(table.rows):
-                place = f"{table.first + 1}-{table.first + len(table.rows)} of {table.matching}"
-                header = fit(header, self._w - len(place) - 1) + " " + place
-            self.put(fit(header, self._w), 0, 0, "header")
-            if not table.rows:
-                hint = ("No node matches the filter - Esc clears it" if app.table.query else
-                        f"Waiting for workers - join with: cares worker {app.orchestrator.join_hosts[0]}")
-                self.put(hint, 2, 2, "dim")
-                return
-            for row, (node, segments) in enumerate(zip(table.rows, shown.rows)):
-                selected = table.first + row == table.selected_index
-                self.put_segments(segments, 1 + row, style="selected" if selected else None)
-
-    _REORDERED = object()  # a DashboardFrame's rows were reordered or filtered since they were shown
-
-    class DashboardFrame(AppFrame):
-        """The orchestrator's live view: header, node table, event log, key line."""
+    class DashboardFrame(DashboardLogic, AppFrame):
+        bindings = key_bindings(DASHBOARD_KEYS)
 
         def __init__(self, screen, app: TuiApp):
             super().__init__(screen, app, View.DASHBOARD)
+            self._start()
             log_height = max(4, screen.height // 4)
             self._table = NodeTable(screen.height - 3 - log_height - 1)
-            self._snapshot, self._snapshot_at = [], -math.inf
-            self._summary = summarize([])
-            # Selection moves asked since the last redraw: applied there, to the view they were
-            # asked of (_moved_in), so a held arrow key moves every step without a redraw per key.
-            self._moves, self._moved_in = 0, None
             layout = self.column
             layout.add_widget(DashboardHeader(3))
             layout.add_widget(self._table)
             layout.add_widget(EventPane(log_height))
-            layout.add_widget(KeyLine("q quit  ? help  / filter  Enter details  Up/Down select  "
-                                      "n h s c m l sort  r reverse  x forget gone  +/- heartbeat"))
+            layout.add_widget(KeyLine(key_line(DASHBOARD_KEYS)))
             self.fix()
 
-        @property
-        def bottom_line(self) -> str:
-            table = self.app.table
-            if table.editing_query:
-                return f"Filter: {table.query}_   (ID, host or label text, or KEY=VALUE; Enter keeps, Esc clears)"
-            return ""
+    class DetailFrame(DetailLogic, AppFrame):
+        bindings = key_bindings(DETAIL_KEYS)
 
-        def _update(self, frame_no):
-            orchestrator = self.app.orchestrator
-            if orchestrator is not None:
-                # One snapshot per redraw (reused for a moment when keys or the mouse force redraws),
-                # shared by the header and the table; graphs only for the rows shown.
-                now = time.monotonic()
-                if now - self._snapshot_at > SNAPSHOT_MAX_AGE_S:
-                    with collection_deferred():
-                        self._snapshot = orchestrator.registry.snapshot(with_history=False)
-                        self._summary = summarize(self._snapshot)
-                    self._snapshot_at = now
-                self._apply_moves()
-                layout = table_layout(self.canvas.width)
-                table = prepare_table(self._snapshot, self.app.table, self._table.rows)
-                if layout.width_of(Column.SPARK):
-                    histories = orchestrator.registry.histories(node.node_id for node in table.rows)
-                    rows = [dataclasses.replace(node, history=histories.get(node.node_id)) for node in table.rows]
-                else:
-                    rows = table.rows
-                wall = time.time()
-                self.shown = DashboardShown(
-                    self._summary, layout, table,
-                    [node_row(node, layout, wall, self.glyphs, bool(node.alerting)) for node in rows],
-                    orchestrator.registry.events.tail(self.canvas.height), wall)
-            super()._update(frame_no)
-
-        def on_key(self, key: int) -> bool:
-            app, table = self.app, self.app.table
-            if table.editing_query:
-                return self._edit_query(key)
-            page = max(self._table.rows - 1, 1)
-            moves = {Screen.KEY_UP: -1, Screen.KEY_DOWN: 1, Screen.KEY_PAGE_UP: -page, Screen.KEY_PAGE_DOWN: page,
-                     Screen.KEY_HOME: -10**9, Screen.KEY_END: 10**9}
-            if key in moves:
-                self._move(moves[key])
-            elif key in ENTER_KEYS and self._settle_selection():
-                app.detail_node = table.selected
-                self.show(View.DETAIL)
-            elif key == ord("/"):
-                table.editing_query = True
-            elif key == Screen.KEY_ESCAPE and table.query:
-                self._reorder(query="")
-            elif key == ord("?"):
-                app.help_returns_to = View.DASHBOARD
-                self.show(View.HELP)
-            elif key in SORT_KEYS:
-                self._reorder(sort_key=SORT_KEYS[key])
-            elif key == ord("r"):
-                self._reorder(reverse=not table.reverse)
-            elif key == ord("x") and app.orchestrator is not None:
-                app.orchestrator.forget_gone()
-                self._snapshot_at = -math.inf
-            elif key in (ord("+"), ord("-")) and app.orchestrator is not None:
-                step = next_heartbeat_ms(app.orchestrator.heartbeat_ms, longer=key == ord("+"))
-                if step is not None:
-                    app.orchestrator.set_heartbeat_interval(step)
-            else:
-                return False
-            return True  # asciimatics redraws after the keys it was given: _update shows the change
-
-        def _move(self, step: int) -> None:
-            """Ask for a selection move of step rows, in the view on screen or, after a key that
-            reordered or filtered the rows, in that new order (built once, here)."""
-            if self._moved_in is None:
-                if self.shown is None:
-                    return
-                self._moved_in = self.shown.table
-            elif self._moved_in is _REORDERED:
-                self._moved_in = prepare_table(self._snapshot, self.app.table, self._table.rows)
-            self._moves += step
-
-        def _apply_moves(self) -> None:
-            if self._moves and self._moved_in not in (None, _REORDERED):
-                move_selection(self.app.table, self._moved_in, self._moves)
-            self._moves, self._moved_in = 0, None
-
-        def _settle_selection(self) -> str:
-            """The selected node once the moves asked so far are made (Enter acts on it at once)."""
-            moved = bool(self._moves)
-            self._apply_moves()
-            if moved and not self.app.table.selected:  # moved off screen: the rebuilt view picks it
-                prepare_table(self._snapshot, self.app.table, self._table.rows)
-            return self.app.table.selected
-
-        def _reorder(self, **change) -> None:
-            """Change the sort or the filter: moves asked before it happen in the order they were asked in."""
-            self._apply_moves()
-            for name, value in change.items():
-                setattr(self.app.table, name, value)
-            self._moved_in = _REORDERED
-
-        def _edit_query(self, key: int) -> bool:
-            table = self.app.table
-            if key in ENTER_KEYS:
-                table.editing_query = False
-            elif key == Screen.KEY_ESCAPE:
-                self._reorder(query="", editing_query=False)
-            elif key in (Screen.KEY_BACK, 127, 8):
-                self._reorder(query=table.query[:-1])
-            elif key in (Screen.KEY_UP, Screen.KEY_DOWN):
-                self._move(-1 if key == Screen.KEY_UP else 1)
-            elif 32 <= key <= sys.maxunicode and sanitize_text(chr(key)) == chr(key) and len(table.query) < 100:
-                self._reorder(query=table.query + chr(key), scroll=0)
-            elif key == 3:
-                return False  # Ctrl-C still quits
-            return True
-
-        def on_mouse(self, event) -> bool:
-            """A click on a row selects it; a double click opens its details."""
-            if self.shown is None:
-                return False
-            row = event.y - self._table._y - 1
-            if not (0 <= row < len(self.shown.table.rows)) or not event.buttons:
-                return False
-            self.app.table.selected = self.shown.table.rows[row].node_id
-            self._moves, self._moved_in = 0, None  # a click wins over arrow presses not yet shown
-            if event.buttons & MouseEvent.DOUBLE_CLICK:
-                self.app.detail_node = self.app.table.selected
-                self.show(View.DETAIL)
-            return True
-
-    # -- one node's details ---------------------------------------------------
-
-    @dataclasses.dataclass
-    class DetailShown:
-        node: Node | None
-        events: list
-        now: float
-        state: DetailState
-        notice: str = ""
-        processes: ProcessView | None = None  # the process section's rows
-        lines: list = dataclasses.field(default_factory=list)  # the list sections' (text, style) lines
-        history: list | None = None  # the graphs' (text, style) lines over a span beyond the live 60 s
-
-    SECTION_TOP = 12  # the row a section starts at, below the join lines and the metrics
-
-    class DetailPane(Pane):
-        """Everything the node said at join, every metric, then one section: 60 s graphs, its
-        processes, its disks and interfaces, or its containers and sensors."""
-
-        def render(self):
-            node, glyphs = self.shown.node, self.glyphs
-            if node is None:
-                self.put(f"Node '{self._frame.app.detail_node}' is no longer known (forgotten).", 0, 0, "bold")
-                return
-            status_style = {NodeStatus.ACTIVE: "active", NodeStatus.JOINING: "joining"}.get(node.status, "gone")
-            x = self.put(f"Node {node.node_id}  ", 0, 0, "bold")
-            x = self.put(node.status.value, x, 0, status_style)
-            seen = format_age(self.shown.now - node.last_seen) if node.last_seen else "never"
-            self.put(f"  last sample {seen}", x, 0)
-            half = self._w // 2
-            for row, (name, text) in enumerate(join_lines(node, self.shown.now)):
-                x = self.put(f"{name:<10}", 0, 2 + row, "bold")
-                self.put(fit(text, half - x - 1, glyphs.ellipsis), x, 2 + row, "text")
-            for row, (name, segments) in enumerate(metric_lines(node.metrics or Metrics(), node.cpu_count, glyphs,
-                                                               max(min(self._w - half - 44, 20), 6))):
-                x = self.put(f"{name:<9}", half, 2 + row, "bold")
-                self.put_segments(segments, 2 + row, x)
-            x = 0
-            for index, section in enumerate(DetailSection, 1):
-                chosen = section is self.shown.state.section
-                name = section.value.capitalize() + (f" {self.shown.state.span.value}"
-                                                     if section is DetailSection.GRAPHS else "")
-                x = self.put(f" {index} {name} ", x, 10, "selected" if chosen else "dim") + 1
-            if self.shown.state.section is DetailSection.GRAPHS:
-                if self.shown.history is not None:
-                    for row, (text, style) in enumerate(self.shown.history[:self._h - SECTION_TOP + 1]):
-                        self.put(text, 0, SECTION_TOP - 1 + row, style)
-                else:
-                    self._graphs(node, SECTION_TOP)
-                return
-            self.put(self.shown.notice, 0, SECTION_TOP - 1, "dim")
-            if self.shown.state.section is DetailSection.PROCESSES:
-                self._processes(SECTION_TOP)
-            else:
-                for row, (text, style) in enumerate(self.shown.lines[:self._h - SECTION_TOP]):
-                    self.put(text.ljust(self._w) if style == "header" else text, 0, SECTION_TOP + row, style)
-
-        def _processes(self, top: int) -> None:
-            view, state = self.shown.processes, self.shown.state
-            if view is None or not view.count:
-                return
-            self.put(PROCESS_HEADER.ljust(self._w), 0, top, "header")
-            self.put(f" sorted by {state.order.value} ", max(self._w - 20, 0), top, "header")
-            for row, process in enumerate(view.rows):
-                style = "selected" if process.pid == state.selected_pid else "text"
-                self.put(process_line(process, self.glyphs).ljust(self._w), 0, top + 1 + row, style)
-
-        def _graphs(self, node: Node, top: int) -> None:
-            history, glyphs = node.history or NodeHistory(), self.glyphs
-            width = min(HISTORY_SAMPLES, self._w - 12)
-            net_top = max(list(history.net_receive) + list(history.net_transmit) + [1.0],
-                          key=lambda value: 0.0 if math.isnan(value) else value)
-            rows_left = self._h - top
-            height = max(min((rows_left - 2) // 2, 5), 1)
-            y = top
-            for name, series, scale, rows in (("CPU 60s", history.cpu, 100.0, height),
-                                              ("Mem 60s", history.memory, 100.0, height),
-                                              ("Net in", history.net_receive, net_top, 1),
-                                              ("Net out", history.net_transmit, net_top, 1)):
-                for index, line in enumerate(graph_rows(series, width, rows, glyphs, scale)):
-                    self.put(f"{name if index == rows - 1 else '':<10}", 0, y, "bold")
-                    self.put(line, 10, y, "low")
-                    y += 1
-            self.put(f"{'':<10}network scale: {format_rate(net_top, glyphs)}/s", 0, y, "dim")
-
-    class DetailFrame(AppFrame):
         def __init__(self, screen, app: TuiApp):
             super().__init__(screen, app, View.DETAIL)
+            self._start()
             events = max(3, screen.height - 27)
             self._pane = DetailPane(screen.height - events - 1)
             self.column.add_widget(self._pane)
             self.column.add_widget(EventPane(events))
-            self.column.add_widget(KeyLine("Esc back  Tab or 1-4 section  t/T graph range  c m i sort processes  "
-                                           "Up/Down select  q quit"))
-            self._safe = (None, None)  # (the NodeDetail as sent, made safe): made safe once per snapshot
-            self._series, self._series_at = None, -math.inf  # history read from SQLite, reused for a while
+            self.column.add_widget(KeyLine(key_line(DETAIL_KEYS)))
             self.fix()
 
-        def _update(self, frame_no):
-            orchestrator = self.app.orchestrator
-            if orchestrator is not None:
-                node_id, state = self.app.detail_node, self.app.detail
-                if state.node_id != node_id:
-                    state = self.app.detail = DetailState(node_id=node_id, section=state.section)
-                node = orchestrator.registry.get(node_id)
-                # Looking is asking: the worker sends detail while this view is open, and stops
-                # on its own a few intervals after it closes.
-                if node is not None:
-                    orchestrator.watch_detail(node_id)
-                detail = None
-                if node is not None and node.detail is not None:
-                    if self._safe[0] is not node.detail:
-                        self._safe = (node.detail, safe_detail(node.detail, node.detail_offer))
-                    detail = self._safe[1]
-                now = time.time()
-                shown = DetailShown(node, orchestrator.registry.events.tail(self.canvas.height, node_id), now, state)
-                if node is not None:
-                    shown.notice = detail_notice(node.version, node.detail_offer, node.status, detail,
-                                                 node.detail_at, now)
-                    if state.section is DetailSection.GRAPHS and state.span is not HistoryRange.LIVE:
-                        shown.history = self._history_lines(orchestrator, node_id, state.span)
-                    if state.section is DetailSection.PROCESSES:
-                        shown.processes = prepare_processes(detail, state, self._process_rows)
-                    elif state.section is not DetailSection.GRAPHS:
-                        lines = detail_section_lines(detail, state.section, self.glyphs)
-                        state.scroll = min(state.scroll, max(len(lines) - (self._pane._h - SECTION_TOP), 0))
-                        shown.lines = lines[state.scroll:]
-                self.shown = shown
-            super()._update(frame_no)
-
-        def _history_lines(self, orchestrator, node_id: str, span: HistoryRange) -> list:
-            store = orchestrator.history
-            if store is None:
-                return [("No history beyond the live 60 s: this orchestrator keeps none (--history-days 0 or "
-                         "--no-state). t returns to 60 s.", "dim")]
-            series = self._series
-            if series is None or (series.node_id, series.span) != (node_id, span) or \
-                    time.monotonic() - self._series_at > HISTORY_REDRAW_S:
-                series, self._series_at = store.series(node_id, span), time.monotonic()
-                self._series = series
-            width = max(min(self.canvas.width - 12, 120), 10)
-            height = max(min((self._pane._h - SECTION_TOP - 8) // 2, 5), 1)
-            return [(f"History {span.value} ({series.bucket_s // 60} min buckets; t/T change the range, "
-                     f"a blank is a gap)", "dim")] + history_lines(series, width, height, self.glyphs)
-
-        @property
-        def _process_rows(self) -> int:
-            return max(self._pane._h - SECTION_TOP - 1, 1) if self._pane._h else 1
-
-        def on_key(self, key: int) -> bool:
-            state = self.app.detail
-            sections = list(DetailSection)
-            if key in (Screen.KEY_ESCAPE, Screen.KEY_BACK, ord("b")):
-                self.show(View.DASHBOARD)
-                return False
-            if key == Screen.KEY_TAB:
-                state.section = sections[(sections.index(state.section) + 1) % len(sections)]
-            elif key == Screen.KEY_BACK_TAB:
-                state.section = sections[(sections.index(state.section) - 1) % len(sections)]
-            elif ord("1") <= key < ord("1") + len(sections):
-                state.section = sections[key - ord("1")]
-            elif key in PROCESS_ORDER_KEYS:
-                state.section, state.order = DetailSection.PROCESSES, PROCESS_ORDER_KEYS[key]
-            elif key in (ord("t"), ord("T")):
-                spans = list(HistoryRange)
-                state.section = DetailSection.GRAPHS
-                state.span = spans[(spans.index(state.span) + (1 if key == ord("t") else -1)) % len(spans)]
-            elif key in (Screen.KEY_UP, Screen.KEY_DOWN, Screen.KEY_PAGE_UP, Screen.KEY_PAGE_DOWN,
-                         Screen.KEY_HOME, Screen.KEY_END):
-                page = max(self._process_rows - 1, 1)
-                step = {Screen.KEY_UP: -1, Screen.KEY_DOWN: 1, Screen.KEY_PAGE_UP: -page, Screen.KEY_PAGE_DOWN: page,
-                        Screen.KEY_HOME: -10**6, Screen.KEY_END: 10**6}[key]
-                self._move(step)
-            else:
-                return False
-            if key not in (Screen.KEY_UP, Screen.KEY_DOWN, Screen.KEY_PAGE_UP, Screen.KEY_PAGE_DOWN,
-                           Screen.KEY_HOME, Screen.KEY_END) and key not in PROCESS_ORDER_KEYS:
-                state.scroll = 0
-            return True
-
-        def _move(self, step: int) -> None:
-            state, shown = self.app.detail, self.shown
-            if shown is None or shown.node is None:
-                return
-            if state.section is DetailSection.PROCESSES and shown.processes is not None:
-                move_process_selection(state, shown.processes, step, self._safe[1])
-            elif state.section is not DetailSection.GRAPHS:
-                state.scroll = max(state.scroll + step, 0)
-
-    # -- help -----------------------------------------------------------
-
-    class HelpPane(Pane):
-        def render(self):
-            self.put("Keys", 0, 0, "bold")
-            for row, key_help in enumerate(DASHBOARD_KEYS):
-                x = self.put(f"  {key_help.keys:<30}", 0, 2 + row, "bold")
-                self.put(key_help.does, x, 2 + row)
-            self.put("Rows: Active (green), Joining (cyan), Disconnected and Missing (red, last values kept); "
-                     "bars green < 60 % <= yellow < 85 % <= red.", 0, 3 + len(DASHBOARD_KEYS), "dim")
-
-    class HelpFrame(AppFrame):
+    class HelpFrame(HelpLogic, AppFrame):
         def __init__(self, screen, app: TuiApp):
             super().__init__(screen, app, View.HELP)
             self.column.add_widget(HelpPane(screen.height - 1, live=False))
             self.column.add_widget(KeyLine("Esc or ? to go back  q quit"))
             self.fix()
-
-        def on_key(self, key: int) -> bool:
-            if key in (Screen.KEY_ESCAPE, ord("?")) + ENTER_KEYS:
-                self.show(self.app.help_returns_to)
-            return False
 
     class TooSmallNotice(Effect):
         """Shown instead of a layout that does not fit; resizing brings the real view back."""
@@ -6079,8 +6271,9 @@ def _define_tui():
 
     return types.SimpleNamespace(
         Screen=Screen, ResizeScreenError=ResizeScreenError, curses_error=curses_error, play=play, quit_on_key=quit_on_key,
-        styles_for=styles_for, MenuFrame=MenuFrame, AddressFrame=AddressFrame, WorkerFrame=WorkerFrame,
-        DashboardFrame=DashboardFrame, DetailFrame=DetailFrame, HelpFrame=HelpFrame, TooSmallNotice=TooSmallNotice)
+        styles_for=lambda mode: styles_for(mode, Screen), MenuFrame=MenuFrame, AddressFrame=AddressFrame,
+        WorkerFrame=WorkerFrame, DashboardFrame=DashboardFrame, DetailFrame=DetailFrame, HelpFrame=HelpFrame,
+        TooSmallNotice=TooSmallNotice)
 
 
 def join_lines(node: Node, now: float) -> list[tuple[str, str]]:
@@ -6098,9 +6291,9 @@ def metric_lines(metrics: Metrics, cpu_count: int, glyphs: Glyphs, bar_width: in
     """Every metric of a sample as (name, segments) lines: the worker view and the detail view."""
     def bar(value, note=""):
         if value is None:
-            return [(glyphs.dash, "dim")]
+            return [(glyphs.dash, Style.DIM)]
         return [(bar_text(value, bar_width, glyphs), bar_level(value)),
-                (format_percent(value, glyphs.unicode).rjust(7) + (f"  {note}" if note else ""), "text")]
+                (format_percent(value, glyphs.unicode).rjust(7) + (f"  {note}" if note else ""), Style.TEXT)]
     memory_note = (f"{format_bytes(metrics.memory_used_bytes)} / {format_bytes(metrics.memory_total_bytes)}"
                    if metrics.memory_used_bytes is not None and metrics.memory_total_bytes else "")
     disk_note = f"of {format_bytes(metrics.root_fs_size_bytes)}" if metrics.root_fs_size_bytes else ""
@@ -6111,12 +6304,12 @@ def metric_lines(metrics: Metrics, cpu_count: int, glyphs: Glyphs, bar_width: in
             ("Memory", bar(metrics.memory_percent, memory_note)),
             ("Swap", bar(metrics.swap_percent)),
             ("Root FS", bar(metrics.root_fs_used_percent, disk_note)),
-            ("Load", [(" ".join(format_number(load, glyphs) for load in loads) + "  (1, 5, 15 min)", "text")]),
-            ("Uptime", [(uptime, "text")]),
+            ("Load", [(" ".join(format_number(load, glyphs) for load in loads) + "  (1, 5, 15 min)", Style.TEXT)]),
+            ("Uptime", [(uptime, Style.TEXT)]),
             ("Disk", [(f"read {format_rate(metrics.disk_read_bytes_per_s, glyphs)}/s  "
-                       f"write {format_rate(metrics.disk_write_bytes_per_s, glyphs)}/s", "text")]),
+                       f"write {format_rate(metrics.disk_write_bytes_per_s, glyphs)}/s", Style.TEXT)]),
             ("Network", [(f"in {format_rate(metrics.net_receive_bytes_per_s, glyphs)}/s  "
-                          f"out {format_rate(metrics.net_transmit_bytes_per_s, glyphs)}/s", "text")])]
+                          f"out {format_rate(metrics.net_transmit_bytes_per_s, glyphs)}/s", Style.TEXT)])]
 
 
 # ---------------------------------------------------------------------------

@@ -3101,8 +3101,32 @@ class TuiSceneTest(ClusterTestCase):
         app, frame = self.dashboard()
         self.assert_shows(cares.View.HELP, lambda: press(frame, "?"))
         lines = render(TUI.HelpFrame(make_canvas(), app))
-        for key_help in cares.DASHBOARD_KEYS:
+        for key_help in cares.DASHBOARD_KEYS + cares.DETAIL_KEYS:
             self.assertIsNotNone(line_with(lines, key_help.does), key_help)
+
+    def test_the_key_tables_are_the_bindings(self):
+        """One table per view drives both its help and its keys: every command's action exists,
+        no key is bound twice, and each key line is made of the table's own hints."""
+        for frame_class, table in ((TUI.DashboardFrame, cares.DASHBOARD_KEYS), (TUI.DetailFrame, cares.DETAIL_KEYS)):
+            codes = [cares.key_code(key) for command in table if command.action for key in command.keys]
+            self.assertEqual(len(codes), len(set(codes)), frame_class)
+            for command in table:
+                if command.action:
+                    self.assertTrue(callable(getattr(frame_class, command.action, None)), command)
+                    self.assertIs(frame_class.bindings[cares.key_code(command.keys[0])], command)
+            self.assertEqual(set(frame_class.bindings), set(codes))
+        app, frame = self.dashboard()
+        self.assertIn("x forget gone", "".join(render(frame)))
+        self.assertTrue(cares.key_line(cares.DETAIL_KEYS).startswith("q quit  Esc back  Tab or 1-4 section"))
+
+    def test_every_style_has_colours_and_no_other_name_does(self):
+        for mode in cares.ColourMode:
+            styles = TUI.styles_for(mode)
+            self.assertEqual(set(styles), set(cares.Style), mode)
+            with self.assertRaises(KeyError):
+                styles["bolt"]  # a typo draws nothing rather than plain: the views' tests fail on it
+        self.assertEqual(cares.Style.for_status(cares.NodeStatus.ACTIVE, alerting=True), cares.Style.ALERT)
+        self.assertEqual(cares.Style.for_level(cares.Level.INFO), cares.Style.TEXT)
 
     def test_mouse_click_selects_and_double_click_opens(self):
         from asciimatics.event import MouseEvent
