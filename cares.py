@@ -1095,64 +1095,93 @@ def format_event(event: Event, clock: str = "%H:%M:%S") -> str:
     return f"{time.strftime(clock, time.localtime(event.at))} [{event.level.name}] {event.text}"
 
 
-class RefusalReason(enum.Enum):
-    """Why a peer was turned away; the value is the reason label of /metrics' refusal counter."""
+class PeerRequest(str, enum.Enum):
+    """What a peer asked for when it was refused: the first part of a refusal's count key and log line."""
 
-    WRONG_TOKEN = "wrong_token"
-    THROTTLED = "throttled"          # too many wrong tokens from that address lately
-    INVALID_JOIN = "invalid_join"    # a bad node ID, labels or secret
-    ID_IN_USE = "id_in_use"          # another stream already serves that node ID
-    ID_OWNED = "id_owned"            # the node ID belongs to another worker's secret
-    CLUSTER_FULL = "cluster_full"
-    NO_SESSION = "no_session"        # a stream for a join that does not exist (or expired)
-    SESSION_ENDED = "session_ended"  # samples on a stream the orchestrator already ended
-    WRONG_NODE = "wrong_node"        # samples for another node than the stream's
-    JOIN_EXPIRED = "join_expired"    # joined but never opened its stream within the silence limit
-    SAMPLE_FLOOD = "sample_flood"    # samples far faster than one per heartbeat interval
-    UNKNOWN_NODE = "unknown_node"    # `status NODE --top` for a node the orchestrator does not know
-    BAD_REQUEST = "bad_request"      # a status request asking for what cannot be (a history range)
+    JOIN = "join"
+    HEARTBEAT_STREAM = "heartbeat stream"
+    STATUS_REQUEST = "status request"
 
     @property
-    def words(self) -> str:
-        return _REFUSAL_WORDS[self]
+    def is_join(self) -> bool:
+        """A node is refused at its join or when its stream is bound (the cluster is full, the ID
+        is taken, the join expired): /metrics counts both as refused joins."""
+        return self in (PeerRequest.JOIN, PeerRequest.HEARTBEAT_STREAM)
 
 
-_REFUSAL_WORDS = {
-    RefusalReason.WRONG_TOKEN: "missing or wrong token",
-    RefusalReason.THROTTLED: "too many wrong tokens from this address",
-    RefusalReason.INVALID_JOIN: "invalid join",
-    RefusalReason.ID_IN_USE: "node ID already connected",
-    RefusalReason.ID_OWNED: "node ID belongs to another worker",
-    RefusalReason.CLUSTER_FULL: "cluster full",
-    RefusalReason.NO_SESSION: "no joined session",
-    RefusalReason.SESSION_ENDED: "session already ended",
-    RefusalReason.WRONG_NODE: "metrics for another node",
-    RefusalReason.JOIN_EXPIRED: "no heartbeat stream after the join",
-    RefusalReason.SAMPLE_FLOOD: "flooded the orchestrator with samples",
-    RefusalReason.UNKNOWN_NODE: "no such node",
-    RefusalReason.BAD_REQUEST: "bad request",
-}
+class RefusalReason(enum.Enum):
+    """Why a peer was turned away, and everything about telling it: the one table of refusals.
+
+    label: the reason label of /metrics' counters and of the cares-refusal trailing metadata
+    every refused call carries; code: the gRPC status it is answered with; words: how the log
+    and its summaries say it; is_join: counted in cares_joins_refused_total; told_in_full: about
+    the request itself (which ID, which rule), so logged with the message the peer gets; http:
+    the HTTP status /metrics and /sd answer it with (0 where it cannot happen there)."""
+
+    # label, gRPC code, words, is_join, told_in_full, http
+    WRONG_TOKEN = ("wrong_token", grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token", True, False, 401)
+    THROTTLED = ("throttled", grpc.StatusCode.UNAUTHENTICATED, "too many wrong tokens from this address",
+                 True, False, 429)
+    # a bad node ID, labels or secret
+    INVALID_JOIN = ("invalid_join", grpc.StatusCode.INVALID_ARGUMENT, "invalid join", True, True, 0)
+    ID_IN_USE = ("id_in_use", grpc.StatusCode.ALREADY_EXISTS, "node ID already connected", True, True, 0)
+    ID_OWNED = ("id_owned", grpc.StatusCode.PERMISSION_DENIED, "node ID belongs to another worker", True, True, 0)
+    CLUSTER_FULL = ("cluster_full", grpc.StatusCode.RESOURCE_EXHAUSTED, "cluster full", True, True, 0)
+    # a stream for a join that does not exist (or expired)
+    NO_SESSION = ("no_session", grpc.StatusCode.PERMISSION_DENIED, "no joined session", True, False, 0)
+    # samples on a stream the orchestrator already ended
+    SESSION_ENDED = ("session_ended", grpc.StatusCode.FAILED_PRECONDITION, "session already ended", False, False, 0)
+    WRONG_NODE = ("wrong_node", grpc.StatusCode.PERMISSION_DENIED, "metrics for another node", False, False, 0)
+    # joined but never opened its stream within the silence limit: counted, never answered
+    JOIN_EXPIRED = ("join_expired", grpc.StatusCode.DEADLINE_EXCEEDED, "no heartbeat stream after the join",
+                    True, False, 0)
+    # samples far faster than one per heartbeat interval
+    SAMPLE_FLOOD = ("sample_flood", grpc.StatusCode.RESOURCE_EXHAUSTED, "flooded the orchestrator with samples",
+                    False, True, 0)
+    # `status NODE --top/--history` for a node the orchestrator does not know
+    UNKNOWN_NODE = ("unknown_node", grpc.StatusCode.NOT_FOUND, "no such node", False, True, 0)
+    # a status request asking for what cannot be (a history range)
+    BAD_REQUEST = ("bad_request", grpc.StatusCode.INVALID_ARGUMENT, "bad request", False, True, 0)
+
+    def __init__(self, label: str, code: grpc.StatusCode, words: str, is_join: bool, told_in_full: bool, http: int):
+        self.label, self.code, self.words = label, code, words
+        self.is_join, self.told_in_full, self.http = is_join, told_in_full, http
+
+    @classmethod
+    def from_label(cls, label: str) -> "RefusalReason | None":
+        return next((reason for reason in cls if reason.label == label), None)
 
 
-# The reasons /metrics counts as refused joins (cares_joins_refused_total{reason}).
-JOIN_REFUSALS = (RefusalReason.WRONG_TOKEN, RefusalReason.THROTTLED, RefusalReason.INVALID_JOIN,
-                 RefusalReason.ID_IN_USE, RefusalReason.ID_OWNED, RefusalReason.CLUSTER_FULL,
-                 RefusalReason.NO_SESSION, RefusalReason.JOIN_EXPIRED)
-# Refusals about the request itself (which ID, which rule) are logged with the message the peer gets.
-_REFUSALS_TOLD_IN_FULL = frozenset({RefusalReason.INVALID_JOIN, RefusalReason.ID_IN_USE, RefusalReason.ID_OWNED,
-                                    RefusalReason.CLUSTER_FULL, RefusalReason.SAMPLE_FLOOD,
-                                    RefusalReason.UNKNOWN_NODE, RefusalReason.BAD_REQUEST})
+# The trailing metadata a refused call carries its reason in (RefusalReason.label): a client
+# knows why without reading the message, which is for people.
+REFUSAL_METADATA_KEY = "cares-refusal"
 
 
 class Refusal(Exception):
-    """The one way cares turns a peer away: the gRPC code to answer with, the reason it is counted
-    and summarised under, and one line for the peer."""
+    """The one way cares turns a peer away: the reason (which says how to answer, count and log
+    it) and one line for the peer."""
 
-    def __init__(self, code: grpc.StatusCode, reason: RefusalReason, message: str):
+    def __init__(self, reason: RefusalReason, message: str):
         super().__init__(message)
-        self.code = code
         self.reason = reason
         self.message = message
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return self.reason.code
+
+
+def refusal_reason(error) -> RefusalReason | None:
+    """The reason of a refused gRPC call, from its cares-refusal trailing metadata; None when the
+    call was not refused by cares (or by an orchestrator older than the metadata)."""
+    try:
+        metadata = error.trailing_metadata() or ()
+    except Exception:  # not a call error, or one without metadata
+        return None
+    for key, value in metadata:
+        if key == REFUSAL_METADATA_KEY:
+            return RefusalReason.from_label(value if isinstance(value, str) else value.decode("ascii", "replace"))
+    return None
 
 
 class RepeatSummary:
@@ -1436,7 +1465,7 @@ class NodeRegistry:
         self.heartbeats_received = 0
         self.samples_dropped = 0
         self.joins_accepted = 0
-        self.refusal_counts: collections.Counter = collections.Counter()  # (what, RefusalReason) -> n
+        self.refusal_counts: collections.Counter = collections.Counter()  # (PeerRequest, RefusalReason) -> n
         # The hook for tools that watch cares from inside the process (the bench): called on the
         # gRPC loop after each accepted sample, outside the lock, as on_sample(node_id, metrics, sent_at_ms).
         self.on_sample = None
@@ -1463,10 +1492,10 @@ class NodeRegistry:
     def join(self, node_id: str, address: str, info: JoinInfo, secret: str = "") -> str:
         """Reserve a session for a node and return its ID; Refusal when the ID is another's."""
         if not is_valid_node_id(node_id):
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, RefusalReason.INVALID_JOIN,
+            raise Refusal(RefusalReason.INVALID_JOIN,
                           f"invalid node ID '{sanitize_text(node_id, 40)}': {NODE_ID_RULE}")
         if len(secret) > 256:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, RefusalReason.INVALID_JOIN, "node secret too long")
+            raise Refusal(RefusalReason.INVALID_JOIN, "node secret too long")
         digest = hashlib.sha256(secret.encode()).digest() if secret else b""
         pending = PendingJoin(secrets.token_hex(16), node_id, address, info, digest,
                               self.clock.now() + self.silence_limit)
@@ -1486,11 +1515,11 @@ class NodeRegistry:
         """Refuse a join or stream for a node whose ID belongs to another secret, or that is
         streaming and not provably the same worker (which may take its place)."""
         if node.owner_digest and not hmac.compare_digest(node.owner_digest, digest):
-            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, RefusalReason.ID_OWNED,
+            raise Refusal(RefusalReason.ID_OWNED,
                           f"node ID '{node.node_id}' belongs to another worker (a different node secret); "
                           f"pick another with --node-id")
         if node.streaming and not node.owner_digest:
-            raise Refusal(grpc.StatusCode.ALREADY_EXISTS, RefusalReason.ID_IN_USE,
+            raise Refusal(RefusalReason.ID_IN_USE,
                           f"node ID '{node.node_id}' is already connected; pick another with --node-id")
 
     def attach_stream(self, node_id: str, session_id: str) -> str:
@@ -1500,14 +1529,14 @@ class NodeRegistry:
         with self._lock:
             pending = self._pending.get(node_id)
             if pending is None or not session_id or not hmac.compare_digest(pending.session_id, session_id):
-                raise Refusal(grpc.StatusCode.PERMISSION_DENIED, RefusalReason.NO_SESSION,
+                raise Refusal(RefusalReason.NO_SESSION,
                               "no joined session for this node; call JoinCluster first, then open the stream "
                               "with that node_id and session_id")
             node = self._nodes.get(node_id)
             if node is not None:
                 self._check_claim_locked(node, pending.digest)
             elif len(self._nodes) >= self.max_nodes and not self._evict_one_locked():
-                raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, RefusalReason.CLUSTER_FULL,
+                raise Refusal(RefusalReason.CLUSTER_FULL,
                               f"the cluster is full ({self.max_nodes} nodes)")
             del self._pending[node_id]
             if node is None:
@@ -1546,7 +1575,7 @@ class NodeRegistry:
             self.heartbeats_received += 1
             node = self._nodes.get(node_id)
             if node is None or node.session_id != session_id or not node.status.live:
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, RefusalReason.SESSION_ENDED,
+                raise Refusal(RefusalReason.SESSION_ENDED,
                               "this session has ended; join again")
             problem = metrics_problem(metrics)
             if problem is None and sequence <= node.last_sequence:
@@ -1653,21 +1682,22 @@ class NodeRegistry:
                        if node.dropped_samples else f"no heartbeat for {limit:.1f} s")
                 lost.append((node.node_id, node.session_id, why, node.event_values()))
         for pending in stale_joins:
-            self.refused(host_of(pending.address), "join",
-                         Refusal(grpc.StatusCode.OK, RefusalReason.JOIN_EXPIRED, ""))
+            self.refused(host_of(pending.address), PeerRequest.JOIN, Refusal(RefusalReason.JOIN_EXPIRED, ""))
         for node_id, _, why, values in lost:
             self.events.add(Level.WARN, f"Node '{node_id}' lost: {why}.", EventKind.LOST, node_id, values)
         return [(node_id, session_id) for node_id, session_id, _, _ in lost]
 
-    def refused(self, source: str, what: str, refusal: Refusal) -> None:
+    def refused(self, source: str, what: PeerRequest, refusal: Refusal) -> None:
         """Count a refusal and log it, the first from a source at once and repeats as a summary
         (see flush_refusals): wrong-token floods must not bury the event log or fill the disk."""
+        what = PeerRequest(what)
         with self._lock:
             self.refusal_counts[(what, refusal.reason)] += 1
             first = self.refusal_summary.note((source, what, refusal.reason), time.monotonic())
         if first:
-            said = refusal.message if refusal.reason in _REFUSALS_TOLD_IN_FULL else refusal.reason.words
-            self.events.add(Level.WARN, f"{what.capitalize()} from {source} refused: {said}.", EventKind.REFUSED)
+            said = refusal.message if refusal.reason.told_in_full else refusal.reason.words
+            self.events.add(Level.WARN, f"{what.value.capitalize()} from {source} refused: {said}.",
+                            EventKind.REFUSED)
 
     def flush_refusals(self) -> None:
         """Log one summary line per source and reason whose window ended with repeats."""
@@ -1678,7 +1708,7 @@ class NodeRegistry:
                 text = f"{repeats} more refusals from other sources in the last {seconds:.0f} s."
             else:
                 source, what, reason = key
-                text = f"{repeats} {what}s refused from {source} in the last {seconds:.0f} s: {reason.words}."
+                text = f"{repeats} {what.value}s refused from {source} in the last {seconds:.0f} s: {reason.words}."
             self.events.add(Level.WARN, text, EventKind.REFUSED)
 
     # -- forgetting and reading ----------------------------------------------
@@ -2455,7 +2485,7 @@ class TokenGuard:
         if failures is not None and failures[2] > now:
             # Refused without looking at the token, and not at line rate either.
             await asyncio.sleep(token_failure_delay(TOKEN_LOCKOUT_FAILURES))
-            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, RefusalReason.THROTTLED,
+            raise Refusal(RefusalReason.THROTTLED,
                           f"too many wrong tokens from {source}; try again in {math.ceil(failures[2] - now)} s")
         if hmac.compare_digest(hashlib.sha256(given.encode("utf-8", "replace")).digest(),
                                hashlib.sha256(self.token.encode()).digest()):
@@ -2469,7 +2499,7 @@ class TokenGuard:
         delay = token_failure_delay(failures[0])
         if delay:
             await asyncio.sleep(delay)
-        raise Refusal(grpc.StatusCode.UNAUTHENTICATED, RefusalReason.WRONG_TOKEN, "missing or wrong join token")
+        raise Refusal(RefusalReason.WRONG_TOKEN, "missing or wrong join token")
 
     def _remember(self, source: str, now: float) -> list:
         if len(self._failures) >= TOKEN_GUARD_SOURCES:
@@ -2495,7 +2525,7 @@ def join_info_from_message(request: pb.NodeInfo) -> JoinInfo:
     labels = dict(request.labels)
     problem = labels_problem(labels)
     if problem is not None:
-        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, RefusalReason.INVALID_JOIN, problem)
+        raise Refusal(RefusalReason.INVALID_JOIN, problem)
     return JoinInfo(hostname=sanitize_text(request.hostname, HOSTNAME_LIMIT), labels=labels,
                     platform=sanitize_text(request.platform, PLATFORM_LIMIT),
                     version=sanitize_text(request.cares_version, 32), cpu_count=request.cpu_count,
@@ -2570,11 +2600,12 @@ def safe_detail(detail, offer: DetailOffer | None = None) -> pb.NodeDetail:
     return safe
 
 
-async def refuse(registry: NodeRegistry, context, source: str, what: str, refusal: Refusal):
+async def refuse(registry: NodeRegistry, context, source: str, what: PeerRequest, refusal: Refusal):
     """The one way a servicer turns a peer away: count and log the refusal (summarised under
-    floods), then answer with it."""
+    floods), then answer with its code, its message and its reason as trailing metadata."""
     registry.refused(source, what, refusal)
-    await context.abort(refusal.code, refusal.message)
+    await context.abort(refusal.code, refusal.message,
+                        trailing_metadata=((REFUSAL_METADATA_KEY, refusal.reason.label),))
 
 
 class StreamEnding(enum.Enum):
@@ -2616,7 +2647,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             session_id = self.registry.join(request.node_id, peer_to_address(context.peer()),
                                             join_info_from_message(request), request.node_secret)
         except Refusal as refusal:
-            await refuse(self.registry, context, source, "join", refusal)
+            await refuse(self.registry, context, source, PeerRequest.JOIN, refusal)
         return pb.Acknowledgement(accepted=True, message=f"welcome, {request.node_id}", session_id=session_id,
                                   heartbeat_interval_ms=self.interval_ms)
 
@@ -2639,7 +2670,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         try:
             replaced = self.registry.attach_stream(node_id, session_id)
         except Refusal as refusal:
-            await refuse(self.registry, context, source, "heartbeat stream", refusal)
+            await refuse(self.registry, context, source, PeerRequest.HEARTBEAT_STREAM, refusal)
         if replaced:
             self._end_stream(node_id, replaced, StreamEnding.REPLACED)
         # From here a silent stream is the liveness sweep's to end, like any silent node.
@@ -2654,13 +2685,13 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             while message is not grpc.aio.EOF:
                 if message.node_id != node_id or message.session_id != session_id:
                     ending = "it sent metrics for another node"
-                    raise Refusal(grpc.StatusCode.PERMISSION_DENIED, RefusalReason.WRONG_NODE,
+                    raise Refusal(RefusalReason.WRONG_NODE,
                                   "metrics must be for the node that joined")
                 recent.append(loop.time())
                 if len(recent) == FLOOD_SAMPLES and recent[-1] - recent[0] < FLOOD_WINDOW_S:
                     # Each sample costs the loop and the registry's lock: one peer must not take them.
                     ending = "it flooded the orchestrator with samples"
-                    raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, RefusalReason.SAMPLE_FLOOD,
+                    raise Refusal(RefusalReason.SAMPLE_FLOOD,
                                   f"{FLOOD_SAMPLES} samples in under {FLOOD_WINDOW_S:g} s; send one per "
                                   f"heartbeat interval")
                 if message.leaving:
@@ -2672,7 +2703,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
                     self.registry.store_detail(node_id, session_id, message.detail)
                 message = await context.read()
         except Refusal as refusal:
-            await refuse(self.registry, context, source, "heartbeat stream", refusal)
+            await refuse(self.registry, context, source, PeerRequest.HEARTBEAT_STREAM, refusal)
         except asyncio.CancelledError:
             if stream.ending is StreamEnding.EXPIRED:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -2809,13 +2840,13 @@ class StatusServicer(pb_grpc.StatusServiceServicer):
         try:
             await self._guard.check(context, source)
             if request.range_s not in spans:
-                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, RefusalReason.BAD_REQUEST,
+                raise Refusal(RefusalReason.BAD_REQUEST,
                               f"a history range is one of {', '.join(span.value for span in spans.values())}")
             if self.registry.get(request.node_id) is None:
-                raise Refusal(grpc.StatusCode.NOT_FOUND, RefusalReason.UNKNOWN_NODE,
+                raise Refusal(RefusalReason.UNKNOWN_NODE,
                               f"no node '{sanitize_text(request.node_id, 64)}' is known to this orchestrator")
         except Refusal as refusal:
-            await refuse(self.registry, context, source, "status request", refusal)
+            await refuse(self.registry, context, source, PeerRequest.STATUS_REQUEST, refusal)
         store = self._history()
         if store is None:
             return pb.NodeHistory(node_id=request.node_id, kept=False)
@@ -2830,10 +2861,10 @@ class StatusServicer(pb_grpc.StatusServiceServicer):
             await self._guard.check(context, source)
             node = self.registry.get(request.node_id)
             if node is None:
-                raise Refusal(grpc.StatusCode.NOT_FOUND, RefusalReason.UNKNOWN_NODE,
+                raise Refusal(RefusalReason.UNKNOWN_NODE,
                               f"no node '{sanitize_text(request.node_id, 64)}' is known to this orchestrator")
         except Refusal as refusal:
-            await refuse(self.registry, context, source, "status request", refusal)
+            await refuse(self.registry, context, source, PeerRequest.STATUS_REQUEST, refusal)
         loop = asyncio.get_running_loop()
         if node.detail_offer is not None and node.status.live and self._watch_detail is not None:
             # A snapshot newer than this request, with rates (its worker's second one): within
@@ -2849,9 +2880,9 @@ class StatusServicer(pb_grpc.StatusServiceServicer):
                 await asyncio.sleep(0.05)
         node = self.registry.get(request.node_id)
         if node is None:  # forgotten while we waited
-            refusal = Refusal(grpc.StatusCode.NOT_FOUND, RefusalReason.UNKNOWN_NODE,
+            refusal = Refusal(RefusalReason.UNKNOWN_NODE,
                                     f"node '{sanitize_text(request.node_id, 64)}' was forgotten")
-            await refuse(self.registry, context, source, "status request", refusal)
+            await refuse(self.registry, context, source, PeerRequest.STATUS_REQUEST, refusal)
         return node_status_message(node, with_detail=True)
 
     async def ListNodes(self, request, context):
@@ -2859,7 +2890,7 @@ class StatusServicer(pb_grpc.StatusServiceServicer):
         try:
             await self._guard.check(context, source)
         except Refusal as refusal:
-            await refuse(self.registry, context, source, "status request", refusal)
+            await refuse(self.registry, context, source, PeerRequest.STATUS_REQUEST, refusal)
         # Built on a worker thread: 1,000 rows took the loop 20 ms, a whole 10,000-node table 212.
         return await asyncio.get_running_loop().run_in_executor(None, self._reply, request)
 
@@ -3583,7 +3614,7 @@ class MetricsServer:
         if refusal.reason is RefusalReason.THROTTLED:
             self._note("throttled", Level.WARN, "/metrics: refused requests from addresses that sent too many "
                                                 "wrong tokens")
-            return _error(429, refusal.message, (f"Retry-After: {TOKEN_LOCKOUT_S:.0f}",), head_only)
+            return _error(refusal.reason.http, refusal.message, (f"Retry-After: {TOKEN_LOCKOUT_S:.0f}",), head_only)
         if authorization and " " not in authorization.strip():
             # Prometheus 2.42 sends http_sd_configs' credentials without their "Bearer " (its
             # docs say Bearer is the default; it is not there): say so, as Prometheus only logs 401.
@@ -3591,7 +3622,7 @@ class MetricsServer:
                                                  "in Prometheus' http_sd_configs set authorization.type: Bearer")
         else:
             self._note("unauthorized", Level.WARN, "/metrics: refused requests without the cluster token")
-        return _error(401, "this cluster needs Authorization: Bearer <token>",
+        return _error(RefusalReason.WRONG_TOKEN.http, "this cluster needs Authorization: Bearer <token>",
                       ('WWW-Authenticate: Bearer realm="cares"',), head_only)
 
     async def _render(self, request: HttpRequest, head_only: bool) -> list:
@@ -3750,12 +3781,10 @@ class Orchestrator:
         """What /metrics renders: the nodes and the counters in the names it exports. Called on the
         metrics server's render thread."""
         counters = self.registry.counters()
-        # A node is refused at its join or when its stream is bound (the cluster is full, the ID
-        # is taken, the join expired): both count as refused joins.
-        refused = dict.fromkeys((reason.value for reason in JOIN_REFUSALS), 0)
+        refused = {reason.label: 0 for reason in RefusalReason if reason.is_join}
         for (what, reason), count in counters["refusals"].items():
-            if what in ("join", "heartbeat stream") and reason in JOIN_REFUSALS:
-                refused[reason.value] += count
+            if PeerRequest(what).is_join and reason.is_join:
+                refused[reason.label] += count
         return self.registry.snapshot(with_history=False), {
             "heartbeats_received": counters["heartbeats_received"], "samples_dropped": counters["samples_dropped"],
             "joins": counters["joins_accepted"], "joins_refused": refused}
@@ -3971,9 +4000,10 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
         return "orchestrator unreachable"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return "the orchestrator did not answer in time"
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        if details.startswith("too many wrong tokens"):
-            return sanitize_text(f"the orchestrator refused: {details.splitlines()[0]}", ERROR_TEXT_LIMIT)
+    reason = refusal_reason(error)
+    if reason is RefusalReason.THROTTLED:
+        return sanitize_text(f"the orchestrator refused: {details.splitlines()[0]}", ERROR_TEXT_LIMIT)
+    if reason is RefusalReason.WRONG_TOKEN or (reason is None and code == grpc.StatusCode.UNAUTHENTICATED):
         return "the orchestrator rejected the join token"
     first_line = details.splitlines()[0] if details else ""
     name = code.name if code is not None else "error"

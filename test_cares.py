@@ -799,7 +799,7 @@ class NodeRegistryTest(unittest.TestCase):
     def test_refusals_are_counted_and_summarised(self):
         registry = cares.NodeRegistry()
         registry.refusal_summary.window_s = 0.1
-        refusal = cares.Refusal(grpc.StatusCode.UNAUTHENTICATED, cares.RefusalReason.WRONG_TOKEN, "x")
+        refusal = cares.Refusal(cares.RefusalReason.WRONG_TOKEN, "x")
         for _ in range(412):
             registry.refused("10.0.0.9", "join", refusal)
         registry.refused("10.0.0.8", "status request", refusal)
@@ -3637,6 +3637,45 @@ class AccessTest(ClusterTestCase):
 # Hostile input: each gets a clear status or a dropped sample, a log line, and
 # leaves the registry and dashboard intact.
 # ---------------------------------------------------------------------------
+
+class RefusalTableTest(ClusterTestCase):
+    def test_every_refused_call_carries_its_reason_as_trailing_metadata(self):
+        orchestrator = self.start_orchestrator(token="right-token")
+        stub = raw_stub(self, orchestrator.port)
+        status = grpc.insecure_channel(f"127.0.0.1:{orchestrator.port}")
+        self.addCleanup(status.close)
+        with self.assertRaises(grpc.RpcError) as caught:
+            pb_grpc.StatusServiceStub(status).GetNodeDetail(pb.NodeDetailRequest(node_id="nobody"),
+                                                            metadata=(("cares-token", "right-token"),), timeout=5)
+        self.assertEqual((caught.exception.code(), cares.refusal_reason(caught.exception)),
+                         (grpc.StatusCode.NOT_FOUND, cares.RefusalReason.UNKNOWN_NODE))
+        seen = {}
+        for _ in range(cares.TOKEN_LOCKOUT_FAILURES + 1):  # wrong tokens, until the address is throttled
+            with self.assertRaises(grpc.RpcError) as caught:
+                stub.JoinCluster(pb.NodeInfo(node_id="guesser"), metadata=(("cares-token", "wrong"),), timeout=10)
+            reason = cares.refusal_reason(caught.exception)
+            seen[reason] = caught.exception
+            self.assertEqual(caught.exception.code(), reason.code)
+        self.assertEqual(set(seen), {cares.RefusalReason.WRONG_TOKEN, cares.RefusalReason.THROTTLED})
+        # The worker says why from the reason, not from the words of the message.
+        self.assertEqual(cares.describe_rpc_error(seen[cares.RefusalReason.WRONG_TOKEN]),
+                         "the orchestrator rejected the join token")
+        self.assertTrue(cares.describe_rpc_error(seen[cares.RefusalReason.THROTTLED]).startswith(
+            "the orchestrator refused: too many wrong tokens from 127.0.0.1"))
+
+    def test_the_table_holds_together(self):
+        labels = [reason.label for reason in cares.RefusalReason]
+        self.assertEqual(len(labels), len(set(labels)))
+        for reason in cares.RefusalReason:
+            self.assertIs(cares.RefusalReason.from_label(reason.label), reason)
+            self.assertIsInstance(reason.code, grpc.StatusCode)
+            self.assertNotEqual(reason.code, grpc.StatusCode.OK)
+            self.assertTrue(reason.words)
+            self.assertIn(reason.http, (0, 401, 429))
+        self.assertEqual({reason for reason in cares.RefusalReason if reason.http},
+                         {cares.RefusalReason.WRONG_TOKEN, cares.RefusalReason.THROTTLED})
+        self.assertIsNone(cares.RefusalReason.from_label("no such reason"))
+
 
 class HostileInputTest(ClusterTestCase):
     def joined(self, orchestrator, node_id="target"):
