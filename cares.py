@@ -1310,6 +1310,50 @@ class DetailOffer:
     command_lines: bool = False  # true: it runs with --share-cmdlines
 
 
+class NodeEvent(enum.Enum):
+    """What happens to a node that may change its status (see NODE_TRANSITIONS)."""
+
+    STREAM_BOUND = "stream bound"      # its heartbeat stream is bound to its join
+    FIRST_SAMPLE = "first sample"      # the first accepted sample of a node never heard before
+    SAMPLE_AGAIN = "sample again"      # the first accepted sample of a stream, from a node heard before
+    GOODBYE = "goodbye"                # it said it is leaving, and its stream ended
+    STREAM_ENDED = "stream ended"      # its stream ended without a goodbye
+    SILENT = "silent"                  # no accepted sample for the silence limit
+    RESTORED = "restored"              # known from the state file when the orchestrator started
+    NOT_BACK = "not back"              # restored, and not rejoined within the silence limit
+
+
+@dataclasses.dataclass(frozen=True)
+class Transition:
+    status: NodeStatus  # the status it moves to
+    kind: EventKind | None = None  # the event it raises (None: none)
+    level: Level = Level.INFO
+    message: str = ""  # with {node_id} and {why}
+    left: bool = False  # Disconnected on purpose
+
+
+_LEFT = Transition(NodeStatus.DISCONNECTED, EventKind.LEFT, Level.INFO, "Node '{node_id}' has left the cluster.",
+                   left=True)
+_LOST = Transition(NodeStatus.DISCONNECTED, EventKind.LOST, Level.WARN, "Node '{node_id}' lost: {why}.")
+# Every status change a node can go through, and what is said about it: (status, event) -> what
+# follows. NodeRegistry._transition_locked applies it; a pair not listed changes nothing (an ended
+# stream of a node already Disconnected, a sample from an Active node).
+NODE_TRANSITIONS = {
+    **{(status, NodeEvent.STREAM_BOUND): Transition(NodeStatus.JOINING) for status in NodeStatus},
+    (NodeStatus.JOINING, NodeEvent.FIRST_SAMPLE): Transition(NodeStatus.ACTIVE, EventKind.JOINED, Level.INFO,
+                                                             "Node '{node_id}' has joined the cluster."),
+    (NodeStatus.JOINING, NodeEvent.SAMPLE_AGAIN): Transition(NodeStatus.ACTIVE, EventKind.REJOINED, Level.INFO,
+                                                             "Node '{node_id}' has rejoined the cluster."),
+    **{(status, event): transition for status in (NodeStatus.JOINING, NodeStatus.ACTIVE)
+       for event, transition in ((NodeEvent.GOODBYE, _LEFT), (NodeEvent.STREAM_ENDED, _LOST),
+                                 (NodeEvent.SILENT, _LOST))},
+    (NodeStatus.JOINING, NodeEvent.RESTORED): Transition(NodeStatus.MISSING),  # a new row, from the file
+    (NodeStatus.MISSING, NodeEvent.NOT_BACK): Transition(
+        NodeStatus.MISSING, EventKind.MISSING, Level.WARN,
+        "Node '{node_id}' is missing: not seen since the orchestrator restarted."),
+}
+
+
 @dataclasses.dataclass
 class Node:
     """One worker as the orchestrator knows it."""
@@ -1489,6 +1533,29 @@ class NodeRegistry:
 
     # -- joining and streams ------------------------------------------------
 
+    def _transition_locked(self, node: Node, event: NodeEvent, why: str = "") -> tuple | None:
+        """Apply NODE_TRANSITIONS to a node (under the lock); the event to raise once the lock is
+        released (announce()), or None when the table has none."""
+        transition = NODE_TRANSITIONS.get((node.status, event))
+        if transition is None:
+            return None
+        node.status = transition.status
+        if transition.status is NodeStatus.DISCONNECTED:
+            node.gone_at, node.left = time.time(), transition.left
+            node.alert_since, node.alerting = {}, frozenset()
+        elif transition.status is NodeStatus.JOINING:
+            node.left = False
+        if transition.kind is None:
+            return None
+        return (transition.level, transition.message.format(node_id=node.node_id, why=why), transition.kind,
+                node.node_id, node.event_values())
+
+    def announce(self, *said) -> None:
+        """Raise the events _transition_locked returned (outside the lock: listeners run here)."""
+        for event in said:
+            if event is not None:
+                self.events.add(*event)
+
     def join(self, node_id: str, address: str, info: JoinInfo, secret: str = "") -> str:
         """Reserve a session for a node and return its ID; Refusal when the ID is another's."""
         if not is_valid_node_id(node_id):
@@ -1549,7 +1616,7 @@ class NodeRegistry:
             node.memory_total_bytes, node.detail_offer = info.memory_total_bytes, info.detail_offer
             node.search_text = search_text(node)
             node.owner_digest = node.owner_digest or pending.digest
-            node.status, node.left = NodeStatus.JOINING, False
+            self._transition_locked(node, NodeEvent.STREAM_BOUND)
             node.alert_since, node.alerting = {}, frozenset()
             node.session_id, node.streaming = session_id, True
             self.changes += 1
@@ -1584,29 +1651,24 @@ class NodeRegistry:
                 self.samples_dropped += 1
                 node.dropped_samples += 1
                 node.drop_reason = problem
-                dropped, first_sample = node.dropped_samples, False
+                dropped = node.dropped_samples
             else:
                 now = self.clock.now()
-                first_sample = node.status is NodeStatus.JOINING
-                rejoined = node.last_seen > 0  # it was Active before, in this or an earlier session
+                # Heard before (Active in this or an earlier session): its first sample is a rejoin.
+                arrival = NodeEvent.SAMPLE_AGAIN if node.last_seen > 0 else NodeEvent.FIRST_SAMPLE
                 node.heard_at, node.last_seen, node.last_sequence = now, time.time(), sequence
                 node.metrics, node.dropped_samples = metrics, 0
                 if metrics.memory_total_bytes:
                     node.memory_total_bytes = int(metrics.memory_total_bytes)
                 node.history.add(metrics, now, self.heartbeat_interval)
                 alerts = self._check_alerts_locked(node, metrics, time.monotonic()) if self.alert_rules else ()
-                if first_sample:
-                    node.status = NodeStatus.ACTIVE
-                    values = node.event_values()
+                joined = self._transition_locked(node, arrival) if node.status is NodeStatus.JOINING else None
         if problem is not None:
             if _is_power_of_ten(dropped):
                 self.events.add(Level.WARN, f"Node '{node_id}' sent a bad sample ({problem}); "
                                             f"{dropped} dropped since its last good one.", node_id=node_id)
             return
-        if first_sample:
-            kind = EventKind.REJOINED if rejoined else EventKind.JOINED
-            verb = "has rejoined the cluster" if rejoined else "has joined the cluster"
-            self.events.add(Level.INFO, f"Node '{node_id}' {verb}.", kind, node_id, values)
+        self.announce(joined)
         for rule, firing, value, values in alerts:
             shown = f"{value:g}" + ("" if rule.metric == "load" else "%")
             if firing:
@@ -1653,13 +1715,8 @@ class NodeRegistry:
             node.streaming = False
             if not node.status.live:
                 return False
-            node.status, node.gone_at, node.left = NodeStatus.DISCONNECTED, time.time(), left
-            node.alert_since, node.alerting = {}, frozenset()
-            values = node.event_values()
-        if left:
-            self.events.add(Level.INFO, f"Node '{node_id}' has left the cluster.", EventKind.LEFT, node_id, values)
-        else:
-            self.events.add(Level.WARN, f"Node '{node_id}' lost: {reason}.", EventKind.LOST, node_id, values)
+            said = self._transition_locked(node, NodeEvent.GOODBYE if left else NodeEvent.STREAM_ENDED, reason)
+        self.announce(said)
         return True
 
     # -- the liveness sweep -----------------------------------------------
@@ -1673,19 +1730,16 @@ class NodeRegistry:
             for pending in stale_joins:
                 del self._pending[pending.node_id]
             silent = [node for node in self._nodes.values() if node.status.live and now - node.heard_at > limit]
-            wall = time.time()
-            lost = []
+            expired, said = [], []
             for node in silent:
-                node.status, node.gone_at = NodeStatus.DISCONNECTED, wall
-                node.alert_since, node.alerting = {}, frozenset()
                 why = (f"no accepted sample for {limit:.1f} s ({node.dropped_samples} rejected: {node.drop_reason})"
                        if node.dropped_samples else f"no heartbeat for {limit:.1f} s")
-                lost.append((node.node_id, node.session_id, why, node.event_values()))
+                said.append(self._transition_locked(node, NodeEvent.SILENT, why))
+                expired.append((node.node_id, node.session_id))
         for pending in stale_joins:
             self.refused(host_of(pending.address), PeerRequest.JOIN, Refusal(RefusalReason.JOIN_EXPIRED, ""))
-        for node_id, _, why, values in lost:
-            self.events.add(Level.WARN, f"Node '{node_id}' lost: {why}.", EventKind.LOST, node_id, values)
-        return [(node_id, session_id) for node_id, session_id, _, _ in lost]
+        self.announce(*said)
+        return expired
 
     def refused(self, source: str, what: PeerRequest, refusal: Refusal) -> None:
         """Count a refusal and log it, the first from a source at once and repeats as a summary
@@ -1761,12 +1815,13 @@ class NodeRegistry:
                             version=sanitize_text(stored_field(record, "version", str, ""), 32),
                             cpu_count=stored_field(record, "cpu_count", int, 0),
                             memory_total_bytes=stored_field(record, "memory_total_bytes", int, 0),
-                            status=NodeStatus.MISSING, joined_at=float(stored_field(record, "joined_at", (int, float), 0.0)),
+                            joined_at=float(stored_field(record, "joined_at", (int, float), 0.0)),
                             last_seen=float(stored_field(record, "last_seen", (int, float), 0.0)),
                             owner_digest=bytes.fromhex(stored_field(record, "owner", str, "")))
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue
             if is_valid_node_id(node.node_id) and labels_problem(node.labels) is None:
+                self._transition_locked(node, NodeEvent.RESTORED)  # a new node, not in the registry yet
                 node.gone_at = node.last_seen or time.time()
                 node.search_text = search_text(node)
                 restored.append(node)
@@ -1785,14 +1840,11 @@ class NodeRegistry:
         with self._lock:
             if self._restored_at is None or self.clock.now() - self._restored_at < self.silence_limit:
                 return
-            missing = [self._nodes[node_id] for node_id in sorted(self._unannounced)
-                       if node_id in self._nodes and self._nodes[node_id].status is NodeStatus.MISSING]
+            said = [self._transition_locked(self._nodes[node_id], NodeEvent.NOT_BACK)
+                    for node_id in sorted(self._unannounced) if node_id in self._nodes]
             self._unannounced.clear()
             self._restored_at = None
-            announced = [(node.node_id, node.event_values()) for node in missing]
-        for node_id, values in announced:
-            self.events.add(Level.WARN, f"Node '{node_id}' is missing: not seen since the orchestrator restarted.",
-                            EventKind.MISSING, node_id, values)
+        self.announce(*said)
 
     def snapshot(self, with_history: bool = True) -> list[Node]:
         """Copies of every node, safe to read on another thread. Only the list is taken under the

@@ -905,6 +905,40 @@ class NodeRegistryTest(unittest.TestCase):
         self.assertEqual(seen, [("a", 5, 1234)])
         self.assertEqual(registry.get("a").metrics.cpu_percent, 6)
 
+    def test_status_changes_follow_the_transition_table(self):
+        """Every row of NODE_TRANSITIONS, applied by the one method that applies them, and every
+        pair it does not list leaves the node as it was and says nothing."""
+        registry = cares.NodeRegistry()
+        for status in cares.NodeStatus:
+            for event in cares.NodeEvent:
+                with self.subTest(status=status, event=event):
+                    node = cares.Node("n1", status=status, alerting=frozenset({"rule"}))
+                    said = registry._transition_locked(node, event, why="a reason")
+                    transition = cares.NODE_TRANSITIONS.get((status, event))
+                    if transition is None:
+                        self.assertEqual((node.status, said, node.alerting), (status, None, frozenset({"rule"})))
+                        continue
+                    self.assertIs(node.status, transition.status)
+                    if transition.kind is None:
+                        self.assertIsNone(said)
+                    else:
+                        level, text, kind, node_id, _ = said
+                        self.assertEqual((level, kind, node_id), (transition.level, transition.kind, "n1"))
+                        self.assertIn("'n1'", text)
+                        self.assertNotIn("{", text)
+                    if transition.status is cares.NodeStatus.DISCONNECTED:
+                        self.assertEqual((node.left, node.alerting), (event is cares.NodeEvent.GOODBYE, frozenset()))
+                        self.assertGreater(node.gone_at, 0)
+        lost = cares.NODE_TRANSITIONS[(cares.NodeStatus.ACTIVE, cares.NodeEvent.SILENT)]
+        self.assertEqual(lost.message.format(node_id="web", why="no heartbeat for 3.0 s"),
+                         "Node 'web' lost: no heartbeat for 3.0 s.")
+        # Every way into Disconnected raises an event; nothing else leaves Missing but a new stream.
+        for (status, event), transition in cares.NODE_TRANSITIONS.items():
+            if transition.status is cares.NodeStatus.DISCONNECTED:
+                self.assertIn(transition.kind, (cares.EventKind.LEFT, cares.EventKind.LOST))
+            if status is cares.NodeStatus.MISSING:
+                self.assertIn(event, (cares.NodeEvent.STREAM_BOUND, cares.NodeEvent.NOT_BACK))
+
     def test_restore_refuses_records_of_the_wrong_types(self):
         registry = cares.NodeRegistry()
         good = {"node_id": "12345", "hostname": "web", "labels": {"role": "db"}, "cpu_count": 4,
