@@ -1019,6 +1019,24 @@ class NodeStatus(enum.Enum):
         """True while the node has a bound stream the liveness sweep watches."""
         return self in (NodeStatus.JOINING, NodeStatus.ACTIVE)
 
+    @property
+    def wire(self) -> int:
+        """NodeStatus.state on the wire (the NodeState enum of cluster.proto)."""
+        return _STATUS_ON_THE_WIRE[self]
+
+    @staticmethod
+    def of_row(state: int, text: str) -> "NodeStatus | None":
+        """A status row's status: its state, or from an orchestrator older than the field, its
+        words; None for what neither says (a newer orchestrator's new state)."""
+        for status, wire in _STATUS_ON_THE_WIRE.items():
+            if (state and wire == state) or (not state and status.value == text):
+                return status
+        return None
+
+
+_STATUS_ON_THE_WIRE = {NodeStatus.JOINING: pb.NODE_STATE_JOINING, NodeStatus.ACTIVE: pb.NODE_STATE_ACTIVE,
+                       NodeStatus.DISCONNECTED: pb.NODE_STATE_DISCONNECTED, NodeStatus.MISSING: pb.NODE_STATE_MISSING}
+
 
 class Level(enum.IntEnum):
     """How much an event matters. The values are syslog priorities: journald reads them from a
@@ -1255,10 +1273,22 @@ class NodeHistory:
 
 
 # --alert names, and the Metrics field each one watches.
-ALERT_METRICS = {"cpu": "cpu_percent", "memory": "memory_percent", "swap": "swap_percent",
-                 "disk": "root_fs_used_percent", "load": "load_average_1m"}
+class AlertMetric(enum.Enum):
+    """What an --alert rule watches: its name on the command line, the Metrics field it reads,
+    and the unit its limit is written in."""
+
+    CPU = ("cpu", "cpu_percent", "%")
+    MEMORY = ("memory", "memory_percent", "%")
+    SWAP = ("swap", "swap_percent", "%")
+    DISK = ("disk", "root_fs_used_percent", "%")
+    LOAD = ("load", "load_average_1m", "")
+
+    def __init__(self, word: str, field: str, unit: str):
+        self.word, self.field, self.unit = word, field, unit
+
+
 ALERT_RULE = "an alert is METRIC>LIMIT:DURATION or METRIC<LIMIT:DURATION, METRIC one of " + \
-    ", ".join(ALERT_METRICS) + ", e.g. cpu>90:60s or disk>95:5m"
+    ", ".join(metric.word for metric in AlertMetric) + ", e.g. cpu>90:60s or disk>95:5m"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1266,27 +1296,27 @@ class AlertRule:
     """--alert cpu>90:60s: a node whose metric stays beyond the limit for the duration raises a
     threshold event; going back raises recovered. One event per crossing, never one per sample."""
 
-    metric: str  # a key of ALERT_METRICS
+    metric: AlertMetric
     above: bool
     limit: float
     duration_s: float
 
     def value(self, metrics: Metrics) -> float | None:
-        return getattr(metrics, ALERT_METRICS[self.metric])
+        return getattr(metrics, self.metric.field)
 
     def crossed(self, value: float) -> bool:
         return value > self.limit if self.above else value < self.limit
 
     def describe(self) -> str:
-        unit = "" if self.metric == "load" else "%"
-        return f"{self.metric} {'>' if self.above else '<'} {self.limit:g}{unit}"
+        return f"{self.metric.word} {'>' if self.above else '<'} {self.limit:g}{self.metric.unit}"
 
 
 def parse_alert(text: str) -> AlertRule:
     match = re.fullmatch(r"\s*([a-z]+)\s*([<>])\s*([0-9]+(?:\.[0-9]+)?)%?\s*:\s*(\S+)\s*", text)
-    if match is None or match.group(1) not in ALERT_METRICS:
+    metric = next((metric for metric in AlertMetric if match and metric.word == match.group(1)), None)
+    if metric is None:
         raise ValueError(ALERT_RULE)
-    return AlertRule(match.group(1), match.group(2) == ">", float(match.group(3)), parse_duration(match.group(4)))
+    return AlertRule(metric, match.group(2) == ">", float(match.group(3)), parse_duration(match.group(4)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1670,7 +1700,7 @@ class NodeRegistry:
             return
         self.announce(joined)
         for rule, firing, value, values in alerts:
-            shown = f"{value:g}" + ("" if rule.metric == "load" else "%")
+            shown = f"{value:g}{rule.metric.unit}"
             if firing:
                 self.events.add(Level.WARN, f"Node '{node_id}': {rule.describe()} for "
                                             f"{format_duration(rule.duration_s)} (now {shown}).",
@@ -2850,6 +2880,7 @@ def node_status_message(node: Node, with_detail: bool = False) -> pb.NodeStatus:
     """One row of `status`: the node as the registry knows it, values only where they are known;
     with_detail, its latest detail snapshot too, made safe."""
     row = pb.NodeStatus(node_id=node.node_id, address=node.address, status=node.status.value,
+                        state=node.status.wire,
                         last_seen_unix_s=node.last_seen, hostname=node.hostname, joined_at_unix_s=node.joined_at,
                         labels=node.labels, platform=node.platform, cares_version=node.version,
                         cpu_count=node.cpu_count, memory_total_bytes=node.memory_total_bytes, left=node.left,
@@ -4650,11 +4681,12 @@ def status_row(node: pb.NodeStatus) -> dict:
     """One node as `status --json` prints it. What an orchestrator sends is untrusted too: no
     terminal controls, no NaN (invalid JSON), and null for what it does not know."""
     latest = node.latest if node.HasField("latest") else None
+    status = NodeStatus.of_row(node.state, node.status)
     metrics = {name: None for name in METRIC_NAMES}
     if latest is not None:
         metrics.update(metrics_from_message(latest)._asdict())
     return {"node_id": sanitize_text(node.node_id, 63), "address": sanitize_text(node.address, 64),
-            "status": sanitize_text(node.status, 12),
+            "status": status.value if status is not None else sanitize_text(node.status, 12),
             "cpu_percent": _finite_or_none(node.cpu_percent, 1) if node.HasField("cpu_percent") else None,
             "memory_percent": _finite_or_none(node.memory_percent, 1) if node.HasField("memory_percent") else None,
             "last_seen": _finite_or_none(node.last_seen_unix_s, 3) if node.last_seen_unix_s else None,
@@ -7802,10 +7834,12 @@ class CheckResult(enum.IntEnum):
 
 def check_status(rows: list[dict], min_active: int, max_lost: int) -> tuple[CheckResult, str]:
     """`status --check`: the result and its one line, with performance data after the '|'."""
-    def count(status, left=None):
-        return sum(row["status"] == status and (left is None or row.get("left") == left) for row in rows)
-    active, joining, missing = count("Active"), count("Joining"), count("Missing")
-    lost, left = count("Disconnected", left=False), count("Disconnected", left=True)
+    statuses = [(NodeStatus.of_row(0, row["status"]), row.get("left")) for row in rows]
+
+    def count(wanted: NodeStatus, left=None):
+        return sum(status is wanted and (left is None or gone_on_purpose == left) for status, gone_on_purpose in statuses)
+    active, joining, missing = count(NodeStatus.ACTIVE), count(NodeStatus.JOINING), count(NodeStatus.MISSING)
+    lost, left = count(NodeStatus.DISCONNECTED, left=False), count(NodeStatus.DISCONNECTED, left=True)
     alerting = sum(bool(row.get("alerts")) for row in rows)
     if active < min_active or lost > max_lost:
         result = CheckResult.CRITICAL
@@ -7850,7 +7884,7 @@ def run_status_top(args) -> int:
     reply = ask_about_node(args, "detail", "cannot fetch a node's detail", fetch_node_detail,
                            timeout=args.timeout or DETAIL_REPLY_WAIT_S + 5)
     row, now = reply.row, time.time()
-    status = NodeStatus(row["status"]) if row["status"] in {s.value for s in NodeStatus} else NodeStatus.DISCONNECTED
+    status = NodeStatus.of_row(0, row["status"]) or NodeStatus.DISCONNECTED
     notice = detail_notice(row["version"], reply.offer, status, reply.detail, reply.detail_at or 0.0, now)
     if args.json:
         print(json.dumps({"node": row, "shares": None if reply.offer is None else {

@@ -1418,6 +1418,22 @@ class CompatibilityTest(ClusterTestCase):
         self.assertIn("21.5%", text)
         self.assertEqual(text.count("–"), 4, text)
 
+    def test_status_rows_carry_the_state_enum_and_the_old_words(self):
+        registry = cares.NodeRegistry()
+        active(registry, "a")
+        row = cares.node_status_message(registry.get("a"))
+        self.assertEqual((row.state, row.status), (pb.NODE_STATE_ACTIVE, "Active"))  # the words stay for old clients
+        self.assertEqual(cares.status_row(row)["status"], "Active")
+        old = pb.NodeStatus(node_id="o", status="Missing")  # an orchestrator older than the field
+        self.assertEqual(cares.status_row(old)["status"], "Missing")
+        self.assertIs(cares.NodeStatus.of_row(0, "Missing"), cares.NodeStatus.MISSING)
+        self.assertIs(cares.NodeStatus.of_row(pb.NODE_STATE_JOINING, "Active"), cares.NodeStatus.JOINING)  # state wins
+        self.assertIsNone(cares.NodeStatus.of_row(99, "Active"))  # a newer state this client does not know
+        self.assertEqual(cares.status_row(pb.NodeStatus(node_id="n", state=99, status="Resting\x1b[2J"))["status"],
+                         "Resting?[2J")
+        self.assertEqual({status.wire for status in cares.NodeStatus},
+                         {pb.NODE_STATE_JOINING, pb.NODE_STATE_ACTIVE, pb.NODE_STATE_DISCONNECTED, pb.NODE_STATE_MISSING})
+
     def test_a_new_worker_streams_to_an_old_orchestrator(self):
         old = old_messages()
         received, joins = [], []
@@ -4056,7 +4072,7 @@ class EventHookTest(ClusterTestCase):
 class AlertTest(ClusterTestCase):
     def test_rules_parse_or_say_why_not(self):
         rule = cares.parse_alert("cpu>90:60s")
-        self.assertEqual((rule.metric, rule.above, rule.limit, rule.duration_s), ("cpu", True, 90.0, 60.0))
+        self.assertEqual((rule.metric, rule.above, rule.limit, rule.duration_s), (cares.AlertMetric.CPU, True, 90.0, 60.0))
         self.assertEqual(cares.parse_alert(" disk > 95% : 5m ").duration_s, 300)
         self.assertFalse(cares.parse_alert("load<0.5:1h").above)
         for bad in ("cpu>90", "gpu>90:1m", "cpu=90:1m", "cpu>ninety:1m", "cpu>90:soon", ""):
