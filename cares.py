@@ -1237,6 +1237,44 @@ class RepeatSummary:
         return summaries
 
 
+class RefusalLog:
+    """Refusals counted for /metrics and logged sparingly: the first from a source at once, repeats
+    as one summary line per window (flush): wrong-token floods must not bury the event log or fill
+    the disk. Thread-safe (refusals come from the gRPC loop and the /metrics thread)."""
+
+    def __init__(self, events: EventLog):
+        self._lock = threading.Lock()
+        self._events = events
+        self.summary = RepeatSummary(REFUSAL_SUMMARY_S)
+        self._counts: collections.Counter = collections.Counter()  # (PeerRequest, RefusalReason) -> n
+
+    def add(self, source: str, what: PeerRequest, refusal: Refusal) -> None:
+        what = PeerRequest(what)
+        with self._lock:
+            self._counts[(what, refusal.reason)] += 1
+            first = self.summary.note((source, what, refusal.reason), time.monotonic())
+        if first:
+            said = refusal.message if refusal.reason.told_in_full else refusal.reason.words
+            self._events.add(Level.WARN, f"{what.value.capitalize()} from {source} refused: {said}.",
+                             EventKind.REFUSED)
+
+    def counts(self) -> dict:
+        with self._lock:
+            return dict(self._counts)
+
+    def flush(self) -> None:
+        """Log one summary line per source and reason whose window ended with repeats."""
+        with self._lock:
+            due = self.summary.due(time.monotonic())
+        for key, repeats, seconds in due:
+            if key is None:
+                text = f"{repeats} more refusals from other sources in the last {seconds:.0f} s."
+            else:
+                source, what, reason = key
+                text = f"{repeats} {what.value}s refused from {source} in the last {seconds:.0f} s: {reason.words}."
+            self._events.add(Level.WARN, text, EventKind.REFUSED)
+
+
 class NodeHistory:
     """A node's last HISTORY_SAMPLES points of CPU, memory and network, one per heartbeat interval
     (a sender faster than asked replaces the newest point instead of adding one). Kept in 4-byte
@@ -1309,6 +1347,31 @@ class AlertRule:
 
     def describe(self) -> str:
         return f"{self.metric.word} {'>' if self.above else '<'} {self.limit:g}{self.metric.unit}"
+
+
+def follow_alert_rules(rules, node, metrics: Metrics, now: float) -> list[tuple]:
+    """Follow each alert rule for a node's accepted sample (under the registry's lock): the
+    threshold and recovered events to raise (NodeRegistry.announce) for the rules whose state changed."""
+    said = []
+    for rule in rules:
+        value = rule.value(metrics)
+        if value is None:
+            continue
+        shown = f"{value:g}{rule.metric.unit}"
+        if rule.crossed(value):
+            since = node.alert_since.setdefault(rule, now)
+            if rule not in node.alerting and now - since >= rule.duration_s:
+                node.alerting = node.alerting | {rule}
+                said.append((Level.WARN, f"Node '{node.node_id}': {rule.describe()} for "
+                                         f"{format_duration(rule.duration_s)} (now {shown}).",
+                             EventKind.THRESHOLD, node.node_id, node.event_values()))
+        else:
+            node.alert_since.pop(rule, None)
+            if rule in node.alerting:
+                node.alerting = node.alerting - {rule}
+                said.append((Level.INFO, f"Node '{node.node_id}' recovered: no longer {rule.describe()} (now {shown}).",
+                             EventKind.RECOVERED, node.node_id, node.event_values()))
+    return said
 
 
 def parse_alert(text: str) -> AlertRule:
@@ -1505,18 +1568,69 @@ class PendingJoin:
     expires_at: float  # LoopClock time
 
 
-def stored_field(record: dict, key: str, kind, default=None):
-    """record[key] if it has the type kind (default when absent and a default is given); TypeError
-    otherwise. bool is refused where a number belongs: True is an int to Python, not to a file."""
-    if key not in record and default is not None:
-        return default
-    value = record[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise TypeError(f"{key} is a {type(value).__name__}")
-    return value
+class RegistryReads:
+    """The reading side of the NodeRegistry, safe from any thread: copies, pages, counts. What
+    changes the nodes (joins, samples, the sweep, forgetting) is NodeRegistry's."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._nodes: dict[str, Node] = {}
+        self._sorted_ids: list[str] | None = None  # cache for paging, dropped when IDs change
+
+    def snapshot(self, with_history: bool = True) -> list[Node]:
+        """Copies of every node, safe to read on another thread. Only the list is taken under the
+        lock; the copies are made outside it (Node.copy says how consistent each one is), so the
+        heartbeats of 10,000 nodes never wait the 10-20 ms the copies take."""
+        with self._lock:
+            nodes = list(self._nodes.values())
+        return [node.copy(with_history) for node in nodes]
+
+    def page(self, after_node_id: str, limit: int) -> tuple[list[Node], int]:
+        """Up to limit nodes after after_node_id in node ID order (copies without graphs), and the total."""
+        with self._lock:
+            if self._sorted_ids is None:
+                self._sorted_ids = sorted(self._nodes)
+            start = bisect.bisect_right(self._sorted_ids, after_node_id) if after_node_id else 0
+            chosen = [self._nodes[node_id] for node_id in self._sorted_ids[start:start + limit]]
+            total = len(self._nodes)
+        return [node.copy(False) for node in chosen], total
+
+    def histories(self, node_ids) -> dict[str, NodeHistory]:
+        """Copies of the graphs of just these nodes (the rows a screen shows)."""
+        with self._lock:
+            return {node_id: self._nodes[node_id].history.copy() for node_id in node_ids if node_id in self._nodes}
+
+    def get(self, node_id: str) -> Node | None:
+        with self._lock:
+            node = self._nodes.get(node_id)
+            return node.copy() if node is not None else None
+
+    def status_counts(self) -> dict[NodeStatus, int]:
+        with self._lock:
+            counts = collections.Counter(node.status for node in self._nodes.values())
+        return {status: counts.get(status, 0) for status in NodeStatus}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._nodes)
+
+    def inventory(self) -> list[dict]:
+        """What the state file keeps of every node: who it is, not how it is doing."""
+        with self._lock:
+            return [{"node_id": node.node_id, "hostname": node.hostname, "labels": node.labels,
+                     "platform": node.platform, "version": node.version, "cpu_count": node.cpu_count,
+                     "memory_total_bytes": node.memory_total_bytes, "address": node.address,
+                     "joined_at": node.joined_at, "last_seen": node.last_seen, "owner": node.owner_digest.hex()}
+                    for node in self._nodes.values()]
+
+    def latest_detail(self, node_id: str) -> tuple:
+        """(the node's latest NodeDetail as sent, when it arrived), or (None, 0.0)."""
+        with self._lock:
+            node = self._nodes.get(node_id)
+            return (node.detail, node.detail_at) if node is not None else (None, 0.0)
 
 
-class NodeRegistry:
+class NodeRegistry(RegistryReads):
     """Every worker that joined, keyed by node ID, behind one lock.
 
     A join only reserves a session; the node appears (Joining) when its heartbeat stream is
@@ -1526,20 +1640,17 @@ class NodeRegistry:
 
     def __init__(self, *, max_nodes: int = DEFAULT_MAX_NODES,
                  heartbeat_interval: float = DEFAULT_HEARTBEAT_MS / 1000.0):
-        self._lock = threading.Lock()
-        self._nodes: dict[str, Node] = {}
+        super().__init__()
         self._pending: dict[str, PendingJoin] = {}  # by node ID: one pending join per node
-        self._sorted_ids: list[str] | None = None  # cache for paging, dropped when IDs change
         self.max_nodes = max_nodes
         self.heartbeat_interval = heartbeat_interval
         self.clock = LoopClock()
         self.events = EventLog()
-        self.refusal_summary = RepeatSummary(REFUSAL_SUMMARY_S)
+        self.refusals = RefusalLog(self.events)
         # Counters for /metrics, only ever increased.
         self.heartbeats_received = 0
         self.samples_dropped = 0
         self.joins_accepted = 0
-        self.refusal_counts: collections.Counter = collections.Counter()  # (PeerRequest, RefusalReason) -> n
         # The hook for tools that watch cares from inside the process (the bench): called on the
         # gRPC loop after each accepted sample, outside the lock, as on_sample(node_id, metrics, sent_at_ms).
         self.on_sample = None
@@ -1553,9 +1664,7 @@ class NodeRegistry:
         self.changes = 0
         self._restored_at: float | None = None
         self._unannounced: set[str] = set()
-        # Nodes someone looks at in detail (a detail view, `status --top`): node ID -> monotonic
-        # time the asking lapses. Empty in a cluster nobody looks into: then detail costs nothing.
-        self._detail_watch: dict[str, float] = {}
+        self.detail_watch = DetailWatch()
 
     @property
     def silence_limit(self) -> float:
@@ -1691,7 +1800,7 @@ class NodeRegistry:
                 if metrics.memory_total_bytes:
                     node.memory_total_bytes = int(metrics.memory_total_bytes)
                 node.history.add(metrics, now, self.heartbeat_interval)
-                alerts = self._check_alerts_locked(node, metrics, time.monotonic()) if self.alert_rules else ()
+                alerts = follow_alert_rules(self.alert_rules, node, metrics, time.monotonic()) if self.alert_rules else ()
                 joined = self._transition_locked(node, arrival) if node.status is NodeStatus.JOINING else None
         if problem is not None:
             if _is_power_of_ten(dropped):
@@ -1699,15 +1808,7 @@ class NodeRegistry:
                                             f"{dropped} dropped since its last good one.", node_id=node_id)
             return
         self.announce(joined)
-        for rule, firing, value, values in alerts:
-            shown = f"{value:g}{rule.metric.unit}"
-            if firing:
-                self.events.add(Level.WARN, f"Node '{node_id}': {rule.describe()} for "
-                                            f"{format_duration(rule.duration_s)} (now {shown}).",
-                                EventKind.THRESHOLD, node_id, values)
-            else:
-                self.events.add(Level.INFO, f"Node '{node_id}' recovered: no longer {rule.describe()} "
-                                            f"(now {shown}).", EventKind.RECOVERED, node_id, values)
+        self.announce(*alerts)
         if self.history_sink is not None:
             self.history_sink(node_id, metrics)
         if self.on_sample is not None:
@@ -1715,26 +1816,6 @@ class NodeRegistry:
                 self.on_sample(node_id, metrics, sent_at_ms)
             except Exception:  # instrumentation must never end a worker's stream
                 pass
-
-    def _check_alerts_locked(self, node: Node, metrics: Metrics, now: float) -> list[tuple]:
-        """Follow each alert rule for an accepted sample; return (rule, firing, value, event values)
-        for each rule whose state changed."""
-        changes = []
-        for rule in self.alert_rules:
-            value = rule.value(metrics)
-            if value is None:
-                continue
-            if rule.crossed(value):
-                since = node.alert_since.setdefault(rule, now)
-                if rule not in node.alerting and now - since >= rule.duration_s:
-                    node.alerting = node.alerting | {rule}
-                    changes.append((rule, True, value, node.event_values()))
-            else:
-                node.alert_since.pop(rule, None)
-                if rule in node.alerting:
-                    node.alerting = node.alerting - {rule}
-                    changes.append((rule, False, value, node.event_values()))
-        return changes
 
     def disconnect(self, node_id: str, session_id: str, reason: str, *, left: bool = False) -> bool:
         """Mark a session's node Disconnected; False when that session is no longer current."""
@@ -1767,33 +1848,9 @@ class NodeRegistry:
                 said.append(self._transition_locked(node, NodeEvent.SILENT, why))
                 expired.append((node.node_id, node.session_id))
         for pending in stale_joins:
-            self.refused(host_of(pending.address), PeerRequest.JOIN, Refusal(RefusalReason.JOIN_EXPIRED, ""))
+            self.refusals.add(host_of(pending.address), PeerRequest.JOIN, Refusal(RefusalReason.JOIN_EXPIRED, ""))
         self.announce(*said)
         return expired
-
-    def refused(self, source: str, what: PeerRequest, refusal: Refusal) -> None:
-        """Count a refusal and log it, the first from a source at once and repeats as a summary
-        (see flush_refusals): wrong-token floods must not bury the event log or fill the disk."""
-        what = PeerRequest(what)
-        with self._lock:
-            self.refusal_counts[(what, refusal.reason)] += 1
-            first = self.refusal_summary.note((source, what, refusal.reason), time.monotonic())
-        if first:
-            said = refusal.message if refusal.reason.told_in_full else refusal.reason.words
-            self.events.add(Level.WARN, f"{what.value.capitalize()} from {source} refused: {said}.",
-                            EventKind.REFUSED)
-
-    def flush_refusals(self) -> None:
-        """Log one summary line per source and reason whose window ended with repeats."""
-        with self._lock:
-            due = self.refusal_summary.due(time.monotonic())
-        for key, repeats, seconds in due:
-            if key is None:
-                text = f"{repeats} more refusals from other sources in the last {seconds:.0f} s."
-            else:
-                source, what, reason = key
-                text = f"{repeats} {what.value}s refused from {source} in the last {seconds:.0f} s: {reason.words}."
-            self.events.add(Level.WARN, text, EventKind.REFUSED)
 
     # -- forgetting and reading ----------------------------------------------
 
@@ -1817,44 +1874,15 @@ class NodeRegistry:
 
     # -- the inventory that survives a restart ------------------------------
 
-    def inventory(self) -> list[dict]:
-        """What the state file keeps of every node: who it is, not how it is doing."""
-        with self._lock:
-            return [{"node_id": node.node_id, "hostname": node.hostname, "labels": node.labels,
-                     "platform": node.platform, "version": node.version, "cpu_count": node.cpu_count,
-                     "memory_total_bytes": node.memory_total_bytes, "address": node.address,
-                     "joined_at": node.joined_at, "last_seen": node.last_seen, "owner": node.owner_digest.hex()}
-                    for node in self._nodes.values()]
-
     def restore(self, records: list[dict]) -> int:
         """Add the nodes a state file remembers as Missing (until they rejoin); returns how many.
-        A record that does not hold together is skipped, never trusted: each field must have the
-        type the file was written with (a number where a name belongs, from a hand edit or another
-        program's file, is refused like any other bad record, never coerced)."""
+        A record that does not hold together is skipped (node_from_record)."""
         restored = []
-        for record in records:
-            try:
-                labels = stored_field(record, "labels", dict, {})
-                if not all(isinstance(key, str) and isinstance(value, str) for key, value in labels.items()):
-                    continue
-                node = Node(stored_field(record, "node_id", str),
-                            address=sanitize_text(stored_field(record, "address", str, ""), 64),
-                            hostname=sanitize_text(stored_field(record, "hostname", str, ""), HOSTNAME_LIMIT),
-                            labels=labels,
-                            platform=sanitize_text(stored_field(record, "platform", str, ""), PLATFORM_LIMIT),
-                            version=sanitize_text(stored_field(record, "version", str, ""), 32),
-                            cpu_count=stored_field(record, "cpu_count", int, 0),
-                            memory_total_bytes=stored_field(record, "memory_total_bytes", int, 0),
-                            joined_at=float(stored_field(record, "joined_at", (int, float), 0.0)),
-                            last_seen=float(stored_field(record, "last_seen", (int, float), 0.0)),
-                            owner_digest=bytes.fromhex(stored_field(record, "owner", str, "")))
-            except (KeyError, TypeError, ValueError, AttributeError):
-                continue
-            if is_valid_node_id(node.node_id) and labels_problem(node.labels) is None:
-                self._transition_locked(node, NodeEvent.RESTORED)  # a new node, not in the registry yet
-                node.gone_at = node.last_seen or time.time()
-                node.search_text = search_text(node)
-                restored.append(node)
+        for node in filter(None, map(node_from_record, records)):
+            self._transition_locked(node, NodeEvent.RESTORED)  # a new node, not in the registry yet
+            node.gone_at = node.last_seen or time.time()
+            node.search_text = search_text(node)
+            restored.append(node)
         with self._lock:
             for node in restored[:self.max_nodes]:
                 if node.node_id not in self._nodes:
@@ -1876,87 +1904,63 @@ class NodeRegistry:
             self._restored_at = None
         self.announce(*said)
 
-    def snapshot(self, with_history: bool = True) -> list[Node]:
-        """Copies of every node, safe to read on another thread. Only the list is taken under the
-        lock; the copies are made outside it (Node.copy says how consistent each one is), so the
-        heartbeats of 10,000 nodes never wait the 10-20 ms the copies take."""
-        with self._lock:
-            nodes = list(self._nodes.values())
-        return [node.copy(with_history) for node in nodes]
-
-    def page(self, after_node_id: str, limit: int) -> tuple[list[Node], int]:
-        """Up to limit nodes after after_node_id in node ID order (copies without graphs), and the total."""
-        with self._lock:
-            if self._sorted_ids is None:
-                self._sorted_ids = sorted(self._nodes)
-            start = bisect.bisect_right(self._sorted_ids, after_node_id) if after_node_id else 0
-            chosen = [self._nodes[node_id] for node_id in self._sorted_ids[start:start + limit]]
-            total = len(self._nodes)
-        return [node.copy(False) for node in chosen], total
-
-    def histories(self, node_ids) -> dict[str, NodeHistory]:
-        """Copies of the graphs of just these nodes (the rows a screen shows)."""
-        with self._lock:
-            return {node_id: self._nodes[node_id].history.copy() for node_id in node_ids if node_id in self._nodes}
-
-    def get(self, node_id: str) -> Node | None:
-        with self._lock:
-            node = self._nodes.get(node_id)
-            return node.copy() if node is not None else None
-
-    def status_counts(self) -> dict[NodeStatus, int]:
-        with self._lock:
-            counts = collections.Counter(node.status for node in self._nodes.values())
-        return {status: counts.get(status, 0) for status in NodeStatus}
-
     def counters(self) -> dict:
         """The cumulative counters /metrics exports."""
         with self._lock:
             return {"heartbeats_received": self.heartbeats_received, "samples_dropped": self.samples_dropped,
-                    "joins_accepted": self.joins_accepted, "refusals": dict(self.refusal_counts)}
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._nodes)
+                    "joins_accepted": self.joins_accepted, "refusals": self.refusals.counts()}
 
     # -- on-demand detail ---------------------------------------------------
 
-    def watch_detail(self, node_id: str, seconds: float) -> bool:
-        """Ask for node_id's detail for the next seconds (called again to keep asking). True when
-        it was not asked for before, so the first request can go out at once."""
-        until = time.monotonic() + seconds
-        with self._lock:
-            before = self._detail_watch.get(node_id, 0.0)
-            self._detail_watch[node_id] = max(before, until)
-            return before < time.monotonic()
-
     def detail_watched(self) -> list[str]:
-        """Nodes whose detail is asked for now and whose workers can send it; lapsed watches are dropped."""
-        now = time.monotonic()
+        """Nodes whose detail is asked for now and whose workers can send it."""
+        watched = self.detail_watch.watched()
         with self._lock:
-            if not self._detail_watch:
-                return []
-            for node_id in [node_id for node_id, until in self._detail_watch.items() if until <= now]:
-                del self._detail_watch[node_id]
-            return [node_id for node_id in self._detail_watch
-                    if node_id in self._nodes and self._nodes[node_id].detail_offer is not None]
-
-    def latest_detail(self, node_id: str) -> tuple:
-        """(the node's latest NodeDetail as sent, when it arrived), or (None, 0.0)."""
-        with self._lock:
-            node = self._nodes.get(node_id)
-            return (node.detail, node.detail_at) if node is not None else (None, 0.0)
+            return [node_id for node_id in watched if node_id in self._nodes and self._nodes[node_id].detail_offer]
 
     def store_detail(self, node_id: str, session_id: str, detail) -> bool:
         """Keep a NodeDetail a worker sent, if someone asked for it: a worker that sends detail
         unasked (or a stale session) is ignored, never stored."""
+        if not self.detail_watch.wanted(node_id):
+            return False
         with self._lock:
             node = self._nodes.get(node_id)
-            if (node is None or node.session_id != session_id or node.detail_offer is None
-                    or self._detail_watch.get(node_id, 0.0) <= time.monotonic()):
+            if node is None or node.session_id != session_id or node.detail_offer is None:
                 return False
             node.detail, node.detail_at = detail, time.time()
             return True
+
+
+
+class DetailWatch:
+    """The nodes someone looks at in detail (a detail view, `status --top`): node ID -> the
+    monotonic time the asking lapses. Empty in a cluster nobody looks into: then detail costs nothing."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._until: dict[str, float] = {}
+
+    def watch(self, node_id: str, seconds: float) -> bool:
+        """Ask for node_id's detail for the next seconds (called again to keep asking). True when
+        it was not asked for before, so the first request can go out at once."""
+        now = time.monotonic()
+        with self._lock:
+            before = self._until.get(node_id, 0.0)
+            self._until[node_id] = max(before, now + seconds)
+            return before < now
+
+    def wanted(self, node_id: str) -> bool:
+        with self._lock:
+            return self._until.get(node_id, 0.0) > time.monotonic()
+
+    def watched(self) -> list[str]:
+        """The nodes asked for now; lapsed watches are dropped."""
+        now = time.monotonic()
+        with self._lock:
+            if not self._until:
+                return []
+            self._until = {node_id: until for node_id, until in self._until.items() if until > now}
+            return list(self._until)
 
 
 def replace_file(path: str, write, mode: int = 0o600) -> None:
@@ -1993,6 +1997,41 @@ def _fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def stored_field(record: dict, key: str, kind, default=None):
+    """record[key] if it has the type kind (default when absent and a default is given); TypeError
+    otherwise. bool is refused where a number belongs: True is an int to Python, not to a file."""
+    if key not in record and default is not None:
+        return default
+    value = record[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise TypeError(f"{key} is a {type(value).__name__}")
+    return value
+
+
+def node_from_record(record) -> Node | None:
+    """A node from a state file record, or None when the record does not hold together: each
+    field must have the type the file was written with (a number where a name belongs, from a
+    hand edit or another program's file, is refused like any other bad record, never coerced)."""
+    try:
+        labels = stored_field(record, "labels", dict, {})
+        if not all(isinstance(key, str) and isinstance(value, str) for key, value in labels.items()):
+            return None
+        node = Node(stored_field(record, "node_id", str),
+                    address=sanitize_text(stored_field(record, "address", str, ""), 64),
+                    hostname=sanitize_text(stored_field(record, "hostname", str, ""), HOSTNAME_LIMIT),
+                    labels=labels,
+                    platform=sanitize_text(stored_field(record, "platform", str, ""), PLATFORM_LIMIT),
+                    version=sanitize_text(stored_field(record, "version", str, ""), 32),
+                    cpu_count=stored_field(record, "cpu_count", int, 0),
+                    memory_total_bytes=stored_field(record, "memory_total_bytes", int, 0),
+                    joined_at=float(stored_field(record, "joined_at", (int, float), 0.0)),
+                    last_seen=float(stored_field(record, "last_seen", (int, float), 0.0)),
+                    owner_digest=bytes.fromhex(stored_field(record, "owner", str, "")))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return node if is_valid_node_id(node.node_id) and labels_problem(node.labels) is None else None
 
 
 class StateFile:
@@ -2245,42 +2284,11 @@ class HistoryStore:
     # -- the history thread ----------------------------------------------------
 
     def _open(self) -> str:
-        """Open (or create) the database: "" or why not. A file that is not a database is moved
-        aside (with one WARN line) and a new one started."""
-        sqlite3 = self._sqlite3
-        for attempt in (1, 2):
-            db = None
-            try:
-                # Created 0600 before SQLite opens it: its -wal and -shm files take the same mode.
-                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-                db = sqlite3.connect(self.path, timeout=0.5, isolation_level=None, check_same_thread=False)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-                for statement in _HISTORY_SCHEMA:
-                    db.execute(statement)
-                self._node_keys = dict(db.execute("SELECT node_id, id FROM nodes"))
-                self._db = db
-                return ""
-            except OSError as error:
-                return os_error_text(error)
-            except sqlite3.Error as error:
-                if db is not None:
-                    with contextlib.suppress(sqlite3.Error):
-                        db.close()
-                if attempt == 2 or not _is_corrupt(error):
-                    return _sqlite_error_text(error)
-                kept = self.path + ".corrupt"
-                try:
-                    os.replace(self.path, kept)
-                    for suffix in ("-wal", "-shm"):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.remove(self.path + suffix)
-                except OSError:
-                    kept = "left in place"
-                self._events.add(Level.WARN, f"The history database {self.path} is unreadable "
-                                             f"({sanitize_text(str(error), 80)}); kept as {kept}, starting "
-                                             f"a new one; still serving.")
-        return "the database cannot be opened"
+        """Open (or create) the database: "" or why not."""
+        self._db, error = open_history_database(self.path, self._events)
+        if self._db is not None:
+            self._node_keys = dict(self._db.execute("SELECT node_id, id FROM nodes"))
+        return error
 
     def _run(self) -> None:
         next_prune, next_write = 0.0, time.monotonic() + HISTORY_FLUSH_S
@@ -2451,6 +2459,43 @@ class HistoryStore:
         events += [(event.at, event.kind.value, event.text) for event in tuple(self._pending_events)
                    if event.node_id == node_id and event.at >= first]
         return HistorySeries(node_id, span, tier.bucket_s, first, end, buckets, sorted(events))
+
+
+def open_history_database(path: str, events: EventLog) -> tuple:
+    """(an open connection, "") to the history database at path, created 0600 with its schema;
+    (None, why) when it cannot be. A file that is not a database is moved aside as .corrupt
+    (one WARN line) and a new one started."""
+    import sqlite3
+    for attempt in (1, 2):
+        db = None
+        try:
+            # Created 0600 before SQLite opens it: its -wal and -shm files take the same mode.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            db = sqlite3.connect(path, timeout=0.5, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            for statement in _HISTORY_SCHEMA:
+                db.execute(statement)
+            return db, ""
+        except OSError as error:
+            return None, os_error_text(error)
+        except sqlite3.Error as error:
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+            if attempt == 2 or not _is_corrupt(error):
+                return None, _sqlite_error_text(error)
+            kept = path + ".corrupt"
+            try:
+                os.replace(path, kept)
+                for suffix in ("-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path + suffix)
+            except OSError:
+                kept = "left in place"
+            events.add(Level.WARN, f"The history database {path} is unreadable ({sanitize_text(str(error), 80)}); "
+                                   f"kept as {kept}, starting a new one; still serving.")
+    return None, "the database cannot be opened"
 
 
 def _is_corrupt(error) -> bool:
@@ -2685,7 +2730,7 @@ def safe_detail(detail, offer: DetailOffer | None = None) -> pb.NodeDetail:
 async def refuse(registry: NodeRegistry, context, source: str, what: PeerRequest, refusal: Refusal):
     """The one way a servicer turns a peer away: count and log the refusal (summarised under
     floods), then answer with its code, its message and its reason as trailing metadata."""
-    registry.refused(source, what, refusal)
+    registry.refusals.add(source, what, refusal)
     await context.abort(refusal.code, refusal.message,
                         trailing_metadata=((REFUSAL_METADATA_KEY, refusal.reason.label),))
 
@@ -3498,6 +3543,32 @@ def parse_sd_port(query: str, default: int) -> int:
     return int(values[0])
 
 
+async def write_in_slices(writer: asyncio.StreamWriter, pieces: list, deadline: float) -> None:
+    """Write pieces HTTP_WRITE_CHUNK at a time, draining after each, then close: all by the
+    monotonic deadline (asyncio.TimeoutError past it; ConnectionError if the client closed)."""
+    for piece in pieces:
+        view = memoryview(piece)
+        for offset in range(0, len(view), HTTP_WRITE_CHUNK):
+            if writer.is_closing():
+                raise ConnectionError("closed by the client")
+            writer.write(view[offset:offset + HTTP_WRITE_CHUNK])
+            await asyncio.wait_for(writer.drain(), max(deadline - time.monotonic(), 0))
+    writer.close()
+    await asyncio.wait_for(writer.wait_closed(), max(deadline - time.monotonic(), 0))
+
+
+def metrics_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The server side of HTTPS for /metrics and /sd; StartError (one line) for files it cannot use."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        raise StartError(f"cannot use the TLS certificate and key for /metrics: "
+                         f"{getattr(error, 'strerror', None) or error}") from None
+    return context
+
+
 class MetricsServer:
     """GET /metrics and /sd over HTTP or HTTPS, on its own daemon thread and asyncio event loop.
 
@@ -3541,7 +3612,7 @@ class MetricsServer:
 
     def start(self) -> None:
         """Listen and serve on a background thread; StartError (one line) if that cannot be done."""
-        context = self._tls_context()
+        context = metrics_tls_context(*self._tls_files) if self._tls_files else None
         sock = self._bind()
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(self._on_loop_exception)
@@ -3563,18 +3634,6 @@ class MetricsServer:
             sock.close()
             self.stop()
             raise StartError(f"cannot serve /metrics on {self.address}: {error}") from None
-
-    def _tls_context(self) -> ssl.SSLContext | None:
-        if not self._tls_files:
-            return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_cert_chain(*self._tls_files)
-        except (OSError, ssl.SSLError) as error:
-            raise StartError(f"cannot use the TLS certificate and key for /metrics: "
-                             f"{getattr(error, 'strerror', None) or error}") from None
-        return context
 
     def _bind(self) -> socket.socket:
         """The listening socket; '::' (or '') listens on IPv4 too, as the gRPC port does."""
@@ -3745,17 +3804,8 @@ class MetricsServer:
         """Write a slice at a time, waiting for room after each: a slow reader holds a slice or
         two of buffer, not the page. Then close, which flushes what is left (and says goodbye to
         a TLS client). All of it within the write deadline; past it, ConnectionError."""
-        deadline = time.monotonic() + HTTP_WRITE_TIMEOUT_S
         try:
-            for piece in pieces:
-                view = memoryview(piece)
-                for offset in range(0, len(view), HTTP_WRITE_CHUNK):
-                    if writer.is_closing():
-                        raise ConnectionError("closed by the client")
-                    writer.write(view[offset:offset + HTTP_WRITE_CHUNK])
-                    await asyncio.wait_for(writer.drain(), max(deadline - time.monotonic(), 0))
-            writer.close()
-            await asyncio.wait_for(writer.wait_closed(), max(deadline - time.monotonic(), 0))
+            await write_in_slices(writer, pieces, time.monotonic() + HTTP_WRITE_TIMEOUT_S)
         except asyncio.TimeoutError:
             self._note("slow_reader", Level.WARN, "/metrics: dropped clients too slow to read their answer")
             raise ConnectionError("write deadline passed") from None
@@ -3956,11 +4006,11 @@ class Orchestrator:
         asking its worker for DETAIL_LAPSE_INTERVALS more periods, and ask at once the first time.
         Any thread."""
         seconds = DETAIL_LAPSE_INTERVALS * detail_period(self.registry.heartbeat_interval)
-        if self.registry.watch_detail(node_id, seconds) and self._server is not None:
+        if self.registry.detail_watch.watch(node_id, seconds) and self._server is not None:
             grpc_loop().call_soon_threadsafe(self._ask_for_detail, 0.0)
 
     def _housekeeping(self, period: float) -> None:
-        self.registry.flush_refusals()
+        self.registry.refusals.flush()
         self.registry.announce_missing()
         if self.forget_after_s:
             self.registry.forget_gone(older_than_s=self.forget_after_s)
@@ -4305,12 +4355,7 @@ class WorkerClient:
         self._repeats = RepeatSummary(WORKER_REPEAT_SUMMARY_S)
         self._stopping = False
         self.identity: NodeIdentity | None = None  # set by WorkerConfig.create; holds the ID lock
-        # On-demand detail: offered at join, built only once an orchestrator asks (nobody asking,
-        # no DetailSampler and no /proc walks), sent until the asking lapses.
-        self.detail_offer = detail_offer
-        self._detail: DetailSampler | None = None
-        self._detail_until = 0.0  # monotonic time the last request lapses
-        self._detail_sent_at = -math.inf
+        self.detail = DetailResponder(detail_offer, self._say)
 
     @property
     def state(self) -> ConnectionState:
@@ -4363,8 +4408,8 @@ class WorkerClient:
             memory_total_bytes=self.sampler.memory_total_bytes,
             platform=f"{platform.system()}-{platform.release()}-{platform.machine()}"[:PLATFORM_LIMIT],
             cares_version=VERSION, node_secret=self._secret, labels=self.labels,
-            detail_offer=pb.DetailOffer(processes=self.detail_offer.processes,
-                                        command_lines=self.detail_offer.command_lines))
+            detail_offer=pb.DetailOffer(processes=self.detail.offer.processes,
+                                        command_lines=self.detail.offer.command_lines))
 
     def _next_metrics(self, metrics: Metrics | None = None, **fields) -> pb.NodeMetrics:
         """The next message of this session's stream: identity, sequence number and send time filled in."""
@@ -4491,31 +4536,7 @@ class WorkerClient:
             elif kind == "shutdown":
                 raise OrchestratorShutdown(sanitize_text(command.shutdown.reason, ERROR_TEXT_LIMIT))
             elif kind == "request_detail":
-                # However often it is asked, a request only moves the lapse time: the sender takes
-                # at most one snapshot per detail period.
-                now = time.monotonic()
-                self._detail_until = now + DETAIL_LAPSE_INTERVALS * detail_period(self._interval)
-                if self._detail is None:
-                    self._detail = DetailSampler(self.detail_offer.command_lines, self.detail_offer.processes)
-                if now - self._detail_sent_at > DETAIL_STALE_S:
-                    # A first reading now, so the snapshot sent with the next sample has rates.
-                    self._detail_sent_at = now
-                    asyncio.get_running_loop().run_in_executor(None, self._detail.prime)
-
-    async def _detail_if_asked(self, loop) -> pb.NodeDetail | None:
-        """A detail snapshot for this sample, while asked and at most one per detail period;
-        a snapshot that fails costs the detail, never the heartbeat."""
-        now = time.monotonic()
-        if self._detail is None or now >= self._detail_until or \
-                now - self._detail_sent_at < detail_period(self._interval) - 0.05:
-            return None
-        self._detail_sent_at = now
-        try:
-            return await loop.run_in_executor(None, self._detail.snapshot)
-        except Exception as error:
-            self._say(Level.WARN, "detail", sanitize_text(f"Cannot take a detail snapshot "
-                                                          f"({type(error).__name__}: {error}).", ERROR_TEXT_LIMIT))
-            return None
+                self.detail.asked(self._interval)
 
     async def _send_metrics(self, call) -> None:
         loop = asyncio.get_running_loop()
@@ -4529,7 +4550,7 @@ class WorkerClient:
                 raise SamplingFailed(sanitize_text(f"cannot read this machine's metrics "
                                                    f"({type(error).__name__}: {error})", ERROR_TEXT_LIMIT)) from None
             message = self._next_metrics(sample)
-            detail = await self._detail_if_asked(loop)
+            detail = await self.detail.snapshot_if_asked(loop, self._interval)
             if detail is not None:
                 message.detail.CopyFrom(detail)
             await call.write(message)
@@ -4546,6 +4567,45 @@ class WorkerClient:
                 except asyncio.TimeoutError:
                     break
                 self._interval_changed.clear()
+
+
+class DetailResponder:
+    """A worker's side of on-demand detail. Offered at join; the DetailSampler is built only once
+    an orchestrator asks (nobody asking: no sampler, no /proc walks). However often it is asked, a
+    request only moves the lapse time: the sender takes at most one snapshot per detail period, and
+    none once the asking has lapsed."""
+
+    def __init__(self, offer: DetailOffer, say):
+        self.offer = offer
+        self.sampler: DetailSampler | None = None
+        self.until = 0.0  # monotonic time the last request lapses
+        self.sent_at = -math.inf
+        self._say = say  # WorkerClient._say: one line, repeats summarised
+
+    def asked(self, interval: float) -> None:
+        """A DetailRequest arrived (on the gRPC loop)."""
+        now = time.monotonic()
+        self.until = now + DETAIL_LAPSE_INTERVALS * detail_period(interval)
+        if self.sampler is None:
+            self.sampler = DetailSampler(self.offer.command_lines, self.offer.processes)
+        if now - self.sent_at > DETAIL_STALE_S:
+            # A first reading now, so the snapshot sent with the next sample has rates.
+            self.sent_at = now
+            asyncio.get_running_loop().run_in_executor(None, self.sampler.prime)
+
+    async def snapshot_if_asked(self, loop, interval: float) -> pb.NodeDetail | None:
+        """A snapshot for this sample, while asked and at most one per detail period, taken on an
+        executor thread; one that fails costs the detail, never the heartbeat."""
+        now = time.monotonic()
+        if self.sampler is None or now >= self.until or now - self.sent_at < detail_period(interval) - 0.05:
+            return None
+        self.sent_at = now
+        try:
+            return await loop.run_in_executor(None, self.sampler.snapshot)
+        except Exception as error:
+            self._say(Level.WARN, "detail", sanitize_text(f"Cannot take a detail snapshot "
+                                                          f"({type(error).__name__}: {error}).", ERROR_TEXT_LIMIT))
+            return None
 
 
 @dataclasses.dataclass

@@ -673,7 +673,7 @@ class NodeRegistryTest(unittest.TestCase):
         with self.assertRaises(cares.Refusal) as caught:  # its last pending join expired with the silence limit
             registry.attach_stream("victim", last)
         self.assertEqual(caught.exception.reason, cares.RefusalReason.NO_SESSION)
-        self.assertEqual(registry.refusal_counts[("join", cares.RefusalReason.JOIN_EXPIRED)], 1)
+        self.assertEqual(registry.refusals.counts()[("join", cares.RefusalReason.JOIN_EXPIRED)], 1)
         self.assertIn("Join from 10.6.6.6 refused: no heartbeat stream after the join.", texts(registry.events))
 
     def test_pending_joins_hold_no_slots(self):
@@ -798,13 +798,13 @@ class NodeRegistryTest(unittest.TestCase):
 
     def test_refusals_are_counted_and_summarised(self):
         registry = cares.NodeRegistry()
-        registry.refusal_summary.window_s = 0.1
+        registry.refusals.summary.window_s = 0.1
         refusal = cares.Refusal(cares.RefusalReason.WRONG_TOKEN, "x")
         for _ in range(412):
-            registry.refused("10.0.0.9", "join", refusal)
-        registry.refused("10.0.0.8", "status request", refusal)
+            registry.refusals.add("10.0.0.9", "join", refusal)
+        registry.refusals.add("10.0.0.8", "status request", refusal)
         time.sleep(0.15)
-        registry.flush_refusals()
+        registry.refusals.flush()
         lines = texts(registry.events)
         self.assertEqual(lines, ["Join from 10.0.0.9 refused: missing or wrong token.",
                                  "Status request from 10.0.0.8 refused: missing or wrong token.",
@@ -871,7 +871,7 @@ class NodeRegistryTest(unittest.TestCase):
                                 registry.disconnect(node_id, node.session_id, "test")
                         elif action < 0.85:
                             registry.expire()
-                            registry.flush_refusals()
+                            registry.refusals.flush()
                         else:
                             for node in registry.snapshot():
                                 self.assertTrue(node.metrics is None or 0 <= node.metrics.cpu_percent <= 100)
@@ -1725,7 +1725,7 @@ class DetailOverHeartbeatTest(ClusterTestCase):
         registry = orchestrator.registry
         self.assert_becomes(registry, "looked-at", cares.NodeStatus.ACTIVE, 5)
         self.assertEqual(registry.get("looked-at").detail_offer, cares.DetailOffer(processes=True, command_lines=False))
-        self.assertIsNone(worker._detail)  # nobody asked: no sampler, no /proc walks
+        self.assertIsNone(worker.detail.sampler)  # nobody asked: no sampler, no /proc walks
         busy = busy_process(self)
 
         def watched(predicate):
@@ -1743,10 +1743,10 @@ class DetailOverHeartbeatTest(ClusterTestCase):
                              "the ended process was still listed after three intervals")
         # Nobody looks any more: the asking lapses on both sides and the worker stops on its own.
         self.assertIsNotNone(wait_until(lambda: not registry.detail_watched() and
-                                        worker._detail_until < time.monotonic(), 10))
-        taken = worker._detail.taken
+                                        worker.detail.until < time.monotonic(), 10))
+        taken = worker.detail.sampler.taken
         time.sleep(1.5 * interval)  # proving nothing happens takes waiting: longer than a detail period
-        self.assertEqual(worker._detail.taken, taken)
+        self.assertEqual(worker.detail.sampler.taken, taken)
 
     def test_a_worker_asked_far_too_often_snapshots_once_a_period_and_stays(self):
         received, asked, finished = [], threading.Event(), threading.Event()
@@ -1781,7 +1781,7 @@ class DetailOverHeartbeatTest(ClusterTestCase):
         # One snapshot per DETAIL_MIN_PERIOD_S at most (the prime is never sent), whatever was asked.
         self.assertGreaterEqual(len(with_detail), 1)
         self.assertLessEqual(len(with_detail), span / cares.DETAIL_MIN_PERIOD_S + 1, (len(with_detail), span))
-        self.assertLessEqual(client._detail.taken, len(with_detail) + 1)
+        self.assertLessEqual(client.detail.sampler.taken, len(with_detail) + 1)
         self.assertEqual(client.state.phase, cares.ConnectionPhase.CONNECTED)
 
     def test_detail_unasked_or_hostile_is_ignored_or_made_safe(self):
@@ -2329,7 +2329,7 @@ class RoutineOperationsTest(ClusterTestCase):
     def test_refusal_floods_become_summaries(self):
         orchestrator = self.start_orchestrator()
         registry = orchestrator.registry
-        registry.refusal_summary.window_s = 0.5
+        registry.refusals.summary.window_s = 0.5
         stub = raw_stub(self, orchestrator.port)
         # 250 in flight at a time: 2,000 at once on one connection made gRPC itself cancel a few
         # (CANCELLED) on a loaded machine, before cares saw them.
@@ -2347,7 +2347,7 @@ class RoutineOperationsTest(ClusterTestCase):
         # The first refusal is logged at once; the other 1,999 only as counts in summary lines.
         self.assertIsNotNone(wait_until(lambda: summed() == 1999, 5), refusals())
         # The first line, then at most one summary per window while they came in (and one after).
-        windows = (time.monotonic() - started) / registry.refusal_summary.window_s
+        windows = (time.monotonic() - started) / registry.refusals.summary.window_s
         self.assertLessEqual(len(refusals()), 2 + math.ceil(windows), refusals())
         self.assertIn("Join from 127.0.0.1 refused: invalid node ID 'bad id ", refusals()[0])
         self.assertRegex(refusals()[1], r"^\d+ joins refused from 127\.0\.0\.1 in the last \d+ s: invalid join\.$")
