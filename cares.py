@@ -1429,7 +1429,7 @@ _LEFT = Transition(NodeStatus.DISCONNECTED, EventKind.LEFT, Level.INFO, "Node '{
                    left=True)
 _LOST = Transition(NodeStatus.DISCONNECTED, EventKind.LOST, Level.WARN, "Node '{node_id}' lost: {why}.")
 # Every status change a node can go through, and what is said about it: (status, event) -> what
-# follows. NodeRegistry._transition_locked applies it; a pair not listed changes nothing (an ended
+# follows. apply_transition applies it; a pair not listed changes nothing (an ended
 # stream of a node already Disconnected, a sample from an Active node).
 NODE_TRANSITIONS = {
     **{(status, NodeEvent.STREAM_BOUND): Transition(NodeStatus.JOINING) for status in NodeStatus},
@@ -1504,6 +1504,24 @@ class Node:
                 "cpu_percent": metrics.cpu_percent, "memory_percent": metrics.memory_percent}
 
 
+def apply_transition(node: Node, event: NodeEvent, why: str = "") -> tuple | None:
+    """Apply NODE_TRANSITIONS to a node (under the registry's lock); the event to raise once the
+    lock is released (NodeRegistry.announce), or None when the table has none."""
+    transition = NODE_TRANSITIONS.get((node.status, event))
+    if transition is None:
+        return None
+    node.status = transition.status
+    if transition.status is NodeStatus.DISCONNECTED:
+        node.gone_at, node.left = time.time(), transition.left
+        node.alert_since, node.alerting = {}, frozenset()
+    elif transition.status is NodeStatus.JOINING:
+        node.left = False
+    if transition.kind is None:
+        return None
+    return (transition.level, transition.message.format(node_id=node.node_id, why=why), transition.kind,
+            node.node_id, node.event_values())
+
+
 _PERCENT_INDEXES = tuple(index for index, name in enumerate(METRIC_NAMES) if name in PERCENT_METRICS)
 _OTHER_INDEXES = tuple(index for index, name in enumerate(METRIC_NAMES) if name not in PERCENT_METRICS)
 
@@ -1566,6 +1584,18 @@ class PendingJoin:
     info: JoinInfo
     digest: bytes
     expires_at: float  # LoopClock time
+
+
+def check_claim(node: Node, digest: bytes) -> None:
+    """Refuse a join or stream for a node whose ID belongs to another secret, or that is
+    streaming and not provably the same worker (which may take its place)."""
+    if node.owner_digest and not hmac.compare_digest(node.owner_digest, digest):
+        raise Refusal(RefusalReason.ID_OWNED,
+                      f"node ID '{node.node_id}' belongs to another worker (a different node secret); "
+                      f"pick another with --node-id")
+    if node.streaming and not node.owner_digest:
+        raise Refusal(RefusalReason.ID_IN_USE,
+                      f"node ID '{node.node_id}' is already connected; pick another with --node-id")
 
 
 class RegistryReads:
@@ -1672,25 +1702,8 @@ class NodeRegistry(RegistryReads):
 
     # -- joining and streams ------------------------------------------------
 
-    def _transition_locked(self, node: Node, event: NodeEvent, why: str = "") -> tuple | None:
-        """Apply NODE_TRANSITIONS to a node (under the lock); the event to raise once the lock is
-        released (announce()), or None when the table has none."""
-        transition = NODE_TRANSITIONS.get((node.status, event))
-        if transition is None:
-            return None
-        node.status = transition.status
-        if transition.status is NodeStatus.DISCONNECTED:
-            node.gone_at, node.left = time.time(), transition.left
-            node.alert_since, node.alerting = {}, frozenset()
-        elif transition.status is NodeStatus.JOINING:
-            node.left = False
-        if transition.kind is None:
-            return None
-        return (transition.level, transition.message.format(node_id=node.node_id, why=why), transition.kind,
-                node.node_id, node.event_values())
-
     def announce(self, *said) -> None:
-        """Raise the events _transition_locked returned (outside the lock: listeners run here)."""
+        """Raise the events apply_transition returned (outside the lock: listeners run here)."""
         for event in said:
             if event is not None:
                 self.events.add(*event)
@@ -1708,25 +1721,13 @@ class NodeRegistry(RegistryReads):
         with self._lock:
             node = self._nodes.get(node_id)
             if node is not None:
-                self._check_claim_locked(node, digest)
+                check_claim(node, digest)
             self._pending.pop(node_id, None)
             if len(self._pending) >= PENDING_JOINS_LIMIT:
                 del self._pending[next(iter(self._pending))]  # the oldest: a genuine worker simply joins again
             self._pending[node_id] = pending
             self.joins_accepted += 1
         return pending.session_id
-
-    @staticmethod
-    def _check_claim_locked(node: Node, digest: bytes) -> None:
-        """Refuse a join or stream for a node whose ID belongs to another secret, or that is
-        streaming and not provably the same worker (which may take its place)."""
-        if node.owner_digest and not hmac.compare_digest(node.owner_digest, digest):
-            raise Refusal(RefusalReason.ID_OWNED,
-                          f"node ID '{node.node_id}' belongs to another worker (a different node secret); "
-                          f"pick another with --node-id")
-        if node.streaming and not node.owner_digest:
-            raise Refusal(RefusalReason.ID_IN_USE,
-                          f"node ID '{node.node_id}' is already connected; pick another with --node-id")
 
     def attach_stream(self, node_id: str, session_id: str) -> str:
         """Bind a heartbeat stream to its join: the node appears, Joining. Returns the session ID
@@ -1740,7 +1741,7 @@ class NodeRegistry(RegistryReads):
                               "with that node_id and session_id")
             node = self._nodes.get(node_id)
             if node is not None:
-                self._check_claim_locked(node, pending.digest)
+                check_claim(node, pending.digest)
             elif len(self._nodes) >= self.max_nodes and not self._evict_one_locked():
                 raise Refusal(RefusalReason.CLUSTER_FULL,
                               f"the cluster is full ({self.max_nodes} nodes)")
@@ -1755,7 +1756,7 @@ class NodeRegistry(RegistryReads):
             node.memory_total_bytes, node.detail_offer = info.memory_total_bytes, info.detail_offer
             node.search_text = search_text(node)
             node.owner_digest = node.owner_digest or pending.digest
-            self._transition_locked(node, NodeEvent.STREAM_BOUND)
+            apply_transition(node, NodeEvent.STREAM_BOUND)
             node.alert_since, node.alerting = {}, frozenset()
             node.session_id, node.streaming = session_id, True
             self.changes += 1
@@ -1801,7 +1802,7 @@ class NodeRegistry(RegistryReads):
                     node.memory_total_bytes = int(metrics.memory_total_bytes)
                 node.history.add(metrics, now, self.heartbeat_interval)
                 alerts = follow_alert_rules(self.alert_rules, node, metrics, time.monotonic()) if self.alert_rules else ()
-                joined = self._transition_locked(node, arrival) if node.status is NodeStatus.JOINING else None
+                joined = apply_transition(node, arrival) if node.status is NodeStatus.JOINING else None
         if problem is not None:
             if _is_power_of_ten(dropped):
                 self.events.add(Level.WARN, f"Node '{node_id}' sent a bad sample ({problem}); "
@@ -1826,7 +1827,7 @@ class NodeRegistry(RegistryReads):
             node.streaming = False
             if not node.status.live:
                 return False
-            said = self._transition_locked(node, NodeEvent.GOODBYE if left else NodeEvent.STREAM_ENDED, reason)
+            said = apply_transition(node, NodeEvent.GOODBYE if left else NodeEvent.STREAM_ENDED, reason)
         self.announce(said)
         return True
 
@@ -1845,7 +1846,7 @@ class NodeRegistry(RegistryReads):
             for node in silent:
                 why = (f"no accepted sample for {limit:.1f} s ({node.dropped_samples} rejected: {node.drop_reason})"
                        if node.dropped_samples else f"no heartbeat for {limit:.1f} s")
-                said.append(self._transition_locked(node, NodeEvent.SILENT, why))
+                said.append(apply_transition(node, NodeEvent.SILENT, why))
                 expired.append((node.node_id, node.session_id))
         for pending in stale_joins:
             self.refusals.add(host_of(pending.address), PeerRequest.JOIN, Refusal(RefusalReason.JOIN_EXPIRED, ""))
@@ -1879,7 +1880,7 @@ class NodeRegistry(RegistryReads):
         A record that does not hold together is skipped (node_from_record)."""
         restored = []
         for node in filter(None, map(node_from_record, records)):
-            self._transition_locked(node, NodeEvent.RESTORED)  # a new node, not in the registry yet
+            apply_transition(node, NodeEvent.RESTORED)  # a new node, not in the registry yet
             node.gone_at = node.last_seen or time.time()
             node.search_text = search_text(node)
             restored.append(node)
@@ -1898,7 +1899,7 @@ class NodeRegistry(RegistryReads):
         with self._lock:
             if self._restored_at is None or self.clock.now() - self._restored_at < self.silence_limit:
                 return
-            said = [self._transition_locked(self._nodes[node_id], NodeEvent.NOT_BACK)
+            said = [apply_transition(self._nodes[node_id], NodeEvent.NOT_BACK)
                     for node_id in sorted(self._unannounced) if node_id in self._nodes]
             self._unannounced.clear()
             self._restored_at = None
@@ -4636,8 +4637,10 @@ class WorkerConfig:
 
 # `status` may receive pages of up to STATUS_PAGE_BYTES (plus one row); the 64 KiB cap is for
 # what the orchestrator receives from strangers, not for what an operator asks of it.
+# Each status call has its own channel and subchannel pool: a call made while the orchestrator was
+# not up yet must not leave the next one in the shared pool's reconnect backoff (about a second).
 STATUS_CLIENT_OPTIONS = [option for option in WORKER_OPTIONS if option[0] != "grpc.max_receive_message_length"] \
-    + [("grpc.max_receive_message_length", 4 * STATUS_PAGE_BYTES)]
+    + [("grpc.max_receive_message_length", 4 * STATUS_PAGE_BYTES), ("grpc.use_local_subchannel_pool", 1)]
 
 
 def fetch_status(target: str, *, token: str | None = None, tls_ca: bytes | None = None,
@@ -5603,6 +5606,10 @@ class TuiApp:
         """Own the terminal until the user quits; rebuild the scenes on every resize. SIGTERM, and
         SIGHUP (the terminal or ssh session is gone), leave the way q does: workers say goodbye,
         an orchestrator tells its workers."""
+        # curses waits ESCDELAY ms after an Escape for the rest of a key sequence: 1 s by default,
+        # which makes Esc (leave a view, clear the filter) feel broken. Local terminals and ssh
+        # deliver sequences well within 25 ms; a user's own setting wins.
+        os.environ.setdefault("ESCDELAY", "25")
         scenes = load_tui()
         previous = {signum: signal.signal(signum, _raise_termination) for signum in (signal.SIGTERM, signal.SIGHUP)}
         try:

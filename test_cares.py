@@ -906,14 +906,13 @@ class NodeRegistryTest(unittest.TestCase):
         self.assertEqual(registry.get("a").metrics.cpu_percent, 6)
 
     def test_status_changes_follow_the_transition_table(self):
-        """Every row of NODE_TRANSITIONS, applied by the one method that applies them, and every
+        """Every row of NODE_TRANSITIONS, applied by the one function that applies them, and every
         pair it does not list leaves the node as it was and says nothing."""
-        registry = cares.NodeRegistry()
         for status in cares.NodeStatus:
             for event in cares.NodeEvent:
                 with self.subTest(status=status, event=event):
                     node = cares.Node("n1", status=status, alerting=frozenset({"rule"}))
-                    said = registry._transition_locked(node, event, why="a reason")
+                    said = cares.apply_transition(node, event, why="a reason")
                     transition = cares.NODE_TRANSITIONS.get((status, event))
                     if transition is None:
                         self.assertEqual((node.status, said, node.alerting), (status, None, frozenset({"rule"})))
