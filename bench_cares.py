@@ -718,6 +718,11 @@ ALL_CHILDREN: list[Child] = []
 TMUX_SOCKETS: list[str] = []
 
 
+def imported_main(folder: str, module: str) -> str:
+    """python -c code that imports module from folder and exits with its main(argv)."""
+    return f"import sys; sys.path.insert(0, {folder!r}); import {module}; sys.exit({module}.main(sys.argv[1:]))"
+
+
 def cleanup_everything() -> None:
     """Kill every child and tmux server the bench started; safe to call twice."""
     for child in list(ALL_CHILDREN):
@@ -754,11 +759,15 @@ class Bench:
         log(f"FAILED: {text}")
         self.failures.append(text)
 
+    # Children import their module, as cares.pyz and the service do, rather than run it as a
+    # script: CPython keeps a script's whole parse tree for as long as it runs (18 MB for cares.py,
+    # 5 MB for this file), which no deployed worker carries and the figures must not either.
     def spawn_role(self, role: str, name: str, extra: list[str]) -> Child:
-        return Child(name, [PYTHON, os.path.abspath(__file__), role, *extra], self.workdir, talk=True)
+        return Child(name, [PYTHON, "-c", imported_main(HERE, "bench_cares"), role, *extra], self.workdir, talk=True)
 
     def spawn_cares(self, name: str, args: list[str], cares_py: str = CARES_PY) -> Child:
-        return Child(name, [PYTHON, cares_py, *args], self.workdir, env=self.cares_env())
+        return Child(name, [PYTHON, "-c", imported_main(os.path.dirname(cares_py), "cares"), *args], self.workdir,
+                     env=self.cares_env())
 
     def cares_env(self) -> dict:
         """The environment of the cares processes the bench starts: a worker keeps its node secret
