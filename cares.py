@@ -33,10 +33,12 @@ import filecmp
 import functools
 import gc
 import hashlib
+import heapq
 import hmac
 import ipaddress
 import json
 import math
+import operator
 import os
 import platform
 import pwd
@@ -696,7 +698,8 @@ class DetailSampler:
         self._processes: dict[int, tuple] = {}  # pid -> (create time, CPU seconds, I/O bytes)
         self._interfaces: dict[str, tuple] = {}  # name -> (bytes received, bytes sent)
         self._cgroups: dict[str, int] = {}  # path -> usage_usec
-        self._cgroup_root = cgroup_root if cgroup_root is not None else cgroup2_root()
+        self._cgroup_root = cgroup_root  # found at the first snapshot: reading /proc/self/mounts is I/O,
+        # and the worker builds its sampler on the gRPC loop, when the first request arrives
         self._engine_sockets = engine_sockets
         self._engine_names: dict[str, tuple[str, str]] = {}  # container ID -> (engine, name)
         self._engine_names_at = -math.inf
@@ -720,9 +723,8 @@ class DetailSampler:
             detail = pb.NodeDetail(window_s=window)
             left_out = 0
             if self.share_processes:
-                processes, count, cut = self._read_processes(window)
+                processes, detail.process_count = self._read_processes(window)
                 detail.processes.extend(processes)
-                detail.process_count, left_out = count, left_out + cut
                 # PID 1 is always there, unless /proc shows this user's processes only.
                 detail.own_processes_only = not os.path.exists("/proc/1") and os.path.isdir("/proc/self")
             for field, entries in (("mounts", read_mounts()), ("interfaces", self._read_interfaces(window)),
@@ -732,8 +734,8 @@ class DetailSampler:
             detail.left_out = left_out + fit_detail(detail, DETAIL_BYTE_BUDGET)
             return detail
 
-    def _read_processes(self, window: float) -> tuple[list, int, int]:
-        """The union of the top TOP_PROCESSES by CPU, memory and I/O; how many there are; how many were cut."""
+    def _read_processes(self, window: float) -> tuple[list, int]:
+        """The union of the top TOP_PROCESSES by CPU, memory and I/O, and how many processes there are."""
         attrs = ["pid", "name", "username", "cpu_times", "memory_info", "status", "num_threads",
                  "io_counters", "create_time"] + (["cmdline"] if self.share_command_lines else [])
         previous, current, rows = self._processes, {}, []
@@ -749,15 +751,15 @@ class DetailSampler:
             current[info["pid"]] = (created, cpu_seconds, io_bytes)
             before = previous.get(info["pid"])
             cpu = io_rate = 0.0
-            if window > 0 and before is not None and before[0] == created:
-                cpu = max(cpu_seconds - before[1], 0.0) / window * 100.0
+            if before is not None and before[0] == created:  # the same process, not a reused PID
+                cpu = counter_rate(cpu_seconds, before[1], window) * 100.0
                 if io_bytes is not None and before[2] is not None:
-                    io_rate = max(io_bytes - before[2], 0) / window
+                    io_rate = counter_rate(io_bytes, before[2], window)
             rows.append((info, cpu, memory.rss, io_rate, io_bytes is None))
         self._processes = current
         chosen: dict[int, tuple] = {}
-        for index in (1, 2, 3):
-            for row in heapq_largest(rows, TOP_PROCESSES, index):
+        for index in (1, 2, 3):  # by CPU, by memory, by I/O
+            for row in heapq.nlargest(TOP_PROCESSES, rows, key=operator.itemgetter(index)):
                 chosen[row[0]["pid"]] = row
         samples = []
         for info, cpu, rss, io_rate, io_unknown in sorted(chosen.values(), key=lambda row: -row[1]):
@@ -767,7 +769,7 @@ class DetailSampler:
                 command_line=command_line[:COMMAND_LINE_LIMIT], cpu_percent=round(cpu, 1), rss_bytes=rss,
                 io_bytes_per_s=round(io_rate, 1), state=str(info.get("status") or "")[:16],
                 threads=info.get("num_threads") or 0, io_unknown=io_unknown))
-        return samples, len(rows), 0
+        return samples, len(rows)
 
     def _read_interfaces(self, window: float) -> list:
         counters = psutil.net_io_counters(pernic=True, nowrap=True) or {}
@@ -778,9 +780,9 @@ class DetailSampler:
             current[name] = (io.bytes_recv, io.bytes_sent)
             before = previous.get(name)
             receive = transmit = 0.0
-            if window > 0 and before is not None:
-                receive = max(io.bytes_recv - before[0], 0) / window
-                transmit = max(io.bytes_sent - before[1], 0) / window
+            if before is not None:
+                receive, transmit = (counter_rate(io.bytes_recv, before[0], window),
+                                     counter_rate(io.bytes_sent, before[1], window))
             samples.append(pb.InterfaceSample(
                 name=name[:32], receive_bytes_per_s=round(receive, 1), transmit_bytes_per_s=round(transmit, 1),
                 errors_in=io.errin, errors_out=io.errout, drops_in=io.dropin, drops_out=io.dropout,
@@ -791,6 +793,8 @@ class DetailSampler:
     def _read_containers(self, window: float) -> list:
         """cgroup v2 groups that hold processes, busiest first: containers (named by the Docker or
         Podman API when its socket is readable), services and any other group."""
+        if self._cgroup_root is None:
+            self._cgroup_root = cgroup2_root()
         if not self._cgroup_root:
             return []
         previous, current, found = self._cgroups, {}, []
@@ -800,7 +804,7 @@ class DetailSampler:
                 continue
             current[path] = usage
             before = previous.get(path)
-            cpu = max(usage - before, 0) / 1e6 / window * 100.0 if window > 0 and before is not None else 0.0
+            cpu = counter_rate(usage, before, window) / 1e4 if before is not None else 0.0  # us/s -> % of a CPU
             found.append((path, cpu))
         self._cgroups = current
         found.sort(key=lambda entry: -entry[1])
@@ -825,8 +829,10 @@ class DetailSampler:
         return self._engine_names
 
 
-def heapq_largest(rows: list, count: int, index: int) -> list:
-    return sorted(rows, key=lambda row: row[index], reverse=True)[:count] if len(rows) > count else list(rows)
+def counter_rate(new: float, old: float, window: float) -> float:
+    """A cumulative counter's rate over window seconds; 0 without a window, or for a counter that
+    went back (a device reset, a cgroup recreated): CounterRates' rule, for one counter."""
+    return max(new - old, 0) / window if window > 0 else 0.0
 
 
 def fit_detail(detail: pb.NodeDetail, budget: int) -> int:
@@ -2256,9 +2262,7 @@ class HistoryStore:
         self._minutes: dict = {}  # (node_id, minute start) -> [samples, sums, maxima]
         self._node_keys: dict[str, int] = {}
         self._wake = threading.Event()
-        self._stopping = False
         self._flushed = threading.Event()
-        self._last_error = ""
         self._db = None
         self._last_error = self._open()
         if self._last_error:
@@ -2291,7 +2295,7 @@ class HistoryStore:
         self._flushed.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stopping = True
+        """Write what is pending (the thread is a daemon: it ends with the process)."""
         self.flush(timeout)
 
     # -- the history thread ----------------------------------------------------
@@ -3930,7 +3934,7 @@ class Orchestrator:
         counters = self.registry.counters()
         refused = {reason.label: 0 for reason in RefusalReason if reason.is_join}
         for (what, reason), count in counters["refusals"].items():
-            if PeerRequest(what).is_join and reason.is_join:
+            if what.is_join and reason.is_join:
                 refused[reason.label] += count
         return self.registry.snapshot(with_history=False), {
             "heartbeats_received": counters["heartbeats_received"], "samples_dropped": counters["samples_dropped"],
@@ -5289,7 +5293,7 @@ def detail_notice(version: str, offer: DetailOffer | None, status: NodeStatus, d
 
 EVENT_MARKS = {"joined": "J", "rejoined": "R", "left": "L", "lost": "X", "threshold": "!", "recovered": "+",
                "missing": "?"}
-EVENT_MARKS_LEGEND = "J joined  R rejoined  L left  X lost  ! threshold  + recovered  ? missing"
+EVENT_MARKS_LEGEND = "  ".join(f"{mark} {kind}" for kind, mark in EVENT_MARKS.items())
 
 
 def history_lines(series: HistorySeries, width: int, height: int, glyphs: Glyphs = UNICODE_GLYPHS) -> list:
