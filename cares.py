@@ -2769,7 +2769,9 @@ class _Stream:
     ending: StreamEnding = StreamEnding.NONE
     interval_ms: int = 0  # the interval this stream was last told
     write_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
-    asking_detail: bool = False  # a DetailRequest write is under way: a stuck stream gets no pile of them
+    # The DetailRequest write under way, if any: a stuck stream gets no pile of them, and the task
+    # is held here (asyncio keeps only weak references to tasks).
+    detail_write: asyncio.Task | None = None
 
 
 class ClusterServicer(pb_grpc.ClusterServiceServicer):
@@ -2891,9 +2893,9 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         stuck stream holds up nothing). Called on the gRPC loop."""
         for node_id in node_ids:
             stream = self._streams.get(node_id)
-            if stream is not None and not stream.asking_detail and stream.ending is StreamEnding.NONE:
-                stream.asking_detail = True
-                asyncio.ensure_future(self._ask_for_detail(stream))
+            if stream is not None and stream.ending is StreamEnding.NONE and \
+                    (stream.detail_write is None or stream.detail_write.done()):
+                stream.detail_write = asyncio.ensure_future(self._ask_for_detail(stream))
 
     @staticmethod
     async def _ask_for_detail(stream: _Stream) -> None:
@@ -2902,8 +2904,6 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
                 await stream.context.write(DETAIL_REQUEST)
         except Exception:  # the stream is ending; its own handler deals with that
             pass
-        finally:
-            stream.asking_detail = False
 
     def _end_stream(self, node_id: str, session_id: str, ending: StreamEnding) -> None:
         stream = self._streams.get(node_id)
@@ -2995,10 +2995,9 @@ class StatusServicer(pb_grpc.StatusServiceServicer):
         store = self._history()
         if store is None:
             return pb.NodeHistory(node_id=request.node_id, kept=False)
-        # SQLite is read on a worker thread, never on the loop.
-        series = await asyncio.get_running_loop().run_in_executor(
-            None, store.series, request.node_id, spans[request.range_s])
-        return history_message(series, store.days)
+        # SQLite is read, and the reply built, on a worker thread, never on the loop.
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: history_message(store.series(request.node_id, spans[request.range_s]), store.days))
 
     async def GetNodeDetail(self, request, context):
         source = peer_host(context.peer())
@@ -3025,10 +3024,10 @@ class StatusServicer(pb_grpc.StatusServiceServicer):
                 await asyncio.sleep(0.05)
         node = self.registry.get(request.node_id)
         if node is None:  # forgotten while we waited
-            refusal = Refusal(RefusalReason.UNKNOWN_NODE,
-                                    f"node '{sanitize_text(request.node_id, 64)}' was forgotten")
+            refusal = Refusal(RefusalReason.UNKNOWN_NODE, f"node '{sanitize_text(request.node_id, 64)}' was forgotten")
             await refuse(self.registry, context, source, PeerRequest.STATUS_REQUEST, refusal)
-        return node_status_message(node, with_detail=True)
+        # Making a worker's detail safe is ~100 sanitize_text calls: on a worker thread, as ListNodes' rows.
+        return await loop.run_in_executor(None, functools.partial(node_status_message, node, with_detail=True))
 
     async def ListNodes(self, request, context):
         source = peer_host(context.peer())
