@@ -5127,14 +5127,25 @@ def prepare_table(nodes: list[Node], state: TableState, height: int) -> TableVie
     query = state.query.strip()
     matching = sort_nodes([node for node in nodes if node_matches(node, query)] if query else nodes,
                           state.sort_key, state.reverse)
-    index = next((i for i, node in enumerate(matching) if node.node_id == state.selected), -1)
-    if index < 0 and matching:
-        index = min(max(state.scroll, 0), len(matching) - 1)
+    index, state.scroll = selection_in_view(matching, _NODE_ID, state.selected, state.scroll, height)
     state.selected = matching[index].node_id if index >= 0 else ""
+    return TableView(matching[state.scroll: state.scroll + max(height, 1)], state.scroll, len(matching), len(nodes),
+                     index)
+
+
+_NODE_ID = operator.attrgetter("node_id")
+
+
+def selection_in_view(items: list, key, selected, scroll: int, height: int) -> tuple[int, int]:
+    """(the selected item's index, the scroll that keeps it in a view height rows tall), for the
+    node table and the process table alike: the selection follows its key (a node ID, a PID) as
+    the rows re-sort; when its item is gone, the row at the scroll is taken; -1 for no items."""
+    index = next((i for i, item in enumerate(items) if key(item) == selected), -1)
+    if index < 0 and items:
+        index = min(max(scroll, 0), len(items) - 1)
     height = max(height, 1)
-    state.scroll = min(max(state.scroll, index - height + 1, 0), index if index >= 0 else 0)
-    state.scroll = max(min(state.scroll, len(matching) - height), 0)
-    return TableView(matching[state.scroll: state.scroll + height], state.scroll, len(matching), len(nodes), index)
+    scroll = min(max(scroll, index - height + 1, 0), index if index >= 0 else 0)
+    return index, max(min(scroll, len(items) - height), 0)
 
 
 def move_selection(state: TableState, view: TableView, step: int) -> None:
@@ -5204,25 +5215,26 @@ class ProcessView:
     selected_index: int
 
 
+def ordered_processes(detail, order: ProcessOrder) -> list:
+    return sorted(detail.processes, key=_PROCESS_SORT[order], reverse=True) if detail is not None else []
+
+
 def prepare_processes(detail, state: DetailState, height: int) -> ProcessView:
     """Sort the snapshot's processes, keep the selection on its PID and in view."""
-    processes = sorted(detail.processes, key=_PROCESS_SORT[state.order], reverse=True) if detail is not None else []
-    index = next((i for i, process in enumerate(processes) if process.pid == state.selected_pid), -1)
-    if index < 0 and processes:
-        index = min(max(state.scroll, 0), len(processes) - 1)
+    processes = ordered_processes(detail, state.order)
+    index, state.scroll = selection_in_view(processes, _PID, state.selected_pid, state.scroll, height)
     state.selected_pid = processes[index].pid if index >= 0 else 0
-    height = max(height, 1)
-    state.scroll = min(max(state.scroll, index - height + 1, 0), index if index >= 0 else 0)
-    state.scroll = max(min(state.scroll, len(processes) - height), 0)
-    return ProcessView(processes[state.scroll:state.scroll + height], state.scroll, len(processes), index)
+    return ProcessView(processes[state.scroll:state.scroll + max(height, 1)], state.scroll, len(processes), index)
+
+
+_PID = operator.attrgetter("pid")
 
 
 def move_process_selection(state: DetailState, view: ProcessView, step: int, detail) -> None:
     if view.count == 0 or view.selected_index < 0:
         return
     target = min(max(view.selected_index + step, 0), view.count - 1)
-    ordered = sorted(detail.processes, key=_PROCESS_SORT[state.order], reverse=True)
-    state.selected_pid = ordered[target].pid
+    state.selected_pid = ordered_processes(detail, state.order)[target].pid
 
 
 PROCESS_HEADER = f"{'PID':>7} {'USER':<9} {'CPU%':>6} {'RSS':>9} {'I/O/s':>6} S {'THR':>4}  COMMAND"
@@ -5448,6 +5460,13 @@ MOVE_KEYS = (TerminalKey.UP, TerminalKey.DOWN, TerminalKey.PAGE_UP, TerminalKey.
 # Ctrl-C arrives as a key because the screen is opened with catch_interrupt.
 QUIT_KEYS = (ord("q"), ord("Q"), 3)
 ENTER_KEYS = (10, 13)
+
+
+def move_step(key: int, page: int) -> int:
+    """The rows one of MOVE_KEYS moves a selection or a list by: one, a page, or to either end."""
+    page = max(page, 1)
+    return {TerminalKey.UP.code: -1, TerminalKey.DOWN.code: 1, TerminalKey.PAGE_UP.code: -page,
+            TerminalKey.PAGE_DOWN.code: page, TerminalKey.HOME.code: -10**9, TerminalKey.END.code: 10**9}[key]
 
 
 def key_code(key) -> int:
@@ -6023,10 +6042,7 @@ class DashboardLogic(CommandKeys):
     # -- the actions of DASHBOARD_KEYS ---------------------------------------
 
     def move_by_key(self, key: int) -> None:
-        page = max(self._table.rows - 1, 1)
-        self._move({TerminalKey.UP.code: -1, TerminalKey.DOWN.code: 1, TerminalKey.PAGE_UP.code: -page,
-                    TerminalKey.PAGE_DOWN.code: page, TerminalKey.HOME.code: -10**9,
-                    TerminalKey.END.code: 10**9}[key])
+        self._move(move_step(key, self._table.rows - 1))
 
     def open_detail(self, key: int) -> bool:
         if not self._settle_selection():
@@ -6214,9 +6230,7 @@ class DetailLogic(CommandKeys):
         state, shown = self.app.detail, self.shown
         if shown is None or shown.node is None:
             return
-        page = max(self._process_rows - 1, 1)
-        step = {TerminalKey.UP.code: -1, TerminalKey.DOWN.code: 1, TerminalKey.PAGE_UP.code: -page,
-                TerminalKey.PAGE_DOWN.code: page, TerminalKey.HOME.code: -10**6, TerminalKey.END.code: 10**6}[key]
+        step = move_step(key, self._process_rows - 1)
         if state.section is DetailSection.PROCESSES and shown.processes is not None:
             move_process_selection(state, shown.processes, step, self._safe[1])
         elif state.section is not DetailSection.GRAPHS:
