@@ -4688,15 +4688,20 @@ def fetch_status(target: str, *, token: str | None = None, tls_ca: bytes | None 
     return [status_row(node) for node in rows]
 
 
+def one_status_call(target: str, tls_ca: bytes | None, timeout: float, call):
+    """call(StatusServiceStub) awaited on a channel of its own, from any thread but the gRPC loop."""
+    async def run():
+        async with _channel_for(target, tls_ca, STATUS_CLIENT_OPTIONS) as channel:
+            return await call(pb_grpc.StatusServiceStub(channel))
+
+    return run_on_grpc_loop(run(), timeout=timeout + 5)
+
+
 def fetch_node_detail(target: str, node_id: str, *, token: str | None = None, tls_ca: bytes | None = None,
                       timeout: float = DETAIL_REPLY_WAIT_S + 5) -> NodeDetailReply:
     """One node's row and a fresh detail snapshot, asked of its worker through the orchestrator."""
-    async def call():
-        async with _channel_for(target, tls_ca, STATUS_CLIENT_OPTIONS) as channel:
-            return await pb_grpc.StatusServiceStub(channel).GetNodeDetail(
-                pb.NodeDetailRequest(node_id=node_id), metadata=token_metadata(token), timeout=timeout)
-
-    reply = run_on_grpc_loop(call(), timeout=timeout + 5)
+    reply = one_status_call(target, tls_ca, timeout, lambda stub: stub.GetNodeDetail(
+        pb.NodeDetailRequest(node_id=node_id), metadata=token_metadata(token), timeout=timeout))
     offer = (DetailOffer(reply.detail_offer.processes, reply.detail_offer.command_lines)
              if reply.HasField("detail_offer") else None)
     detail = safe_detail(reply.detail, offer) if reply.HasField("detail") else None
@@ -4707,13 +4712,8 @@ def fetch_node_history(target: str, node_id: str, span: HistoryRange, *, token: 
                        tls_ca: bytes | None = None, timeout: float = 10.0) -> dict:
     """One node's history as `status NODE --history RANGE --json` prints it (made safe: what an
     orchestrator sends is untrusted too)."""
-    async def call():
-        async with _channel_for(target, tls_ca, STATUS_CLIENT_OPTIONS) as channel:
-            return await pb_grpc.StatusServiceStub(channel).GetNodeHistory(
-                pb.NodeHistoryRequest(node_id=node_id, range_s=span.seconds), metadata=token_metadata(token),
-                timeout=timeout)
-
-    reply = run_on_grpc_loop(call(), timeout=timeout + 5)
+    reply = one_status_call(target, tls_ca, timeout, lambda stub: stub.GetNodeHistory(
+        pb.NodeHistoryRequest(node_id=node_id, range_s=span.seconds), metadata=token_metadata(token), timeout=timeout))
     known = {name for name, _ in HISTORY_METRICS}
     return {"node_id": sanitize_text(reply.node_id, 63), "kept": reply.kept, "history_days": reply.history_days,
             "range": span.value, "bucket_s": reply.bucket_s, "end": reply.end_unix_s,
