@@ -1594,6 +1594,23 @@ class PendingJoin:
     digest: bytes
     expires_at: float  # LoopClock time
 
+    def bind(self, node: Node, now: float) -> None:
+        """The node takes this join's identity and session (under the registry's lock): Joining,
+        heard from now, and blank until its first sample, since what it measured before it went
+        away is not how it is now."""
+        info = self.info
+        node.address, node.hostname, node.labels = self.address, info.hostname, info.labels
+        node.platform, node.version, node.cpu_count = info.platform, info.version, info.cpu_count
+        node.memory_total_bytes, node.detail_offer = info.memory_total_bytes, info.detail_offer
+        node.search_text = search_text(node)
+        node.owner_digest = node.owner_digest or self.digest
+        apply_transition(node, NodeEvent.STREAM_BOUND)
+        node.alert_since, node.alerting = {}, frozenset()
+        node.session_id, node.streaming = self.session_id, True
+        node.heard_at, node.last_sequence = now, 0
+        node.dropped_samples, node.drop_reason = 0, ""
+        node.metrics = None
+
 
 def check_claim(node: Node, digest: bytes) -> None:
     """Refuse a join or stream for a node whose ID belongs to another secret, or that is
@@ -1762,20 +1779,8 @@ class NodeRegistry(RegistryReads):
                 node = self._nodes[node_id] = Node(node_id, joined_at=time.time())
                 self._sorted_ids = None
             replaced = node.session_id if node.streaming else ""
-            info = pending.info
-            node.address, node.hostname, node.labels = pending.address, info.hostname, info.labels
-            node.platform, node.version, node.cpu_count = info.platform, info.version, info.cpu_count
-            node.memory_total_bytes, node.detail_offer = info.memory_total_bytes, info.detail_offer
-            node.search_text = search_text(node)
-            node.owner_digest = node.owner_digest or pending.digest
-            apply_transition(node, NodeEvent.STREAM_BOUND)
-            node.alert_since, node.alerting = {}, frozenset()
-            node.session_id, node.streaming = session_id, True
+            pending.bind(node, self.clock.now())
             self.changes += 1
-            node.heard_at, node.last_sequence = self.clock.now(), 0
-            node.dropped_samples, node.drop_reason = 0, ""
-            # What it measured before it went away is not how it is now: blank until its first sample.
-            node.metrics = None
             return replaced
 
     def _evict_one_locked(self) -> bool:
@@ -1890,12 +1895,7 @@ class NodeRegistry(RegistryReads):
     def restore(self, records: list[dict]) -> int:
         """Add the nodes a state file remembers as Missing (until they rejoin); returns how many.
         A record that does not hold together is skipped (node_from_record)."""
-        restored = []
-        for node in filter(None, map(node_from_record, records)):
-            apply_transition(node, NodeEvent.RESTORED)  # a new node, not in the registry yet
-            node.gone_at = node.last_seen or time.time()
-            node.search_text = search_text(node)
-            restored.append(node)
+        restored = [node for node in map(node_from_record, records) if node is not None]
         with self._lock:
             for node in restored[:self.max_nodes]:
                 if node.node_id not in self._nodes:
@@ -2024,7 +2024,8 @@ def stored_field(record: dict, key: str, kind, default=None):
 
 
 def node_from_record(record) -> Node | None:
-    """A node from a state file record, or None when the record does not hold together: each
+    """A Missing node from a state file record (gone since it was last seen, until it rejoins),
+    or None when the record does not hold together: each
     field must have the type the file was written with (a number where a name belongs, from a
     hand edit or another program's file, is refused like any other bad record, never coerced)."""
     try:
@@ -2044,7 +2045,12 @@ def node_from_record(record) -> Node | None:
                     owner_digest=bytes.fromhex(stored_field(record, "owner", str, "")))
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-    return node if is_valid_node_id(node.node_id) and labels_problem(node.labels) is None else None
+    if not is_valid_node_id(node.node_id) or labels_problem(node.labels) is not None:
+        return None
+    apply_transition(node, NodeEvent.RESTORED)  # a new node, not in any registry yet
+    node.gone_at = node.last_seen or time.time()
+    node.search_text = search_text(node)
+    return node
 
 
 class StateFile:
