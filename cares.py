@@ -526,7 +526,7 @@ class Metrics(typing.NamedTuple):
     load_average_1m: Optional[float] = None
     load_average_5m: Optional[float] = None
     load_average_15m: Optional[float] = None
-    boot_time_unix_s: Optional[float] = None
+    boot_time_unix_s: Optional[float] = None  # a time, not a load: the screens show the uptime it gives
     root_fs_used_percent: Optional[float] = None
     root_fs_size_bytes: Optional[float] = None
     disk_read_bytes_per_s: Optional[float] = None
@@ -1392,19 +1392,6 @@ def parse_alert(text: str) -> AlertRule:
 
 
 @dataclasses.dataclass(frozen=True)
-class JoinInfo:
-    """What a worker says about itself when it joins, already made safe to show."""
-
-    hostname: str = ""
-    labels: dict = dataclasses.field(default_factory=dict)
-    platform: str = ""
-    version: str = ""
-    cpu_count: int = 0
-    memory_total_bytes: int = 0
-    detail_offer: DetailOffer | None = None  # None: a worker older than on-demand detail
-
-
-@dataclasses.dataclass(frozen=True)
 class DetailOffer:
     """What a worker shares when asked for detail (NodeInfo.detail_offer)."""
 
@@ -1535,6 +1522,15 @@ _PERCENT_INDEXES = tuple(index for index, name in enumerate(METRIC_NAMES) if nam
 _OTHER_INDEXES = tuple(index for index, name in enumerate(METRIC_NAMES) if name not in PERCENT_METRICS)
 
 
+# What a worker says about itself when it joins (NodeInfo, already made safe to show): these
+# fields of a Node, declared once there; a bound stream copies them onto its node.
+JOIN_FIELDS = ("hostname", "labels", "platform", "version", "cpu_count", "memory_total_bytes", "detail_offer")
+JoinInfo = dataclasses.make_dataclass(
+    "JoinInfo", [(field.name, field.type, dataclasses.field(default=field.default, default_factory=field.default_factory))
+                 for field in dataclasses.fields(Node) if field.name in JOIN_FIELDS], frozen=True)
+JoinInfo.__module__ = __name__
+
+
 def search_text(node: Node) -> str:
     """What the dashboard's filter looks in: ID, host name and KEY=VALUE labels, in lower case."""
     return "\n".join([node.node_id, node.hostname, *(f"{key}={value}" for key, value in node.labels.items())]).lower()
@@ -1598,10 +1594,9 @@ class PendingJoin:
         """The node takes this join's identity and session (under the registry's lock): Joining,
         heard from now, and blank until its first sample, since what it measured before it went
         away is not how it is now."""
-        info = self.info
-        node.address, node.hostname, node.labels = self.address, info.hostname, info.labels
-        node.platform, node.version, node.cpu_count = info.platform, info.version, info.cpu_count
-        node.memory_total_bytes, node.detail_offer = info.memory_total_bytes, info.detail_offer
+        node.address = self.address
+        for name in JOIN_FIELDS:
+            setattr(node, name, getattr(self.info, name))
         node.search_text = search_text(node)
         node.owner_digest = node.owner_digest or self.digest
         apply_transition(node, NodeEvent.STREAM_BOUND)
@@ -4170,15 +4165,11 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
     return sanitize_text(f"{name}: {first_line}" if first_line else name, ERROR_TEXT_LIMIT)
 
 
-class ConnectionPhase(enum.Enum):
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    RETRYING = "retrying"
-    STOPPED = "stopped"
-
-
 @dataclasses.dataclass(frozen=True)
 class ConnectionState:
+    """What a worker tells its screen, its log and systemd about its link, replaced whole on
+    every change so a reader on another thread never sees half of one."""
+
     phase: ConnectionPhase
     target: str = ""
     detail: str = ""  # while retrying, the last error
@@ -4197,6 +4188,15 @@ class ConnectionState:
         if self.phase is ConnectionPhase.CONNECTING:
             return f"connecting to {self.target}"
         return self.phase.value
+
+
+class ConnectionPhase(enum.Enum):
+    """Where a worker's link to its orchestrator stands; the values are what its screen says."""
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RETRYING = "retrying"
+    STOPPED = "stopped"
 
 
 class OrchestratorShutdown(Exception):
@@ -5981,9 +5981,11 @@ class WorkerLogic:
 
 
 class CommandKeys:
-    """on_key for a frame whose keys are a KeyCommand table (bindings): the command's action
-    method is called with the key; it returns False to pass the key on."""
+    """on_key for a frame whose keys are a KeyCommand table (commands; its frame class makes
+    the bindings from it): the command's action method is called with the key; it returns False
+    to pass the key on."""
 
+    commands: tuple = ()
     bindings: dict = {}
 
     def on_key(self, key: int) -> bool:
@@ -5999,6 +6001,8 @@ _REORDERED = object()  # a dashboard's rows were reordered or filtered since the
 class DashboardLogic(CommandKeys):
     """The orchestrator's live view: header, node table, event log, key line. The frame's
     __init__ sets _table (the NodeTable pane)."""
+
+    commands = DASHBOARD_KEYS
 
     def _start(self) -> None:
         self._snapshot, self._snapshot_at = [], -math.inf
@@ -6154,6 +6158,8 @@ class DashboardLogic(CommandKeys):
 
 class DetailLogic(CommandKeys):
     """A node's detail view. The frame's __init__ sets _pane (the DetailPane)."""
+
+    commands = DETAIL_KEYS
 
     def _start(self) -> None:
         self._safe = (None, None)  # (the NodeDetail as sent, made safe): made safe once per snapshot
@@ -6369,6 +6375,25 @@ def _define_tui():
             self.app.view = view
             raise NextScene(view.value)
 
+        def lay_out(self, *widgets) -> None:
+            """The column top to bottom, then fixed: a frame's __init__ ends here."""
+            for widget in widgets:
+                self.column.add_widget(widget)
+            self.fix()
+
+    class KeyedFrame(AppFrame):
+        """A frame whose keys are its logic's KeyCommand table (commands): the bindings and the
+        key line are both made from it, so neither can drift from the other."""
+
+        def __init_subclass__(cls, **kwargs):
+            super().__init_subclass__(**kwargs)
+            cls.bindings = key_bindings(cls.commands)
+
+        def __init__(self, screen, app: TuiApp, view: View):
+            super().__init__(screen, app, view)
+            self._start()
+            self.key_line = KeyLine(key_line(self.commands))
+
     # The panes: what each draws is its mixin's; that it is a widget, this.
     class KeyLine(KeyLineView, Pane): pass  # noqa: E701
     class EventPane(EventsView, Pane): pass  # noqa: E701
@@ -6382,8 +6407,7 @@ def _define_tui():
     class MenuFrame(MenuLogic, AppFrame):
         def __init__(self, screen, app: TuiApp):
             super().__init__(screen, app, View.MENU)
-            self.column.add_widget(MenuPane(7, live=False))
-            self.fix()
+            self.lay_out(MenuPane(7, live=False))
 
     class SafeText(Text):
         """A Text field that refuses characters which could rewrite the terminal (bidi overrides and the like)."""
@@ -6416,45 +6440,27 @@ def _define_tui():
     class WorkerFrame(WorkerLogic, AppFrame):
         def __init__(self, screen, app: TuiApp):
             super().__init__(screen, app, View.WORKER)
-            self.column.add_widget(WorkerPane(self.ROWS))
-            self.column.add_widget(EventPane(max(screen.height - self.ROWS - 1, 2)))
-            self.column.add_widget(KeyLine("q quit (says goodbye to the orchestrator)"))
-            self.fix()
+            self.lay_out(WorkerPane(self.ROWS), EventPane(max(screen.height - self.ROWS - 1, 2)),
+                         KeyLine("q quit (says goodbye to the orchestrator)"))
 
-    class DashboardFrame(DashboardLogic, AppFrame):
-        bindings = key_bindings(DASHBOARD_KEYS)
-
+    class DashboardFrame(DashboardLogic, KeyedFrame):
         def __init__(self, screen, app: TuiApp):
             super().__init__(screen, app, View.DASHBOARD)
-            self._start()
             log_height = max(4, screen.height // 4)
             self._table = NodeTable(screen.height - 3 - log_height - 1)
-            layout = self.column
-            layout.add_widget(DashboardHeader(3))
-            layout.add_widget(self._table)
-            layout.add_widget(EventPane(log_height))
-            layout.add_widget(KeyLine(key_line(DASHBOARD_KEYS)))
-            self.fix()
+            self.lay_out(DashboardHeader(3), self._table, EventPane(log_height), self.key_line)
 
-    class DetailFrame(DetailLogic, AppFrame):
-        bindings = key_bindings(DETAIL_KEYS)
-
+    class DetailFrame(DetailLogic, KeyedFrame):
         def __init__(self, screen, app: TuiApp):
             super().__init__(screen, app, View.DETAIL)
-            self._start()
             events = max(3, screen.height - 27)
             self._pane = DetailPane(screen.height - events - 1)
-            self.column.add_widget(self._pane)
-            self.column.add_widget(EventPane(events))
-            self.column.add_widget(KeyLine(key_line(DETAIL_KEYS)))
-            self.fix()
+            self.lay_out(self._pane, EventPane(events), self.key_line)
 
     class HelpFrame(HelpLogic, AppFrame):
         def __init__(self, screen, app: TuiApp):
             super().__init__(screen, app, View.HELP)
-            self.column.add_widget(HelpPane(screen.height - 1, live=False))
-            self.column.add_widget(KeyLine("Esc or ? to go back  q quit"))
-            self.fix()
+            self.lay_out(HelpPane(screen.height - 1, live=False), KeyLine("Esc or ? to go back  q quit"))
 
     class TooSmallNotice(Effect):
         """Shown instead of a layout that does not fit; resizing brings the real view back."""
@@ -7120,21 +7126,12 @@ UMask=0077
 # manager up to systemd 252, and from 253 on they imply PrivateUsers=, whose user namespace
 # many hosts restrict (the unit then fails to start). These rely on seccomp and prctl only,
 # which an unprivileged user manager can apply everywhere.
-USER_SANDBOX = """\
-# Sandbox (systemd.exec(5)): what an unprivileged user manager can enforce everywhere.
-NoNewPrivileges=yes
-RestrictSUIDSGID=yes
-RestrictNamespaces=yes
-RestrictRealtime=yes
-LockPersonality=yes
-MemoryDenyWriteExecute=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
-SystemCallArchitectures=native
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged @resources
-SystemCallErrorNumber=EPERM
-UMask=0077
-"""
+# The user unit keeps exactly these lines of the system sandbox, so the two cannot drift apart.
+USER_SANDBOX_OPTIONS = ("NoNewPrivileges", "RestrictSUIDSGID", "RestrictNamespaces", "RestrictRealtime",
+                        "LockPersonality", "MemoryDenyWriteExecute", "RestrictAddressFamilies",
+                        "SystemCallArchitectures", "SystemCallFilter", "SystemCallErrorNumber", "UMask")
+USER_SANDBOX = "# Sandbox (systemd.exec(5)): what an unprivileged user manager can enforce everywhere.\n" + "".join(
+    line + "\n" for line in SYSTEM_SANDBOX.splitlines() if line.partition("=")[0] in USER_SANDBOX_OPTIONS)
 
 DESCRIPTIONS = {"worker": "cares worker: streams this machine's metrics to an orchestrator",
                 "orchestrator": "cares orchestrator: serves the workers of a cluster"}
