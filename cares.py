@@ -2134,9 +2134,11 @@ class StateFile:
 
 # -- history: downsampled metrics in SQLite, written by their own thread ------------
 # Each accepted sample is appended to a deque on the gRPC loop (tens of nanoseconds); the
-# history thread folds the deque into per-minute sums and maxima and, every HISTORY_FLUSH_S,
-# adds them to every tier in one transaction. Buckets hold sums, counts and maxima, so a partial
-# bucket written before a restart and the rest written after it add up exactly.
+# history thread groups the deque by node and minute every second and, every HISTORY_FLUSH_S,
+# adds each minute's sums and maxima to the 1-minute tier in one transaction. The coarser tiers
+# are rolled up from the 1-minute tier inside SQLite in the same transaction, once the minutes are
+# complete: Python builds one row per node and minute, not one per tier. Buckets hold sums, counts
+# and maxima, so a partial bucket written before a restart and the rest after it add up exactly.
 
 @dataclasses.dataclass(frozen=True)
 class HistoryTier:
@@ -2152,9 +2154,10 @@ DEFAULT_HISTORY_DAYS = 30
 HISTORY_METRICS = (("cpu_percent", 10), ("memory_percent", 10), ("swap_percent", 10), ("load_average_1m", 100),
                    ("root_fs_used_percent", 10), ("disk_read_bytes_per_s", 1), ("disk_write_bytes_per_s", 1),
                    ("net_receive_bytes_per_s", 1), ("net_transmit_bytes_per_s", 1))
-_HISTORY_INDEXES = tuple(METRIC_NAMES.index(name) for name, _ in HISTORY_METRICS)
+_HISTORY_PICK = operator.itemgetter(*(METRIC_NAMES.index(name) for name, _ in HISTORY_METRICS))
 _HISTORY_SCALES = tuple(scale for _, scale in HISTORY_METRICS)
 HISTORY_FLUSH_S = 30.0
+HISTORY_ROLLUP_S = 600  # the finest coarse tier's bucket
 HISTORY_PENDING_LIMIT = 500_000  # samples waiting for the history thread (a stuck disk must not eat memory)
 HISTORY_NODE_EVENTS = frozenset({EventKind.JOINED, EventKind.REJOINED, EventKind.LEFT, EventKind.LOST,
                                  EventKind.THRESHOLD, EventKind.RECOVERED, EventKind.MISSING})
@@ -2165,13 +2168,49 @@ _HISTORY_SCHEMA = (
     + ", PRIMARY KEY (node, tier, start)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS events (node INTEGER NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS events_by_node ON events (node, at)",
+    # The 1-minute buckets before this time are in the coarser tiers too. A database written
+    # before the roll-up (every tier written directly) starts with all of its minutes counted.
+    "CREATE TABLE IF NOT EXISTS rollup (upto INTEGER NOT NULL)",
+    "INSERT INTO rollup SELECT coalesce((SELECT max(start) + 60 FROM buckets WHERE tier = 0), 0) "
+    "WHERE NOT EXISTS (SELECT 1 FROM rollup)",
 )
-_BUCKET_UPSERT = (
-    "INSERT INTO buckets VALUES (?, ?, ?, ?, " + ", ".join("?, ?" for _ in HISTORY_METRICS) + ") "
-    "ON CONFLICT (node, tier, start) DO UPDATE SET samples = samples + excluded.samples, "
+_BUCKET_SUMS = ", ".join(f"{name}_sum, {name}_max" for name, _ in HISTORY_METRICS)
+_BUCKET_MERGE = (
+    " ON CONFLICT (node, tier, start) DO UPDATE SET samples = samples + excluded.samples, "
     + ", ".join(f"{name}_sum = coalesce({name}_sum, 0) + coalesce(excluded.{name}_sum, 0), "
                 f"{name}_max = max(coalesce({name}_max, excluded.{name}_max), coalesce(excluded.{name}_max, {name}_max))"
                 for name, _ in HISTORY_METRICS))
+_BUCKET_UPSERT = "INSERT INTO buckets VALUES (?, ?, ?, ?, " + ", ".join("?, ?" for _ in HISTORY_METRICS) + ")" + _BUCKET_MERGE
+# One coarser tier's buckets from the complete 1-minute buckets of [?, ?): (tier, bucket_s, bucket_s, from, to).
+_BUCKET_ROLLUP = ("INSERT INTO buckets SELECT node, ?, start / ? * ?, sum(samples), "
+                  + ", ".join(f"sum({name}_sum), max({name}_max)" for name, _ in HISTORY_METRICS)
+                  # Node by node (CROSS JOIN keeps nodes outside): a range of the primary key each,
+                  # where a scan for tier and start alone would read every tier of every node.
+                  + " FROM nodes CROSS JOIN buckets ON node = nodes.id WHERE tier = 0 AND start >= ? AND start < ?"
+                  " GROUP BY node, start / ?" + _BUCKET_MERGE)
+
+
+_HISTORY_PAIR_SCALES = tuple(scale for scale in _HISTORY_SCALES for _ in "sum max")
+
+
+def fold_minute(rows: list) -> list:
+    """[sum, max, sum, max, ...] of a minute's samples (HISTORY_METRICS' values of each, as
+    _HISTORY_PICK takes them), at the scale they are stored; None for a metric none of them had.
+    Column by column in C (sum, max) while every value is there: 10,000 nodes' minutes each write."""
+    try:
+        return list(map(round, map(float.__mul__, [fold(column) for column in zip(*rows) for fold in (sum, max)],
+                                   _HISTORY_PAIR_SCALES)))
+    except TypeError:  # a None among them (an older worker, or a rate's first reading)
+        pass
+    folded = []
+    for column, scale in zip(zip(*rows), _HISTORY_SCALES):
+        if None in column:
+            column = [value for value in column if value is not None]
+            if not column:
+                folded += (None, None)
+                continue
+        folded += (round(sum(column) * scale), round(max(column) * scale))
+    return folded
 
 
 class HistoryRange(enum.Enum):
@@ -2251,17 +2290,17 @@ class HistoryStore:
         self.path = os.path.join(directory, f"history-{name}.sqlite")
         self.days = days
         self._keep_s = days * 86400
-        self._tiers = [(index, tier) for index, tier in enumerate(HISTORY_TIERS)]
         self._events = events
         self._clock = clock
         self._pending: collections.deque = collections.deque()
         self._pending_events: collections.deque = collections.deque()
         self._forget: collections.deque = collections.deque()
         self.dropped = 0  # samples lost to a full queue or a failed write
-        # The history thread's sums of the minute being filled, read by series() too.
+        # The history thread's minutes not written yet, read by series() too.
         self._lock = threading.Lock()
-        self._minutes: dict = {}  # (node_id, minute start) -> [samples, sums, maxima]
+        self._minutes: dict = {}  # (node_id, minute start) -> [the samples' HISTORY_METRICS values]
         self._node_keys: dict[str, int] = {}
+        self._rolled_up_to = 0  # the 1-minute buckets before this are in every tier (the rollup table)
         self._wake = threading.Event()
         self._flushed = threading.Event()
         self._db = None
@@ -2305,8 +2344,13 @@ class HistoryStore:
         """Open (or create) the database: "" or why not."""
         self._db, error = open_history_database(self.path, self._events)
         if self._db is not None:
-            self._node_keys = dict(self._db.execute("SELECT node_id, id FROM nodes"))
+            self._read_keys()
         return error
+
+    def _read_keys(self) -> None:
+        """The node keys and the roll-up mark as the file has them (after opening, or a rollback)."""
+        self._node_keys = dict(self._db.execute("SELECT node_id, id FROM nodes"))
+        self._rolled_up_to = self._db.execute("SELECT upto FROM rollup").fetchone()[0]
 
     def _run(self) -> None:
         next_prune, next_write = 0.0, time.monotonic() + HISTORY_FLUSH_S
@@ -2319,7 +2363,7 @@ class HistoryStore:
                 if not asked and time.monotonic() < next_write:
                     continue
                 next_write = time.monotonic() + HISTORY_FLUSH_S
-                error = self._write()
+                error = self._write(everything=asked)
                 if self._clock() >= next_prune and not error:
                     error = self._prune()
                     next_prune = self._clock() + 3600
@@ -2338,50 +2382,58 @@ class HistoryStore:
                                      f"history is not kept meanwhile.")
 
     def _fold(self) -> None:
-        """Sum the pending samples into their minutes (under the lock: series() reads them)."""
-        pending, scales, indexes = self._pending, _HISTORY_SCALES, _HISTORY_INDEXES
+        """Group the pending samples by node and minute (under the lock: series() reads them).
+        The sums wait for the write, which makes them a column at a time (fold_minute)."""
+        pending, pick = self._pending, _HISTORY_PICK
         with self._lock:
             minutes = self._minutes
             while pending:
                 node_id, at, metrics = pending.popleft()
                 key = (node_id, int(at // 60 * 60))
-                entry = minutes.get(key)
-                if entry is None:
-                    entry = minutes[key] = [0, [None] * len(indexes), [None] * len(indexes)]
-                entry[0] += 1
-                sums, maxima = entry[1], entry[2]
-                for slot, (index, scale) in enumerate(zip(indexes, scales)):
-                    value = metrics[index]
-                    if value is None:
-                        continue
-                    value = int(round(value * scale))
-                    sums[slot] = value if sums[slot] is None else sums[slot] + value
-                    if maxima[slot] is None or value > maxima[slot]:
-                        maxima[slot] = value
+                rows = minutes.get(key)
+                if rows is None:
+                    minutes[key] = [pick(metrics)]
+                else:
+                    rows.append(pick(metrics))
 
-    def _write(self) -> str:
-        """Add the folded minutes to every tier, the events and the forgetting, in one transaction."""
+    def _write(self, everything: bool = False) -> str:
+        """Add the complete minutes (every minute when everything: stopping, tests) to the
+        1-minute tier and roll complete ten-minute spans up into the others, with the events and
+        the forgetting, in one transaction. The minute being filled waits for the next write, so
+        a minute is one row written once, not one per write it straddles (a crash loses at most
+        the last minute and a half; SIGTERM writes everything)."""
+        now_minute = int(self._clock() // 60 * 60)
         with self._lock:
-            minutes, self._minutes = self._minutes, {}
+            if everything:
+                minutes, self._minutes = self._minutes, {}
+            else:
+                minutes = {key: rows for key, rows in self._minutes.items() if key[1] < now_minute}
+                for key in minutes:
+                    del self._minutes[key]
+        # Every sample stamped before the fold that preceded this write is in the minutes: the
+        # minutes before the one before now are complete (one spare for a clock stepping back).
+        # They are rolled up ten at a time: a coarse bucket costs SQLite the same for one minute
+        # as for ten, so 10,000 nodes cost 30,000 upserts every 10 minutes, not every minute.
+        complete = (now_minute - 60) // HISTORY_ROLLUP_S * HISTORY_ROLLUP_S
         events = [self._pending_events.popleft() for _ in range(len(self._pending_events))]
         forget = [self._forget.popleft() for _ in range(len(self._forget))]
-        if not (minutes or events or forget):
+        if not (minutes or events or forget or complete > self._rolled_up_to):
             return ""
         if self._db is None:
             error = self._open()
             if error:
-                self.dropped += sum(entry[0] for entry in minutes.values())
+                self.dropped += sum(map(len, minutes.values()))
                 return error
         db, sqlite3 = self._db, self._sqlite3
         try:
             db.execute("BEGIN")
-            rows = []
-            for (node_id, minute), (samples, sums, maxima) in minutes.items():
-                node = self._node_key(node_id)
-                values = [value for pair in zip(sums, maxima) for value in pair]
-                for index, tier in self._tiers:
-                    rows.append((node, index, minute // tier.bucket_s * tier.bucket_s, samples, *values))
-            db.executemany(_BUCKET_UPSERT, rows)
+            db.executemany(_BUCKET_UPSERT, [(self._node_key(node_id), 0, minute, len(rows), *fold_minute(rows))
+                                            for (node_id, minute), rows in minutes.items()])
+            if complete > self._rolled_up_to:
+                for index, tier in enumerate(HISTORY_TIERS[1:], 1):
+                    db.execute(_BUCKET_ROLLUP, (index, tier.bucket_s, tier.bucket_s, self._rolled_up_to, complete,
+                                                tier.bucket_s))
+                db.execute("UPDATE rollup SET upto = ?", (complete,))
             db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
                            [(self._node_key(event.node_id), event.at, event.kind.value, event.text[:300])
                             for event in events])
@@ -2392,13 +2444,14 @@ class HistoryStore:
                         db.execute(f"DELETE FROM {table} WHERE node = ?", (node,))
                     db.execute("DELETE FROM nodes WHERE id = ?", (node,))
             db.execute("COMMIT")
+            self._rolled_up_to = max(self._rolled_up_to, complete)
         except sqlite3.Error as error:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             self._node_keys = {}  # rolled back with the transaction; read again on the next write
             with contextlib.suppress(sqlite3.Error):
-                self._node_keys = dict(db.execute("SELECT node_id, id FROM nodes"))
-            self.dropped += sum(entry[0] for entry in minutes.values())
+                self._read_keys()
+            self.dropped += sum(map(len, minutes.values()))
             if _is_corrupt(error):  # the next write opens it again, and moves it aside
                 with contextlib.suppress(sqlite3.Error):
                     db.close()
@@ -2421,9 +2474,11 @@ class HistoryStore:
         now = int(self._clock())
         try:
             with self._db:
-                for index, tier in self._tiers:
-                    self._db.execute("DELETE FROM buckets WHERE tier = ? AND start < ?",
-                                     (index, now - min(tier.keep_s, self._keep_s) - tier.bucket_s))
+                for index, tier in enumerate(HISTORY_TIERS):
+                    cutoff = now - min(tier.keep_s, self._keep_s) - tier.bucket_s
+                    if index == 0:  # a minute leaves once rolled up, or once older than the days kept
+                        cutoff = max(min(cutoff, self._rolled_up_to), now - self._keep_s - tier.bucket_s)
+                    self._db.execute("DELETE FROM buckets WHERE tier = ? AND start < ?", (index, cutoff))
                 self._db.execute("DELETE FROM events WHERE at < ?", (now - self._keep_s,))
         except self._sqlite3.Error as error:
             return _sqlite_error_text(error)
@@ -2437,39 +2492,47 @@ class HistoryStore:
         now = int(self._clock())
         end = (now // tier.bucket_s + 1) * tier.bucket_s
         first = end - max(min(span.seconds, self._keep_s), tier.bucket_s)
-        found: dict[int, list] = {}
-        events = []
+        parts, events = [], []  # parts: (bucket start, samples, [sum, max, ...]) to add up
         with contextlib.suppress(self._sqlite3.Error, OSError):
-            # Its own connection: WAL lets it read while the history thread writes.
+            # Its own connection: WAL lets it read while the history thread writes; one read
+            # transaction, so a roll-up committed meanwhile is seen by both queries or by neither.
             with contextlib.closing(self._sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1.0)) as db:
+                db.execute("BEGIN")
                 row = db.execute("SELECT id FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
                 if row is not None:
-                    for start, samples, *values in db.execute(
-                            "SELECT start, samples, " + ", ".join(f"{name}_sum, {name}_max" for name, _ in HISTORY_METRICS)
-                            + " FROM buckets WHERE node = ? AND tier = ? AND start >= ? ORDER BY start",
-                            (row[0], span.tier, first)):
-                        found[start] = [samples, list(values[0::2]), list(values[1::2])]
+                    query = f"SELECT start, samples, {_BUCKET_SUMS} FROM buckets WHERE node = ? AND tier = ? AND start >= ?"
+                    parts += [(start, samples, values) for start, samples, *values in
+                              db.execute(query, (row[0], span.tier, first))]
+                    if span.tier > 0:  # the minutes not rolled up into this tier yet
+                        parts += [(start // tier.bucket_s * tier.bucket_s, samples, values)
+                                  for start, samples, *values in db.execute(
+                                      query + " AND start >= (SELECT upto FROM rollup)", (row[0], 0, first))]
                     events = [(at, kind, text) for at, kind, text in db.execute(
                         "SELECT at, kind, text FROM events WHERE node = ? AND at >= ? ORDER BY at", (row[0], first))]
         with self._lock:  # the minutes not written yet
-            pending = [(minute, entry) for (key, minute), entry in self._minutes.items() if key == node_id]
-        for minute, (samples, sums, maxima) in pending:
-            start = minute // tier.bucket_s * tier.bucket_s
-            if start < first:
+            pending = [(minute, rows) for (key, minute), rows in self._minutes.items() if key == node_id]
+        parts += [(minute // tier.bucket_s * tier.bucket_s, len(rows), fold_minute(rows))
+                  for minute, rows in pending if minute >= first]
+        found: dict[int, list] = {}
+        for start, samples, values in parts:
+            entry = found.get(start)
+            if entry is None:
+                found[start] = [samples, list(values)]
                 continue
-            entry = found.setdefault(start, [0, [None] * len(sums), [None] * len(sums)])
             entry[0] += samples
-            for slot in range(len(sums)):
-                if sums[slot] is not None:
-                    entry[1][slot] = sums[slot] + (entry[1][slot] or 0)
-                    entry[2][slot] = maxima[slot] if entry[2][slot] is None else max(entry[2][slot], maxima[slot])
+            totals = entry[1]
+            for slot in range(0, len(values), 2):
+                if values[slot] is not None:
+                    totals[slot] = values[slot] + (totals[slot] or 0)
+                    peak = totals[slot + 1]
+                    totals[slot + 1] = values[slot + 1] if peak is None else max(peak, values[slot + 1])
         buckets = []
         for start in sorted(found):
-            samples, sums, maxima = found[start]
+            samples, values = found[start]
             if samples <= 0:
                 continue
             averages, peaks = {}, {}
-            for (name, scale), total, peak in zip(HISTORY_METRICS, sums, maxima):
+            for (name, scale), total, peak in zip(HISTORY_METRICS, values[0::2], values[1::2]):
                 if total is not None and peak is not None:
                     averages[name], peaks[name] = total / samples / scale, peak / scale
             buckets.append(HistoryBucket(start, samples, averages, peaks))

@@ -1973,6 +1973,60 @@ class HistoryStoreTest(unittest.TestCase):
             self.assertNotIn("swap_percent", series.buckets[0].averages)  # never sent: not a zero
         self.assertEqual([text for text in texts(events) if "history" in text.lower()], [])
 
+    def test_coarse_tiers_are_rolled_up_once_across_restarts_and_pruning(self):
+        """Three hours of samples with a restart in the middle: the 1-minute buckets older than
+        an hour are gone, and the 10-minute and 1-hour buckets still hold every sample once."""
+        clock = ManualClock()
+        store, _, folder = history_store(self, clock)
+        samples = []
+        for step in range(3 * 720):  # 5 s apart, a write every 30 s as the history thread does
+            clock.now = 1_800_000_000.0 + step * 5
+            value = round((step * 53) % 997 / 10.0, 1)
+            samples.append((clock.now, value))
+            store.add("steady", cares.Metrics(cpu_percent=value, memory_percent=1.0))
+            if step % 6 == 5:
+                store.flush()
+            if step == 1000:  # the orchestrator restarts: the roll-up goes on where it stopped
+                store.stop()
+                store, _, _ = history_store(self, clock, folder=folder)
+            if step % 720 == 719:
+                store._prune()
+        store.flush()
+        for span in (cares.HistoryRange.DAY, cares.HistoryRange.WEEK):
+            series = store.series("steady", span)
+            expected = expected_buckets(samples, series.bucket_s)
+            got = {bucket.start: (bucket.samples, round(bucket.averages["cpu_percent"], 6),
+                                  bucket.maxima["cpu_percent"]) for bucket in series.buckets}
+            self.assertEqual(got, {start: (count, round(average, 6), peak)
+                                   for start, (count, average, peak) in expected.items()}, span)
+        db = sqlite3.connect(os.path.join(folder, "history-127.0.0.1_1.sqlite"))
+        self.addCleanup(db.close)
+        oldest_minute = db.execute("SELECT min(start) FROM buckets WHERE tier = 0").fetchone()[0]
+        self.assertGreaterEqual(oldest_minute, clock.now - 3600 - 2 * 60)
+
+    def test_a_database_from_before_the_roll_up_is_not_counted_twice(self):
+        folder = tempfile.mkdtemp(prefix="cares-test-history-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        db = sqlite3.connect(os.path.join(folder, "history-127.0.0.1_1.sqlite"), isolation_level=None)
+        for statement in cares._HISTORY_SCHEMA:
+            if "rollup" not in statement:  # the schema as 0.4.0's first history wrote it
+                db.execute(statement)
+        db.execute("INSERT INTO nodes (node_id) VALUES ('old')")
+        minute = 1_800_000_000 - 300
+        blank = [None] * (2 * len(cares.HISTORY_METRICS) - 2)
+        for tier, tier_spec in enumerate(cares.HISTORY_TIERS):  # every tier written directly, as then
+            db.execute(cares._BUCKET_UPSERT, (1, tier, minute // tier_spec.bucket_s * tier_spec.bucket_s, 4,
+                                              200, 80, *blank))
+        db.close()
+        clock = ManualClock()
+        store, _, _ = history_store(self, clock, folder=folder)
+        store.add("old", cares.Metrics(cpu_percent=20.0, memory_percent=1.0))
+        clock.now += 600
+        store.flush()
+        day = store.series("old", cares.HistoryRange.DAY)
+        self.assertEqual(sum(bucket.samples for bucket in day.buckets), 5)
+        self.assertAlmostEqual(day.summary("cpu_percent")[1], (20.0 + 4 * 5.0) / 5, places=6)
+
     def test_a_gap_is_a_gap_and_old_buckets_are_pruned(self):
         clock = ManualClock()
         store, _, folder = history_store(self, clock, days=1)
