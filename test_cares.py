@@ -597,7 +597,7 @@ class LocalSamplerTest(unittest.TestCase):
         self.assertAlmostEqual(sample.boot_time_unix_s, cares.psutil.boot_time(), delta=1)
         disk = cares.psutil.disk_usage("/")
         self.assertEqual(sample.root_fs_size_bytes, disk.total)
-        self.assertAlmostEqual(sample.root_fs_used_percent, disk.percent, delta=1)
+        self.assertAlmostEqual(sample.root_fs_used_percent, disk.percent, delta=0.2)
         # Traffic we make ourselves shows up in the receive rate... unless it only crosses loopback,
         # which is left out: so the rate stays a small number while we pump loopback.
         with socket.socket() as server:
@@ -611,6 +611,51 @@ class LocalSamplerTest(unittest.TestCase):
                         peer.recv(1 << 20)
         pumped = sampler.sample()
         self.assertLess(pumped.net_receive_bytes_per_s, 5e6, "loopback traffic was counted")
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "/proc is read directly on Linux only")
+    def test_the_direct_proc_readings_are_psutils_figures(self):
+        """Each counter cares reads from /proc lies between psutil's readings just before and just
+        after (the counters only grow), and the fixed sizes are equal."""
+        memory = cares.proc_meminfo()
+        self.assertEqual(memory[b"MemTotal"], cares.psutil.virtual_memory().total)
+        self.assertEqual(memory[b"SwapTotal"], cares.psutil.swap_memory().total)
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def psutil_cpu():
+            times = cares.psutil.cpu_times()
+            total = sum(times) - times.guest - times.guest_nice
+            return round((total - times.idle - times.iowait) * ticks), round(total * ticks)
+
+        before, direct, after = psutil_cpu(), cares.proc_cpu_times(), psutil_cpu()
+        for index in (0, 1):
+            self.assertTrue(before[index] - 1 <= direct[index] <= after[index] + 1, (before, direct, after))
+        disks, nics = cares.physical_disks(), cares.non_loopback_interfaces()
+        sources = ((lambda: {name: (io.read_bytes, io.write_bytes)
+                             for name, io in cares.psutil.disk_io_counters(perdisk=True).items() if name in disks},
+                    lambda: cares.proc_counters("/proc/diskstats", frozenset(name.encode() for name in disks),
+                                                cares.DISKSTAT_BYTES, cares.SECTOR_BYTES)),
+                   (lambda: {name: (io.bytes_recv, io.bytes_sent)
+                             for name, io in cares.psutil.net_io_counters(pernic=True).items() if name in nics},
+                    lambda: cares.proc_counters("/proc/net/dev", frozenset(name.encode() for name in nics),
+                                                cares.NETDEV_BYTES)))
+        for from_psutil, from_proc in sources:
+            before, direct, after = from_psutil(), from_proc(), from_psutil()
+            self.assertEqual(set(direct), {name.encode() for name in before})
+            for name, values in before.items():
+                for low, value, high in zip(values, direct[name.encode()], after[name]):
+                    self.assertTrue(low <= value <= high, (name, values, direct[name.encode()], after[name]))
+
+    def test_a_proc_that_cannot_be_read_leaves_psutil_to_measure(self):
+        sampler = cares.LocalSampler(max_age=0.0)
+        with mock.patch.object(cares, "read_proc", side_effect=PermissionError(errno.EACCES, "denied")):
+            sampler.sample()
+            time.sleep(0.15)
+            sample = sampler.sample()
+        self.assertFalse(sampler._from_proc)
+        self.assertIsNone(cares.metrics_problem(sample))
+        for name in cares.METRIC_NAMES:
+            self.assertIsNotNone(getattr(sample, name), name)
+        self.assertEqual(sample.memory_total_bytes, cares.psutil.virtual_memory().total)
 
     def test_counter_rates_never_go_negative(self):
         rates = cares.CounterRates()
@@ -4684,10 +4729,18 @@ class ServiceInstallTest(TempRoot):
         with mock.patch.object(cares.os, "replace", checking_replace):
             self.install(token=TOKEN)
         self.assertIn(("worker.env", 0o600), seen)
-        # mkstemp creates the temporary file 0600 before a byte is written
-        with mock.patch.object(cares.tempfile, "mkstemp", wraps=tempfile.mkstemp) as mkstemp:
+        # The temporary file is created 0600, exclusively, before a byte is written.
+        created, real_open = [], os.open
+
+        def recording_open(path, flags, mode=0o777, **kwargs):
+            if os.path.basename(path).startswith(".cares-"):
+                created.append((flags & os.O_EXCL, mode))
+            return real_open(path, flags, mode, **kwargs)
+
+        with mock.patch.object(cares.os, "open", recording_open):
             self.install(token="another")
-        self.assertTrue(mkstemp.called)
+        self.assertTrue(created)
+        self.assertEqual(set(created), {(os.O_EXCL, 0o600)})
 
     def test_directories_get_their_mode_whatever_the_umask(self):
         old = os.umask(0o077)
