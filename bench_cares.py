@@ -769,7 +769,7 @@ class Bench:
 
     # They also import it from bytecode, as a deployed cares.pyz does once its cache is warm:
     # compiling cares.py in the child (PYTHONDONTWRITEBYTECODE set, or a stale .pyc) leaves about
-    # 3 MB of the compiler's memory resident. The bytecode goes to __pycache__ beside the source.
+    # 13 MB of the compiler's memory resident. The bytecode goes to __pycache__ beside the source.
     def spawn_cares(self, name: str, args: list[str], cares_py: str = CARES_PY) -> Child:
         return Child(name, [PYTHON, "-c", imported_main(os.path.dirname(cares_py), "cares"), *args], self.workdir,
                      env=self.compiled_env(cares_py))
