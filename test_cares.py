@@ -6545,5 +6545,359 @@ class ZipappTest(unittest.TestCase):
                 self.assertEqual(os.listdir(cache), [], "an unsupported Python unpacked files")
 
 
+
+# ---------------------------------------------------------------------------
+# Running the whole module: test classes shared out to child processes
+# ---------------------------------------------------------------------------
+# `python -m unittest test_cares` loads the module, so unittest calls load_tests below: it returns
+# one suite that runs the classes in a few child processes at once (most tests wait on processes,
+# sockets and heartbeats, not on the CPU) and replays every outcome, with its traceback text, into
+# this process's result, so the summary and the exit code are the children's. A named class or
+# test (`python -m unittest test_cares.ClusterTest`) is loaded without load_tests and runs here,
+# in-process, as does everything with CARES_TEST_JOBS=1.
+
+# Seconds each class took, measured serially (the rest take well under a second): the longest
+# start first, and the short ones fill the gaps.
+CLASS_COST_S = {
+    "ZipappTest": 24, "TmuxEndToEndTest": 19, "RoutineOperationsTest": 17.5, "DetailOverHeartbeatTest": 12.3,
+    "LivenessIntegrityTest": 12.1, "PrometheusEndToEndTest": 10.3, "FaultTest": 9.5,
+    "HistoryAcrossRestartTest": 6.6, "CommandLineTest": 6.0, "MetricsHttpTest": 5.7, "ClusterTest": 3.9,
+    "NodeRegistryTest": 3.8, "MetricsHostileClientTest": 3.8, "InventoryTest": 3.7, "DetailStatusCommandTest": 3.4,
+}
+# Tests that measure a busy process's share of the CPU, or that it tops the CPU order: they run on
+# their own, each while no other test runs (other tests' processes would take that CPU).
+EXCLUSIVE = {
+    "DetailSamplerTest.test_a_busy_process_tops_the_cpu_order_and_leaves_when_it_ends",
+    "DetailSamplerTest.test_a_cgroup_with_a_busy_process_shows_with_its_cpu",
+    "DetailOverHeartbeatTest.test_the_orchestrator_sees_a_busy_process_within_three_intervals_and_then_sees_it_go",
+    "TmuxEndToEndTest.test_a_nodes_processes_disks_and_containers_in_its_detail_view",
+}
+# A class whose child has not finished it by then is killed with everything it started and its
+# unfinished tests fail: no single class is anywhere near this, even on a loaded machine.
+CLASS_TIMEOUT_S = 300
+JOBS = int(os.environ.get("CARES_TEST_JOBS") or 3)
+_CHILD_ENV = "CARES_TEST_CHILD"
+# CARES_TEST_TIMING=1: each class's wall and CPU seconds (its child's and their children's) on stderr.
+TIMING = os.environ.get("CARES_TEST_TIMING") == "1"
+
+
+class ChildTraceback(Exception):
+    """What a child process reported for a test: its own traceback text, replayed as is."""
+
+    def __str__(self):
+        return "\n" + self.args[0].rstrip("\n")
+
+
+class _Repr(str):
+    """A subtest parameter's repr from a child, shown as it was there."""
+
+    def __repr__(self):
+        return str(self)
+
+
+class _ChildResult(unittest.TestResult):
+    """In a child: every outcome, as JSON lines on a pipe to the parent."""
+
+    def __init__(self, out):
+        super().__init__()
+        self._out = out
+
+    def _send(self, **event):
+        self._out.write(json.dumps(event) + "\n")
+        self._out.flush()
+
+    def startTest(self, test):
+        super().startTest(test)
+        self._send(event="start", id=test.id())
+
+    def stopTest(self, test):
+        super().stopTest(test)
+        self._send(event="stop", id=test.id())
+
+    def addSuccess(self, test):
+        super().addSuccess(test)
+        self._send(event="success", id=test.id())
+
+    def addFailure(self, test, err):
+        super().addFailure(test, err)
+        self._send(event="failure", id=test.id(), text=self.failures[-1][1])
+
+    def addError(self, test, err):
+        super().addError(test, err)
+        self._send(event="error", id=test.id(), text=self.errors[-1][1])
+
+    def addSkip(self, test, reason):
+        super().addSkip(test, reason)
+        self._send(event="skip", id=test.id(), reason=reason)
+
+    def addExpectedFailure(self, test, err):
+        super().addExpectedFailure(test, err)
+        self._send(event="xfail", id=test.id(), text=self.expectedFailures[-1][1])
+
+    def addUnexpectedSuccess(self, test):
+        super().addUnexpectedSuccess(test)
+        self._send(event="xpass", id=test.id())
+
+    def addSubTest(self, test, subtest, err):
+        super().addSubTest(test, subtest, err)
+        if err is not None:
+            kind = "failure" if issubclass(err[0], test.failureException) else "error"
+            text = (self.failures if kind == "failure" else self.errors)[-1][1]
+            message = subtest._message if isinstance(subtest._message, str) else None
+            self._send(event="sub" + kind, id=test.id(), text=text, message=message,
+                       params={key: repr(value) for key, value in subtest.params.items()})
+
+
+def _child_main(results_fd):
+    """A child: runs the test IDs of one class per line of stdin, reporting on results_fd."""
+    out = os.fdopen(results_fd, "w", encoding="utf-8")
+    result = _ChildResult(out)
+    for line in sys.stdin:
+        started, cpu = time.monotonic(), _cpu_seconds()
+        unittest.TestSuite(unittest.defaultTestLoader.loadTestsFromNames(json.loads(line))).run(result)
+        result._send(event="done", seconds=time.monotonic() - started, cpu=_cpu_seconds() - cpu)
+
+
+def _cpu_seconds():
+    """CPU time of this process and of the children it has reaped."""
+    return sum(usage.ru_utime + usage.ru_stime
+               for usage in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
+
+class _ParallelSuite(unittest.TestSuite):
+    """The module's classes run in JOBS child processes, longest first; outcomes replayed here."""
+
+    def run(self, result, debug=False):
+        import queue
+        tests = {}
+        for test in self._flatten(self):
+            tests[test.id()] = test
+        classes, alone = collections.OrderedDict(), []
+        for test_id in tests:
+            if test_id.split(".", 1)[1] in EXCLUSIVE:
+                alone.append((True, [test_id]))
+            else:
+                classes.setdefault(test_id.rsplit(".", 1)[0], []).append(test_id)
+        by_cost = sorted(classes, key=lambda name: -CLASS_COST_S.get(name.rsplit(".", 1)[1], 0.5))
+        work = _Work(alone + [(False, classes[name]) for name in by_cost])
+        replay = queue.Queue()
+        workers = [threading.Thread(target=self._worker, args=(work, replay, result), daemon=True)
+                   for _ in range(min(JOBS, len(work.pending)))]
+        for worker in workers:
+            worker.start()
+        running = len(workers)
+        try:
+            while running:
+                item = replay.get()
+                if item is None:
+                    running -= 1
+                else:
+                    self._replay(result, tests, item)
+        finally:  # interrupted: no child outlives this process
+            for child in list(_Child.alive):
+                child.kill()
+        return result
+
+    @staticmethod
+    def _flatten(suite):
+        for item in suite:
+            if isinstance(item, unittest.TestSuite):
+                yield from _ParallelSuite._flatten(item)
+            else:
+                yield item
+
+    def _worker(self, work, replay, result):
+        child = None
+        try:
+            while not result.shouldStop:
+                unit = work.take()
+                if unit is None:
+                    break
+                try:
+                    if child is None:
+                        child = _Child()
+                    if not child.run_class(unit[1], replay):  # it killed the child
+                        child = None
+                finally:
+                    work.done(unit)
+        finally:
+            if child is not None:
+                child.close()
+            replay.put(None)
+
+    @staticmethod
+    def _replay(result, tests, events):
+        """One test's events (start, outcomes, stop) or a lone class- or module-level error."""
+        test = tests.get(events[0]["id"]) or unittest.suite._ErrorHolder(events[0]["id"])
+        for event in events:
+            kind, text = event["event"], event.get("text", "")
+            if kind == "start":
+                result.startTest(test)
+            elif kind == "stop":
+                result.stopTest(test)
+            elif kind == "success":
+                result.addSuccess(test)
+            elif kind == "failure":
+                result.addFailure(test, (ChildTraceback, ChildTraceback(text), None))
+            elif kind == "error":
+                result.addError(test, (ChildTraceback, ChildTraceback(text), None))
+            elif kind == "skip":
+                result.addSkip(test, event["reason"])
+            elif kind == "xfail":
+                result.addExpectedFailure(test, (ChildTraceback, ChildTraceback(text), None))
+            elif kind == "xpass":
+                result.addUnexpectedSuccess(test)
+            elif kind in ("subfailure", "suberror"):
+                message = event["message"] if event["message"] is not None else unittest.case._subtest_msg_sentinel
+                params = {key: _Repr(value) for key, value in event["params"].items()}
+                subtest = unittest.case._SubTest(test, message, params)
+                error = ChildTraceback if kind == "suberror" else type("ChildFailure", (ChildTraceback, AssertionError), {})
+                result.addSubTest(test, subtest, (error, error(text), None))
+
+
+class _Work:
+    """The units left to run, in order: (exclusive, test IDs). An exclusive unit starts once
+    nothing else runs, and nothing else starts while it runs."""
+
+    def __init__(self, units):
+        self.pending = list(units)
+        self._running = []
+        self._changed = threading.Condition()
+
+    def take(self):
+        with self._changed:
+            self._changed.wait_for(lambda: not self.pending or (
+                not self._running if self.pending[0][0] else not any(alone for alone, _ in self._running)))
+            if not self.pending:
+                return None
+            unit = self.pending.pop(0)
+            self._running.append(unit)
+            return unit
+
+    def done(self, unit):
+        with self._changed:
+            self._running.remove(unit)
+            self._changed.notify_all()
+
+
+class _Child:
+    """One child process running whole classes for _ParallelSuite."""
+    alive = set()
+
+    def __init__(self):
+        read_end, write_end = os.pipe()
+        self.log = tempfile.TemporaryFile()
+        env = {**os.environ, _CHILD_ENV: "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", f"import test_cares; test_cares._child_main({write_end})"],
+            cwd=HERE, env=env, stdin=subprocess.PIPE, stdout=self.log, stderr=self.log, text=True,
+            pass_fds=(write_end,), process_group=0)
+        os.close(write_end)
+        _Child.alive.add(self)
+        self.results = os.fdopen(read_end, "r", encoding="utf-8")
+        self._buffer = ""
+
+    def _line(self, deadline):
+        """The next line from the child, or None when it exits or the deadline passes."""
+        import select
+        fd = self.results.fileno()
+        while "\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._buffer += chunk.decode("utf-8")
+        line, self._buffer = self._buffer.split("\n", 1)
+        return json.loads(line)
+
+    def run_class(self, ids, replay):
+        """Run one class's tests; False if the child crashed or overran (its unfinished tests fail)."""
+        deadline = time.monotonic() + CLASS_TIMEOUT_S
+        try:
+            self.process.stdin.write(json.dumps(ids) + "\n")
+            self.process.stdin.flush()
+        except OSError:
+            pass
+        finished, current = set(), None
+        while True:
+            event = self._line(deadline)
+            if event is None:
+                break
+            if event["event"] == "done":
+                if TIMING:
+                    print(f"{ids[0].rsplit('.', 2)[1]}: {event['seconds']:.1f} s wall, {event['cpu']:.1f} s CPU",
+                          file=sys.stderr)
+                unfinished = [test_id for test_id in ids if test_id not in finished]
+                for test_id in unfinished:  # not run at all: a child that lost them is a failure
+                    replay.put([{"event": "start", "id": test_id},
+                                {"event": "error", "id": test_id,
+                                 "text": "the child process finished its class without running this test\n"},
+                                {"event": "stop", "id": test_id}])
+                return True
+            if event["event"] == "start":
+                current = [event]
+            elif current is not None and event["id"] == current[0]["id"]:
+                current.append(event)
+                if event["event"] == "stop":
+                    finished.add(event["id"])
+                    replay.put(current)
+                    current = None
+            else:  # outside any test: setUpClass, tearDownClass, module fixtures
+                replay.put([event])
+        overran = self.process.poll() is None
+        self._end_group()
+        self.log.seek(0, os.SEEK_END)
+        self.log.seek(max(0, self.log.tell() - 4000))
+        tail = self.log.read().decode(errors="replace")
+        self.close()
+        why = (f"the child process running it was still busy after {CLASS_TIMEOUT_S} s and was killed"
+               if overran else f"the child process running it exited with code {self.process.returncode}")
+        for test_id in ids:
+            if test_id in finished:
+                continue
+            events = current if current is not None and current[0]["id"] == test_id else [{"event": "start", "id": test_id}]
+            replay.put([*events, {"event": "error", "id": test_id, "text": f"{why}; the end of its output:\n{tail}"},
+                        {"event": "stop", "id": test_id}])
+        return False
+
+    def kill(self):
+        """The child and everything left in its process group, now."""
+        if self in _Child.alive:
+            self._end_group()
+            self.close()
+
+    def _end_group(self):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def close(self):
+        """End of work: the child exits once its stdin closes (killed if it does not)."""
+        if self not in _Child.alive:
+            return
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(CLASS_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        _Child.alive.discard(self)
+        self.results.close()
+        self.log.close()
+
+
+def load_tests(loader, standard_tests, pattern):
+    for name in [*EXCLUSIVE, *CLASS_COST_S]:  # the tables name tests and classes that exist
+        class_name, _, test_name = name.partition(".")
+        assert hasattr(globals()[class_name], test_name or "run"), name
+    if JOBS <= 1 or os.environ.get(_CHILD_ENV):
+        return standard_tests
+    return _ParallelSuite([standard_tests])
+
+
 if __name__ == "__main__":
     unittest.main()
