@@ -1750,11 +1750,22 @@ class DetailOverHeartbeatTest(ClusterTestCase):
         busy.wait(10)
         self.assertIsNotNone(wait_until(watched(lambda detail: busy.pid not in pids_in(detail)), 3 * interval + 0.5),
                              "the ended process was still listed after three intervals")
+
+    def test_a_detail_nobody_looks_at_any_more_lapses_on_both_sides(self):
+        # Apart from the busy process above: that one must have the CPU to itself (see EXCLUSIVE).
+        orchestrator = self.start_orchestrator(heartbeat_ms=1000)
+        worker = self.start_worker(orchestrator, "looked-at")
+        registry = orchestrator.registry
+        self.assert_becomes(registry, "looked-at", cares.NodeStatus.ACTIVE, 5)
+        self.assertIsNone(worker.detail.sampler)  # nobody asked: no sampler, no /proc walks
+        orchestrator.watch_detail("looked-at")
+        self.assertIsNotNone(wait_until(lambda: registry.get("looked-at").detail is not None, 5),
+                             "no detail came while it was watched")
         # Nobody looks any more: the asking lapses on both sides and the worker stops on its own.
         self.assertIsNotNone(wait_until(lambda: not registry.detail_watched() and
                                         worker.detail.until < time.monotonic(), 10))
         taken = worker.detail.sampler.taken
-        time.sleep(1.5 * interval)  # proving nothing happens takes waiting: longer than a detail period
+        time.sleep(1.5)  # proving nothing happens takes waiting: longer than a detail period (1 s)
         self.assertEqual(worker.detail.sampler.taken, taken)
 
     def test_a_worker_asked_far_too_often_snapshots_once_a_period_and_stays(self):
@@ -6584,23 +6595,40 @@ class ZipappTest(unittest.TestCase):
 # Seconds each class took, measured serially (the rest take well under a second): the longest
 # start first, and the short ones fill the gaps.
 CLASS_COST_S = {
-    "ZipappTest": 24, "TmuxEndToEndTest": 19, "RoutineOperationsTest": 17.5, "DetailOverHeartbeatTest": 12.3,
+    "ZipappTest": 16, "TmuxEndToEndTest": 19, "RoutineOperationsTest": 17.5, "DetailOverHeartbeatTest": 12.3,
     "LivenessIntegrityTest": 12.1, "PrometheusEndToEndTest": 10.3, "FaultTest": 9.5,
     "HistoryAcrossRestartTest": 6.6, "CommandLineTest": 6.0, "MetricsHttpTest": 5.7, "ClusterTest": 3.9,
     "NodeRegistryTest": 3.8, "MetricsHostileClientTest": 3.8, "InventoryTest": 3.7, "DetailStatusCommandTest": 3.4,
 }
+# Slow tests of the classes in SPLIT, measured serially (seconds).
+TEST_COST_S = {
+    "DetailOverHeartbeatTest.test_a_detail_nobody_looks_at_any_more_lapses_on_both_sides": 7.5,
+    "TmuxEndToEndTest.test_orchestrator_and_four_workers_through_the_menus": 6.8,
+    "RoutineOperationsTest.test_status_lists_ten_thousand_nodes": 4.3,
+    "FaultTest.test_black_holed_link_is_noticed_on_both_sides_and_recovers": 4.0,
+    "LivenessIntegrityTest.test_a_worker_backs_off_from_an_orchestrator_that_drops_every_stream": 3.0,
+    "CommandLineTest.test_headless_orchestrator_and_four_headless_workers": 2.9,
+}
+# Classes with no state of their own across tests, long enough to be worth sharing out test by
+# test rather than as one unit.
+SPLIT = {"RoutineOperationsTest", "TmuxEndToEndTest", "LivenessIntegrityTest", "FaultTest", "CommandLineTest",
+         "HistoryAcrossRestartTest", "DetailOverHeartbeatTest"}
 # Tests that measure a busy process's share of the CPU, or that it tops the CPU order: they run on
-# their own, each while no other test runs (other tests' processes would take that CPU).
+# their own, each while no other test runs (other tests' processes would take that CPU). And the
+# closed terminal: a worker's TUI restores the default SIGHUP handler before it says goodbye, so on
+# a loaded machine the terminal's second hangup signal can kill it first (a bug in cares.py,
+# reported; the test is right to fail then).
 EXCLUSIVE = {
     "DetailSamplerTest.test_a_busy_process_tops_the_cpu_order_and_leaves_when_it_ends",
     "DetailSamplerTest.test_a_cgroup_with_a_busy_process_shows_with_its_cpu",
     "DetailOverHeartbeatTest.test_the_orchestrator_sees_a_busy_process_within_three_intervals_and_then_sees_it_go",
     "TmuxEndToEndTest.test_a_nodes_processes_disks_and_containers_in_its_detail_view",
+    "TmuxEndToEndTest.test_a_closed_terminal_leaves_the_cluster_cleanly",
 }
 # A class whose child has not finished it by then is killed with everything it started and its
 # unfinished tests fail: no single class is anywhere near this, even on a loaded machine.
 CLASS_TIMEOUT_S = 300
-JOBS = int(os.environ.get("CARES_TEST_JOBS") or 3)
+JOBS = int(os.environ.get("CARES_TEST_JOBS") or 4)
 _CHILD_ENV = "CARES_TEST_CHILD"
 # CARES_TEST_TIMING=1: each class's wall and CPU seconds (its child's and their children's) on stderr.
 TIMING = os.environ.get("CARES_TEST_TIMING") == "1"
@@ -6697,14 +6725,18 @@ class _ParallelSuite(unittest.TestSuite):
         tests = {}
         for test in self._flatten(self):
             tests[test.id()] = test
-        classes, alone = collections.OrderedDict(), []
+        classes, alone, units = collections.OrderedDict(), [], []
         for test_id in tests:
-            if test_id.split(".", 1)[1] in EXCLUSIVE:
+            name = test_id.split(".", 1)[1]
+            if name in EXCLUSIVE:
                 alone.append((True, [test_id]))
+            elif name.split(".")[0] in SPLIT:
+                units.append((TEST_COST_S.get(name, 1.0), [test_id]))
             else:
                 classes.setdefault(test_id.rsplit(".", 1)[0], []).append(test_id)
-        by_cost = sorted(classes, key=lambda name: -CLASS_COST_S.get(name.rsplit(".", 1)[1], 0.5))
-        work = _Work(alone + [(False, classes[name]) for name in by_cost])
+        units += [(CLASS_COST_S.get(name.rsplit(".", 1)[1], 0.5), ids) for name, ids in classes.items()]
+        units.sort(key=lambda unit: -unit[0])
+        work = _Work(alone + [(False, ids) for _, ids in units])
         replay = queue.Queue()
         workers = [threading.Thread(target=self._worker, args=(work, replay, result), daemon=True)
                    for _ in range(min(JOBS, len(work.pending)))]
@@ -6852,8 +6884,8 @@ class _Child:
                 break
             if event["event"] == "done":
                 if TIMING:
-                    print(f"{ids[0].rsplit('.', 2)[1]}: {event['seconds']:.1f} s wall, {event['cpu']:.1f} s CPU",
-                          file=sys.stderr)
+                    label = ids[0].split(".", 1)[1] if len(ids) == 1 else ids[0].rsplit(".", 2)[1]
+                    print(f"{label}: {event['seconds']:.1f} s wall, {event['cpu']:.1f} s CPU", file=sys.stderr)
                 unfinished = [test_id for test_id in ids if test_id not in finished]
                 for test_id in unfinished:  # not run at all: a child that lost them is a failure
                     replay.put([{"event": "start", "id": test_id},
@@ -6916,7 +6948,7 @@ class _Child:
 
 
 def load_tests(loader, standard_tests, pattern):
-    for name in [*EXCLUSIVE, *CLASS_COST_S]:  # the tables name tests and classes that exist
+    for name in [*EXCLUSIVE, *CLASS_COST_S, *TEST_COST_S, *SPLIT]:  # the tables name tests and classes that exist
         class_name, _, test_name = name.partition(".")
         assert hasattr(globals()[class_name], test_name or "run"), name
     if JOBS <= 1 or os.environ.get(_CHILD_ENV):
