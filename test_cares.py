@@ -2102,11 +2102,12 @@ class HistoryAcrossRestartTest(ClusterTestCase):
             worker.stop()  # its goodbye comes after every sample it sent
             self.assert_becomes(orchestrator.registry, "recorded", cares.NodeStatus.DISCONNECTED, 5)
 
-        first = self.start_orchestrator(f"127.0.0.1:{port}", heartbeat_ms=100, state_dir=folder)
+        # 200 ms: at 100 ms a worker thread starved for 0.3 s on a loaded machine is lost, not left.
+        first = self.start_orchestrator(f"127.0.0.1:{port}", heartbeat_ms=200, state_dir=folder)
         session(first, 12)
         first.stop(0.2)  # writes what history still holds
         before_restart = len(sampler.sent)
-        second = self.start_orchestrator(f"127.0.0.1:{port}", heartbeat_ms=100, state_dir=folder)
+        second = self.start_orchestrator(f"127.0.0.1:{port}", heartbeat_ms=200, state_dir=folder)
         session(second, before_restart + 8)
         second.history.flush()
         sent = [metrics.cpu_percent for metrics in sampler.sent]
@@ -2394,7 +2395,10 @@ class RoutineOperationsTest(ClusterTestCase):
         self.assertEqual(sorted(node.node_id for node in registry.snapshot()), expected)
         # Rows gone for longer than --forget-after are aged out, headless or not.
         self.assertIsNotNone(wait_until(lambda: len(registry) == 0, 5))
-        self.assertIn("Forgot 2 node(s) gone for over 1s.", texts(registry.events))
+        # In one sweep or two: on a loaded machine the two losses can fall either side of one.
+        forgot = [text for text in texts(registry.events) if text.startswith("Forgot ")]
+        self.assertTrue(all(re.fullmatch(r"Forgot [12] node\(s\) gone for over 1s\.", text) for text in forgot), forgot)
+        self.assertEqual(sum(int(text.split()[1]) for text in forgot), 2, forgot)
 
     def test_status_lists_ten_thousand_nodes(self):
         orchestrator = self.start_orchestrator()
