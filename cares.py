@@ -5842,9 +5842,15 @@ class TuiApp:
             # The terminal went away under the screen (EIO on a closed pty): leave cleanly all the same.
             return 0
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            self.shutdown()
+            # A second hangup (the kernel and the terminal each send one) or SIGTERM must not cut
+            # the goodbye short: ignored while shutting down (bounded), the old handlers back after.
+            for signum in previous:
+                signal.signal(signum, signal.SIG_IGN)
+            try:
+                self.shutdown()
+            finally:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
 
 
 def locale_is_utf8(environment=os.environ, python_chose_utf8: bool | None = None) -> bool:

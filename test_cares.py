@@ -6727,16 +6727,12 @@ TEST_COST_S = {
 SPLIT = {"RoutineOperationsTest", "TmuxEndToEndTest", "LivenessIntegrityTest", "FaultTest", "CommandLineTest",
          "HistoryAcrossRestartTest", "DetailOverHeartbeatTest"}
 # Tests that measure a busy process's share of the CPU, or that it tops the CPU order: they run on
-# their own, each while no other test runs (other tests' processes would take that CPU). And the
-# closed terminal: a worker's TUI restores the default SIGHUP handler before it says goodbye, so on
-# a loaded machine the terminal's second hangup signal can kill it first (a bug in cares.py,
-# reported; the test is right to fail then).
+# their own, each while no other test runs (other tests' processes would take that CPU).
 EXCLUSIVE = {
     "DetailSamplerTest.test_a_busy_process_tops_the_cpu_order_and_leaves_when_it_ends",
     "DetailSamplerTest.test_a_cgroup_with_a_busy_process_shows_with_its_cpu",
     "DetailOverHeartbeatTest.test_the_orchestrator_sees_a_busy_process_within_three_intervals_and_then_sees_it_go",
     "TmuxEndToEndTest.test_a_nodes_processes_disks_and_containers_in_its_detail_view",
-    "TmuxEndToEndTest.test_a_closed_terminal_leaves_the_cluster_cleanly",
 }
 # A class whose child has not finished it by then is killed with everything it started and its
 # unfinished tests fail: no single class is anywhere near this, even on a loaded machine.
@@ -6961,7 +6957,7 @@ class _Child:
         self.process = subprocess.Popen(
             [sys.executable, "-c", f"import test_cares; test_cares._child_main({write_end})"],
             cwd=HERE, env=env, stdin=subprocess.PIPE, stdout=self.log, stderr=self.log, text=True,
-            pass_fds=(write_end,), process_group=0)
+            pass_fds=(write_end,), start_new_session=True)  # its own process group: killpg ends all it started
         os.close(write_end)
         _Child.alive.add(self)
         self.results = os.fdopen(read_end, "r", encoding="utf-8")
