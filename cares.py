@@ -3121,7 +3121,7 @@ def node_status_message(node: Node, with_detail: bool = False) -> pb.NodeStatus:
 
 def metrics_message(metrics: Metrics, **identity) -> pb.NodeMetrics:
     """Metrics as NodeMetrics, leaving out what was not measured."""
-    values = {name: getattr(metrics, name) for name in METRIC_NAMES if getattr(metrics, name) is not None}
+    values = {name: value for name, value in zip(METRIC_NAMES, metrics) if value is not None}
     for name in ("memory_used_bytes", "memory_total_bytes", "root_fs_size_bytes"):
         if name in values:
             values[name] = int(values[name])
