@@ -2491,13 +2491,15 @@ class RoutineOperationsTest(ClusterTestCase):
                 process.wait(5)
             for node_id in expected:
                 self.assert_becomes(registry, node_id, cares.NodeStatus.DISCONNECTED, 5)
-        self.assertEqual(sorted(node.node_id for node in registry.snapshot()), expected)
+            # No third row, in either round (a row may already be forgotten: --forget-after 1 s).
+            self.assertLessEqual({node.node_id for node in registry.snapshot()}, set(expected))
         # Rows gone for longer than --forget-after are aged out, headless or not.
         self.assertIsNotNone(wait_until(lambda: len(registry) == 0, 5))
-        # In one sweep or two: on a loaded machine the two losses can fall either side of one.
+        # Two rows forgotten once, or twice when a loaded machine took over a second to restart
+        # them; in one sweep or two each time: never a third row.
         forgot = [text for text in texts(registry.events) if text.startswith("Forgot ")]
         self.assertTrue(all(re.fullmatch(r"Forgot [12] node\(s\) gone for over 1s\.", text) for text in forgot), forgot)
-        self.assertEqual(sum(int(text.split()[1]) for text in forgot), 2, forgot)
+        self.assertIn(sum(int(text.split()[1]) for text in forgot), (2, 4), forgot)
 
     def test_status_lists_ten_thousand_nodes(self):
         orchestrator = self.start_orchestrator()
