@@ -2608,33 +2608,40 @@ class HistoryStore:
             pending = [(minute, rows) for (key, minute), rows in self._minutes.items() if key == node_id]
         parts += [(minute // tier.bucket_s * tier.bucket_s, len(rows), fold_minute(rows))
                   for minute, rows in pending if minute >= first]
-        found: dict[int, list] = {}
-        for start, samples, values in parts:
-            entry = found.get(start)
-            if entry is None:
-                found[start] = [samples, list(values)]
-                continue
-            entry[0] += samples
-            totals = entry[1]
-            for slot in range(0, len(values), 2):
-                if values[slot] is not None:
-                    totals[slot] = values[slot] + (totals[slot] or 0)
-                    peak = totals[slot + 1]
-                    totals[slot + 1] = values[slot + 1] if peak is None else max(peak, values[slot + 1])
-        buckets = []
-        for start in sorted(found):
-            samples, values = found[start]
-            if samples <= 0:
-                continue
-            averages, peaks = {}, {}
-            for (name, scale), total, peak in zip(HISTORY_METRICS, values[0::2], values[1::2]):
-                if total is not None and peak is not None:
-                    averages[name], peaks[name] = total / samples / scale, peak / scale
-            buckets.append(HistoryBucket(start, samples, averages, peaks))
+        buckets = buckets_of(parts)
         # Events not written yet (tuple() copies the deque in one step under the GIL).
         events += [(event.at, event.kind.value, event.text) for event in tuple(self._pending_events)
                    if event.node_id == node_id and event.at >= first]
         return HistorySeries(node_id, span, tier.bucket_s, first, end, buckets, sorted(events))
+
+
+def buckets_of(parts: list) -> list:
+    """HistoryBuckets, oldest first, of (bucket start, samples, [sum, max, ...]) parts: those of
+    one start added up (from SQLite's tiers and from memory), sums made averages, scales undone."""
+    found: dict[int, list] = {}
+    for start, samples, values in parts:
+        entry = found.get(start)
+        if entry is None:
+            found[start] = [samples, list(values)]
+            continue
+        entry[0] += samples
+        totals = entry[1]
+        for slot in range(0, len(values), 2):
+            if values[slot] is not None:
+                totals[slot] = values[slot] + (totals[slot] or 0)
+                peak = totals[slot + 1]
+                totals[slot + 1] = values[slot + 1] if peak is None else max(peak, values[slot + 1])
+    buckets = []
+    for start in sorted(found):
+        samples, values = found[start]
+        if samples <= 0:
+            continue
+        averages, peaks = {}, {}
+        for (name, scale), total, peak in zip(HISTORY_METRICS, values[0::2], values[1::2]):
+            if total is not None and peak is not None:
+                averages[name], peaks[name] = total / samples / scale, peak / scale
+        buckets.append(HistoryBucket(start, samples, averages, peaks))
+    return buckets
 
 
 def open_history_database(path: str, events: EventLog) -> tuple:
