@@ -504,9 +504,10 @@ def fit(text: str, width: int, ellipsis: str = "…") -> str:
 # ---------------------------------------------------------------------------
 # 2. Local metrics sampling: what a worker measures of its machine, for its own
 #    screen and for its heartbeat stream.
-#    Holds: Metrics (one sample), CounterRates, LocalSampler (psutil, every
-#    heartbeat), DetailSampler and its readers (processes, mounts, interfaces,
-#    sensors, cgroups, the Docker/Podman API), only while an orchestrator asks.
+#    Holds: Metrics (one sample), CounterRates, LocalSampler (every heartbeat:
+#    /proc read directly on Linux, psutil elsewhere), DetailSampler and its
+#    readers (processes, mounts, interfaces, sensors, cgroups, the Docker/Podman
+#    API), only while an orchestrator asks.
 #    Talks to: 1 (text), cluster_pb2 (NodeDetail is built as the message itself).
 # ---------------------------------------------------------------------------
 
