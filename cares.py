@@ -633,6 +633,12 @@ def proc_counters(path: str, names: frozenset, fields: tuple, scale: int = 1) ->
     return found
 
 
+def percent_of(part: float, whole: float) -> float:
+    """part of whole in percent as psutil gives it (one decimal, 0 for nothing to be part of),
+    held to 0-100: every percentage LocalSampler works out itself."""
+    return clamp_percent(round(part / whole * 100, 1) if whole > 0 else 0.0)
+
+
 # /proc/diskstats after the name: sectors read is the 3rd counter, written the 7th, always in
 # 512-byte units; /proc/net/dev: bytes received the 1st, sent the 9th.
 DISKSTAT_BYTES, SECTOR_BYTES, NETDEV_BYTES = (2, 6), 512, (0, 8)
@@ -681,10 +687,10 @@ class LocalSampler:
             load = os.getloadavg() if hasattr(os, "getloadavg") else (None, None, None)
             self._last = Metrics(
                 cpu_percent=self._cpu_percent(),
-                memory_percent=clamp_percent(round((total - available) / total * 100, 1) if total else 0.0),
+                memory_percent=percent_of(total - available, total),
                 memory_used_bytes=max(total - available, 0),
                 memory_total_bytes=total,
-                swap_percent=clamp_percent(round((swap_total - swap_free) / swap_total * 100, 1) if swap_total else 0.0),
+                swap_percent=percent_of(swap_total - swap_free, swap_total),
                 load_average_1m=load[0], load_average_5m=load[1], load_average_15m=load[2],
                 boot_time_unix_s=self.boot_time,
                 root_fs_used_percent=root[0] if root else None,
@@ -712,7 +718,7 @@ class LocalSampler:
             else:
                 (busy_before, total_before), self._cpu_before = self._cpu_before, now
                 busy, total = now[0] - busy_before, now[1] - total_before
-                return clamp_percent(round(max(busy, 0) / total * 100, 1) if total > 0 else 0.0)
+                return percent_of(busy, total)
         return clamp_percent(psutil.cpu_percent(interval=None))
 
     def _read_memory(self) -> tuple:
@@ -755,8 +761,7 @@ def _root_fs_usage() -> tuple[float, int] | None:
         return None
     # psutil.disk_usage's arithmetic: used of what non-root users can have (used + available).
     used, available = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize, vfs.f_bavail * vfs.f_frsize
-    percent = round(used / (used + available) * 100, 1) if used + available else 0.0
-    return clamp_percent(percent), vfs.f_blocks * vfs.f_frsize
+    return percent_of(used, used + available), vfs.f_blocks * vfs.f_frsize
 
 
 # -- on-demand detail: processes, mounts, interfaces, sensors, containers -------
@@ -4369,6 +4374,7 @@ class ConnectionPhase(enum.Enum):
 
 
 def resolve_future(future: asyncio.Future) -> None:
+    """Wake whoever awaits future, unless it is already done (a timer and a command may both try)."""
     if not future.done():
         future.set_result(None)
 
@@ -4730,8 +4736,8 @@ class WorkerClient:
                 interval = clamp_heartbeat_ms(command.set_heartbeat_interval_ms) / 1000.0
                 if interval != self._interval:
                     self._interval = interval
-                    if self._interval_wake is not None and not self._interval_wake.done():
-                        self._interval_wake.set_result(None)
+                    if self._interval_wake is not None:
+                        resolve_future(self._interval_wake)
                     self._set_state(ConnectionPhase.CONNECTED)
                     self._say(Level.INFO, "interval", f"Heartbeat interval is now {interval:.2f} s.")
             elif kind == "shutdown":
