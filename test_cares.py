@@ -15,6 +15,7 @@ import atexit
 import collections
 import contextlib
 import dataclasses
+import enum
 import errno
 import fcntl
 import gc
@@ -6707,22 +6708,42 @@ class ZipappTest(unittest.TestCase):
 # test (`python -m unittest test_cares.ClusterTest`) is loaded without load_tests and runs here,
 # in-process, as does everything with CARES_TEST_JOBS=1.
 
-# Seconds each class took, measured serially (the rest take well under a second): the longest
-# start first, and the short ones fill the gaps.
+# Seconds each unit took in one parallel run (CARES_TEST_JOBS=4, CARES_TEST_TIMING=1): the longest
+# start first, and the short ones fill the gaps. A class not named takes well under a second.
 CLASS_COST_S = {
-    "ZipappTest": 16, "TmuxEndToEndTest": 19, "RoutineOperationsTest": 17.5, "DetailOverHeartbeatTest": 12.3,
-    "LivenessIntegrityTest": 12.1, "PrometheusEndToEndTest": 10.3, "FaultTest": 9.5,
-    "HistoryAcrossRestartTest": 6.6, "CommandLineTest": 6.0, "MetricsHttpTest": 5.7, "ClusterTest": 3.9,
-    "NodeRegistryTest": 3.8, "MetricsHostileClientTest": 3.8, "InventoryTest": 3.7, "DetailStatusCommandTest": 3.4,
+    "ZipappTest": 18.2, "PrometheusEndToEndTest": 10.5, "MetricsHttpTest": 5.8, "ClusterTest": 4.1,
+    "InventoryTest": 3.7, "AccessTest": 3.4, "MetricsHostileClientTest": 3.3, "DetailStatusCommandTest": 3.3,
+    "NodeRegistryTest": 3.2, "HostileInputTest": 3.1, "BuildToolsTest": 2.4, "ServiceProcessTest": 2.3,
+    "AlertTest": 1.9, "TuiSceneTest": 1.8, "HistoryStoreTest": 1.8, "MetricsNoTracebackTest": 1.6,
+    "EventHookTest": 1.5,
 }
-# Slow tests of the classes in SPLIT, measured serially (seconds).
+# The same for the tests of the classes in SPLIT (a test not named takes about a second).
 TEST_COST_S = {
     "DetailOverHeartbeatTest.test_a_detail_nobody_looks_at_any_more_lapses_on_both_sides": 7.5,
-    "TmuxEndToEndTest.test_orchestrator_and_four_workers_through_the_menus": 6.8,
-    "RoutineOperationsTest.test_status_lists_ten_thousand_nodes": 4.3,
-    "FaultTest.test_black_holed_link_is_noticed_on_both_sides_and_recovers": 4.0,
+    "TmuxEndToEndTest.test_orchestrator_and_four_workers_through_the_menus": 7.3,
+    "TmuxEndToEndTest.test_labels_filter_detail_view_and_help": 4.6,
+    "HistoryAcrossRestartTest.test_buckets_match_what_the_workers_sent_across_an_orchestrator_restart": 4.6,
+    "RoutineOperationsTest.test_status_lists_ten_thousand_nodes": 4.2,
+    "FaultTest.test_black_holed_link_is_noticed_on_both_sides_and_recovers": 4.2,
+    "RoutineOperationsTest.test_bad_inputs_get_one_clear_line": 3.2,
+    "RoutineOperationsTest.test_restarts_leave_no_ghost_rows": 3.1,
+    "TmuxEndToEndTest.test_the_graphs_switch_to_history_ranges_with_events_marked": 3.0,
+    "RoutineOperationsTest.test_headless_processes_never_load_the_tui": 3.0,
     "LivenessIntegrityTest.test_a_worker_backs_off_from_an_orchestrator_that_drops_every_stream": 3.0,
-    "CommandLineTest.test_headless_orchestrator_and_four_headless_workers": 2.9,
+    "RoutineOperationsTest.test_a_stopped_log_reader_never_stops_serving": 2.9,
+    "DetailOverHeartbeatTest.test_a_worker_asked_far_too_often_snapshots_once_a_period_and_stays": 2.6,
+    "LivenessIntegrityTest.test_an_orchestrator_stall_blames_no_worker": 2.4,
+    "HistoryAcrossRestartTest.test_a_file_size_limit_costs_history_not_serving": 2.2,
+    "CommandLineTest.test_headless_orchestrator_and_four_headless_workers": 2.2,
+    "RoutineOperationsTest.test_a_full_log_disk_never_stops_serving": 2.1,
+    "LivenessIntegrityTest.test_token_guessing_is_throttled_per_address": 2.1,
+    "RoutineOperationsTest.test_refusal_floods_become_summaries": 2.0,
+    "RoutineOperationsTest.test_a_closed_or_broken_stderr_never_stops_serving": 2.0,
+    "FaultTest.test_orchestrator_killed_and_restarted_every_worker_back": 1.8,
+    "TmuxEndToEndTest.test_no_color_and_a_light_background": 1.7,
+    "TmuxEndToEndTest.test_a_c_locale_gets_an_ascii_screen": 1.6,
+    "RoutineOperationsTest.test_sighup_keeps_headless_processes_serving": 1.6,
+    "LivenessIntegrityTest.test_rejoining_a_dead_nodes_id_never_makes_it_active": 1.6,
 }
 # Classes with no state of their own across tests, long enough to be worth sharing out test by
 # test rather than as one unit.
@@ -6735,6 +6756,15 @@ EXCLUSIVE = {
     "DetailSamplerTest.test_a_cgroup_with_a_busy_process_shows_with_its_cpu",
     "DetailOverHeartbeatTest.test_the_orchestrator_sees_a_busy_process_within_three_intervals_and_then_sees_it_go",
     "TmuxEndToEndTest.test_a_nodes_processes_disks_and_containers_in_its_detail_view",
+}
+# Tests that mostly wait (on heartbeats, deadlines, throttles: under a tenth of a core): they may
+# run beside an EXCLUSIVE one, whose busy process they leave its core, so those seconds are not
+# lost to the rest of the suite.
+QUIET = {
+    "DetailOverHeartbeatTest.test_a_detail_nobody_looks_at_any_more_lapses_on_both_sides",
+    "DetailOverHeartbeatTest.test_a_worker_asked_far_too_often_snapshots_once_a_period_and_stays",
+    "LivenessIntegrityTest.test_a_worker_backs_off_from_an_orchestrator_that_drops_every_stream",
+    "LivenessIntegrityTest.test_token_guessing_is_throttled_per_address",
 }
 # A class whose child has not finished it by then is killed with everything it started and its
 # unfinished tests fail: no single class is anywhere near this, even on a loaded machine.
@@ -6840,14 +6870,15 @@ class _ParallelSuite(unittest.TestSuite):
         for test_id in tests:
             name = test_id.split(".", 1)[1]
             if name in EXCLUSIVE:
-                alone.append((True, [test_id]))
+                alone.append((Sharing.ALONE, [test_id]))
             elif name.split(".")[0] in SPLIT:
                 units.append((TEST_COST_S.get(name, 1.0), [test_id]))
             else:
                 classes.setdefault(test_id.rsplit(".", 1)[0], []).append(test_id)
         units += [(CLASS_COST_S.get(name.rsplit(".", 1)[1], 0.5), ids) for name, ids in classes.items()]
         units.sort(key=lambda unit: -unit[0])
-        work = _Work(alone + [(False, ids) for _, ids in units])
+        work = _Work(alone + [(Sharing.QUIET if ids[0].split(".", 1)[1] in QUIET else Sharing.SHARED, ids)
+                              for _, ids in units])
         replay = queue.Queue()
         workers = [threading.Thread(target=self._worker, args=(work, replay, result), daemon=True)
                    for _ in range(min(JOBS, len(work.pending)))]
@@ -6923,22 +6954,40 @@ class _ParallelSuite(unittest.TestSuite):
                 result.addSubTest(test, subtest, (error, error(text), None))
 
 
+class Sharing(enum.Enum):
+    """What else may run while a unit of _Work runs."""
+    ALONE = "only QUIET units"          # an EXCLUSIVE test
+    QUIET = "anything"                  # a QUIET test
+    SHARED = "anything but an ALONE unit"
+
+
 class _Work:
-    """The units left to run, in order: (exclusive, test IDs). An exclusive unit starts once
-    nothing else runs, and nothing else starts while it runs."""
+    """The units left to run, in order: (Sharing, test IDs). An ALONE unit starts once only QUIET
+    ones run, and while one runs or waits only QUIET ones start."""
 
     def __init__(self, units):
         self.pending = list(units)
         self._running = []
         self._changed = threading.Condition()
 
+    def _may_start(self, unit):
+        sharing = unit[0]
+        if sharing is Sharing.ALONE:
+            return all(other is Sharing.QUIET for other, _ in self._running)
+        if sharing is Sharing.SHARED:
+            return not any(other is Sharing.ALONE for other, _ in self._running + self.pending)
+        return True
+
+    def _next(self):
+        return next((unit for unit in self.pending if self._may_start(unit)), None)
+
     def take(self):
         with self._changed:
-            self._changed.wait_for(lambda: not self.pending or (
-                not self._running if self.pending[0][0] else not any(alone for alone, _ in self._running)))
+            self._changed.wait_for(lambda: not self.pending or self._next() is not None)
             if not self.pending:
                 return None
-            unit = self.pending.pop(0)
+            unit = self._next()
+            self.pending.remove(unit)
             self._running.append(unit)
             return unit
 
@@ -7059,7 +7108,7 @@ class _Child:
 
 
 def load_tests(loader, standard_tests, pattern):
-    for name in [*EXCLUSIVE, *CLASS_COST_S, *TEST_COST_S, *SPLIT]:  # the tables name tests and classes that exist
+    for name in [*EXCLUSIVE, *QUIET, *CLASS_COST_S, *TEST_COST_S, *SPLIT]:  # the tables name tests and classes that exist
         class_name, _, test_name = name.partition(".")
         assert hasattr(globals()[class_name], test_name or "run"), name
     if JOBS <= 1 or os.environ.get(_CHILD_ENV):
