@@ -4554,6 +4554,7 @@ class WorkerClient:
         self._main_task = None
         self._call = None
         self._sender = None
+        self._writing: asyncio.Future | None = None  # the sender's write in flight (see _send_metrics)
         self._session_id = ""
         self._sequence = 0
         self._stream_opened_at: float | None = None
@@ -4599,6 +4600,9 @@ class WorkerClient:
         if sender is not None:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
+        writing, self._writing = self._writing, None
+        if writing is not None:  # the sample being written goes out before the goodbye (bounded)
+            await asyncio.gather(asyncio.wait_for(writing, 1.0), return_exceptions=True)
         if goodbye and call is not None and self.state.phase is ConnectionPhase.CONNECTED:
             try:
                 await asyncio.wait_for(self._say_goodbye(call), 1.0)
@@ -4711,10 +4715,12 @@ class WorkerClient:
                 commands.result()
             finally:
                 self._sender = self._call = None
-                for task in (commands, sender):
+                writing, self._writing = self._writing, None
+                tasks = [task for task in (commands, sender, writing) if task is not None]
+                for task in tasks:
                     task.cancel()
                 # Collect their ends (a write on a finished call fails), or asyncio reports them as never retrieved.
-                await asyncio.gather(commands, sender, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _obey_commands(self, call) -> None:
         """Follow the orchestrator's commands. An interval command only records the interval and
@@ -4760,7 +4766,10 @@ class WorkerClient:
             detail = await self.detail.snapshot_if_asked(loop, self._interval)
             if detail is not None:
                 message.detail.CopyFrom(detail)
-            await call.write(message)
+            # Shielded: a cancel landing inside a write cancels the whole call, so a worker
+            # stopped mid-write (_leave) would never get its goodbye out and be lost, not left.
+            self._writing = asyncio.ensure_future(call.write(message))
+            await asyncio.shield(self._writing)
             sent_at = loop.time()
             if sent_at - self._stream_opened_at >= WORKER_REPEAT_SUMMARY_S:
                 self._say_repeats()

@@ -2220,7 +2220,7 @@ class HistoryAcrossRestartTest(ClusterTestCase):
         self.assertEqual(series.summary("net_receive_bytes_per_s")[2], max(sent) * 1000.0)
         kinds = [kind for _, kind, _ in series.events]
         self.assertEqual(kinds.count("joined") + kinds.count("rejoined"), 2, kinds)
-        self.assertEqual(kinds.count("left"), 2, kinds)
+        self.assertEqual(kinds.count("left"), 2, (kinds, texts(second.registry.events), series.events))
         # The same through `status NODE --history 1h --json`, as an operator reads it.
         result = self.run_cares("status", f"127.0.0.1:{port}", "recorded", "--history", "1h", "--json")
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -4014,6 +4014,33 @@ class FaultTest(ClusterTestCase):
                       said[0])
         sampler.failing.clear()
         self.assert_becomes(orchestrator.registry, "flaky", cares.NodeStatus.ACTIVE, 15)
+
+    def test_a_worker_stopped_in_the_middle_of_a_write_still_leaves_cleanly(self):
+        # A congested link or a loaded machine: each write of the heartbeat stream takes half a
+        # second. grpc.aio cancels the whole call when a write is cancelled mid-send (its own
+        # _StreamRequestMixin._write does call.cancel()), which the slow write below does too; a
+        # worker that cancelled its sender then could not say goodbye, and was lost, not left.
+        writing = threading.Event()
+        send = grpc.aio._call._StreamRequestMixin._write
+
+        async def slow_write(call, request):
+            writing.set()
+            try:
+                await asyncio.sleep(0.5)
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            return await send(call, request)
+        orchestrator = self.start_orchestrator(heartbeat_ms=1000)
+        with mock.patch.object(grpc.aio._call._StreamRequestMixin, "_write", slow_write):
+            worker = self.start_worker(orchestrator, "mid-write", FixedSampler(10.0, 20.0))
+            self.assert_becomes(orchestrator.registry, "mid-write", cares.NodeStatus.ACTIVE, 10)
+            writing.clear()
+            self.assertTrue(writing.wait(10), "no write of a sample began")
+            worker.stop()
+            self.assert_becomes(orchestrator.registry, "mid-write", cares.NodeStatus.DISCONNECTED, 5)
+        self.assertIn("Node 'mid-write' has left the cluster.", texts(orchestrator.registry.events))
+        self.assertIn("Left the cluster.", texts(worker.events))
 
     def test_stopped_worker_is_lost_then_back_after_sigcont(self):
         orchestrator = self.start_orchestrator(heartbeat_ms=100)
