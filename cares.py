@@ -2294,17 +2294,18 @@ _BUCKET_ROLLUP = ("INSERT INTO buckets SELECT node, ?, start / ? * ?, sum(sample
 _HISTORY_PAIR_SCALES = tuple(scale for scale in _HISTORY_SCALES for _ in "sum max")
 
 
-def fold_minute(rows: list) -> list:
-    """[sum, max, sum, max, ...] of a minute's samples (HISTORY_METRICS' values of each, as
-    _HISTORY_PICK takes them), at the scale they are stored; None for a metric none of them had.
-    Column by column in C (sum, max) while every value is there: 10,000 nodes' minutes each write."""
+def fold_minute(samples: list) -> list:
+    """[sum, max, sum, max, ...] of HISTORY_METRICS over a minute's Metrics, at the scale they are
+    stored; None for a metric none of them had. Column by column in C (sum, max) while every value
+    is there: 10,000 nodes' minutes each write."""
+    columns = list(zip(*map(_HISTORY_PICK, samples)))
     try:
-        return list(map(round, map(float.__mul__, [fold(column) for column in zip(*rows) for fold in (sum, max)],
+        return list(map(round, map(float.__mul__, [fold(column) for column in columns for fold in (sum, max)],
                                    _HISTORY_PAIR_SCALES)))
     except TypeError:  # a None among them (an older worker, or a rate's first reading)
         pass
     folded = []
-    for column, scale in zip(zip(*rows), _HISTORY_SCALES):
+    for column, scale in zip(columns, _HISTORY_SCALES):
         if None in column:
             column = [value for value in column if value is not None]
             if not column:
@@ -2399,7 +2400,7 @@ class HistoryStore:
         self.dropped = 0  # samples lost to a full queue or a failed write
         # The history thread's minutes not written yet, read by series() too.
         self._lock = threading.Lock()
-        self._minutes: dict = {}  # (node_id, minute start) -> [the samples' HISTORY_METRICS values]
+        self._minutes: dict = {}  # (node_id, minute start) -> [its Metrics]
         self._node_keys: dict[str, int] = {}
         self._rolled_up_to = 0  # the 1-minute buckets before this are in every tier (the rollup table)
         self._wake = threading.Event()
@@ -2484,18 +2485,20 @@ class HistoryStore:
 
     def _fold(self) -> None:
         """Group the pending samples by node and minute (under the lock: series() reads them).
-        The sums wait for the write, which makes them a column at a time (fold_minute)."""
-        pending, pick = self._pending, _HISTORY_PICK
+        The sums wait for the write, which makes them a column at a time (fold_minute). The
+        samples are kept as they came, not copied: at 10,000 nodes, 2,000 new objects a second
+        living a minute made the process's garbage collections run here, 5 % of a core."""
+        pending = self._pending
         with self._lock:
             minutes = self._minutes
             while pending:
                 node_id, at, metrics = pending.popleft()
                 key = (node_id, int(at // 60 * 60))
-                rows = minutes.get(key)
-                if rows is None:
-                    minutes[key] = [pick(metrics)]
+                samples = minutes.get(key)
+                if samples is None:
+                    minutes[key] = [metrics]
                 else:
-                    rows.append(pick(metrics))
+                    samples.append(metrics)
 
     def _write(self, everything: bool = False) -> str:
         """Add the complete minutes (every minute when everything: stopping, tests) to the
@@ -2508,7 +2511,7 @@ class HistoryStore:
             if everything:
                 minutes, self._minutes = self._minutes, {}
             else:
-                minutes = {key: rows for key, rows in self._minutes.items() if key[1] < now_minute}
+                minutes = {key: samples for key, samples in self._minutes.items() if key[1] < now_minute}
                 for key in minutes:
                     del self._minutes[key]
         # Every sample stamped before the fold that preceded this write is in the minutes: the
@@ -2528,8 +2531,8 @@ class HistoryStore:
         db, sqlite3 = self._db, self._sqlite3
         try:
             db.execute("BEGIN")
-            db.executemany(_BUCKET_UPSERT, [(self._node_key(node_id), 0, minute, len(rows), *fold_minute(rows))
-                                            for (node_id, minute), rows in minutes.items()])
+            db.executemany(_BUCKET_UPSERT, [(self._node_key(node_id), 0, minute, len(samples), *fold_minute(samples))
+                                            for (node_id, minute), samples in minutes.items()])
             if complete > self._rolled_up_to:
                 for index, tier in enumerate(HISTORY_TIERS[1:], 1):
                     db.execute(_BUCKET_ROLLUP, (index, tier.bucket_s, tier.bucket_s, self._rolled_up_to, complete,
@@ -2611,9 +2614,9 @@ class HistoryStore:
                     events = [(at, kind, text) for at, kind, text in db.execute(
                         "SELECT at, kind, text FROM events WHERE node = ? AND at >= ? ORDER BY at", (row[0], first))]
         with self._lock:  # the minutes not written yet
-            pending = [(minute, rows) for (key, minute), rows in self._minutes.items() if key == node_id]
-        parts += [(minute // tier.bucket_s * tier.bucket_s, len(rows), fold_minute(rows))
-                  for minute, rows in pending if minute >= first]
+            pending = [(minute, samples) for (key, minute), samples in self._minutes.items() if key == node_id]
+        parts += [(minute // tier.bucket_s * tier.bucket_s, len(samples), fold_minute(samples))
+                  for minute, samples in pending if minute >= first]
         buckets = buckets_of(parts)
         # Events not written yet (tuple() copies the deque in one step under the GIL).
         events += [(event.at, event.kind.value, event.text) for event in tuple(self._pending_events)
