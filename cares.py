@@ -2294,23 +2294,22 @@ _BUCKET_ROLLUP = ("INSERT INTO buckets SELECT node, ?, start / ? * ?, sum(sample
 _HISTORY_PAIR_SCALES = tuple(scale for scale in _HISTORY_SCALES for _ in "sum max")
 
 
-def fold_minute(samples: list) -> list:
-    """[sum, max, sum, max, ...] of HISTORY_METRICS over a minute's Metrics, at the scale they are
-    stored; None for a metric none of them had. Column by column in C (sum, max) while every value
-    is there: 10,000 nodes' minutes each write."""
-    columns = list(zip(*map(_HISTORY_PICK, samples)))
+def fold_minute(rows: list) -> list:
+    """[sum, max, sum, max, ...] of a minute's samples (rows of HISTORY_METRICS' values, NaN where
+    not measured), at the scale they are stored; None for a metric none of them had. Column by
+    column in C (sum, max) while every value is there: 10,000 nodes' minutes each write."""
+    columns = list(zip(*rows))
     try:
         return list(map(round, map(float.__mul__, [fold(column) for column in columns for fold in (sum, max)],
                                    _HISTORY_PAIR_SCALES)))
-    except TypeError:  # a None among them (an older worker, or a rate's first reading)
+    except (TypeError, ValueError):  # round() refuses the NaN of an older worker or a rate's first reading
         pass
     folded = []
     for column, scale in zip(columns, _HISTORY_SCALES):
-        if None in column:
-            column = [value for value in column if value is not None]
-            if not column:
-                folded += (None, None)
-                continue
+        column = [value for value in column if value == value]  # NaN is not equal to itself
+        if not column:
+            folded += (None, None)
+            continue
         folded += (round(sum(column) * scale), round(max(column) * scale))
     return folded
 
@@ -2402,10 +2401,11 @@ class HistoryStore:
         self.dropped = 0  # samples lost to a full queue or a failed write
         # The history thread's minutes not written yet, read by series() too.
         self._lock = threading.Lock()
-        # Minute start -> ([node ID], [Metrics]) in arrival order: two lists a minute, not one a
-        # node. At 10,000 nodes, objects made per sample or per node and kept a minute were 2,000
-        # a second for the garbage collector: 200 more collections a minute, +5 % of a core.
-        self._minutes: dict[int, tuple[list, list]] = {}
+        # Minute start -> ([node ID], array of their HISTORY_METRICS values, NaN where not
+        # measured), in arrival order. Two objects a minute: at 10,000 nodes, an object kept per
+        # sample (even the Metrics itself, past the registry's next sample) was 2,000 a second
+        # for the garbage collector: ~200 more collections a minute, +5-8 % of a core.
+        self._minutes: dict[int, tuple[list, array.array]] = {}
         self._node_keys: dict[str, int] = {}
         self._rolled_up_to = 0  # the 1-minute buckets before this are in every tier (the rollup table)
         self._wake = threading.Event()
@@ -2491,18 +2491,21 @@ class HistoryStore:
     def _fold(self) -> None:
         """Sort the pending samples into their minutes (under the lock: series() reads them). The
         sums wait for the write, which makes them a column at a time (fold_minute)."""
-        pending, pop = self._pending, self._pending.popleft
+        pending, pop, pick = self._pending, self._pending.popleft, _HISTORY_PICK
         with self._lock:
-            minutes, minute, batch = self._minutes, None, None
+            minutes, minute, node_ids, values = self._minutes, None, None, None
             while pending:
                 node_id, at, metrics = pop(), pop(), pop()
                 if minute is None or not minute <= at < minute + 60:
                     minute = int(at // 60 * 60)
-                    batch = minutes.get(minute)
-                    if batch is None:
-                        batch = minutes[minute] = ([], [])
-                batch[0].append(node_id)
-                batch[1].append(metrics)
+                    if minute not in minutes:
+                        minutes[minute] = ([], array.array("d"))
+                    node_ids, values = minutes[minute]
+                row = pick(metrics)
+                if None in row:
+                    row = [math.nan if value is None else value for value in row]
+                node_ids.append(node_id)
+                values.extend(row)
 
     def _write(self, everything: bool = False) -> str:
         """Add the complete minutes (every minute when everything: stopping, tests) to the
@@ -2518,15 +2521,17 @@ class HistoryStore:
                 taken = {minute: batch for minute, batch in self._minutes.items() if minute < now_minute}
                 for minute in taken:
                     del self._minutes[minute]
-        minutes = {}  # (node ID, minute start) -> [its Metrics]
-        for minute, (node_ids, samples) in taken.items():
-            for node_id, metrics in zip(node_ids, samples):
-                key = (node_id, minute)
-                node_samples = minutes.get(key)
-                if node_samples is None:
-                    minutes[key] = [metrics]
+        minutes = {}  # (node ID, minute start) -> its samples' rows
+        for minute, (node_ids, values) in taken.items():
+            rows = {}
+            for index, node_id in enumerate(node_ids):
+                indices = rows.get(node_id)
+                if indices is None:
+                    rows[node_id] = [index]
                 else:
-                    node_samples.append(metrics)
+                    indices.append(index)
+            for node_id, indices in rows.items():
+                minutes[node_id, minute] = _history_rows(values, indices)
         # Every sample stamped before the fold that preceded this write is in the minutes: the
         # minutes before the one before now are complete (one spare for a clock stepping back).
         # They are rolled up ten at a time: a coarse bucket costs SQLite the same for one minute
@@ -2626,18 +2631,22 @@ class HistoryStore:
                                       query + " AND start >= (SELECT upto FROM rollup)", (row[0], 0, first))]
                     events = [(at, kind, text) for at, kind, text in db.execute(
                         "SELECT at, kind, text FROM events WHERE node = ? AND at >= ? ORDER BY at", (row[0], first))]
-        with self._lock:  # the minutes not written yet (copied: the fold goes on appending)
-            pending = [(minute, list(node_ids), list(samples)) for minute, (node_ids, samples) in self._minutes.items()
-                       if minute >= first]
-        for minute, node_ids, samples in pending:
-            mine = [metrics for node, metrics in zip(node_ids, samples) if node == node_id]
-            if mine:
-                parts.append((minute // tier.bucket_s * tier.bucket_s, len(mine), fold_minute(mine)))
+        with self._lock:  # the minutes not written yet
+            pending = [(minute, _history_rows(values, [index for index, node in enumerate(node_ids) if node == node_id]))
+                       for minute, (node_ids, values) in self._minutes.items() if minute >= first]
+        parts += [(minute // tier.bucket_s * tier.bucket_s, len(rows), fold_minute(rows))
+                  for minute, rows in pending if rows]
         buckets = buckets_of(parts)
         # Events not written yet (tuple() copies the deque in one step under the GIL).
         events += [(event.at, event.kind.value, event.text) for event in tuple(self._pending_events)
                    if event.node_id == node_id and event.at >= first]
         return HistorySeries(node_id, span, tier.bucket_s, first, end, buckets, sorted(events))
+
+
+def _history_rows(values: array.array, indices: list) -> list:
+    """The rows of HISTORY_METRICS' values at these sample indices of a minute's flat array."""
+    width = len(HISTORY_METRICS)
+    return [values[index * width:(index + 1) * width] for index in indices]
 
 
 def buckets_of(parts: list) -> list:
