@@ -28,6 +28,7 @@ MARKER = ".cares-entry"          # written last into a finished entry; also the 
 TMP_PREFIX = ".cares-tmp-"       # an entry being unpacked
 TRASH_PREFIX = ".cares-trash-"   # a tree being deleted (see move_aside)
 GRACE = 3600                     # seconds an unused old entry or leftover temp dir is kept
+UNPACK_WAIT = 30                 # seconds a run waits for another run's unpack (one takes ~1 s)
 _held_locks = []                 # open lock fds: keep our entry safe from other builds' pruning
 
 
@@ -338,6 +339,29 @@ def unpack(archive, root, key, groups, expected):
         raise
 
 
+def wait_to_unpack(root):
+    """An exclusive lock on the cache folder (an open fd; None where there is none to have), so
+    that runs started at once unpack once: the others wait, then use that entry. Bounded: a run
+    stopped mid-unpack must not stop the rest, who then unpack as well (rename() keeps that safe)."""
+    try:
+        import fcntl
+        import time
+        fd = os.open(root, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    deadline = time.time() + UNPACK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as e:
+            import errno
+            if e.errno not in (errno.EAGAIN, errno.EACCES) or time.time() > deadline:
+                os.close(fd)
+                return None
+        time.sleep(0.05)
+
+
 def is_entry_name(name):
     # <16 hex build id>-<os>-<arch>-cpXY
     parts = name.split("-")
@@ -424,7 +448,14 @@ def prepare(build, archive):
             if fresh:
                 if not os.access(root, os.W_OK | os.X_OK):
                     raise Skip("not writable")
-                entry = unpack(archive, root, key, groups, build["groups"])
+                turn = wait_to_unpack(root)
+                try:
+                    fresh = not lock_entry(entry)  # another run may have unpacked it meanwhile
+                    if fresh:
+                        entry = unpack(archive, root, key, groups, build["groups"])
+                finally:
+                    if turn is not None:
+                        os.close(turn)
         except Skip as e:
             tried.append("%s%s: %s" % (label, root, e))
             continue
