@@ -35,6 +35,7 @@ import hashlib
 import heapq
 import hmac
 import ipaddress
+import itertools
 import json
 import math
 import operator
@@ -2521,17 +2522,6 @@ class HistoryStore:
                 taken = {minute: batch for minute, batch in self._minutes.items() if minute < now_minute}
                 for minute in taken:
                     del self._minutes[minute]
-        minutes = {}  # (node ID, minute start) -> its samples' rows
-        for minute, (node_ids, values) in taken.items():
-            rows = {}
-            for index, node_id in enumerate(node_ids):
-                indices = rows.get(node_id)
-                if indices is None:
-                    rows[node_id] = [index]
-                else:
-                    indices.append(index)
-            for node_id, indices in rows.items():
-                minutes[node_id, minute] = _history_rows(values, indices)
         # Every sample stamped before the fold that preceded this write is in the minutes: the
         # minutes before the one before now are complete (one spare for a clock stepping back).
         # They are rolled up ten at a time: a coarse bucket costs SQLite the same for one minute
@@ -2539,18 +2529,19 @@ class HistoryStore:
         complete = (now_minute - 60) // HISTORY_ROLLUP_S * HISTORY_ROLLUP_S
         events = [self._pending_events.popleft() for _ in range(len(self._pending_events))]
         forget = [self._forget.popleft() for _ in range(len(self._forget))]
-        if not (minutes or events or forget or complete > self._rolled_up_to):
+        if not (taken or events or forget or complete > self._rolled_up_to):
             return ""
+        samples = sum(len(node_ids) for node_ids, _ in taken.values())
         if self._db is None:
             error = self._open()
             if error:
-                self.dropped += sum(map(len, minutes.values()))
+                self.dropped += samples
                 return error
         db, sqlite3 = self._db, self._sqlite3
         try:
             db.execute("BEGIN")
-            db.executemany(_BUCKET_UPSERT, [(self._node_key(node_id), 0, minute, len(samples), *fold_minute(samples))
-                                            for (node_id, minute), samples in minutes.items()])
+            keys = {node_id: self._node_key(node_id) for node_ids, _ in taken.values() for node_id in node_ids}
+            db.executemany(_BUCKET_UPSERT, _minute_rows(taken, keys))
             if complete > self._rolled_up_to:
                 for index, tier in enumerate(HISTORY_TIERS[1:], 1):
                     db.execute(_BUCKET_ROLLUP, (index, tier.bucket_s, tier.bucket_s, self._rolled_up_to, complete,
@@ -2573,7 +2564,7 @@ class HistoryStore:
             self._node_keys = {}  # rolled back with the transaction; read again on the next write
             with contextlib.suppress(sqlite3.Error):
                 self._read_keys()
-            self.dropped += sum(map(len, minutes.values()))
+            self.dropped += samples
             if _is_corrupt(error):  # the next write opens it again, and moves it aside
                 with contextlib.suppress(sqlite3.Error):
                     db.close()
@@ -2643,7 +2634,18 @@ class HistoryStore:
         return HistorySeries(node_id, span, tier.bucket_s, first, end, buckets, sorted(events))
 
 
-def _history_rows(values: array.array, indices: list) -> list:
+def _minute_rows(minutes: dict, keys: dict):
+    """The 1-minute tier's rows of these minutes, node by node, made as SQLite takes them: every
+    row built first (10,000 nodes' tuples and folds alive at once) kept the garbage collector
+    busy on that many objects, and pushed them into its oldest generation."""
+    for minute, (node_ids, values) in minutes.items():
+        by_node = sorted(range(len(node_ids)), key=node_ids.__getitem__)  # one list of sample indices
+        for node_id, indices in itertools.groupby(by_node, key=node_ids.__getitem__):
+            rows = _history_rows(values, indices)
+            yield (keys[node_id], 0, minute, len(rows), *fold_minute(rows))
+
+
+def _history_rows(values: array.array, indices) -> list:
     """The rows of HISTORY_METRICS' values at these sample indices of a minute's flat array."""
     width = len(HISTORY_METRICS)
     return [values[index * width:(index + 1) * width] for index in indices]

@@ -2030,9 +2030,23 @@ class HistoryStoreTest(unittest.TestCase):
         self.assertLess(gc.get_count()[0] - before, 200)
         gc.enable()
         # ... and they are all there: each node's ten samples in its minute, not written yet.
+        expected = [(10, sum(float((7 + round_) % 100) for round_ in range(10)) / 10)]
         series = store.series("node-00007", cares.HistoryRange.HOUR)
-        self.assertEqual([(bucket.samples, bucket.averages["cpu_percent"]) for bucket in series.buckets],
-                         [(10, sum(float((7 + round_) % 100) for round_ in range(10)) / 10)])
+        self.assertEqual([(bucket.samples, bucket.averages["cpu_percent"]) for bucket in series.buckets], expected)
+        # The write makes each node's row as SQLite takes it: all 2,000 built first (and the
+        # rows they came from) were tens of thousands of objects alive at once, dozens of
+        # collections (and a push into the oldest generation) every minute.
+        collections_started = []
+
+        def count(phase, info):
+            if phase == "start":
+                collections_started.append(info["generation"])
+        gc.callbacks.append(count)
+        self.addCleanup(gc.callbacks.remove, count)
+        store.flush()
+        self.assertLessEqual(len(collections_started), 6, collections_started)
+        series = store.series("node-00007", cares.HistoryRange.HOUR)  # now read back from SQLite
+        self.assertEqual([(bucket.samples, bucket.averages["cpu_percent"]) for bucket in series.buckets], expected)
 
     def test_every_tier_holds_the_average_and_maximum_of_what_was_sent(self):
         clock = ManualClock()
