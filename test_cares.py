@@ -646,6 +646,26 @@ class LocalSamplerTest(unittest.TestCase):
                 for low, value, high in zip(values, direct[name.encode()], after[name]):
                     self.assertTrue(low <= value <= high, (name, values, direct[name.encode()], after[name]))
 
+    def test_device_counters_are_found_by_whole_name_in_either_layout(self):
+        folder = tempfile.mkdtemp(prefix="cares-test-proc-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        os.makedirs(os.path.join(folder, "net"))
+        with open(os.path.join(folder, "diskstats"), "w") as f:
+            f.write("   8       0 sda 10 0 200 0 5 0 300 0 0 0 0\n"
+                    "   8       1 sda1 99 0 999 0 99 0 999 0 0 0 0\n"
+                    " 259       0 nvme0n1 1 0 4 0 1 0 8 0 0 0 0 0 0 0 0 0 0\n")
+        with open(os.path.join(folder, "net", "dev"), "w") as f:
+            f.write("Inter-|   Receive\n face |bytes    packets\n"
+                    "    lo: 5 1 0 0 0 0 0 0 5 1 0 0 0 0 0 0\n"
+                    "  eth0:12345678901 7 0 0 0 0 0 0 42 3 0 0 0 0 0 0\n"
+                    "eth0.100: 1 1 0 0 0 0 0 0 2 1 0 0 0 0 0 0\n")
+        disks = cares.proc_counters(os.path.join(folder, "diskstats"), frozenset({b"sda", b"nvme0n1", b"vdz"}),
+                                    cares.DISKSTAT_BYTES, cares.SECTOR_BYTES)
+        self.assertEqual(disks, {b"sda": (200 * 512, 300 * 512), b"nvme0n1": (4 * 512, 8 * 512)})
+        nics = cares.proc_counters(os.path.join(folder, "net", "dev"), frozenset({b"eth0"}), cares.NETDEV_BYTES)
+        self.assertEqual(nics, {b"eth0": (12345678901, 42)})
+        self.assertEqual(cares.proc_counters(os.path.join(folder, "diskstats"), frozenset(), cares.DISKSTAT_BYTES), {})
+
     def test_a_proc_that_cannot_be_read_leaves_psutil_to_measure(self):
         sampler = cares.LocalSampler(max_age=0.0)
         with mock.patch.object(cares, "read_proc", side_effect=PermissionError(errno.EACCES, "denied")):
