@@ -2546,7 +2546,7 @@ class HistoryStore:
         db, sqlite3 = self._db, self._sqlite3
         try:
             db.execute("BEGIN")
-            keys = {node_id: self._node_key(node_id) for node_ids, _ in taken.values() for node_id in node_ids}
+            keys = {node_id: self._node_key(node_id) for node_id in set().union(*(ids for ids, _ in taken.values()))}
             db.executemany(_BUCKET_UPSERT, _minute_rows(taken, keys))
             if complete > self._rolled_up_to:
                 for index, tier in enumerate(HISTORY_TIERS[1:], 1):

@@ -349,14 +349,14 @@ def wait_to_unpack(root):
         fd = os.open(root, os.O_RDONLY)
     except (ImportError, OSError):
         return None
-    deadline = time.time() + UNPACK_WAIT
+    deadline = time.monotonic() + UNPACK_WAIT  # a clock stepping back must not extend the wait
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
         except OSError as e:
             import errno
-            if e.errno not in (errno.EAGAIN, errno.EACCES) or time.time() > deadline:
+            if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
                 os.close(fd)
                 return None
         time.sleep(0.05)
