@@ -572,6 +572,10 @@ class CounterRates:
 MIN_CPU_WINDOW_S = 0.09
 # Which disks are physical and which interfaces loopback is re-read this often (hot-plug).
 DEVICE_REFRESH_S = 60.0
+# statvfs() of / waits as long as the file system does (a dead NFS root, a failing disk), so no
+# sample calls it: a thread of its own reads it at most this often and a sample carries the
+# latest reading. A hung read costs that figure its freshness, never a heartbeat or a redraw.
+ROOT_FS_REFRESH_S = 10.0
 
 
 def physical_disks() -> frozenset:
@@ -675,6 +679,7 @@ class LocalSampler:
         self._disks = self._interfaces = frozenset()
         self._from_proc = sys.platform.startswith("linux")
         self._cpu_before = (0, 0)
+        self._root, self._root_at, self._root_reading = _root_fs_usage(), time.monotonic(), False
         self._cpu_percent()  # primed: the first sample measures from here
         self._primed_at = time.monotonic()
         self._read_rates(self._primed_at)
@@ -690,7 +695,7 @@ class LocalSampler:
                 return self._last
             total, available, swap_total, swap_free = self._read_memory()
             disk, net = self._read_rates(now)
-            root = _root_fs_usage()
+            root = self._root_fs(now)
             load = os.getloadavg() if hasattr(os, "getloadavg") else (None, None, None)
             self._last = Metrics(
                 cpu_percent=self._cpu_percent(),
@@ -709,6 +714,22 @@ class LocalSampler:
             )
             self._last_at = time.monotonic()
             return self._last
+
+    def _root_fs(self, now: float) -> tuple[float, int] | None:
+        """The latest reading of /'s usage; when it is due, a thread of its own reads it again."""
+        if now - self._root_at >= ROOT_FS_REFRESH_S and not self._root_reading:
+            self._root_reading = True
+            try:
+                threading.Thread(target=self._read_root_fs, name="cares-statvfs", daemon=True).start()
+            except RuntimeError:  # no new threads (interpreter shutdown, a thread limit): keep the last one
+                self._root_reading = False
+        return self._root
+
+    def _read_root_fs(self) -> None:
+        try:
+            self._root = _root_fs_usage()
+        finally:
+            self._root_at, self._root_reading = time.monotonic(), False
 
     def _proc_failed(self) -> None:
         """/proc did not read as expected (a container's odd mount, a future format): psutil
@@ -4791,10 +4812,11 @@ class WorkerClient:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(self.sampler.warmup_left())
         while True:
-            # On a thread: psutil reads /proc and statvfs()s the root file system, which a hung
-            # mount can hold for seconds, and the TUI may be holding the sampler's lock.
+            # On the loop: nothing a sample reads waits on a disk or a mount (/proc is made as it
+            # is read; statvfs has a thread of its own), and the screen holds the sampler's lock
+            # one sample long. An executor hop a beat cost more than the sample itself.
             try:
-                sample = await loop.run_in_executor(None, self.sampler.sample)
+                sample = self.sampler.sample()
             except Exception as error:
                 raise SamplingFailed(sanitize_text(f"cannot read this machine's metrics "
                                                    f"({type(error).__name__}: {error})", ERROR_TEXT_LIMIT)) from None

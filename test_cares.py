@@ -678,6 +678,36 @@ class LocalSamplerTest(unittest.TestCase):
             self.assertIsNotNone(getattr(sample, name), name)
         self.assertEqual(sample.memory_total_bytes, cares.psutil.virtual_memory().total)
 
+    def test_a_hung_root_file_system_stales_its_figure_and_never_holds_a_sample(self):
+        """statvfs() of / blocks for as long as the file system does. Samples go on at once with
+        the last reading, one thread waits on the hung read (not one per sample), and the next
+        reading after it returns is what samples carry."""
+        sampler = cares.LocalSampler(max_age=0.0)
+        first = sampler.sample()
+        self.assertIsNotNone(first.root_fs_used_percent)
+        released, entered, sampling_thread = threading.Event(), threading.Event(), threading.current_thread()
+
+        def hung_statvfs():
+            if threading.current_thread() is sampling_thread:
+                raise AssertionError("the sample itself called statvfs()")
+            entered.set()
+            released.wait(10.0)
+            return 42.5, 123 << 30
+        self.addCleanup(released.set)
+        with mock.patch.object(cares, "ROOT_FS_REFRESH_S", 0.0), \
+                mock.patch.object(cares, "_root_fs_usage", side_effect=hung_statvfs) as statvfs:
+            samples = []
+            for _ in range(20):
+                samples.append(sampler.sample())
+                self.assertTrue(entered.wait(5.0))
+            self.assertEqual(statvfs.call_count, 1, "a second thread started while the first read hung")
+            self.assertEqual({(s.root_fs_used_percent, s.root_fs_size_bytes) for s in samples},
+                             {(first.root_fs_used_percent, first.root_fs_size_bytes)})
+            self.assertEqual(sum(t.name == "cares-statvfs" for t in threading.enumerate()), 1)
+            released.set()
+            self.assertIsNotNone(wait_until(lambda: sampler.sample().root_fs_used_percent == 42.5, 5.0))
+            self.assertEqual(sampler.sample().root_fs_size_bytes, 123 << 30)
+
     def test_counter_rates_never_go_negative(self):
         rates = cares.CounterRates()
         self.assertIsNone(rates.update({"sda": (1000, 0)}, 10.0))
