@@ -603,33 +603,61 @@ def read_proc(path: str) -> bytes:
         os.close(descriptor)
 
 
+class ProcFiles:
+    """/proc files kept open and read again from their start, which has the kernel make them
+    afresh: opening each one every second (a path walk, a descriptor) and reading into a 1 MiB
+    buffer (an mmap and its page faults) cost more than making them. A read that fills the
+    buffer is read again into one twice the size, so a file of any length comes whole."""
+
+    def __init__(self, first_size: int = 1 << 16):
+        self._first_size = first_size
+        self._open: dict[str, list] = {}  # path -> [descriptor, read size]
+
+    def read(self, path: str) -> bytes:
+        entry = self._open.get(path)
+        if entry is None:
+            entry = self._open[path] = [os.open(path, os.O_RDONLY), self._first_size]
+        while True:
+            data = os.pread(entry[0], entry[1], 0)
+            if len(data) < entry[1]:
+                return data
+            entry[1] *= 2
+
+    def close(self) -> None:
+        for descriptor, _ in self._open.values():
+            os.close(descriptor)
+        self._open.clear()
+
+    __del__ = close
+
+
 MEMINFO_KEYS = (b"MemTotal", b"MemAvailable", b"SwapTotal", b"SwapFree")
 # One pass in C over the file: splitting its ~55 lines in Python was most of a sample's cost.
 _MEMINFO_LINE = re.compile(rb"^(" + b"|".join(MEMINFO_KEYS) + rb"): +(\d+)", re.M)
 
 
-def proc_meminfo() -> dict:
+def proc_meminfo(read=read_proc) -> dict:
     """MEMINFO_KEYS' /proc/meminfo lines in bytes (KeyError when one is missing: kernels before 3.14)."""
-    found = {key: int(value) * 1024 for key, value in _MEMINFO_LINE.findall(read_proc("/proc/meminfo"))}
+    found = {key: int(value) * 1024 for key, value in _MEMINFO_LINE.findall(read("/proc/meminfo"))}
     return {key: found[key] for key in MEMINFO_KEYS}
 
 
-def proc_cpu_times() -> tuple[int, int]:
+def proc_cpu_times(read=read_proc) -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs from /proc/stat, counted as psutil.cpu_percent counts
     them: guest time is inside user and nice already, and iowait is idle."""
     user, nice, system, idle, iowait, irq, softirq, steal, guest, guest_nice = \
-        map(int, read_proc("/proc/stat").split(b"\n", 1)[0].split()[1:11])
+        map(int, read("/proc/stat").split(b"\n", 1)[0].split()[1:11])
     total = user + nice + system + idle + iowait + irq + softirq + steal
     return total - idle - iowait, total
 
 
-def proc_counters(path: str, names: frozenset, fields: tuple, scale: int = 1) -> dict:
+def proc_counters(path: str, names: frozenset, fields: tuple, scale: int = 1, read=read_proc) -> dict:
     """name -> (those counters) of the wanted devices in /proc/diskstats (name third, then the
     counters) or /proc/net/dev ("name: counters")."""
     if not names:
         return {}
     found = {}
-    for name, rest in _device_lines(names, path.endswith("/net/dev")).findall(read_proc(path)):
+    for name, rest in _device_lines(names, path.endswith("/net/dev")).findall(read(path)):
         values = rest.split()
         found[name] = tuple(int(values[field]) * scale for field in fields)
     return found
@@ -678,6 +706,7 @@ class LocalSampler:
         self._devices_at = -DEVICE_REFRESH_S
         self._disks = self._interfaces = frozenset()
         self._from_proc = sys.platform.startswith("linux")
+        self._proc = ProcFiles()
         self._cpu_before = (0, 0)
         self._root, self._root_at, self._root_reading = _root_fs_usage(), time.monotonic(), False
         self._cpu_percent()  # primed: the first sample measures from here
@@ -740,7 +769,7 @@ class LocalSampler:
         """Use of all CPUs since the previous call, in percent."""
         if self._from_proc:
             try:
-                now = proc_cpu_times()
+                now = proc_cpu_times(self._proc.read)
             except (OSError, ValueError):
                 self._proc_failed()
             else:
@@ -753,7 +782,7 @@ class LocalSampler:
         """(total, available, swap total, swap free) in bytes."""
         if self._from_proc:
             try:
-                return tuple(proc_meminfo().values())
+                return tuple(proc_meminfo(self._proc.read).values())
             except (OSError, ValueError, KeyError, IndexError):
                 self._proc_failed()
         memory, swap = psutil.virtual_memory(), psutil.swap_memory()
@@ -767,8 +796,9 @@ class LocalSampler:
         disks = nics = None
         if self._from_proc:
             try:
-                disks = proc_counters("/proc/diskstats", self._disk_names, DISKSTAT_BYTES, SECTOR_BYTES)
-                nics = proc_counters("/proc/net/dev", self._interface_names, NETDEV_BYTES)
+                disks = proc_counters("/proc/diskstats", self._disk_names, DISKSTAT_BYTES, SECTOR_BYTES,
+                                      self._proc.read)
+                nics = proc_counters("/proc/net/dev", self._interface_names, NETDEV_BYTES, read=self._proc.read)
             except (OSError, ValueError, IndexError):
                 self._proc_failed()
         if not self._from_proc:

@@ -666,9 +666,32 @@ class LocalSamplerTest(unittest.TestCase):
         self.assertEqual(nics, {b"eth0": (12345678901, 42)})
         self.assertEqual(cares.proc_counters(os.path.join(folder, "diskstats"), frozenset(), cares.DISKSTAT_BYTES), {})
 
+    def test_a_proc_file_kept_open_is_read_afresh_and_whole(self):
+        files = cares.ProcFiles(first_size=16)
+        self.addCleanup(files.close)
+        folder = tempfile.mkdtemp(prefix="cares-test-procfiles-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "grows")
+        with open(path, "wb") as f:
+            f.write(b"short\n")
+        self.assertEqual(files.read(path), b"short\n")
+        with open(path, "ab") as f:
+            f.write(b"x" * 100 + b"\n")  # past the first read size: read again, twice as large, until whole
+        self.assertEqual(files.read(path), b"short\n" + b"x" * 100 + b"\n")
+        if sys.platform.startswith("linux"):
+            # The kernel makes /proc/stat again at each read from its start: the counters move on.
+            before = cares.proc_cpu_times(files.read)
+            deadline = time.monotonic() + 5.0
+            while cares.proc_cpu_times(files.read)[1] <= before[1] + 2 and time.monotonic() < deadline:
+                sum(range(10000))
+            after = cares.proc_cpu_times(files.read)
+            self.assertGreater(after[1], before[1])
+            self.assertGreaterEqual(after[0], before[0])
+            self.assertEqual(len(files._open), 2, "a descriptor per file, opened once")
+
     def test_a_proc_that_cannot_be_read_leaves_psutil_to_measure(self):
         sampler = cares.LocalSampler(max_age=0.0)
-        with mock.patch.object(cares, "read_proc", side_effect=PermissionError(errno.EACCES, "denied")):
+        with mock.patch.object(cares.ProcFiles, "read", side_effect=PermissionError(errno.EACCES, "denied")):
             sampler.sample()
             time.sleep(0.15)
             sample = sampler.sample()
