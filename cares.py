@@ -31,9 +31,7 @@ import errno
 import fcntl
 import functools
 import gc
-import hashlib
 import heapq
-import hmac
 import ipaddress
 import itertools
 import json
@@ -44,7 +42,6 @@ import pwd
 import random
 import re
 import resource
-import secrets
 import shlex
 import signal
 import socket
@@ -62,6 +59,17 @@ from typing import Optional
 # Imported where they are used instead: zipfile, shutil and filecmp (install-service), tempfile
 # (state and hook files), urllib.parse (the orchestrator's HTTP and peer addresses), sqlite3
 # (history) and http.client (the container API). A worker never needs them: 1.7 MB resident.
+# Not imported at all: hashlib, hmac and secrets, which map OpenSSL's digests (0.9 MB resident)
+# for what CPython has built in: the same SHA-256, the constant-time compare hmac.compare_digest
+# is without OpenSSL, and os.urandom, which secrets.token_hex reads.
+try:
+    from _sha2 import sha256  # CPython 3.12 and later
+except ImportError:
+    try:
+        from _sha256 import sha256  # 3.8-3.11
+    except ImportError:  # a build without them
+        from hashlib import sha256
+from _operator import _compare_digest as compare_digest
 
 # gRPC's C core logs to stderr, which would both leak internals to users and
 # scribble over a full-screen UI. Users can still ask for it with GRPC_VERBOSITY.
@@ -170,6 +178,11 @@ WORKER_OPTIONS = _BOTH_SIDES_OPTIONS + [
 #    rules, addresses and targets, durations, percent/byte/age formats, fit().
 #    Talks to: nothing; every later section uses it.
 # ---------------------------------------------------------------------------
+
+def random_hex(nbytes: int) -> str:
+    """secrets.token_hex(nbytes): nbytes from the OS's random source, as hex."""
+    return os.urandom(nbytes).hex()
+
 
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,63}")
 NODE_ID_RULE = "node ID must be 1-63 characters of A-Z a-z 0-9 . _ -"
@@ -1766,7 +1779,7 @@ class PendingJoin:
 def check_claim(node: Node, digest: bytes) -> None:
     """Refuse a join or stream for a node whose ID belongs to another secret, or that is
     streaming and not provably the same worker (which may take its place)."""
-    if node.owner_digest and not hmac.compare_digest(node.owner_digest, digest):
+    if node.owner_digest and not compare_digest(node.owner_digest, digest):
         raise Refusal(RefusalReason.ID_OWNED,
                       f"node ID '{node.node_id}' belongs to another worker (a different node secret); "
                       f"pick another with --node-id")
@@ -1895,8 +1908,8 @@ class NodeRegistry(RegistryReads):
                           f"invalid node ID '{sanitize_text(node_id, 40)}': {NODE_ID_RULE}")
         if len(secret) > 256:
             raise Refusal(RefusalReason.INVALID_JOIN, "node secret too long")
-        digest = hashlib.sha256(secret.encode()).digest() if secret else b""
-        pending = PendingJoin(secrets.token_hex(16), node_id, address, info, digest,
+        digest = sha256(secret.encode()).digest() if secret else b""
+        pending = PendingJoin(random_hex(16), node_id, address, info, digest,
                               self.clock.now() + self.silence_limit)
         with self._lock:
             node = self._nodes.get(node_id)
@@ -1915,7 +1928,7 @@ class NodeRegistry(RegistryReads):
         noticed gone), or ""; Refusal otherwise."""
         with self._lock:
             pending = self._pending.get(node_id)
-            if pending is None or not session_id or not hmac.compare_digest(pending.session_id, session_id):
+            if pending is None or not session_id or not compare_digest(pending.session_id, session_id):
                 raise Refusal(RefusalReason.NO_SESSION,
                               "no joined session for this node; call JoinCluster first, then open the stream "
                               "with that node_id and session_id")
@@ -2135,7 +2148,7 @@ def replace_file(path: str, write, mode: int = 0o600) -> None:
     The temporary name is made as tempfile.mkstemp makes it (O_EXCL, a random name), without the
     module: a worker writing its first node secret would keep 0.6 MB of it resident."""
     directory = os.path.dirname(path) or "."
-    temporary = os.path.join(directory, f".cares-{secrets.token_hex(8)}")
+    temporary = os.path.join(directory, f".cares-{random_hex(8)}")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(descriptor, "wb") as file:
@@ -2890,8 +2903,8 @@ class TokenGuard:
             await asyncio.sleep(token_failure_delay(TOKEN_LOCKOUT_FAILURES))
             raise Refusal(RefusalReason.THROTTLED,
                           f"too many wrong tokens from {source}; try again in {math.ceil(failures[2] - now)} s")
-        if hmac.compare_digest(hashlib.sha256(given.encode("utf-8", "replace")).digest(),
-                               hashlib.sha256(self.token.encode()).digest()):
+        if compare_digest(sha256(given.encode("utf-8", "replace")).digest(),
+                               sha256(self.token.encode()).digest()):
             self._failures.pop(source, None)
             return
         if failures is None or now - failures[1] > TOKEN_FAILURE_WINDOW_S:
@@ -4517,7 +4530,7 @@ def default_node_id(hostname: str, machine_id: str, user: str) -> str:
     VMs, 'localhost') and for two users of one machine. The name, not the uid: a systemd
     service's dynamic user keeps its name ("cares") but not always its number."""
     short = re.sub(r"[^A-Za-z0-9._-]", "-", hostname.split(".")[0])[:56].strip("-.") or "node"
-    digest = hashlib.sha256(f"cares-node-id\0{machine_id}\0{hostname}\0{user}".encode()).hexdigest()
+    digest = sha256(f"cares-node-id\0{machine_id}\0{hostname}\0{user}".encode()).hexdigest()
     return f"{short}-{digest[:6]}"
 
 
@@ -4611,7 +4624,7 @@ def _node_secret(path: str) -> tuple[str, str]:
             return secret, ""
     except (OSError, ValueError):
         pass
-    secret = secrets.token_hex(16)
+    secret = random_hex(16)
     try:
         replace_file(path, lambda file: file.write((secret + "\n").encode("ascii")))
     except OSError as error:  # a full or read-only disk
