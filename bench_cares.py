@@ -1213,23 +1213,30 @@ def capacity_rows(workers: int, cares_run: dict, bare_run: dict) -> list:
     if error:
         return [error]
     rows = []
-    ratio_target = workers in (1000, 3000) and heartbeat_ms == 1000
-    p99_target = workers == 3000 and heartbeat_ms == 1000
+    # The targets: at 1,000 and 3,000 workers at 1 Hz, CPU within 1.2x bare and p99 <= 10 ms; at
+    # 10,000 (the shortest heartbeat the machine holds), CPU within 1.1x and p99 within 2x bare.
+    ten_thousand = workers == 10000
+    cpu_limit = 1.1 if ten_thousand else 1.2 if workers in (1000, 3000) and heartbeat_ms == 1000 else None
+    p99_target = "p99 <= 2x bare" if ten_thousand else "p99 <= 10 ms" if workers == 3000 and heartbeat_ms == 1000 else ""
     for phase, title in PHASES:
         if phase not in cares_run or phase not in bare_run:
             rows.append((f"{label}: {title}", "", f"not measured ({cares_run.get('steady_skipped')})", "—"))
             continue
         ours, floor = cares_run[phase], bare_run[phase]
-        ratio = ours["cpu_percent"] / floor["cpu_percent"] if ours["cpu_percent"] and floor["cpu_percent"] else None
-        rows.append((f"{label}, {title}: orchestrator CPU, cares / bare", "ratio <= 1.2" if ratio_target else "—",
-                     f"{fmt(ours['cpu_percent'])} % / {fmt(floor['cpu_percent'])} % (x{fmt(ratio, '.2f')})",
-                     met(ratio is not None and ratio <= 1.2) if ratio_target else "—"))
+        cpu_ratio = ratio(ours["cpu_percent"], floor["cpu_percent"])
+        rows.append((f"{label}, {title}: orchestrator CPU, cares / bare", f"ratio <= {cpu_limit}" if cpu_limit else "—",
+                     f"{fmt(ours['cpu_percent'])} % / {fmt(floor['cpu_percent'])} % (x{fmt(cpu_ratio, '.2f')})",
+                     met(cpu_ratio is not None and cpu_ratio <= cpu_limit) if cpu_limit else "—"))
         gen2 = ours["gc"]["gen2"]
-        rows.append((f"{label}, {title}: latency p50 / p99, cares (bare)", "p99 <= 10 ms" if p99_target else "—",
+        p99_ratio = ratio(ours["p99_ms"], floor["p99_ms"])
+        p99_met = (p99_ratio is not None and p99_ratio <= 2.0 if ten_thousand
+                   else ours["p99_ms"] is not None and ours["p99_ms"] <= 10.0)
+        rows.append((f"{label}, {title}: latency p50 / p99, cares (bare)", p99_target or "—",
                      f"{fmt(ours['p50_ms'], '.2f')} / {fmt(ours['p99_ms'], '.2f')} ms "
-                     f"({fmt(floor['p50_ms'], '.2f')} / {fmt(floor['p99_ms'], '.2f')} ms); cares max "
+                     f"({fmt(floor['p50_ms'], '.2f')} / {fmt(floor['p99_ms'], '.2f')} ms"
+                     + (f"; p99 x{fmt(p99_ratio, '.2f')}" if ten_thousand else "") + "); cares max "
                      f"{fmt(ours['max_ms'], '.0f')} ms, full GCs {gen2['count']} (longest {gen2['max_ms']:.0f} ms)",
-                     met(ours["p99_ms"] is not None and ours["p99_ms"] <= 10.0) if p99_target else "—"))
+                     met(p99_met) if p99_target else "—"))
         rows.append((f"{label}, {title}: messages/s applied, cares / bare (sent)", "—",
                      f"{fmt(ours['applied_per_s'], '.0f')} / {fmt(floor['applied_per_s'], '.0f')} "
                      f"({fmt(ours['offered_per_s'], '.0f')} / {fmt(floor['offered_per_s'], '.0f')})", "—"))
@@ -1265,7 +1272,9 @@ def find_node_exporter() -> str | None:
 
 def footprint_scenario(bench: Bench) -> tuple[list, list, dict]:
     import urllib.request
-    warmup_s, window_s, windows = (1.0, 4.0, 1) if bench.quick else (5.0, 30.0, 3)
+    # Windows of a minute: the worker uses ~0.25 % of a core, 15 CPU ticks of 10 ms a minute, and
+    # a ratio against a floor two thirds its size needs both to within a few per cent.
+    warmup_s, window_s, windows = (1.0, 4.0, 1) if bench.quick else (5.0, 60.0, 3)
     port = free_port()
     orchestrator = start_headless_orchestrator(bench, "footprint-orchestrator", port)
     worker = bench.spawn_cares("footprint-worker", ["worker", f"127.0.0.1:{port}", "--headless",
@@ -1336,14 +1345,15 @@ def footprint_scenario(bench: Bench) -> tuple[list, list, dict]:
         for child in (worker, exporter, orchestrator):
             if child is not None:
                 child.stop()
-    rows = [("worker CPU (1 Hz heartbeat)", "<= 0.3 % of a core", f"{raw['worker_cpu_percent']:.2f} %",
-             met(raw["worker_cpu_percent"] <= 0.3)),
-            ("worker RSS", "<= 40 MB", f"{raw['worker_rss_bytes'] / MB:.1f} MB",
-             met(raw["worker_rss_bytes"] <= 40 * MB)),
-            ("floor: bare grpc.aio client at 1 Hz, CPU / RSS", "—",
-             f"{raw['floor_cpu_percent']:.2f} % / {raw['floor_rss_bytes'] / MB:.1f} MB "
-             f"(worker x{ratio_text(raw['worker_cpu_percent'], raw['floor_cpu_percent'])} CPU, "
-             f"x{ratio_text(raw['worker_rss_bytes'], raw['floor_rss_bytes'])} RSS)", "—")]
+    cpu_ratio = ratio(raw["worker_cpu_percent"], raw["floor_cpu_percent"])
+    rss_ratio = ratio(raw["worker_rss_bytes"], raw["floor_rss_bytes"])
+    rows = [("worker CPU at a 1 Hz heartbeat / the floor's: a bare grpc.aio client, same windows", "<= 1.3x",
+             f"{raw['worker_cpu_percent']:.3f} % / {raw['floor_cpu_percent']:.3f} % of a core (x{fmt(cpu_ratio, '.2f')})",
+             # --quick's 4 s are a tick or two of either: too few to judge a ratio by.
+             "— (--quick)" if bench.quick else met(cpu_ratio is not None and cpu_ratio <= 1.3)),
+            ("worker RSS / the floor's", "<= 1.05x",
+             f"{raw['worker_rss_bytes'] / MB:.1f} MB / {raw['floor_rss_bytes'] / MB:.1f} MB (x{fmt(rss_ratio, '.3f')})",
+             met(rss_ratio is not None and rss_ratio <= 1.05))]
     if exporter is not None:
         rows += [("node_exporter CPU (scraped 1/s)", "—", f"{raw['node_exporter_cpu_percent']:.2f} %", "—"),
                  ("node_exporter RSS", "—", f"{raw['node_exporter_rss_bytes'] / MB:.1f} MB", "—"),
@@ -1362,6 +1372,10 @@ def footprint_scenario(bench: Bench) -> tuple[list, list, dict]:
                      f"scraped once a second from loopback ({raw['scrapes']} scrapes of ~"
                      f"{(raw['scrape_bytes'] or 0) / 1000:.0f} kB, {raw['failed_scrapes']} failed).")
     return rows, notes, raw
+
+
+def ratio(numerator, denominator) -> float | None:
+    return numerator / denominator if numerator and denominator else None
 
 
 def ratio_text(numerator, denominator) -> str:
@@ -1929,13 +1943,17 @@ def loop_jitter_rows(workers: int, cares_run: dict, bare_run: dict) -> list:
             continue
         ours, floor = cares_run[phase]["loop_lag"], bare_run[phase]["loop_lag"]
         gen2 = cares_run[phase]["gc"]["gen2"]
-        rows.append((f"{label}, {title}: event-loop lag p50 / p99 / max, cares (bare)", "—",
+        # The lag's worst case is what limits the shortest safe heartbeat: at 10,000 workers,
+        # within 2x the bare server's under the same load.
+        max_ratio = ratio(ours["max_ms"], floor["max_ms"])
+        target = workers == 10000
+        rows.append((f"{label}, {title}: event-loop lag p50 / p99 / max, cares (bare)", "max <= 2x bare" if target else "—",
                      f"{fmt(ours['p50_ms'], '.2f')} / {fmt(ours['p99_ms'], '.2f')} / {fmt(ours['max_ms'], '.0f')} ms "
                      f"({fmt(floor['p50_ms'], '.2f')} / {fmt(floor['p99_ms'], '.2f')} / "
-                     f"{fmt(floor['max_ms'], '.0f')} ms); {ours['samples']:,} ticks over "
+                     f"{fmt(floor['max_ms'], '.0f')} ms; max x{fmt(max_ratio, '.2f')}); {ours['samples']:,} ticks over "
                      f"{cares_run[phase]['probe_s']:.0f} s, cares full GCs {gen2['count']} "
-                     f"(longest {gen2['max_ms']:.0f} ms)", "—"))
-    rows.append(failed_streams_row(label, cares_run, bare_run, target=False))
+                     f"(longest {gen2['max_ms']:.0f} ms)", met(max_ratio is not None and max_ratio <= 2.0) if target else "—"))
+    rows.append(failed_streams_row(label, cares_run, bare_run, target=workers == 10000))
     return rows
 
 
