@@ -3238,9 +3238,17 @@ class TuiSceneTest(ClusterTestCase):
         self.assert_shows(cares.View.DASHBOARD, lambda: press(frame, 13))
         self.assertGreater(app.orchestrator.port, 0)
 
+    def start_app_orchestrator(self, app):
+        """An orchestrator with a state directory of its own: the inventory file is named after the
+        listen address, 127.0.0.1:0 in every test here, so one test's nodes came back as Missing
+        in the next test that ran in the same process."""
+        state_dir = tempfile.mkdtemp(prefix="cares-test-tui-state-")
+        self.addCleanup(shutil.rmtree, state_dir, True)
+        app.start_orchestrator(cares.OrchestratorConfig("127.0.0.1:0", state_dir=state_dir))
+
     def dashboard(self, width=120, height=40, **canvas):
         app = self.make_app()
-        app.start_orchestrator(cares.OrchestratorConfig("127.0.0.1:0"))
+        self.start_app_orchestrator(app)
         return app, TUI.DashboardFrame(make_canvas(width, height, **canvas), app)
 
     def test_dashboard_starts_empty_with_a_hint(self):
@@ -3501,7 +3509,7 @@ class TuiSceneTest(ClusterTestCase):
 
     def test_every_view_fits_the_smallest_terminal(self):
         app = self.make_app()
-        app.start_orchestrator(cares.OrchestratorConfig("127.0.0.1:0"))
+        self.start_app_orchestrator(app)
         self.populate(app.orchestrator.registry)
         app.detail_node = "node-1"
         for frame_class in (TUI.DashboardFrame, TUI.DetailFrame, TUI.HelpFrame):
