@@ -1515,7 +1515,9 @@ def detail_scenario(bench: Bench) -> tuple[list, list, dict]:
            "before_dir": bench.before}
     for kind in kinds:
         cares_dir = bench.before if kind == "before" else None
-        server, address = start_server(bench, "cares", workers, heartbeat_ms, cares_dir=cares_dir)
+        # Room for the real worker too: with 10,000 simulated ones a 10,000-node cluster is full,
+        # and it was refused (earlier runs only had room because the ramp lost hundreds of joins).
+        server, address = start_server(bench, "cares", workers + 1, heartbeat_ms, cares_dir=cares_dir)
         load = worker = None
         try:
             load = ramped_load(bench, address, workers, f"detail-{kind}")
