@@ -810,7 +810,7 @@ class LocalSampler:
         if self._from_proc:
             try:
                 disks = proc_counters("/proc/diskstats", self._disk_names, DISKSTAT_BYTES, SECTOR_BYTES,
-                                      self._proc.read)
+                                      read=self._proc.read)
                 nics = proc_counters("/proc/net/dev", self._interface_names, NETDEV_BYTES, read=self._proc.read)
             except (OSError, ValueError, IndexError):
                 self._proc_failed()
@@ -1928,7 +1928,9 @@ class NodeRegistry(RegistryReads):
         noticed gone), or ""; Refusal otherwise."""
         with self._lock:
             pending = self._pending.get(node_id)
-            if pending is None or not session_id or not compare_digest(pending.session_id, session_id):
+            # As bytes: a peer's session ID may be any text, and a non-ASCII str makes compare_digest raise.
+            if pending is None or not session_id or not compare_digest(pending.session_id.encode(),
+                                                                       session_id.encode("utf-8", "replace")):
                 raise Refusal(RefusalReason.NO_SESSION,
                               "no joined session for this node; call JoinCluster first, then open the stream "
                               "with that node_id and session_id")
@@ -2904,7 +2906,7 @@ class TokenGuard:
             raise Refusal(RefusalReason.THROTTLED,
                           f"too many wrong tokens from {source}; try again in {math.ceil(failures[2] - now)} s")
         if compare_digest(sha256(given.encode("utf-8", "replace")).digest(),
-                               sha256(self.token.encode()).digest()):
+                          sha256(self.token.encode()).digest()):
             self._failures.pop(source, None)
             return
         if failures is None or now - failures[1] > TOKEN_FAILURE_WINDOW_S:

@@ -746,6 +746,14 @@ class LocalSamplerTest(unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 class NodeRegistryTest(unittest.TestCase):
+    def test_a_session_id_in_any_text_is_refused_not_an_error(self):
+        registry = cares.NodeRegistry()
+        registry.join("n", "127.0.0.1:1", cares.JoinInfo(hostname="n"))
+        for lie in ("é", "\ud800", "x" * 1000):
+            with self.assertRaises(cares.Refusal) as refused:
+                registry.attach_stream("n", lie)
+            self.assertIs(refused.exception.reason, cares.RefusalReason.NO_SESSION)
+
     def test_join_stream_sample_disconnect_and_events(self):
         registry = cares.NodeRegistry()
         session = registry.join("xyz-123", "10.0.0.9:4000", cares.JoinInfo(hostname="web", labels={"role": "db"}))
