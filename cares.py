@@ -5940,32 +5940,22 @@ class TuiApp:
         if self.orchestrator is not None:
             self.orchestrator.stop()
 
-    def run(self) -> int:
+    def run(self, start=None) -> int:
         """Own the terminal until the user quits; rebuild the scenes on every resize. SIGTERM, and
         SIGHUP (the terminal or ssh session is gone), leave the way q does: workers say goodbye,
-        an orchestrator tells its workers."""
+        an orchestrator tells its workers. start() starts what the command line asked for (it may
+        raise StartError): here, so that a signal that comes before the screen is up, while
+        asciimatics is still being imported, also finds a worker that leaves, not one killed."""
         # curses waits ESCDELAY ms after an Escape for the rest of a key sequence: 1 s by default,
         # which makes Esc (leave a view, clear the filter) feel broken. Local terminals and ssh
         # deliver sequences well within 25 ms; a user's own setting wins.
         os.environ.setdefault("ESCDELAY", "25")
-        scenes = load_tui()
         previous = {signum: signal.signal(signum, _raise_termination) for signum in (signal.SIGTERM, signal.SIGHUP)}
         try:
-            while True:
-                try:
-                    scenes.Screen.wrapper(lambda screen: scenes.play(self, screen), catch_interrupt=True,
-                                          unicode_aware=locale_is_utf8())
-                    return 0
-                except scenes.ResizeScreenError:
-                    continue
+            if start is not None:
+                start()
+            return self._show()
         except TerminationRequested:
-            return 0
-        except scenes.curses_error as error:
-            raise RuntimeFailure(f"this terminal cannot show the dashboard ({error}); run with --headless") from None
-        except OSError as error:
-            if error.errno not in TERMINAL_GONE_ERRORS:
-                raise
-            # The terminal went away under the screen (EIO on a closed pty): leave cleanly all the same.
             return 0
         finally:
             # A second hangup (the kernel and the terminal each send one) or SIGTERM must not cut
@@ -5977,6 +5967,24 @@ class TuiApp:
             finally:
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)
+
+    def _show(self) -> int:
+        scenes = load_tui()
+        try:
+            while True:
+                try:
+                    scenes.Screen.wrapper(lambda screen: scenes.play(self, screen), catch_interrupt=True,
+                                          unicode_aware=locale_is_utf8())
+                    return 0
+                except scenes.ResizeScreenError:
+                    continue
+        except scenes.curses_error as error:
+            raise RuntimeFailure(f"this terminal cannot show the dashboard ({error}); run with --headless") from None
+        except OSError as error:
+            if error.errno not in TERMINAL_GONE_ERRORS:
+                raise
+            # The terminal went away under the screen (EIO on a closed pty): leave cleanly all the same.
+            return 0
 
 
 def locale_is_utf8(environment=os.environ, python_chose_utf8: bool | None = None) -> bool:
@@ -8201,8 +8209,7 @@ def run_orchestrator(args) -> int:
         return serve_headless(config.create(), log_style(args))
     check_terminal()
     app = TuiApp(config)
-    app.start_orchestrator(config)
-    return app.run()
+    return app.run(start=lambda: app.start_orchestrator(config))
 
 
 def run_worker(args) -> int:
@@ -8213,8 +8220,7 @@ def run_worker(args) -> int:
         return serve_worker_headless(config.create(LocalSampler()), log_style(args))
     check_terminal()
     app = TuiApp(worker_config=config)
-    app.start_worker(config)
-    return app.run()
+    return app.run(start=lambda: app.start_worker(config))
 
 
 def format_status_table(rows: list[dict], now: float | None = None) -> str:

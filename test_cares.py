@@ -2569,6 +2569,32 @@ class RoutineOperationsTest(ClusterTestCase):
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(10), 0)
 
+    def test_a_hangup_before_the_screen_is_up_still_leaves_cleanly(self):
+        # The ssh session drops while the dashboard is still starting (importing asciimatics
+        # takes a moment, and the worker is already streaming): it leaves the way q does.
+        orchestrator = self.start_orchestrator()
+        script = textwrap.dedent("""
+            import os, signal, sys, time
+            import cares
+            config = cares.WorkerConfig(target=sys.argv[1], node_id="early-hangup", state_dir=None)
+            app = cares.TuiApp(worker_config=config)
+
+            def start_then_hang_up():
+                app.start_worker(config)
+                deadline = time.monotonic() + 15
+                while app.worker.state.phase is not cares.ConnectionPhase.CONNECTED and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(5)  # the screen would come up here
+                sys.exit("the hangup was not acted on")
+            sys.exit(app.run(start=start_then_hang_up))
+            """)
+        process = subprocess.run([sys.executable, "-c", script, f"127.0.0.1:{orchestrator.port}"], cwd=HERE,
+                                 capture_output=True, text=True, timeout=30)
+        self.assertEqual((process.returncode, process.stderr), (0, ""))
+        self.assert_becomes(orchestrator.registry, "early-hangup", cares.NodeStatus.DISCONNECTED, 10)
+        self.assertIn("Node 'early-hangup' has left the cluster.", texts(orchestrator.registry.events))
+
     def test_refusal_floods_become_summaries(self):
         orchestrator = self.start_orchestrator()
         registry = orchestrator.registry
@@ -3634,9 +3660,9 @@ class TmuxEndToEndTest(ClusterTestCase):
         shell = int(self.tmux("display-message", "-p", "-t", "cares:w1", "#{pane_pid}").strip())
         for child in cares.psutil.Process(shell).children():
             child.kill()
-        text = self.wait_for("orch", lambda text: "Disconnected" in self.node_rows(text).get(victim, ""), 3,
-                             f"{victim} Disconnected")
-        self.assertIn(f"Node '{victim}' lost", text)
+        # Both in one capture: tmux may catch a redraw half written (its rows go out top to bottom).
+        text = self.wait_for("orch", lambda text: "Disconnected" in self.node_rows(text).get(victim, "")
+                             and f"Node '{victim}' lost" in text, 3, f"{victim} Disconnected, and the event saying so")
         self.assertEqual(sum(" Active " in row for row in self.node_rows(text).values()), 3)
 
         self.tmux("resize-window", "-t", "cares:orch", "-x", "60", "-y", "15")
