@@ -350,6 +350,43 @@ class ClusterTestCase(unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 class PureFunctionTest(unittest.TestCase):
+    def test_a_sample_off_the_wire_and_its_checks_agree_with_reading_field_by_field(self):
+        # metrics_from_message takes a shortcut (every field read in one call, presence asked only
+        # of a sample with a 0 in it): over fields absent, zero, negative, huge, infinite and NaN
+        # it must give what asking each field gives, and metrics_problem what checking each does.
+        def by_field(message):
+            return cares.Metrics(*[getattr(message, name) if name in cares.FIRST_RELEASE_METRICS
+                                   or message.HasField(name) else None for name in cares.METRIC_NAMES])
+
+        def problem_by_field(metrics):
+            if metrics.cpu_percent is None or metrics.memory_percent is None:
+                return "no CPU or memory value"
+            for name in cares.METRIC_NAMES:  # percentages first, then the rest
+                value = getattr(metrics, name)
+                if name in cares.PERCENT_METRICS and value is not None and not 0.0 <= value <= 100.0:
+                    return f"{name} outside 0-100"
+            for name in cares.METRIC_NAMES:
+                value = getattr(metrics, name)
+                if name not in cares.PERCENT_METRICS and value is not None and not 0.0 <= value < math.inf:
+                    return f"{name} is not a finite, non-negative number"
+            return None
+        rng = random.Random(7)
+        choices = (0.0, -0.0, 1e-300, 37.5, 99.999, 100.0, 100.01, -1.0, 1e308, math.inf, -math.inf, math.nan)
+        whole = {"memory_used_bytes", "memory_total_bytes", "root_fs_size_bytes"}  # uint64 on the wire
+        problems = collections.Counter()
+        for _ in range(3000):
+            fields = {name: rng.choice((0, 1, 1 << 40, (1 << 64) - 1)) if name in whole else
+                      rng.choice(choices) if rng.random() < 0.3 else rng.uniform(0.0, 100.0)
+                      for name in cares.METRIC_NAMES if rng.random() < 0.9}
+            message = pb.NodeMetrics.FromString(pb.NodeMetrics(**fields).SerializeToString())
+            metrics = cares.metrics_from_message(message)
+            expected = by_field(message)
+            self.assertEqual([repr(value) for value in metrics], [repr(value) for value in expected], fields)
+            problem = cares.metrics_problem(metrics)
+            self.assertEqual(problem, problem_by_field(metrics), fields)
+            problems[problem is None] += 1
+        self.assertGreater(min(problems.values()), 300, problems)  # both outcomes, many times
+
     def test_bar_text_in_unicode_and_ascii(self):
         self.assertEqual(cares.bar_text(0, 10), " " * 10)
         self.assertEqual(cares.bar_text(100, 10), "█" * 10)
