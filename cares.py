@@ -456,13 +456,13 @@ def format_bytes(count: float) -> str:
 
 @contextlib.contextmanager
 def collection_deferred():
-    """Run a burst that makes many short-lived objects (a registry snapshot, a /metrics page)
-    with the cyclic garbage collector paused: they die by reference counting at the end, instead
-    of being promoted while still in use and then scanned. Measured at 3,000 nodes scraped once a
-    second: full collections of the whole heap stalled the gRPC loop for up to 120 ms.
-    The collector is one switch for the whole process and bursts run on several threads (a
-    scrape during a redraw): it is paused while any burst runs, and switched back on, if it was
-    on, when the last one ends."""
+    """Run a burst that makes many short-lived objects (a /metrics or /sd page: a copy of every
+    node, then its text) with the cyclic garbage collector paused: they die by reference counting
+    at the end, instead of being promoted while still in use and then scanned. Measured at 3,000
+    nodes scraped once a second: full collections of the whole heap stalled the gRPC loop for up
+    to 120 ms. The collector is one switch for the whole process, and a burst may start on any
+    thread: it is paused while any burst runs, and switched back on, if it was on, when the last
+    one ends. (The dashboard makes no such burst: it reads the nodes themselves, nodes_now.)"""
     global _deferring_bursts, _collector_was_enabled
     with _deferring_lock:
         if _deferring_bursts == 0:
@@ -483,20 +483,31 @@ _deferring_bursts = 0
 _collector_was_enabled = True
 
 
-_wcwidth = None
+class _CellWidths(dict):
+    """Terminal cells a character takes (2 for wide, 0 for combining marks), as wcwidth says,
+    remembered: every redraw measures the same bar and graph glyphs again. wcwidth is imported
+    on first use: its tables cost a headless worker 6 MB it never needs. Bounded: a peer's text
+    may bring any character."""
+
+    LIMIT = 4096
+
+    def __missing__(self, char: str) -> int:
+        from wcwidth import wcwidth
+        if len(self) >= self.LIMIT:
+            self.clear()
+        width = self[char] = max(wcwidth(char), 0) if ord(char) >= 0x300 else 1
+        return width
 
 
-def char_width(char: str) -> int:
-    """Terminal cells a character takes (2 for wide, 0 for combining marks), as wcwidth says.
-    wcwidth is imported on first use: its tables cost a headless worker 6 MB it never needs."""
-    global _wcwidth
-    if _wcwidth is None:
-        from wcwidth import wcwidth as _wcwidth
-    return max(_wcwidth(char), 0) if ord(char) >= 0x300 else 1
+char_width = _CellWidths().__getitem__
 
 
 def display_width(text: str) -> int:
-    return sum(char_width(char) for char in text)
+    # Most text on screen (IDs, numbers, padding) is below U+0300, one cell a character: the
+    # dashboard measures every segment of every row at each redraw, so that case is counted in C.
+    if not text or max(text) < "\u0300":
+        return len(text)
+    return sum(map(char_width, text))
 
 
 def fit(text: str, width: int, ellipsis: str = "…") -> str:
@@ -1808,6 +1819,16 @@ class RegistryReads:
         with self._lock:
             nodes = list(self._nodes.values())
         return [node.copy(with_history) for node in nodes]
+
+    def nodes_now(self) -> list[Node]:
+        """The nodes themselves in a new list, not copies: for a screen that reads a few fields of
+        each and writes none. Each field is read as it is at that moment, as a copy's are (Node.copy
+        says how consistent that is). Nothing is made per node: the dashboard's copies, kept from
+        one redraw to the next, were 2,000 objects a second at 1,000 nodes that the garbage
+        collector scanned and promoted, twice as many collections as a headless orchestrator's,
+        most of them on the gRPC loop."""
+        with self._lock:
+            return list(self._nodes.values())
 
     def page(self, after_node_id: str, limit: int) -> tuple[list[Node], int]:
         """Up to limit nodes after after_node_id in node ID order (copies without graphs), and the total."""
@@ -5338,7 +5359,14 @@ def node_row(node: Node, layout: TableLayout, now: float, glyphs: Glyphs = UNICO
             seen = format_age(now - node.last_seen) if node.last_seen else glyphs.dash
             segments.append((fit(seen, cells, glyphs.ellipsis), plain))
         segments.append((" ", plain))
-    return segments[:-1]
+    # Neighbours of one style as one segment: each is a print on every redraw, for every row shown.
+    merged = [segments[0]]
+    for text, style in itertools.islice(segments, 1, len(segments) - 1):
+        if style is merged[-1][1]:
+            merged[-1] = (merged[-1][0] + text, style)
+        else:
+            merged.append((text, style))
+    return merged
 
 
 _STATUS_ORDER = {NodeStatus.ACTIVE: 0, NodeStatus.JOINING: 1, NodeStatus.DISCONNECTED: 2, NodeStatus.MISSING: 3}
@@ -5352,7 +5380,7 @@ def sort_nodes(nodes: list[Node], key: SortKey, reverse: bool = False) -> list[N
             value = getattr(node.metrics, name) if node.metrics is not None else None
             return (value is None, -(value or 0.0), node.node_id)
         return sort_value
-    keys = {SortKey.NODE_ID: lambda node: node.node_id,
+    keys = {SortKey.NODE_ID: _NODE_ID,
             SortKey.HOST: lambda node: (node.hostname.lower(), node.node_id),
             SortKey.STATUS: lambda node: (_STATUS_ORDER[node.status], node.node_id),
             SortKey.CPU: busiest_first("cpu_percent"), SortKey.MEMORY: busiest_first("memory_percent"),
@@ -5386,17 +5414,17 @@ class ClusterSummary:
 def summarize(nodes: list[Node]) -> ClusterSummary:
     """Counts per status and the mean CPU and memory of the Active nodes that sent a sample (no
     invented zeros). One pass: this runs on every redraw, over every node."""
-    counts = dict.fromkeys(NodeStatus, 0)
-    measured, cpu, memory = 0, 0.0, 0.0
-    for node in nodes:
-        counts[node.status] += 1
-        if node.status is NodeStatus.ACTIVE and node.metrics is not None:
-            measured += 1
-            cpu += node.metrics.cpu_percent
-            memory += node.metrics.memory_percent
+    statuses = [node.status for node in nodes]
+    counts = {status: statuses.count(status) for status in NodeStatus}  # compared in C: an Enum hashes in Python
+    # Each node's sample read once: the dashboard reads the registry's own nodes while they change.
+    measured = [metrics for node in nodes if node.status is NodeStatus.ACTIVE and (metrics := node.metrics) is not None]
     if not measured:
         return ClusterSummary(counts, None, None)
-    return ClusterSummary(counts, cpu / measured, memory / measured)
+    return ClusterSummary(counts, sum(map(_CPU_PERCENT, measured)) / len(measured),
+                          sum(map(_MEMORY_PERCENT, measured)) / len(measured))
+
+
+_CPU_PERCENT, _MEMORY_PERCENT = operator.attrgetter("cpu_percent"), operator.attrgetter("memory_percent")
 
 
 HEARTBEAT_STEPS_MS = (500, 1000, 2000, 5000)
@@ -6340,13 +6368,12 @@ class DashboardLogic(CommandKeys):
     def _update(self, frame_no):
         orchestrator = self.app.orchestrator
         if orchestrator is not None:
-            # One snapshot per redraw (reused for a moment when keys or the mouse force redraws),
-            # shared by the header and the table; graphs only for the rows shown.
+            # One list of the nodes per redraw (reused for a moment when keys or the mouse force
+            # redraws), shared by the header and the table; graphs only for the rows shown.
             now = time.monotonic()
             if now - self._snapshot_at > SNAPSHOT_MAX_AGE_S:
-                with collection_deferred():
-                    self._snapshot = orchestrator.registry.snapshot(with_history=False)
-                    self._summary = summarize(self._snapshot)
+                self._snapshot = orchestrator.registry.nodes_now()
+                self._summary = summarize(self._snapshot)
                 self._snapshot_at = now
             self._apply_moves()
             layout = table_layout(self.canvas.width)
