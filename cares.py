@@ -5823,7 +5823,7 @@ class KeyCommand:
     keys: tuple  # TerminalKey, characters or codes
     shown: str
     does: str
-    action: str = ""  # "" for keys handled outside the frame (q quits in Screen.play's handler)
+    action: str = ""  # "" for keys handled outside the frame (q quits in the screen's quit_on_key)
     hint: str = ""  # its words on the view's bottom line, if any
 
 
@@ -5884,8 +5884,11 @@ def key_character(code: int) -> str:
     return chr(code) if 0 <= code <= sys.maxunicode else ""
 
 MIN_WIDTH, MIN_HEIGHT = 70, 18
-# asciimatics ticks at 20 frames a second; redraw live data once a second.
-REDRAW_FRAMES = 20
+# The screen's loop wakes this often with nothing to do (asciimatics' own loop wakes every 50 ms:
+# 0.3 % of a core for a dashboard that shows nothing new); a key or a click wakes it at once.
+TICK_S = 0.25
+# Live data is redrawn once a second.
+REDRAW_FRAMES = round(1.0 / TICK_S)
 # A redraw forced by a key or a mouse event reuses a snapshot this young.
 SNAPSHOT_MAX_AGE_S = 0.25
 # The detail view's history graphs are read from SQLite again this often.
@@ -6615,13 +6618,23 @@ def _define_tui():
 
     _TERMINAL_KEY_CODES.update({key: getattr(Screen, key.value) for key in TerminalKey})
 
+    _INK = re.compile(r"[^ ]+(?: [^ ]+)*")  # text between runs of two or more spaces
+
     class Pane(Widget):
-        """A read-only widget that renders what its frame prepared in _update (frame.shown)."""
+        """A read-only widget that renders what its frame prepared in _update (frame.shown).
+
+        It prints only the rows that changed since its last redraw when its frame keeps the
+        canvas between redraws (AppFrame.keeps_canvas): asciimatics prints character by
+        character, about 4,000 a redraw for a dashboard of 1,000 nodes, and most rows (the
+        events, the headers, nodes that sent nothing new) are what they were a second before."""
 
         def __init__(self, height: int, live: bool = True):
             super().__init__(None, tab_stop=False)
             self._height = height
             self._live = live
+            # Row -> [(x, text, colours, cells)]: what render() put there, this redraw and the last one.
+            self._drawing: dict[int, list] = {}
+            self._drawn: dict[int, list] = {}
 
         @property
         def frame_update_count(self):
@@ -6642,9 +6655,8 @@ def _define_tui():
             if not self.glyphs.unicode:  # a non-UTF-8 terminal: ASCII only, whatever the data holds
                 text = text.encode("ascii", "replace").decode("ascii")
             width = min(self._w - x, display_width(text))
-            colour, attr, background = self._frame.styles[style]
-            self._frame.canvas.print_at(fit(text, width, self.glyphs.ellipsis), self._x + x, self._y + y,
-                                        colour, attr, background)
+            self._drawing.setdefault(y, []).append((x, fit(text, width, self.glyphs.ellipsis),
+                                                    self._frame.styles[style], width))
             return x + width
 
         def put_segments(self, segments, y: int, x: int = 0, style: Style | None = None) -> int:
@@ -6653,14 +6665,35 @@ def _define_tui():
             return x
 
         def update(self, frame_no):
+            self._drawing = {}
             self.render()
+            drawn, self._drawn = self._drawn, self._drawing
+            canvas, keeps, cleared = self._frame.canvas, self._frame.keeps_canvas, self._frame.palette["background"]
+            for y in drawn.keys() | self._drawn.keys():
+                line = self._drawn.get(y)
+                if keeps:
+                    if line == drawn.get(y):
+                        continue
+                    canvas.clear_buffer(*cleared, self._x, self._y + y, self._w, 1)
+                reach = 0  # where the text put on this row so far ends
+                for x, text, colours, width in line or ():
+                    colour, attr, background = colours
+                    # The row was just cleared to spaces of this attribute and background, which
+                    # look the same in any colour: the padding of every column is there already,
+                    # unless an earlier text on the row reached this far.
+                    if (attr, background) == cleared[1:] and x >= reach and width == len(text):
+                        for ink in _INK.finditer(text):
+                            canvas.print_at(ink.group(), self._x + x + ink.start(), self._y + y, colour, attr, background)
+                    else:
+                        canvas.print_at(text, self._x + x, self._y + y, colour, attr, background)
+                    reach = max(reach, x + width)
 
         @abc.abstractmethod
         def render(self) -> None:
             """Draw the frame's prepared content with put()."""
 
         def reset(self):
-            pass
+            self._drawn = {}  # the frame's canvas was cleared: every row is drawn again
 
         def process_event(self, event):
             return event
@@ -6677,10 +6710,14 @@ def _define_tui():
         prepares frame.shown in _update; its panes only render it."""
 
         takes_text = False  # True when the frame has text fields, which must see every key first
+        # True when the frame holds only panes, which then redraw just the rows that changed: its
+        # canvas is cleared only when new (asciimatics clears it before every redraw).
+        keeps_canvas = True
+        _cleared = False
 
-        def __init__(self, screen, app: TuiApp, view: View, data: dict | None = None):
+        def __init__(self, screen, app: TuiApp, view: View, data: dict | None = None, reduce_cpu: bool = False):
             super().__init__(screen, screen.height, screen.width, data=data, has_border=False, can_scroll=False,
-                             name=view.value)
+                             name=view.value, reduce_cpu=reduce_cpu)
             self.app = app
             self.glyphs = UNICODE_GLYPHS if screen.unicode_aware else ASCII_GLYPHS
             self.styles = styles_for(colour_mode(screen.colours), Screen)
@@ -6689,9 +6726,18 @@ def _define_tui():
             self.column = Layout([1], fill_frame=True)
             self.add_layout(self.column)
 
+        def _clear(self):
+            if not (self.keeps_canvas and self._cleared):
+                super()._clear()
+                self._cleared = True
+
+        def reset(self):
+            self._cleared = False  # asciimatics gives the frame a new canvas, and its panes forget their rows
+            super().reset()
+
         def set_theme(self, theme):
             """Keep our palette: asciimatics re-applies its named theme (a blue background) when
-            Screen.play clones the start scene's frame, and ours depends on the terminal."""
+            Screen.set_scenes clones the start scene's frame, and ours depends on the terminal."""
             if getattr(self, "styles", None) is None:
                 super().set_theme(theme)
             else:
@@ -6705,7 +6751,7 @@ def _define_tui():
             return False
 
         def process_event(self, event):
-            # Keys nobody uses go back to Screen.play, whose unhandled-input handler quits on q and
+            # Keys nobody uses go back to the screen, whose unhandled-input handler quits on q and
             # Ctrl-C; a Frame without text fields would otherwise swallow them.
             if isinstance(event, KeyboardEvent):
                 if self.on_key(event.key_code):
@@ -6765,9 +6811,12 @@ def _define_tui():
             return super().process_event(event)
 
     class AddressFrame(AddressLogic, AppFrame):
+        keeps_canvas = False  # asciimatics' own fields and labels draw on a cleared canvas
+
         def __init__(self, screen, app: TuiApp, kind: View):
             form = app.forms[kind]
-            super().__init__(screen, app, kind, data={"address": form.address, "token": form.token})
+            # reduce_cpu: asciimatics' steady cursor; a blinking one redraws the form every 5 ticks.
+            super().__init__(screen, app, kind, data={"address": form.address, "token": form.token}, reduce_cpu=True)
             self.kind = kind
             title, address_label, action = FORM_TEXTS[kind]
             layout = self.column
@@ -6823,7 +6872,7 @@ def _define_tui():
             return 0
 
     def quit_on_key(event) -> None:
-        """Screen.play's handler for keys no view used."""
+        """The screen's handler for keys no view used."""
         if isinstance(event, KeyboardEvent) and event.key_code in QUIT_KEYS:
             raise StopApplication("quit")
 
@@ -6839,8 +6888,22 @@ def _define_tui():
                       Scene([DashboardFrame(screen, app)], -1, name=View.DASHBOARD.value),
                       Scene([DetailFrame(screen, app)], -1, name=View.DETAIL.value),
                       Scene([HelpFrame(screen, app)], -1, name=View.HELP.value)]
-        start = next((scene for scene in scenes if scene.name == app.view.value), scenes[0])
-        screen.play(scenes, stop_on_resize=True, start_scene=start, unhandled_input=quit_on_key, allow_int=True)
+        def current_scene():
+            return next((scene for scene in scenes if scene.name == app.view.value), scenes[0])
+
+        # Screen.play's loop, with our tick: draw, then wait for input until the next tick is due.
+        screen.set_scenes(scenes, unhandled_input=quit_on_key, start_scene=current_scene())
+        try:
+            while True:
+                due = time.monotonic() + TICK_S
+                screen.draw_next_frame()
+                if screen.has_resized():
+                    scene = current_scene()
+                    scene.exit()
+                    raise ResizeScreenError("Screen resized", scene)
+                screen.wait_for_input(max(due - time.monotonic(), 0.0))
+        except StopApplication:
+            return
 
     return types.SimpleNamespace(
         Screen=Screen, ResizeScreenError=ResizeScreenError, curses_error=curses_error, play=play, quit_on_key=quit_on_key,

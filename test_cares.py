@@ -3189,6 +3189,11 @@ def render(frame):
     return ["".join(chr(canvas.get_from(x, y)[0]) for x in range(canvas.width)) for y in range(canvas.height)]
 
 
+def render_frame(frame):
+    render(frame)
+    return frame
+
+
 def press(frame, *keys):
     for key in keys:
         frame.process_event(KeyboardEvent(ord(key) if isinstance(key, str) else key))
@@ -3354,6 +3359,31 @@ class TuiSceneTest(ClusterTestCase):
         self.assertEqual(canvas.get_from(lines[y].index("█"), y)[1], Screen.COLOUR_RED)  # 97 % is red
         y = lines.index(line_with(lines, "node-1 "))  # the selected row
         self.assertEqual(canvas.get_from(0, y)[3], Screen.COLOUR_CYAN)
+
+    def test_a_redraw_prints_only_rows_that_changed_and_shows_what_a_new_frame_shows(self):
+        app, frame = self.dashboard()
+        self.populate(app.orchestrator.registry)
+        render(frame)
+        canvas = frame.canvas
+
+        def cells(frame):
+            return [[frame.canvas.get_from(x, y) for x in range(frame.canvas.width)] for y in range(frame.canvas.height)]
+
+        with mock.patch.object(canvas, "print_at", wraps=canvas.print_at) as printed:
+            lines = render(frame)
+        events_top = lines.index(line_with(lines, "Events"))
+        self.assertEqual([call for call in printed.call_args_list if call.args[2] >= events_top], [])
+        # Rows that change, grow, shrink and go away: the canvas must hold no trace of what was there.
+        registry = app.orchestrator.registry
+        registry.disconnect("node-1", registry.get("node-1").session_id, "a reason long enough to need the rows below")
+        press(frame, Screen.KEY_DOWN)
+        render(frame)
+        press(frame, "x")  # forget the gone nodes: two rows fewer, two more events
+        render(frame)
+        self.assertEqual(cells(frame), cells(render_frame(TUI.DashboardFrame(make_canvas(), app))))
+        frame.reset()  # a new scene: every row is drawn again, on asciimatics' fresh canvas
+        render(frame)
+        self.assertEqual(cells(frame), cells(render_frame(TUI.DashboardFrame(make_canvas(), app))))
 
     def test_a_redraw_of_a_thousand_nodes_leaves_nothing_for_the_garbage_collector(self):
         # Objects made and still alive count towards the collector's next run: the dashboard's
@@ -3581,12 +3611,33 @@ class TuiSceneTest(ClusterTestCase):
         self.assertIsNotNone(line_with(lines, "[WARN] Cannot join: orchestrator unreachable (connection refused)"))
         self.assert_quits(frame, "Q")
 
+    @staticmethod
+    def quitting_screen(width=120, height=40, frames=1, resized=False):
+        """A mock Screen whose user quits at the given frame (the first by default)."""
+        screen = mock.MagicMock(spec=Screen, width=width, height=height, colours=8, unicode_aware=False)
+        screen.draw_next_frame.side_effect = [None] * (frames - 1) + [StopApplication("q")]
+        screen.has_resized.return_value = resized
+        return screen
+
+    def test_the_screen_waits_for_input_between_ticks_and_stops_on_a_resize(self):
+        app = self.make_app()
+        screen = self.quitting_screen(frames=3)
+        TUI.play(app, screen)  # returns once the user quits
+        waits = [call.args[0] for call in screen.wait_for_input.call_args_list]
+        self.assertEqual(len(waits), 2)
+        self.assertTrue(all(0.0 <= wait <= cares.TICK_S for wait in waits), waits)
+        self.assertEqual(cares.REDRAW_FRAMES * cares.TICK_S, 1.0)  # live data once a second
+        screen = self.quitting_screen(frames=3, resized=True)
+        with self.assertRaises(TUI.ResizeScreenError):
+            TUI.play(app, screen)
+        self.assertEqual(screen.draw_next_frame.call_count, 1)
+
     def test_tiny_terminal_gets_a_notice_instead_of_a_crash(self):
         app = self.make_app()
         for width, height in ((40, 30), (120, 10), (1, 1)):
-            screen = mock.MagicMock(spec=Screen, width=width, height=height, colours=8, unicode_aware=False)
+            screen = self.quitting_screen(width, height)
             TUI.play(app, screen)
-            scenes = screen.play.call_args[0][0]
+            scenes = screen.set_scenes.call_args[0][0]
             self.assertEqual([scene.name for scene in scenes], ["too-small"])
             notice = scenes[0].effects[0]
             notice.update(0)
@@ -3594,10 +3645,10 @@ class TuiSceneTest(ClusterTestCase):
             self.assertEqual(len(text), width)
             if width >= 40:
                 self.assertTrue(text.startswith(f"terminal too small (need {cares.MIN_WIDTH}x{cares.MIN_HEIGHT})"))
-        screen = mock.MagicMock(spec=Screen, width=120, height=40, colours=8, unicode_aware=False)
+        screen = self.quitting_screen()
         app.view = cares.View.JOIN
         TUI.play(app, screen)
-        self.assertEqual(screen.play.call_args[1]["start_scene"].name, "join")
+        self.assertEqual(screen.set_scenes.call_args[1]["start_scene"].name, "join")
 
     def test_every_view_fits_the_smallest_terminal(self):
         app = self.make_app()
