@@ -87,6 +87,12 @@ RAMP_PER_S = 100.0
 # One load-generator process per this many simulated workers (each is one asyncio loop).
 WORKERS_PER_LOADGEN = 2500
 CAPACITY_SIZES = (100, 1000, 3000, 10000)
+# Issue 19's targets are judged at 10,000 workers on a 5 s heartbeat. One cares/bare pair there
+# moved by more than the 1.1 target's margin from one run to the next (x1.02, x1.15 and x1.20 on
+# one day), so that size runs as several pairs in alternating order (cares first, then bare
+# first), and each target is judged on the median of the pairs' own ratios. capacity and
+# loop-jitter share these runs: the loop-lag task runs in every one of them, in both servers.
+TARGET_WORKERS, TARGET_HEARTBEAT_MS, TARGET_PAIRS = 10000, 5000, 3
 # A size whose projected load (generators + a bare server) passes this share of the machine
 # runs at a slower heartbeat instead, so the figures still describe the server. Few, far
 # apart steps: a projection near a boundary must not pick a different one every run.
@@ -758,6 +764,7 @@ class Bench:
     workdir: str
     before: str | None = None  # a folder with an earlier cares.py, to compare with in the same run
     failures: list[str] = dataclasses.field(default_factory=list)
+    target_pairs: list | None = None  # the (cares, bare) runs at TARGET_WORKERS, once measured
     compiled: set = dataclasses.field(default_factory=set)  # the cares.py files compiled to the scratch folder
 
     def fail(self, text: str) -> None:
@@ -1125,9 +1132,30 @@ def choose_heartbeat(workers: int, reference: dict | None) -> tuple[int | None, 
     return None, f"not run: even a {SLOWER_HEARTBEATS_MS[-1] / 1000:g} s heartbeat projects past this machine"
 
 
+def target_pairs(bench: Bench) -> list[tuple[dict, dict]]:
+    """The TARGET_PAIRS (cares run, bare run) pairs at TARGET_WORKERS, measured once per bench run
+    for every scenario that asks, in alternating order so that a machine growing busier or quieter
+    weighs on both servers alike. A run that could not be made is noted and kept as an error."""
+    if bench.target_pairs is None:
+        pairs = []
+        for index in range(TARGET_PAIRS):
+            runs = {}
+            for kind in ("cares", "bare") if index % 2 == 0 else ("bare", "cares"):
+                try:
+                    runs[kind] = capacity_run(bench, kind, TARGET_WORKERS, TARGET_HEARTBEAT_MS, loop_lag=True)
+                except BenchError as error:
+                    bench.fail(f"{TARGET_WORKERS:,} workers, pair {index + 1}, {kind}: {error}")
+                    runs[kind] = {"kind": kind, "workers": TARGET_WORKERS, "heartbeat_ms": TARGET_HEARTBEAT_MS,
+                                  "error": str(error)}
+            pairs.append((runs["cares"], runs["bare"]))
+        bench.target_pairs = pairs
+    return bench.target_pairs
+
+
 def paired_runs(bench: Bench, scenario: str, sizes, make_rows, loop_lag: bool = False) -> tuple[list, dict]:
-    """capacity_run for cares then bare at each size; make_rows(workers, cares_run, bare_run) says
-    what the table shows of a pair. Sizes the machine cannot hold get a "not run" row instead."""
+    """capacity_run for cares then bare at each size (TARGET_PAIRS pairs at TARGET_WORKERS);
+    make_rows(workers, pairs) says what the table shows of a size's (cares run, bare run) pairs.
+    Sizes the machine cannot hold get a "not run" row instead."""
     fd_limit = raise_fd_limit()
     raw, rows = {"runs": [], "not_run": {}}, []
     reference = None  # generator + bare server CPU at the largest 1 Hz size measured so far
@@ -1141,6 +1169,11 @@ def paired_runs(bench: Bench, scenario: str, sizes, make_rows, loop_lag: bool = 
             reason = f"open-files hard limit {fd_limit} is too low for {workers:,} connections"
             raw["not_run"][workers] = reason
             rows.append((f"{workers:,} workers", "", f"not run: {reason}", "—"))
+            continue
+        if workers == TARGET_WORKERS:
+            pairs = target_pairs(bench)
+            raw["runs"].extend(run for pair in pairs for run in pair)
+            rows.extend(make_rows(workers, pairs))
             continue
         heartbeat_ms, why = choose_heartbeat(workers, reference)
         if heartbeat_ms is None:
@@ -1158,7 +1191,7 @@ def paired_runs(bench: Bench, scenario: str, sizes, make_rows, loop_lag: bool = 
                 bench.fail(f"{scenario} {kind} N={workers}: {error}")
                 pair[kind] = {"kind": kind, "workers": workers, "heartbeat_ms": heartbeat_ms, "error": str(error)}
             raw["runs"].append(pair[kind])
-        rows.extend(make_rows(workers, pair["cares"], pair["bare"]))
+        rows.extend(make_rows(workers, [(pair["cares"], pair["bare"])]))
         bare = pair["bare"].get("filling")
         if heartbeat_ms == 1000 and bare and bare["applied_per_s"]:
             reference = {"workers": workers, "per_s": bare["applied_per_s"],
@@ -1170,12 +1203,25 @@ def size_label(workers: int, heartbeat_ms: int) -> str:
     return f"{workers:,} workers" + (f" at a {heartbeat_ms / 1000:g} s heartbeat" if heartbeat_ms != 1000 else "")
 
 
-def pair_error_row(label: str, cares_run: dict, bare_run: dict) -> tuple | None:
-    broken = cares_run.get("error") or bare_run.get("error")
-    if broken:
-        which = "cares" if cares_run.get("error") else "bare"
-        return (label, "", f"error ({which}): {broken}", "—")
+def pair_error_row(label: str, pairs: list) -> tuple | None:
+    for cares_run, bare_run in pairs:
+        broken = cares_run.get("error") or bare_run.get("error")
+        if broken:
+            which = "cares" if cares_run.get("error") else "bare"
+            return (label, "", f"error ({which}): {broken}", "—")
     return None
+
+
+def paired_figure(pairs: list, phase: str, figure, spec: str = ".1f", unit: str = " %") -> tuple[str, float | None]:
+    """One figure of both servers over the pairs: its text ("cares / bare (xratio)", medians, with
+    each pair's own ratio when there are several) and the median of the pairs' ratios."""
+    ours = [figure(cares_run[phase]) for cares_run, _ in pairs]
+    floor = [figure(bare_run[phase]) for _, bare_run in pairs]
+    ratios = [ratio(mine, theirs) for mine, theirs in zip(ours, floor)]
+    typical = median(ratios)
+    each = f"; {len(pairs)} pairs: " + ", ".join(f"x{fmt(value, '.2f')}" for value in ratios) if len(pairs) > 1 else ""
+    return (f"{fmt(median(ours), spec)}{unit} / {fmt(median(floor), spec)}{unit} (x{fmt(typical, '.2f')}{each})",
+            typical)
 
 
 PHASES = (("filling", "while history fills"), ("steady", "steady state"))
@@ -1189,6 +1235,11 @@ def capacity_scenario(bench: Bench) -> tuple[list, list, dict]:
                  "grpc.use_local_subchannel_pool=1, so keepalive pings every 2 s too), joining at "
                  f"{RAMP_PER_S:.0f}/s in total, then one NodeMetrics per heartbeat with every field a cares 0.3 worker sends. 'bare' "
                  "is a grpc.aio server with cares.SERVER_OPTIONS whose Heartbeat only counts messages.")
+    if TARGET_WORKERS in sizes and TARGET_WORKERS <= bench.max_workers:
+        notes.append(f"{TARGET_WORKERS:,} workers (issue 19's targets): {TARGET_PAIRS} pairs at a "
+                     f"{TARGET_HEARTBEAT_MS / 1000:g} s heartbeat, in alternating order (cares first, then bare first); "
+                     "each row gives the medians of both servers' figures, each pair's own ratio, and is judged on "
+                     "the median of those ratios. These runs also carry loop-jitter's lag task, in both servers.")
     notes.append("CPU: % of one core from psutil cpu_times of the server pid, median of the windows; RSS at the "
                  "end. Latency: measured inside the server, from the message's sent_at_ms (whole ms, rounded: "
                  "+-0.5 ms) to cares' registry.on_sample hook, called once the registry accepted the sample "
@@ -1206,61 +1257,67 @@ def capacity_scenario(bench: Bench) -> tuple[list, list, dict]:
     return rows, notes, raw
 
 
-def capacity_rows(workers: int, cares_run: dict, bare_run: dict) -> list:
-    heartbeat_ms = cares_run.get("heartbeat_ms", 1000)
+def capacity_rows(workers: int, pairs: list) -> list:
+    heartbeat_ms = pairs[0][0].get("heartbeat_ms", 1000)
     label = size_label(workers, heartbeat_ms)
-    error = pair_error_row(label, cares_run, bare_run)
+    error = pair_error_row(label, pairs)
     if error:
         return [error]
     rows = []
     # The targets: at 1,000 and 3,000 workers at 1 Hz, CPU within 1.2x bare and p99 <= 10 ms; at
-    # 10,000 (the shortest heartbeat the machine holds), CPU within 1.1x and p99 within 2x bare.
-    ten_thousand = workers == 10000
-    cpu_limit = 1.1 if ten_thousand else 1.2 if workers in (1000, 3000) and heartbeat_ms == 1000 else None
-    p99_target = "p99 <= 2x bare" if ten_thousand else "p99 <= 10 ms" if workers == 3000 and heartbeat_ms == 1000 else ""
+    # 10,000 (issue 19), CPU within 1.1x and p99 within 2x bare, judged on the pairs' median ratio.
+    target = workers == TARGET_WORKERS
+    cpu_limit = 1.1 if target else 1.2 if workers in (1000, 3000) and heartbeat_ms == 1000 else None
+    p99_target = "p99 <= 2x bare" if target else "p99 <= 10 ms" if workers == 3000 and heartbeat_ms == 1000 else ""
+    which = f", median of {len(pairs)} pairs" if len(pairs) > 1 else ""
     for phase, title in PHASES:
-        if phase not in cares_run or phase not in bare_run:
-            rows.append((f"{label}: {title}", "", f"not measured ({cares_run.get('steady_skipped')})", "—"))
+        if any(phase not in run for pair in pairs for run in pair):
+            rows.append((f"{label}: {title}", "", f"not measured ({pairs[0][0].get('steady_skipped')})", "—"))
             continue
-        ours, floor = cares_run[phase], bare_run[phase]
-        cpu_ratio = ratio(ours["cpu_percent"], floor["cpu_percent"])
-        rows.append((f"{label}, {title}: orchestrator CPU, cares / bare", f"ratio <= {cpu_limit}" if cpu_limit else "—",
-                     f"{fmt(ours['cpu_percent'])} % / {fmt(floor['cpu_percent'])} % (x{fmt(cpu_ratio, '.2f')})",
+        cpu_text, cpu_ratio = paired_figure(pairs, phase, lambda run: run["cpu_percent"])
+        rows.append((f"{label}, {title}: orchestrator CPU, cares / bare{which}",
+                     f"ratio <= {cpu_limit}" if cpu_limit else "—", cpu_text,
                      met(cpu_ratio is not None and cpu_ratio <= cpu_limit) if cpu_limit else "—"))
-        gen2 = ours["gc"]["gen2"]
-        p99_ratio = ratio(ours["p99_ms"], floor["p99_ms"])
-        p99_met = (p99_ratio is not None and p99_ratio <= 2.0 if ten_thousand
-                   else ours["p99_ms"] is not None and ours["p99_ms"] <= 10.0)
-        rows.append((f"{label}, {title}: latency p50 / p99, cares (bare)", p99_target or "—",
-                     f"{fmt(ours['p50_ms'], '.2f')} / {fmt(ours['p99_ms'], '.2f')} ms "
-                     f"({fmt(floor['p50_ms'], '.2f')} / {fmt(floor['p99_ms'], '.2f')} ms"
-                     + (f"; p99 x{fmt(p99_ratio, '.2f')}" if ten_thousand else "") + "); cares max "
-                     f"{fmt(ours['max_ms'], '.0f')} ms, full GCs {gen2['count']} (longest {gen2['max_ms']:.0f} ms)",
-                     met(p99_met) if p99_target else "—"))
-        rows.append((f"{label}, {title}: messages/s applied, cares / bare (sent)", "—",
-                     f"{fmt(ours['applied_per_s'], '.0f')} / {fmt(floor['applied_per_s'], '.0f')} "
-                     f"({fmt(ours['offered_per_s'], '.0f')} / {fmt(floor['offered_per_s'], '.0f')})", "—"))
-    rows.append((f"{label}: RSS at the end, cares / bare", "—",
-                 f"{cares_run['rss_bytes'] / MB:.0f} MB / {bare_run['rss_bytes'] / MB:.0f} MB "
-                 f"(x{ratio_text(cares_run['rss_bytes'], bare_run['rss_bytes'])})", "—"))
-    rows.append(failed_streams_row(label, cares_run, bare_run, target=workers == 10000))
+        p99_text, p99_ratio = paired_figure(pairs, phase, lambda run: run["p99_ms"], ".2f", " ms")
+        ours = [cares_run[phase] for cares_run, _ in pairs]
+        gen2 = [run["gc"]["gen2"] for run in ours]
+        p99_met = (p99_ratio is not None and p99_ratio <= 2.0 if target
+                   else ours[0]["p99_ms"] is not None and ours[0]["p99_ms"] <= 10.0)
+        rows.append((f"{label}, {title}: latency p99, cares / bare{which}", p99_target or "—",
+                     f"{p99_text}; cares p50 {fmt(median(run['p50_ms'] for run in ours), '.2f')} ms, max "
+                     f"{fmt(max(run['max_ms'] for run in ours), '.0f')} ms, full GCs {sum(g['count'] for g in gen2)} "
+                     f"(longest {max(g['max_ms'] for g in gen2):.0f} ms)", met(p99_met) if p99_target else "—"))
+        applied = [(cares_run[phase], bare_run[phase]) for cares_run, bare_run in pairs]
+        rows.append((f"{label}, {title}: messages/s applied, cares / bare (sent); load generators' CPU", "—",
+                     f"{fmt(median(c['applied_per_s'] for c, _ in applied), '.0f')} / "
+                     f"{fmt(median(b['applied_per_s'] for _, b in applied), '.0f')} "
+                     f"({fmt(median(c['offered_per_s'] for c, _ in applied), '.0f')} / "
+                     f"{fmt(median(b['offered_per_s'] for _, b in applied), '.0f')}); "
+                     f"{fmt(median(c['loadgen_cpu_percent'] for c, _ in applied))} % / "
+                     f"{fmt(median(b['loadgen_cpu_percent'] for _, b in applied))} % of a core", "—"))
+    rss = [(cares_run["rss_bytes"], bare_run["rss_bytes"]) for cares_run, bare_run in pairs]
+    rows.append((f"{label}: RSS at the end, cares / bare{which}", "—",
+                 f"{median(c for c, _ in rss) / MB:.0f} MB / {median(b for _, b in rss) / MB:.0f} MB "
+                 f"(x{fmt(median(ratio(c, b) for c, b in rss), '.2f')})", "—"))
+    rows.append(failed_streams_row(label, pairs, target=target))
     return rows
 
 
-def failed_streams_row(label: str, cares_run: dict, bare_run: dict, target: bool) -> tuple:
-    """Streams that failed to join or broke, per server: the other rows hold for the rest only."""
-    failed = cares_run["failed_streams"]
-    detail = ", ".join(f"{name}: {count}" for name, count in sorted(cares_run["errors"].items()))
-    last_phase = cares_run.get("steady") or cares_run["filling"]
-    return (f"{label}: failed streams, cares / bare", "0 (cares)" if target else "—",
-            f"{failed} / {bare_run['failed_streams']}" + (f" ({detail})" if detail else "")
-            + f"; {last_phase['streams']:,} nodes Active in cares at the end",
+def failed_streams_row(label: str, pairs: list, target: bool) -> tuple:
+    """Streams that failed to join or broke, per server, over every run: the other rows hold for
+    the rest only."""
+    failed = sum(cares_run["failed_streams"] for cares_run, _ in pairs)
+    errors = collections.Counter()
+    for cares_run, _ in pairs:
+        errors.update(cares_run["errors"])
+    detail = ", ".join(f"{name}: {count}" for name, count in sorted(errors.items()))
+    active = [(cares_run.get("steady") or cares_run["filling"])["streams"] for cares_run, _ in pairs]
+    runs = f" over {len(pairs)} runs each" if len(pairs) > 1 else ""
+    return (f"{label}: failed streams, cares / bare{runs}", "0 (cares)" if target else "—",
+            f"{failed} / {sum(bare_run['failed_streams'] for _, bare_run in pairs)}" + (f" ({detail})" if detail else "")
+            + f"; {', '.join(f'{count:,}' for count in active)} nodes Active in cares at the end",
             met(failed == 0) if target else "—")
 
-
-# ---------------------------------------------------------------------------
-# Scenario 2: worker footprint, beside Prometheus node_exporter.
-# ---------------------------------------------------------------------------
 
 def find_node_exporter() -> str | None:
     for name in ("prometheus-node-exporter", "node_exporter"):
@@ -1443,7 +1500,7 @@ def dashboard_scenario(bench: Bench) -> tuple[list, list, dict]:
     if not sizes:
         return [("TUI cost", "<= 3 % of a core", f"not run: --max-workers {bench.max_workers}", "—")], [], \
             {"skipped": "--max-workers"}
-    settle_s, window_s, windows = (1.0, 2.0, 1) if bench.quick else (4.0, 10.0, 5)
+    settle_s, window_s, windows = (1.0, 2.0, 1) if bench.quick else (4.0, 10.0, 9)
     raw = {"sizes": sizes, "window_s": window_s, "windows": windows}
     # Side by side: a headless orchestrator and one with its dashboard on a screen, each fed its
     # own simulated workers, measured in the same windows (the machine's noise falls on both).
@@ -1926,36 +1983,42 @@ def loop_jitter_scenario(bench: Bench) -> tuple[list, list, dict]:
     rows, raw = paired_runs(bench, "loop-jitter", sizes, loop_jitter_rows, loop_lag=True)
     notes = [f"A task on each server's gRPC loop (cares.grpc_loop(); the bare server's own loop) sleeps "
              f"{LOOP_LAG_PERIOD_MS:g} ms and records how much later than asked it wakes, in the same phases and "
-             f"windows as capacity (separate runs: the task's own cost stays out of capacity's CPU figures). "
+             f"windows as capacity (separate runs, but at {TARGET_WORKERS:,} workers, where both scenarios read the "
+             f"same {TARGET_PAIRS} pairs of runs with the task on in both servers). "
              "An idle loop already shows up to ~1 ms: epoll waits in whole milliseconds; the bare server "
              "measures that floor under the same load."]
     return rows, notes, raw
 
 
-def loop_jitter_rows(workers: int, cares_run: dict, bare_run: dict) -> list:
-    heartbeat_ms = cares_run.get("heartbeat_ms", 1000)
+def loop_jitter_rows(workers: int, pairs: list) -> list:
+    heartbeat_ms = pairs[0][0].get("heartbeat_ms", 1000)
     label = size_label(workers, heartbeat_ms)
-    error = pair_error_row(label, cares_run, bare_run)
+    error = pair_error_row(label, pairs)
     if error:
         return [error]
     rows = []
+    target = workers == TARGET_WORKERS
+    which = f", median of {len(pairs)} pairs" if len(pairs) > 1 else ""
     for phase, title in PHASES:
-        if phase not in cares_run or phase not in bare_run:
-            rows.append((f"{label}: {title}", "", f"not measured ({cares_run.get('steady_skipped')})", "—"))
+        if any(phase not in run for pair in pairs for run in pair):
+            rows.append((f"{label}: {title}", "", f"not measured ({pairs[0][0].get('steady_skipped')})", "—"))
             continue
-        ours, floor = cares_run[phase]["loop_lag"], bare_run[phase]["loop_lag"]
-        gen2 = cares_run[phase]["gc"]["gen2"]
         # The lag's worst case is what limits the shortest safe heartbeat: at 10,000 workers,
         # within 2x the bare server's under the same load.
-        max_ratio = ratio(ours["max_ms"], floor["max_ms"])
-        target = workers == 10000
-        rows.append((f"{label}, {title}: event-loop lag p50 / p99 / max, cares (bare)", "max <= 2x bare" if target else "—",
-                     f"{fmt(ours['p50_ms'], '.2f')} / {fmt(ours['p99_ms'], '.2f')} / {fmt(ours['max_ms'], '.0f')} ms "
-                     f"({fmt(floor['p50_ms'], '.2f')} / {fmt(floor['p99_ms'], '.2f')} / "
-                     f"{fmt(floor['max_ms'], '.0f')} ms; max x{fmt(max_ratio, '.2f')}); {ours['samples']:,} ticks over "
-                     f"{cares_run[phase]['probe_s']:.0f} s, cares full GCs {gen2['count']} "
-                     f"(longest {gen2['max_ms']:.0f} ms)", met(max_ratio is not None and max_ratio <= 2.0) if target else "—"))
-    rows.append(failed_streams_row(label, cares_run, bare_run, target=workers == 10000))
+        max_text, max_ratio = paired_figure(pairs, phase, lambda run: run["loop_lag"]["max_ms"], ".0f", " ms")
+        ours = [cares_run[phase] for cares_run, _ in pairs]
+        floor = [bare_run[phase] for _, bare_run in pairs]
+        gen2 = [run["gc"]["gen2"] for run in ours]
+        rows.append((f"{label}, {title}: event-loop lag max, cares / bare{which}", "max <= 2x bare" if target else "—",
+                     f"{max_text}; p50 / p99 {fmt(median(run['loop_lag']['p50_ms'] for run in ours), '.2f')} / "
+                     f"{fmt(median(run['loop_lag']['p99_ms'] for run in ours), '.2f')} ms (bare "
+                     f"{fmt(median(run['loop_lag']['p50_ms'] for run in floor), '.2f')} / "
+                     f"{fmt(median(run['loop_lag']['p99_ms'] for run in floor), '.2f')} ms); "
+                     f"{sum(run['loop_lag']['samples'] for run in ours):,} ticks over "
+                     f"{sum(run['probe_s'] for run in ours):.0f} s, cares full GCs {sum(g['count'] for g in gen2)} "
+                     f"(longest {max(g['max_ms'] for g in gen2):.0f} ms)",
+                     met(max_ratio is not None and max_ratio <= 2.0) if target else "—"))
+    rows.append(failed_streams_row(label, pairs, target=target))
     return rows
 
 
