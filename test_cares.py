@@ -937,6 +937,55 @@ class NodeRegistryTest(unittest.TestCase):
         self.assertEqual(status_of(registry, "chatty"), cares.NodeStatus.ACTIVE)
         self.assertIn("no heartbeat for 0.3 s", texts(registry.events)[-1])
 
+    def test_the_sweep_finds_exactly_the_silent_nodes_while_reading_only_those(self):
+        # The sweep reads nodes in the order they were last heard from and stops at the first one
+        # that is not silent. Over joins, samples, goodbyes, time and stalls credited by the clock
+        # (which make that order differ from the heard times' for a while), it must expire just
+        # the nodes a look at every node would.
+        clock = [1000.0]
+        registry = cares.NodeRegistry(heartbeat_interval=1.0)
+        registry.clock.monotonic = lambda: clock[0]
+        rng = random.Random(11)
+        sessions, expired_total = {}, 0
+        for step in range(4000):
+            node_id = f"n{rng.randrange(40)}"
+            action = rng.random()
+            if action < 0.15:
+                sessions[node_id] = joined(registry, node_id, secret="same worker")  # may replace its stream
+            elif action < 0.55 and node_id in sessions:
+                with contextlib.suppress(cares.Refusal):
+                    registry.update(node_id, sessions[node_id], values(), step + 1)
+            elif action < 0.6 and node_id in sessions:
+                registry.disconnect(node_id, sessions[node_id], "test", left=True)
+            elif action < 0.7:
+                clock[0] += rng.choice((0.05, 0.2, 0.5))
+            elif action < 0.8:  # a sweep: late, and so credited, when time went on without one
+                registry.clock.tick(0.5)
+            else:
+                now, limit = registry.clock.now(), registry.silence_limit
+                expected = {(node.node_id, node.session_id) for node in registry.snapshot(with_history=False)
+                            if node.status.live and now - node.heard_at > limit}
+                expired = registry.expire()
+                self.assertEqual(set(expired), expected, f"step {step}")
+                expired_total += len(expired)
+        self.assertGreater(expired_total, 50)
+        self.assertGreater(registry.clock.stepped_back_from, -math.inf, "no stall was ever credited")
+        # On a steady clock with every node heard lately, the sweep reads one node and stops.
+        clock[0] += 10.0
+        for node_id, session in sessions.items():
+            with contextlib.suppress(cares.Refusal):
+                registry.update(node_id, session, values(), 10 ** 6)
+        reads = collections.Counter()
+        original = cares.Node.__getattribute__
+
+        def counting(node, name):
+            if name == "heard_at":
+                reads[node.node_id] += 1
+            return original(node, name)
+        with mock.patch.object(cares.Node, "__getattribute__", counting):
+            self.assertEqual(registry.expire(), [])
+        self.assertEqual(sum(reads.values()), 1)
+
     def test_a_stalled_loop_extends_everyones_grace(self):
         registry = cares.NodeRegistry(heartbeat_interval=0.1)
         for number in range(20):
