@@ -2025,7 +2025,7 @@ def loop_jitter_rows(workers: int, pairs: list) -> list:
 # ---------------------------------------------------------------------------
 # Scenario: the dashboard's redraw with a filter over many nodes, timed in this
 # process on asciimatics' own off-screen Canvas (the pattern of its widget tests):
-# the frame's _update (snapshot, filter, sort, rows) and every widget's render.
+# the frame's _update (the nodes read, filtered, sorted, rows) and every widget's render.
 # ---------------------------------------------------------------------------
 
 FILTER_NODES = 10_000
@@ -2062,7 +2062,7 @@ def filter_scenario(bench: Bench) -> tuple[list, list, dict]:
         app.table.query = query
         times = []
         for _ in range(frames):
-            frame._snapshot_at = -math.inf  # a full redraw: a fresh snapshot every time, as once a second
+            frame._snapshot_at = -math.inf  # a full redraw: the nodes read again every time, as once a second
             started = time.perf_counter()
             frame.update(0)
             times.append((time.perf_counter() - started) * 1000.0)
@@ -2071,8 +2071,8 @@ def filter_scenario(bench: Bench) -> tuple[list, list, dict]:
         raw[title] = {"ms": times, "matching": shown.matching}
         rows.append((f"{nodes:,} nodes, {title} ({shown.matching:,} match): redraw median / max", "<= 50 ms",
                      f"{typical:.1f} / {worst:.1f} ms", met(typical <= 50.0)))
-    notes = [f"A 160x40 DashboardFrame on asciimatics' off-screen Canvas; each redraw takes a new registry "
-             f"snapshot, filters, sorts and renders the visible rows; {frames} redraws per filter."]
+    notes = [f"A 160x40 DashboardFrame on asciimatics' off-screen Canvas; each redraw reads the registry's "
+             f"nodes again, filters, sorts and renders the visible rows; {frames} redraws per filter."]
     return rows, notes, raw
 
 
