@@ -1896,7 +1896,8 @@ class NodeRegistry(RegistryReads):
         super().__init__()
         self._pending: dict[str, PendingJoin] = {}  # by node ID: one pending join per node
         # The streaming nodes, the one heard from longest ago first: the sweep reads only the
-        # silent ones and stops at the first that is not (a scan of 10,000 held the loop ~10 ms).
+        # silent ones and stops at the first that is not (a scan of all 10,000 held the loop
+        # 0.7 ms on an idle machine, ~20 ms on a loaded one).
         self._by_heard: collections.OrderedDict[str, Node] = collections.OrderedDict()
         self.max_nodes = max_nodes
         self.heartbeat_interval = heartbeat_interval
@@ -6712,7 +6713,8 @@ def _define_tui():
                     # unless an earlier text on the row reached this far.
                     if (attr, background) == cleared[1:] and x >= reach and width == len(text):
                         for ink in _INK.finditer(text):
-                            canvas.print_at(ink.group(), self._x + x + ink.start(), self._y + y, colour, attr, background)
+                            canvas.print_at(ink.group(), self._x + x + ink.start(), self._y + y,
+                                            colour, attr, background)
                     else:
                         canvas.print_at(text, self._x + x, self._y + y, colour, attr, background)
                     reach = max(reach, x + width)
@@ -6917,6 +6919,7 @@ def _define_tui():
                       Scene([DashboardFrame(screen, app)], -1, name=View.DASHBOARD.value),
                       Scene([DetailFrame(screen, app)], -1, name=View.DETAIL.value),
                       Scene([HelpFrame(screen, app)], -1, name=View.HELP.value)]
+
         def current_scene():
             return next((scene for scene in scenes if scene.name == app.view.value), scenes[0])
 
