@@ -1324,6 +1324,10 @@ def failed_streams_row(label: str, pairs: list, target: bool) -> tuple:
             met(failed == 0) if target else "—")
 
 
+# ---------------------------------------------------------------------------
+# Scenario 2: worker footprint, beside Prometheus node_exporter.
+# ---------------------------------------------------------------------------
+
 def find_node_exporter() -> str | None:
     for name in ("prometheus-node-exporter", "node_exporter"):
         path = shutil.which(name)
@@ -2067,7 +2071,7 @@ def filter_scenario(bench: Bench) -> tuple[list, list, dict]:
         app.table.query = query
         times = []
         for _ in range(frames):
-            frame._snapshot_at = -math.inf  # a full redraw: the nodes read again every time, as once a second
+            frame._nodes_read_at = -math.inf  # a full redraw: the nodes read again every time, as once a second
             started = time.perf_counter()
             frame.update(0)
             times.append((time.perf_counter() - started) * 1000.0)

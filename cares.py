@@ -5441,9 +5441,13 @@ class ClusterSummary:
                          if self.counts[status] or status in (NodeStatus.ACTIVE, NodeStatus.DISCONNECTED))
 
 
+_CPU_PERCENT, _MEMORY_PERCENT = operator.attrgetter("cpu_percent"), operator.attrgetter("memory_percent")
+
+
 def summarize(nodes: list[Node]) -> ClusterSummary:
     """Counts per status and the mean CPU and memory of the Active nodes that sent a sample (no
-    invented zeros). One pass: this runs on every redraw, over every node."""
+    invented zeros). This runs on every redraw, over every node: its loops are list methods and
+    builtins, in C."""
     statuses = [node.status for node in nodes]
     counts = {status: statuses.count(status) for status in NodeStatus}  # compared in C: an Enum hashes in Python
     # Each node's sample read once: the dashboard reads the registry's own nodes while they change.
@@ -5452,9 +5456,6 @@ def summarize(nodes: list[Node]) -> ClusterSummary:
         return ClusterSummary(counts, None, None)
     return ClusterSummary(counts, sum(map(_CPU_PERCENT, measured)) / len(measured),
                           sum(map(_MEMORY_PERCENT, measured)) / len(measured))
-
-
-_CPU_PERCENT, _MEMORY_PERCENT = operator.attrgetter("cpu_percent"), operator.attrgetter("memory_percent")
 
 
 HEARTBEAT_STEPS_MS = (500, 1000, 2000, 5000)
@@ -5919,8 +5920,8 @@ MIN_WIDTH, MIN_HEIGHT = 70, 18
 TICK_S = 0.25
 # Live data is redrawn once a second.
 REDRAW_FRAMES = round(1.0 / TICK_S)
-# A redraw forced by a key or a mouse event reuses a snapshot this young.
-SNAPSHOT_MAX_AGE_S = 0.25
+# A redraw forced by a key or a mouse event reuses the list of nodes read this recently.
+NODES_MAX_AGE_S = 0.25
 # The detail view's history graphs are read from SQLite again this often.
 HISTORY_REDRAW_S = 5.0
 # What reading or writing a terminal fails with once its pty or ssh session is gone.
@@ -6385,7 +6386,7 @@ class DashboardLogic(CommandKeys):
     commands = DASHBOARD_KEYS
 
     def _start(self) -> None:
-        self._snapshot, self._snapshot_at = [], -math.inf
+        self._nodes, self._nodes_read_at = [], -math.inf
         self._summary = summarize([])
         # Selection moves asked since the last redraw: applied there, to the view they were
         # asked of (_moved_in), so a held arrow key moves every step without a redraw per key.
@@ -6404,13 +6405,13 @@ class DashboardLogic(CommandKeys):
             # One list of the nodes per redraw (reused for a moment when keys or the mouse force
             # redraws), shared by the header and the table; graphs only for the rows shown.
             now = time.monotonic()
-            if now - self._snapshot_at > SNAPSHOT_MAX_AGE_S:
-                self._snapshot = orchestrator.registry.nodes_now()
-                self._summary = summarize(self._snapshot)
-                self._snapshot_at = now
+            if now - self._nodes_read_at > NODES_MAX_AGE_S:
+                self._nodes = orchestrator.registry.nodes_now()
+                self._summary = summarize(self._nodes)
+                self._nodes_read_at = now
             self._apply_moves()
             layout = table_layout(self.canvas.width)
-            table = prepare_table(self._snapshot, self.app.table, self._table.rows)
+            table = prepare_table(self._nodes, self.app.table, self._table.rows)
             if layout.width_of(Column.SPARK):
                 histories = orchestrator.registry.histories(node.node_id for node in table.rows)
                 rows = [dataclasses.replace(node, history=histories.get(node.node_id)) for node in table.rows]
@@ -6461,7 +6462,7 @@ class DashboardLogic(CommandKeys):
         if self.app.orchestrator is None:
             return False
         self.app.orchestrator.forget_gone()
-        self._snapshot_at = -math.inf
+        self._nodes_read_at = -math.inf
 
     def step_heartbeat(self, key: int) -> bool:
         orchestrator = self.app.orchestrator
@@ -6481,7 +6482,7 @@ class DashboardLogic(CommandKeys):
                 return
             self._moved_in = self.shown.table
         elif self._moved_in is _REORDERED:
-            self._moved_in = prepare_table(self._snapshot, self.app.table, self._table.rows)
+            self._moved_in = prepare_table(self._nodes, self.app.table, self._table.rows)
         self._moves += step
 
     def _apply_moves(self) -> None:
@@ -6494,7 +6495,7 @@ class DashboardLogic(CommandKeys):
         moved = bool(self._moves)
         self._apply_moves()
         if moved and not self.app.table.selected:  # moved off screen: the rebuilt view picks it
-            prepare_table(self._snapshot, self.app.table, self._table.rows)
+            prepare_table(self._nodes, self.app.table, self._table.rows)
         return self.app.table.selected
 
     def _reorder(self, **change) -> None:

@@ -3448,7 +3448,7 @@ class TuiSceneTest(ClusterTestCase):
         render(frame)
         survivors = []
         for _ in range(3):
-            time.sleep(cares.SNAPSHOT_MAX_AGE_S + 0.05)  # the next redraw reads the nodes again
+            time.sleep(cares.NODES_MAX_AGE_S + 0.05)  # the next redraw reads the nodes again
             gc.collect()
             gc.disable()
             try:
