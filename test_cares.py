@@ -2559,7 +2559,9 @@ class RoutineOperationsTest(ClusterTestCase):
                 self.assertEqual(process.wait(10), 0)
 
     def test_a_stopped_log_reader_never_stops_serving(self):
-        process, address = self.headless_orchestrator()
+        # Every churn node must leave, not be lost: a 1 s heartbeat, as a 0.3 s silence limit is
+        # shorter than a stall of this test's own client on a loaded machine (CI: one was lost).
+        process, address = self.headless_orchestrator("--heartbeat-ms", "1000")
         # A paused pager or Ctrl-S: nobody reads. A small pipe fills after a few dozen lines.
         fcntl.fcntl(process.stderr.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
         generate_events(self, int(address.rpartition(":")[2]), 150)
