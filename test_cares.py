@@ -3437,6 +3437,26 @@ class TuiSceneTest(ClusterTestCase):
         render(frame)
         self.assertEqual(cells(frame), cells(render_frame(TUI.DashboardFrame(make_canvas(), app))))
 
+    def test_the_screens_text_waits_for_the_flush_even_unbuffered(self):
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        os.set_blocking(read_end, False)
+        # What python -u and PYTHONUNBUFFERED=1 make of stdout: no buffer, each write goes through.
+        stream = io.TextIOWrapper(io.FileIO(write_end, "w"), encoding="utf-8", write_through=True)
+        self.addCleanup(stream.close)
+        with cares.written_a_redraw_at_a_time(stream):
+            for text in ("\x1b[3;59H", "\u2588", "\x1b[32m", "42.0%"):
+                stream.write(text)
+            with self.assertRaises(BlockingIOError):
+                os.read(read_end, 100)  # nothing written yet
+            stream.flush()  # asciimatics, once a redraw
+            self.assertEqual(os.read(read_end, 100).decode(), "\x1b[3;59H\u2588\x1b[32m42.0%")
+        self.assertTrue(stream.write_through)  # as it was
+        stream.write("after")
+        self.assertEqual(os.read(read_end, 100), b"after")
+        with cares.written_a_redraw_at_a_time(None):  # no stdout at all: the screen's own problem
+            pass
+
     def quiet_thousand_node_dashboard(self):
         """A dashboard of 1,000 nodes, drawn once, whose orchestrator's own threads stay quiet (no node
         falls silent within a 30 s heartbeat, no history to write): what the collector sees is the redraw's."""
@@ -3936,6 +3956,44 @@ class TmuxEndToEndTest(ClusterTestCase):
                     codes.add(("bg", number))
                 index += 1
         return codes
+
+    def test_a_redraw_reaches_the_terminal_in_few_writes_with_python_unbuffered(self):
+        port = free_port()
+        self.open_pane("orch", "orchestrator", "--listen", f"127.0.0.1:{port}", "--no-state",
+                       environment="LC_ALL=C.UTF-8 PYTHONUNBUFFERED=1")
+        self.wait_for("orch", lambda text: "Waiting for workers" in text, 15, "an empty dashboard")
+        shell = cares.psutil.Process(int(self.tmux("display-message", "-p", "-t", "cares:orch", "#{pane_pid}")))
+        pid = next(child.pid for child in shell.children() if CARES_PY in child.cmdline())
+        stub = raw_stub(self, port)
+        streams = {}
+        for number in range(30):
+            node_id = f"busy-{number:02d}"
+            session = stub.JoinCluster(pb.NodeInfo(node_id=node_id), timeout=5).session_id
+            streams[node_id] = (OpenStream(self, stub, node_id, session), session)
+        rng = random.Random(7)
+
+        def written():
+            """Bytes and write calls of the screen's thread (the main one)."""
+            with open(f"/proc/{pid}/task/{pid}/io") as file:
+                counters = dict(line.split(": ") for line in file.read().splitlines())
+            return int(counters["wchar"]), int(counters["syscw"])
+
+        before = None
+        for sequence in range(1, 6):
+            for node_id, (stream, session) in streams.items():
+                stream.send(metrics(node_id, session, sequence, cpu=rng.uniform(0, 100), memory=rng.uniform(0, 100)))
+            shown = self.screen("orch")
+            self.wait_for("orch", lambda text: text != shown and "30 active" in text, 10, "new values drawn")
+            if before is None:  # from the first redraw of 30 nodes on
+                before = written()
+        after = written()
+        size, calls = after[0] - before[0], after[1] - before[1]
+        self.assertGreater(calls, 0)
+        # asciimatics writes each escape sequence and character on its own: 6 bytes a call on average
+        # when each went through; a redraw's worth at a time is hundreds.
+        self.assertGreater(size / calls, 200, f"{size} bytes in {calls} writes")
+        self.keys("orch", "q")
+        self.assertEqual(self.exit_code("orch")[0], 0)
 
     def test_no_color_and_a_light_background(self):
         orchestrator = self.start_orchestrator()
