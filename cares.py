@@ -6942,8 +6942,9 @@ def _define_tui():
         counting. Were they to set off a collection, it would scan, on this thread, every young object
         of the gRPC loop as well: the loop frees about as many objects as it makes, so on its own it
         seldom reaches a collection, and its streams' live coroutines, futures and samples (about
-        20,000 at 1,000 nodes on a 1 s heartbeat) wait in the young generation. Measured: 15-22 ms
-        each for most of the main thread's collections, a second of the collector's time a minute."""
+        20,000 at 1,000 nodes on a 1 s heartbeat) wait in the young generation. Measured at 1,000
+        nodes: a third of the main thread's collections took 10-22 ms, and the process collected for
+        1.05 s a minute (0.29 s headless); 0.37 s with the pause."""
         with collection_deferred():
             screen.draw_next_frame()
 
