@@ -462,8 +462,9 @@ def collection_deferred():
     nodes scraped once a second: full collections of the whole heap stalled the gRPC loop for up
     to 120 ms. The collector is one switch for the whole process, and a burst may start on any
     thread: it is paused while any burst runs, and switched back on, if it was on, when the last
-    one ends. The screen's redraws are bursts too (draw_next), though they read the nodes
-    themselves (nodes_now) rather than copies."""
+    one ends. The bursts: a /metrics or /sd page, building an inventory save (StateFile._write),
+    and each turn of the screen's loop (draw_next), though a redraw reads the nodes themselves
+    (nodes_now) rather than copies."""
     global _deferring_bursts, _collector_was_enabled
     with _deferring_lock:
         if _deferring_bursts == 0:
@@ -2359,7 +2360,7 @@ class StateFile:
             # call, and the gRPC loop waits that long; between records it gets the GIL back.
             document = (f'{{"format": {self.FORMAT}, "saved_at": {time.time()!r}, "nodes": ['
                         + ", ".join(json.dumps(record) for record in records) + "]}")
-            del records
+            del records  # they die here, in the burst, not after the write
         try:
             replace_file(self.path, lambda file: file.write(document.encode("utf-8")))
         except OSError as error:
@@ -6051,14 +6052,14 @@ class TuiApp:
     def _show(self) -> int:
         scenes = load_tui()
         try:
-            while True:
-                try:
-                    with written_a_redraw_at_a_time(sys.stdout):
+            with written_a_redraw_at_a_time(sys.stdout):
+                while True:
+                    try:
                         scenes.Screen.wrapper(lambda screen: scenes.play(self, screen), catch_interrupt=True,
                                               unicode_aware=locale_is_utf8())
-                    return 0
-                except scenes.ResizeScreenError:
-                    continue
+                        return 0
+                    except scenes.ResizeScreenError:
+                        continue
         except scenes.curses_error as error:
             raise RuntimeFailure(f"this terminal cannot show the dashboard ({error}); run with --headless") from None
         except OSError as error:

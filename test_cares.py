@@ -101,6 +101,25 @@ def wait_until(predicate, timeout, interval=0.02):
     return None
 
 
+def collections_started(test, counts, threshold=50):
+    """The generations of the garbage collections that start while counts() is true, from now to
+    the test's end, with the collector's first threshold this low: any burst of objects made with
+    the collector on sets one off."""
+    started = []
+
+    def note(phase, info):
+        if phase == "start" and counts():
+            started.append(info["generation"])
+
+    thresholds = gc.get_threshold()
+    test.addCleanup(gc.set_threshold, *thresholds)
+    gc.callbacks.append(note)
+    test.addCleanup(gc.callbacks.remove, note)
+    gc.collect()
+    gc.set_threshold(threshold, *thresholds[1:])
+    return started
+
+
 def listening(address):
     """True once address (HOST:PORT) accepts TCP connections. Poll this, not a gRPC call, for a
     process that is still starting: a failed gRPC connect leaves the address in reconnect backoff
@@ -3496,24 +3515,16 @@ class TuiSceneTest(ClusterTestCase):
         # that allocates with the collector on set one off.
         frame = self.quiet_thousand_node_dashboard()
         time.sleep(cares.NODES_MAX_AGE_S + 0.05)  # the next redraw reads the nodes again
-        lines, drawing, collections = [], [], []
+        lines, drawing = [], []
 
         def draw_next_frame():
             drawing.append(True)
             lines.extend(render(frame))
             drawing.clear()
 
-        def note(phase, info):
-            if phase == "start" and drawing and threading.get_ident() == threading.main_thread().ident:
-                collections.append(info["generation"])
-
         screen = types.SimpleNamespace(draw_next_frame=draw_next_frame)
-        threshold = gc.get_threshold()
-        self.addCleanup(gc.set_threshold, *threshold)
-        gc.callbacks.append(note)
-        self.addCleanup(gc.callbacks.remove, note)
-        gc.collect()
-        gc.set_threshold(50, *threshold[1:])
+        collections = collections_started(
+            self, lambda: drawing and threading.get_ident() == threading.main_thread().ident)
         TUI.draw_next(screen)
         self.assertIn("Nodes: 1000 active", lines[2])
         self.assertEqual(collections, [], "collections the redraw set off on the main thread, by generation")
@@ -4698,23 +4709,11 @@ class InventoryTest(ClusterTestCase):
         # that scanned the gRPC loop's young objects too (up to 54 ms each with the GIL held at
         # 3,000 nodes); the build is a burst, the disk write after it is not. A low threshold makes
         # a build with the collector on set off dozens.
-        starts = []
-
-        def note(phase, info):
-            if phase == "start" and threading.current_thread().name == "cares-state":
-                starts.append(info["generation"])
-
-        threshold = gc.get_threshold()
-        self.addCleanup(gc.set_threshold, *threshold)
-        gc.callbacks.append(note)
-        self.addCleanup(gc.callbacks.remove, note)
         state = cares.StateFile(self.state_dir(), "127.0.0.1:1", cares.EventLog())
-        gc.collect()
-        gc.set_threshold(50, *threshold[1:])
+        starts = collections_started(self, lambda: threading.current_thread().name == "cares-state")
         state.save(lambda: [{"node_id": f"n{number:04d}", "labels": {"rack": str(number % 7)}}
                             for number in range(2000)])
         state.flush(10)
-        gc.set_threshold(*threshold)
         with open(state.path, encoding="utf-8") as file:
             self.assertEqual(len(json.load(file)["nodes"]), 2000)
         self.assertLessEqual(len(starts), 2, f"collections on the state thread, by generation: {starts}")
