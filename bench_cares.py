@@ -811,7 +811,7 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------
-# Measuring from outside: CPU from psutil cpu_times deltas, RSS at the end.
+# Measuring from outside: CPU from the processes' CPU clocks, RSS at the end.
 # ---------------------------------------------------------------------------
 
 def cpu_seconds(pid: int) -> float:
@@ -1264,7 +1264,7 @@ def capacity_scenario(bench: Bench) -> tuple[list, list, dict]:
                      f"{TARGET_HEARTBEAT_MS / 1000:g} s heartbeat, in alternating order (cares first, then bare first); "
                      "each row gives the medians of both servers' figures, each pair's own ratio, and is judged on "
                      "the median of those ratios. These runs also carry loop-jitter's lag task, in both servers.")
-    notes.append("CPU: % of one core from psutil cpu_times of the server pid, median of the windows; RSS at the "
+    notes.append("CPU: % of one core from the server pid's CPU clock, median of the windows; RSS at the "
                  "end. Latency: measured inside the server, from the message's sent_at_ms (whole ms, rounded: "
                  "+-0.5 ms) to cares' registry.on_sample hook, called once the registry accepted the sample "
                  "(bare: once counted); the same probe in both servers also times the garbage collector's "
