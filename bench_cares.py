@@ -814,13 +814,19 @@ class Bench:
 # Measuring from outside: CPU from the processes' CPU clocks, RSS at the end.
 # ---------------------------------------------------------------------------
 
+def cpu_clock_seconds(task_id: int, thread: bool = False) -> float:
+    """The CPU clock of a process (all its threads, those that ended too) or of one thread, to the
+    nanosecond, as clock_getcpuclockid(3) and pthread_getcpuclockid(3) name them on Linux
+    (CPUCLOCK_SCHED). OSError, OverflowError or ValueError where there is none."""
+    return time.clock_gettime(((~task_id) << 3) | (4 if thread else 0) | 2)
+
+
 def cpu_seconds(pid: int) -> float:
-    """CPU seconds pid has used, all its threads (those that ended too), to the nanosecond: its CPU
-    clock, as clock_getcpuclockid(3) names it on Linux. The user and system times of /proc (what
-    psutil reads) count 10 ms ticks: a worker's 0.2 % of a core is 12 ticks a minute, and a ratio of
-    two such figures moved by up to +-6 % on the ticks alone. Elsewhere, psutil."""
+    """CPU seconds pid has used (its CPU clock). The user and system times of /proc (what psutil
+    reads) count 10 ms ticks: a worker's 0.2 % of a core is 12 ticks a minute, and a ratio of two
+    such figures moved by up to +-6 % on the ticks alone. Elsewhere, psutil."""
     try:
-        return time.clock_gettime(((~pid) << 3) | 2)  # CPUCLOCK_SCHED of the process
+        return cpu_clock_seconds(pid)
     except (OSError, OverflowError, ValueError):
         import psutil
         times = psutil.Process(pid).cpu_times()
@@ -828,12 +834,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def thread_cpu_seconds(pid: int, tid: int | None) -> float:
-    """CPU seconds one thread of pid has used (its CPU clock, as cpu_seconds; utime + stime of
+    """CPU seconds one thread of pid has used (its CPU clock; utime + stime of
     /proc/PID/task/TID/stat where there is none); 0 for none."""
     if tid is None:
         return 0.0
     try:
-        return time.clock_gettime(((~tid) << 3) | 4 | 2)  # CPUCLOCK_SCHED of the thread
+        return cpu_clock_seconds(tid, thread=True)
     except (OSError, OverflowError, ValueError):
         with open(f"/proc/{pid}/task/{tid}/stat") as file:
             fields = file.read().rsplit(")", 1)[1].split()
@@ -974,11 +980,11 @@ class LoadGenerators:
 
     def __init__(self, bench: Bench, target: str, workers: int, prefix: str, rate: float = RAMP_PER_S):
         self.bench = bench
-        targets = len(target.split(","))
-        self.workers = workers * targets
+        servers = len(target.split(","))
+        self.workers = workers * servers
         self.rate = rate
         count = loadgen_process_count(self.workers)
-        shares = [(workers // count + (1 if index < workers % count else 0)) * targets for index in range(count)]
+        shares = [(workers // count + (1 if index < workers % count else 0)) * servers for index in range(count)]
         cares = cares_module()
         options = json.dumps(cares.WORKER_OPTIONS)
         identity_keys = f"{cares.NODE_METADATA_KEY},{cares.SESSION_METADATA_KEY}"
